@@ -1,0 +1,44 @@
+"""Alembic environment: async, URL from carecoord's Settings (or the caller)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from alembic import context
+from app.fhir import storage
+from app.settings import get_settings
+
+target_metadata = storage.SQLModel.metadata
+
+
+def _url() -> str:
+    url = context.config.attributes.get("database_url")
+    if url:
+        return str(url)
+    from app.db import database_url
+
+    return database_url(get_settings())
+
+
+def _run(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async() -> None:
+    engine = create_async_engine(_url())
+    async with engine.connect() as connection:
+        await connection.run_sync(_run)
+    await engine.dispose()
+
+
+if context.is_offline_mode():
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    asyncio.run(_run_async())

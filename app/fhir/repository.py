@@ -1,0 +1,271 @@
+"""FhirRepository: the FHIR R4 instance, type and system storage interactions.
+
+One repository is built per request from the request's database connection (whose
+transaction the request owns) and the caller's :class:`AccessContext`. Methods only
+execute statements; they never commit. Each cites the R4 section it implements.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.fhir import jsonio
+from app.fhir.access import AccessContext
+from app.fhir.errors import Gone, NotFound, PreconditionFailed
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """One version of a resource as stored; ``body`` is None for a deletion."""
+
+    resource_type: str
+    fhir_id: str
+    version_id: int
+    last_updated: datetime
+    deleted: bool
+    body: str | None
+    method: str = "GET"
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    versions: list[StoredVersion]
+    next_cursor: int | None
+
+
+def fhir_instant(moment: datetime) -> str:
+    """R4 ``instant``: millisecond precision, explicit UTC offset."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _now() -> datetime:
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def stamp(data: dict[str, Any], fhir_id: str, version_id: int, last_updated: datetime) -> str:
+    """The stored JSON: the client's resource with the server-owned id and meta.
+
+    resourceType, id and meta lead, as FHIR JSON is conventionally written; every
+    other element keeps the client's order and values (decimals included).
+    """
+    meta = dict(data.get("meta") or {})
+    meta["versionId"] = str(version_id)
+    meta["lastUpdated"] = fhir_instant(last_updated)
+    stamped: dict[str, Any] = {"resourceType": data["resourceType"], "id": fhir_id, "meta": meta}
+    for key, value in data.items():
+        if key not in stamped:
+            stamped[key] = value
+    return jsonio.dumps(stamped).decode("utf-8")
+
+
+_INSERT = text(
+    """
+    WITH new_row AS (
+        INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body)
+        VALUES (:rtype, :fid, 1, :ts, false, :body)
+        ON CONFLICT (resource_type, fhir_id) DO NOTHING
+        RETURNING rid
+    )
+    INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
+    SELECT rid, :rtype, :fid, 1, :ts, :method, :body FROM new_row
+    RETURNING rid
+    """
+)
+
+_LOCK_CURRENT = text(
+    "SELECT rid, version_id, deleted FROM resource WHERE resource_type = :rtype AND fhir_id = :fid FOR UPDATE"
+)
+
+_WRITE_VERSION = text(
+    """
+    WITH changed AS (
+        UPDATE resource SET version_id = :vid, last_updated = :ts, deleted = :deleted, body = :body
+        WHERE rid = :rid
+        RETURNING rid
+    )
+    INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
+    SELECT rid, :rtype, :fid, :vid, :ts, :method, :body FROM changed
+    """
+)
+
+_READ = text(
+    "SELECT version_id, last_updated, deleted, body FROM resource WHERE resource_type = :rtype AND fhir_id = :fid"
+)
+
+_VREAD = text(
+    """
+    SELECT version_id, last_updated, method, body FROM resource_history
+    WHERE resource_type = :rtype AND fhir_id = :fid AND version_id = :vid
+    """
+)
+
+_HISTORY_COLUMNS = "hid, resource_type, fhir_id, version_id, last_updated, method, body"
+
+
+class FhirRepository:
+    """Storage interactions of FHIR R4 http.html for every served type."""
+
+    def __init__(self, connection: AsyncConnection, access: AccessContext) -> None:
+        self._conn = connection
+        self.access = access
+
+    async def create(self, resource_type: str, data: dict[str, Any]) -> StoredVersion:
+        """http.html#create: a new resource with a server-assigned id, version 1."""
+        fhir_id = str(uuid.uuid4())
+        return await self._insert(resource_type, fhir_id, data, method="POST")
+
+    async def _insert(self, resource_type: str, fhir_id: str, data: dict[str, Any], *, method: str) -> StoredVersion:
+        now = _now()
+        body = stamp(data, fhir_id, 1, now)
+        params = {"rtype": resource_type, "fid": fhir_id, "ts": now, "body": body, "method": method}
+        inserted = (await self._conn.execute(_INSERT, params)).first()
+        if inserted is None:
+            raise _IdTaken()
+        return StoredVersion(resource_type, fhir_id, 1, now, False, body, method)
+
+    async def read(self, resource_type: str, fhir_id: str) -> StoredVersion:
+        """http.html#read: the current version; 404 when unknown, 410 when deleted."""
+        row = (await self._conn.execute(_READ, {"rtype": resource_type, "fid": fhir_id})).first()
+        if row is None:
+            raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        version = StoredVersion(resource_type, fhir_id, row.version_id, row.last_updated, row.deleted, row.body)
+        if version.deleted:
+            raise Gone(f"{resource_type}/{fhir_id} was deleted", headers=_version_headers(version))
+        return version
+
+    async def vread(self, resource_type: str, fhir_id: str, version_id: int) -> StoredVersion:
+        """http.html#vread: one version; a deletion version answers 410."""
+        params = {"rtype": resource_type, "fid": fhir_id, "vid": version_id}
+        row = (await self._conn.execute(_VREAD, params)).first()
+        if row is None:
+            await self.read_any(resource_type, fhir_id)
+            raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
+        version = StoredVersion(
+            resource_type, fhir_id, row.version_id, row.last_updated, row.method == "DELETE", row.body, row.method
+        )
+        if version.deleted:
+            raise Gone(f"version {version_id} of {resource_type}/{fhir_id} is a deletion",
+                       headers=_version_headers(version))
+        return version
+
+    async def read_any(self, resource_type: str, fhir_id: str) -> StoredVersion:
+        """The current row, deleted or not; 404 only when the id was never used."""
+        row = (await self._conn.execute(_READ, {"rtype": resource_type, "fid": fhir_id})).first()
+        if row is None:
+            raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        return StoredVersion(resource_type, fhir_id, row.version_id, row.last_updated, row.deleted, row.body)
+
+    async def update(
+        self, resource_type: str, fhir_id: str, data: dict[str, Any], *, if_match: int | None = None
+    ) -> tuple[StoredVersion, bool]:
+        """http.html#update: a new version, or update-as-create for an unknown id.
+
+        Returns the stored version and whether it was created. ``if_match`` is the
+        version the client based its change on (http.html#concurrency): any other
+        current version is a 412.
+        """
+        while True:
+            current = await self._lock(resource_type, fhir_id)
+            if current is None:
+                if if_match is not None:
+                    raise PreconditionFailed(f"{resource_type}/{fhir_id} does not exist (If-Match given)")
+                try:
+                    return await self._insert(resource_type, fhir_id, data, method="PUT"), True
+                except _IdTaken:
+                    continue  # a concurrent request created it first: update that version instead
+            rid, version_id, _deleted = current
+            _check_if_match(resource_type, fhir_id, version_id, if_match)
+            return await self._write(rid, resource_type, fhir_id, version_id + 1, data, method="PUT"), False
+
+    async def delete(self, resource_type: str, fhir_id: str, *, if_match: int | None = None) -> StoredVersion:
+        """http.html#delete: a deletion version; deleting a deleted resource changes nothing."""
+        current = await self._lock(resource_type, fhir_id)
+        if current is None:
+            raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        rid, version_id, deleted = current
+        _check_if_match(resource_type, fhir_id, version_id, if_match)
+        if deleted:
+            return await self.read_any(resource_type, fhir_id)
+        return await self._write(rid, resource_type, fhir_id, version_id + 1, None, method="DELETE")
+
+    async def _lock(self, resource_type: str, fhir_id: str) -> tuple[int, int, bool] | None:
+        row = (await self._conn.execute(_LOCK_CURRENT, {"rtype": resource_type, "fid": fhir_id})).first()
+        return None if row is None else (row.rid, row.version_id, row.deleted)
+
+    async def _write(
+        self, rid: int, resource_type: str, fhir_id: str, version_id: int, data: dict[str, Any] | None, *, method: str
+    ) -> StoredVersion:
+        now = _now()
+        body = None if data is None else stamp(data, fhir_id, version_id, now)
+        params = {
+            "rid": rid, "vid": version_id, "ts": now, "deleted": data is None, "body": body,
+            "rtype": resource_type, "fid": fhir_id, "method": method,
+        }
+        await self._conn.execute(_WRITE_VERSION, params)
+        return StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)
+
+    async def history(
+        self,
+        *,
+        resource_type: str | None = None,
+        fhir_id: str | None = None,
+        since: datetime | None = None,
+        count: int,
+        cursor: int | None = None,
+    ) -> HistoryPage:
+        """http.html#history for an instance, a type or the whole system, newest first.
+
+        Pages by keyset on the history sequence (``cursor`` = the last ``hid`` seen), so
+        writes between page requests neither duplicate nor skip entries.
+        """
+        if resource_type is not None and fhir_id is not None:
+            await self.read_any(resource_type, fhir_id)
+        clauses = []
+        params: dict[str, Any] = {"limit": count + 1}
+        if resource_type is not None:
+            clauses.append("resource_type = :rtype")
+            params["rtype"] = resource_type
+        if fhir_id is not None:
+            clauses.append("fhir_id = :fid")
+            params["fid"] = fhir_id
+        if since is not None:
+            clauses.append("last_updated >= :since")
+            params["since"] = since
+        if cursor is not None:
+            clauses.append("hid < :cursor")
+            params["cursor"] = cursor
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        # The clauses are fixed strings chosen above; values travel as bind parameters.
+        sql = f"SELECT {_HISTORY_COLUMNS} FROM resource_history {where} ORDER BY hid DESC LIMIT :limit"  # noqa: S608
+        rows = (await self._conn.execute(text(sql), params)).all()
+        versions = [
+            StoredVersion(r.resource_type, r.fhir_id, r.version_id, r.last_updated, r.method == "DELETE", r.body, r.method)
+            for r in rows[:count]
+        ]
+        next_cursor = rows[count - 1].hid if count and len(rows) > count else None
+        return HistoryPage(versions, next_cursor)
+
+
+class _IdTaken(Exception):
+    """An INSERT found the (type, id) already present (a concurrent create won)."""
+
+
+def _check_if_match(resource_type: str, fhir_id: str, current: int, if_match: int | None) -> None:
+    if if_match is not None and if_match != current:
+        raise PreconditionFailed(
+            f"{resource_type}/{fhir_id} is at version {current}, not {if_match} (If-Match)",
+            headers={"ETag": f'W/"{current}"'},
+        )
+
+
+def _version_headers(version: StoredVersion) -> dict[str, str]:
+    from email.utils import format_datetime
+
+    return {"ETag": f'W/"{version.version_id}"', "Last-Modified": format_datetime(version.last_updated, usegmt=True)}

@@ -1,0 +1,78 @@
+"""create_app(): lifespan, routers, error handlers. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app import db
+from app.fhir.capability import SOFTWARE_VERSION
+from app.fhir.cursors import load_cursor_codec
+from app.fhir.errors import Issue, install_error_handlers, outcome_response
+from app.openapi import install_openapi
+from app.routers import fhir, health, metadata
+from app.settings import Settings, get_settings
+
+logger = logging.getLogger("carecoord")
+
+
+class UnexpectedErrorMiddleware:
+    """Turn any exception that escaped the handlers into a 500 OperationOutcome.
+
+    Only the exception type is logged: messages and tracebacks can carry resource
+    content (PHI), and the response says nothing about internals.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict[str, object]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)  # type: ignore[arg-type]
+
+        try:
+            await self.app(scope, receive, tracking_send)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            logger.error("unexpected %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
+            if not started:
+                response = outcome_response(500, [Issue("exception", "internal server error", severity="fatal")])
+                await response(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, engine: AsyncEngine | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_engine = engine is None
+        app.state.engine = engine or db.create_engine(settings)
+        app.state.cursors = await load_cursor_codec(app.state.engine)
+        try:
+            yield
+        finally:
+            if own_engine:
+                await app.state.engine.dispose()
+
+    app = FastAPI(title="carecoord", version=SOFTWARE_VERSION, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(UnexpectedErrorMiddleware)
+    app.include_router(health.router)
+    app.include_router(metadata.router)
+    app.include_router(fhir.router)
+    app.include_router(fhir.unsupported_routes())
+    install_openapi(app)
+    return app

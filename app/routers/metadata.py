@@ -1,0 +1,29 @@
+"""``GET /fhir/metadata``: the CapabilityStatement (http.html#capabilities); no auth needed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from app.deps import SettingsDep
+from app.fhir.capability import capability_statement
+from app.fhir.responses import FormatDep, json_response
+from app.routers.fhir import INTERACTIONS, SYSTEM_INTERACTIONS
+
+router = APIRouter(prefix="/fhir", tags=["system"])
+
+
+@router.get(
+    "/metadata",
+    operation_id="capabilities",
+    summary="The server's CapabilityStatement",
+    response_class=Response,
+    responses={200: {"description": "CapabilityStatement",
+                     "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/CapabilityStatement"}}}}},
+)
+async def metadata(settings: SettingsDep, fmt: FormatDep) -> Response:
+    return json_response(
+        capability_statement(fhir_base=settings.fhir_base, interactions=INTERACTIONS,
+                             system_interactions=SYSTEM_INTERACTIONS),
+        fmt,
+    )
