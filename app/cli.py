@@ -31,11 +31,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # Worker processes build their own app from the environment: hand them the resolved database.
         os.environ["CARECOORD_DATABASE_URL"] = settings.database_url or ""
-        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    log_level=settings.log_level, access_log=False, proxy_headers=True)
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=settings.log_level,
+            access_log=False,
+            proxy_headers=True,
+        )
     else:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level,
-                    access_log=False, proxy_headers=True)
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level=settings.log_level,
+            access_log=False,
+            proxy_headers=True,
+        )
     return 0
 
 
@@ -57,7 +71,9 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carecoord", description="carecoord FHIR R4 care-coordination server")
+    parser = argparse.ArgumentParser(
+        prog="carecoord", description="carecoord FHIR R4 care-coordination server"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="apply migrations, then run the API under uvicorn")
     serve.add_argument("--host", default="127.0.0.1")

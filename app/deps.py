@@ -39,7 +39,9 @@ async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[F
         yield FhirRepository(connection, access)
 
 
-RepositoryDep = Annotated[FhirRepository, Depends(get_repository)]
+# scope="function": the transaction ends (commit or rollback) when the handler returns,
+# before the response is sent; FastAPI's default exits after sending.
+RepositoryDep = Annotated[FhirRepository, Depends(get_repository, scope="function")]
 
 
 def get_cursor_codec(request: Request) -> CursorCodec:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
 from app.fhir.capability import SOFTWARE_VERSION
@@ -37,18 +37,20 @@ class UnexpectedErrorMiddleware:
             return
         started = False
 
-        async def tracking_send(message: dict[str, object]) -> None:
+        async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-            await send(message)  # type: ignore[arg-type]
+            await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
             logger.error("unexpected %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
             if not started:
-                response = outcome_response(500, [Issue("exception", "internal server error", severity="fatal")])
+                response = outcome_response(
+                    500, [Issue("exception", "internal server error", severity="fatal")]
+                )
                 await response(scope, receive, send)
 
 
@@ -66,7 +68,9 @@ def create_app(settings: Settings | None = None, *, engine: AsyncEngine | None =
             if own_engine:
                 await app.state.engine.dispose()
 
-    app = FastAPI(title="carecoord", version=SOFTWARE_VERSION, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="carecoord", version=SOFTWARE_VERSION, lifespan=lifespan, docs_url="/docs", redoc_url=None
+    )
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(UnexpectedErrorMiddleware)

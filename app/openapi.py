@@ -25,10 +25,72 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         ),
         routes=app.routes,
     )
-    fhir_schemas = json.loads(resources.files("app.fhir").joinpath("generated/openapi_schemas.json").read_text())
+    _document_fhir_parameters(document)
+    fhir_schemas = json.loads(
+        resources.files("app.fhir").joinpath("generated/openapi_schemas.json").read_text()
+    )
     components = document.setdefault("components", {}).setdefault("schemas", {})
     components.update(fhir_schemas)
     return document
+
+
+_QUERY = {
+    "_format": "Response format: json, application/json or application/fhir+json (XML is not served)",
+    "_pretty": "true to indent the JSON response",
+}
+_HISTORY_QUERY = {
+    "_count": "Page size (history default 50, maximum 1000)",
+    "_since": "Only versions written at or after this instant",
+    "_cursor": "Opaque paging cursor from a Bundle link",
+}
+_HEADERS = {
+    "put": {
+        "If-Match": 'Version the update is based on, W/"n" (412 when stale)',
+        "Prefer": "return=minimal|representation|OperationOutcome",
+    },
+    "post": {"Prefer": "return=minimal|representation|OperationOutcome"},
+    "delete": {"If-Match": 'Version the delete is based on, W/"n"', "Prefer": "return=minimal for 204"},
+}
+
+
+def _document_fhir_parameters(document: dict[str, Any]) -> None:
+    """Describe the FHIR HTTP parameters every interaction accepts (http.html#parameters)."""
+    for path, operations in document.get("paths", {}).items():
+        if not path.startswith("/fhir"):
+            continue
+        for method, operation in operations.items():
+            responses = operation.get("responses", {})
+            responses.pop("422", None) if "HTTPValidationError" in json.dumps(
+                responses.get("422", {})
+            ) else None
+            params = operation.setdefault("parameters", [])
+            query = dict(_QUERY)
+            if path.endswith("/_history"):
+                query.update(_HISTORY_QUERY)
+            for name, description in query.items():
+                params.append(
+                    {
+                        "in": "query",
+                        "name": name,
+                        "required": False,
+                        "description": description,
+                        "schema": {"type": "string"},
+                    }
+                )
+            for name, description in _HEADERS.get(method, {}).items():
+                params.append(
+                    {
+                        "in": "header",
+                        "name": name,
+                        "required": False,
+                        "description": description,
+                        "schema": {"type": "string"},
+                    }
+                )
+    schemas = document.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused in schemas and unused not in json.dumps(document["paths"]):
+            schemas.pop(unused)
 
 
 def install_openapi(app: FastAPI) -> None:

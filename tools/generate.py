@@ -54,7 +54,65 @@ def _closure(defs: dict[str, Any], roots: list[str]) -> list[str]:
     return sorted(seen)
 
 
-def _bindings(defs: dict[str, Any], names: list[str]) -> dict[str, Any]:
+# Required bindings the R4 JSON schema leaves as plain `code` (it only inlines enums of
+# single-use value sets), from the resource pages' Terminology Bindings tables.
+CODE_BINDINGS = {
+    ("CarePlan", "status"): "request-status",
+    ("CarePlan", "intent"): "care-plan-intent",
+    ("CarePlan_Detail", "status"): "care-plan-activity-status",
+    ("ServiceRequest", "status"): "request-status",
+    ("ServiceRequest", "intent"): "request-intent",
+    ("ServiceRequest", "priority"): "request-priority",
+    ("Task", "priority"): "request-priority",
+    ("Procedure", "status"): "event-status",
+    ("Communication", "status"): "event-status",
+    ("Communication", "priority"): "request-priority",
+}
+# Required bindings on CodeableConcepts: codings in the bound code system must be valid codes.
+CODEABLE_BINDINGS = {
+    ("Condition", "clinicalStatus"): "condition-clinical",
+    ("Condition", "verificationStatus"): "condition-ver-status",
+}
+
+
+def _concepts(concepts: list[dict[str, Any]]) -> list[str]:
+    codes: list[str] = []
+    for concept in concepts:
+        codes.append(concept["code"])
+        codes.extend(_concepts(concept.get("concept", [])))
+    return codes
+
+
+def _value_sets(shared: Path) -> dict[str, tuple[str, list[str]]]:
+    """ValueSet id -> (code system URL, codes), expanded from the care-coordination bundle."""
+    bundle = json.loads((shared / "valuesets-care-coordination.json").read_text())
+    systems = {
+        entry["resource"]["url"]: _concepts(entry["resource"].get("concept", []))
+        for entry in bundle["entry"]
+        if entry["resource"]["resourceType"] == "CodeSystem"
+    }
+    expanded: dict[str, tuple[str, list[str]]] = {}
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] != "ValueSet":
+            continue
+        includes = resource.get("compose", {}).get("include", [])
+        if len(includes) != 1 or "system" not in includes[0]:
+            continue
+        include = includes[0]
+        codes = (
+            [c["code"] for c in include["concept"]]
+            if "concept" in include
+            else systems.get(include["system"], [])
+        )
+        if codes:
+            expanded[resource["id"]] = (include["system"], codes)
+    return expanded
+
+
+def _bindings(
+    defs: dict[str, Any], names: list[str], value_sets: dict[str, tuple[str, list[str]]]
+) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for name in names:
         props = defs[name].get("properties")
@@ -72,6 +130,13 @@ def _bindings(defs: dict[str, Any], names: list[str]) -> dict[str, Any]:
                 entry[prop_name] = {"resource": True}
             elif target and defs.get(target, {}).get("properties"):
                 entry[prop_name] = {"type": target}
+        for (definition, prop_name), value_set in CODE_BINDINGS.items():
+            if definition == name:
+                entry[prop_name] = {"codes": value_sets[value_set][1]}
+        for (definition, prop_name), value_set in CODEABLE_BINDINGS.items():
+            if definition == name:
+                system, codes = value_sets[value_set]
+                entry[prop_name] = {"coding_system": system, "codes": codes}
         if entry:
             table[name] = entry
     return table
@@ -106,7 +171,7 @@ def main() -> None:
     names = _closure(defs, [*SERVED_TYPES, *EXTRA_DEFINITIONS])
     out_dir = ROOT / "app" / "fhir" / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
-    bindings = _bindings(defs, _closure(defs, list(SERVED_TYPES)))
+    bindings = _bindings(defs, _closure(defs, list(SERVED_TYPES)), _value_sets(shared))
     (out_dir / "bindings.json").write_text(json.dumps(bindings, sort_keys=True, separators=(",", ":")) + "\n")
     (out_dir / "openapi_schemas.json").write_text(
         json.dumps(_openapi(defs, names), sort_keys=True, separators=(",", ":")) + "\n"

@@ -36,7 +36,9 @@ class CursorCodec:
             raw = _unb64(raw_part)
             mac = _unb64(mac_part)
         except ValueError as exc:
-            raise BadRequest(f"{parameter}: not a cursor issued by this server", expression=(parameter,)) from exc
+            raise BadRequest(
+                f"{parameter}: not a cursor issued by this server", expression=(parameter,)
+            ) from exc
         expected = hmac.new(self._key, raw, hashlib.sha256).digest()[:16]
         if not hmac.compare_digest(mac, expected):
             raise BadRequest(f"{parameter}: not a cursor issued by this server", expression=(parameter,))
@@ -55,8 +57,12 @@ async def load_cursor_codec(engine: AsyncEngine) -> CursorCodec:
     """The cursor key is shared by every process through the database; created once."""
     async with engine.begin() as conn:
         await conn.execute(
-            text("INSERT INTO server_key (name, secret) VALUES (:name, :secret) ON CONFLICT (name) DO NOTHING"),
+            text(
+                "INSERT INTO server_key (name, secret) VALUES (:name, :secret) ON CONFLICT (name) DO NOTHING"
+            ),
             {"name": _KEY_NAME, "secret": secrets.token_hex(32)},
         )
-        secret = (await conn.execute(text("SELECT secret FROM server_key WHERE name = :name"), {"name": _KEY_NAME})).scalar_one()
+        secret = (
+            await conn.execute(text("SELECT secret FROM server_key WHERE name = :name"), {"name": _KEY_NAME})
+        ).scalar_one()
     return CursorCodec(bytes.fromhex(secret))

@@ -153,7 +153,9 @@ class BusinessRule(FHIRError):
     code: str = "business-rule"
 
 
-ONLY_JSON = "carecoord serves FHIR JSON only (application/fhir+json or application/json); XML is not supported"
+ONLY_JSON = (
+    "carecoord serves FHIR JSON only (application/fhir+json or application/json); XML is not supported"
+)
 
 
 def outcome_response(status: int, issues: list[Issue], headers: dict[str, str] | None = None) -> Response:

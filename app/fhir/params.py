@@ -37,7 +37,12 @@ def parse_instant(value: str, parameter: str) -> datetime:
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
         moment = datetime(
-            int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0),
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
             int(float(fraction) * 1_000_000) if fraction else 0,
             tzinfo=UTC,
         )
@@ -53,5 +58,7 @@ def parse_count(value: str | None, *, default: int, maximum: int, parameter: str
     if value is None or value == "":
         return default
     if not value.isdigit():
-        raise BadRequest(f"{parameter}: '{value[:20]}' is not a non-negative integer", expression=(parameter,))
+        raise BadRequest(
+            f"{parameter}: '{value[:20]}' is not a non-negative integer", expression=(parameter,)
+        )
     return min(int(value), maximum)

@@ -96,7 +96,8 @@ _WRITE_VERSION = text(
 )
 
 _READ = text(
-    "SELECT version_id, last_updated, deleted, body FROM resource WHERE resource_type = :rtype AND fhir_id = :fid"
+    "SELECT version_id, last_updated, deleted, body FROM resource"
+    " WHERE resource_type = :rtype AND fhir_id = :fid"
 )
 
 _VREAD = text(
@@ -121,7 +122,9 @@ class FhirRepository:
         fhir_id = str(uuid.uuid4())
         return await self._insert(resource_type, fhir_id, data, method="POST")
 
-    async def _insert(self, resource_type: str, fhir_id: str, data: dict[str, Any], *, method: str) -> StoredVersion:
+    async def _insert(
+        self, resource_type: str, fhir_id: str, data: dict[str, Any], *, method: str
+    ) -> StoredVersion:
         now = _now()
         body = stamp(data, fhir_id, 1, now)
         params = {"rtype": resource_type, "fid": fhir_id, "ts": now, "body": body, "method": method}
@@ -135,7 +138,9 @@ class FhirRepository:
         row = (await self._conn.execute(_READ, {"rtype": resource_type, "fid": fhir_id})).first()
         if row is None:
             raise NotFound(f"{resource_type}/{fhir_id} is not known")
-        version = StoredVersion(resource_type, fhir_id, row.version_id, row.last_updated, row.deleted, row.body)
+        version = StoredVersion(
+            resource_type, fhir_id, row.version_id, row.last_updated, row.deleted, row.body
+        )
         if version.deleted:
             raise Gone(f"{resource_type}/{fhir_id} was deleted", headers=_version_headers(version))
         return version
@@ -148,11 +153,19 @@ class FhirRepository:
             await self.read_any(resource_type, fhir_id)
             raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
         version = StoredVersion(
-            resource_type, fhir_id, row.version_id, row.last_updated, row.method == "DELETE", row.body, row.method
+            resource_type,
+            fhir_id,
+            row.version_id,
+            row.last_updated,
+            row.method == "DELETE",
+            row.body,
+            row.method,
         )
         if version.deleted:
-            raise Gone(f"version {version_id} of {resource_type}/{fhir_id} is a deletion",
-                       headers=_version_headers(version))
+            raise Gone(
+                f"version {version_id} of {resource_type}/{fhir_id} is a deletion",
+                headers=_version_headers(version),
+            )
         return version
 
     async def read_any(self, resource_type: str, fhir_id: str) -> StoredVersion:
@@ -200,13 +213,26 @@ class FhirRepository:
         return None if row is None else (row.rid, row.version_id, row.deleted)
 
     async def _write(
-        self, rid: int, resource_type: str, fhir_id: str, version_id: int, data: dict[str, Any] | None, *, method: str
+        self,
+        rid: int,
+        resource_type: str,
+        fhir_id: str,
+        version_id: int,
+        data: dict[str, Any] | None,
+        *,
+        method: str,
     ) -> StoredVersion:
         now = _now()
         body = None if data is None else stamp(data, fhir_id, version_id, now)
         params = {
-            "rid": rid, "vid": version_id, "ts": now, "deleted": data is None, "body": body,
-            "rtype": resource_type, "fid": fhir_id, "method": method,
+            "rid": rid,
+            "vid": version_id,
+            "ts": now,
+            "deleted": data is None,
+            "body": body,
+            "rtype": resource_type,
+            "fid": fhir_id,
+            "method": method,
         }
         await self._conn.execute(_WRITE_VERSION, params)
         return StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)
@@ -246,7 +272,15 @@ class FhirRepository:
         sql = f"SELECT {_HISTORY_COLUMNS} FROM resource_history {where} ORDER BY hid DESC LIMIT :limit"  # noqa: S608
         rows = (await self._conn.execute(text(sql), params)).all()
         versions = [
-            StoredVersion(r.resource_type, r.fhir_id, r.version_id, r.last_updated, r.method == "DELETE", r.body, r.method)
+            StoredVersion(
+                r.resource_type,
+                r.fhir_id,
+                r.version_id,
+                r.last_updated,
+                r.method == "DELETE",
+                r.body,
+                r.method,
+            )
             for r in rows[:count]
         ]
         next_cursor = rows[count - 1].hid if count and len(rows) > count else None
@@ -268,4 +302,7 @@ def _check_if_match(resource_type: str, fhir_id: str, current: int, if_match: in
 def _version_headers(version: StoredVersion) -> dict[str, str]:
     from email.utils import format_datetime
 
-    return {"ETag": f'W/"{version.version_id}"', "Last-Modified": format_datetime(version.last_updated, usegmt=True)}
+    return {
+        "ETag": f'W/"{version.version_id}"',
+        "Last-Modified": format_datetime(version.last_updated, usegmt=True),
+    }

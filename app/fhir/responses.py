@@ -18,10 +18,19 @@ from fastapi import Depends, Request
 from fastapi.responses import Response
 
 from app.fhir import jsonio
-from app.fhir.errors import FHIR_JSON, ONLY_JSON, Issue, NotAcceptable, UnsupportedMediaType, operation_outcome
+from app.fhir.errors import (
+    FHIR_JSON,
+    ONLY_JSON,
+    Issue,
+    NotAcceptable,
+    UnsupportedMediaType,
+    operation_outcome,
+)
 from app.fhir.repository import StoredVersion, fhir_instant
 
-JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir", "json", "text/json"})
+JSON_TYPES = frozenset(
+    {"application/fhir+json", "application/json", "application/json+fhir", "json", "text/json"}
+)
 _FORMAT_ALIASES = {"json": FHIR_JSON, "text/json": "application/json", "application/json+fhir": FHIR_JSON}
 
 
@@ -73,7 +82,9 @@ def check_request_media_type(request: Request, *, allow_form: bool = False) -> N
     kind = content_type.split(";")[0].strip().lower()
     if kind in JSON_TYPES or (allow_form and kind == "application/x-www-form-urlencoded"):
         return
-    raise UnsupportedMediaType(ONLY_JSON if "xml" in kind else f"unsupported Content-Type '{kind[:60]}'; {ONLY_JSON}")
+    raise UnsupportedMediaType(
+        ONLY_JSON if "xml" in kind else f"unsupported Content-Type '{kind[:60]}'; {ONLY_JSON}"
+    )
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,11 @@ def render(body: bytes | str, fmt: OutputFormat) -> bytes:
 
 
 def json_response(
-    content: dict[str, Any] | str, fmt: OutputFormat, *, status: int = 200, headers: dict[str, str] | None = None
+    content: dict[str, Any] | str,
+    fmt: OutputFormat,
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     body = content if isinstance(content, str) else jsonio.dumps(content).decode("utf-8")
     return Response(render(body, fmt), status_code=status, media_type=fmt.content_type, headers=headers)
@@ -123,8 +138,12 @@ def json_response(
 def resource_response(version: StoredVersion, fmt: OutputFormat, *, status: int = 200) -> Response:
     """A read/vread answer: the stored body with its version headers."""
     assert version.body is not None
-    return Response(render(version.body, fmt), status_code=status, media_type=fmt.content_type,
-                    headers=version_headers(version))
+    return Response(
+        render(version.body, fmt),
+        status_code=status,
+        media_type=fmt.content_type,
+        headers=version_headers(version),
+    )
 
 
 def write_response(
@@ -133,15 +152,26 @@ def write_response(
     """A create/update answer honouring ``Prefer: return=`` (http.html#ops)."""
     headers = version_headers(version)
     if location:
-        headers["Location"] = f"{base}/{version.resource_type}/{version.fhir_id}/_history/{version.version_id}"
+        headers["Location"] = (
+            f"{base}/{version.resource_type}/{version.fhir_id}/_history/{version.version_id}"
+        )
     if prefer.return_ == "minimal" or version.body is None:
         return Response(status_code=status, headers=headers)
     if prefer.return_ == "OperationOutcome":
         verb = "created" if status == 201 else "updated"
-        outcome = operation_outcome([Issue("informational", f"{version.resource_type}/{version.fhir_id} {verb}",
-                                           severity="information")])
+        outcome = operation_outcome(
+            [
+                Issue(
+                    "informational",
+                    f"{version.resource_type}/{version.fhir_id} {verb}",
+                    severity="information",
+                )
+            ]
+        )
         return json_response(outcome, fmt, status=status, headers=headers)
-    return Response(render(version.body, fmt), status_code=status, media_type=fmt.content_type, headers=headers)
+    return Response(
+        render(version.body, fmt), status_code=status, media_type=fmt.content_type, headers=headers
+    )
 
 
 def history_bundle(

@@ -84,7 +84,9 @@ def validate_resource(data: Any, resource_type: str, *, url_id: str | None = Non
         body_id = data.get("id")
         if body_id is None:
             raise InvalidResource(
-                "the resource must carry an id equal to the id in the URL", code="required", expression=(f"{resource_type}.id",)
+                "the resource must carry an id equal to the id in the URL",
+                code="required",
+                expression=(f"{resource_type}.id",),
             )
         if body_id != url_id:
             raise InvalidResource(
@@ -103,7 +105,10 @@ def _structure_issues(resource_type: str, data: dict[str, Any]) -> list[Issue]:
     try:
         validate_structure(resource_type, data)
     except ValidationError as exc:
-        return [_pydantic_issue(resource_type, error) for error in exc.errors(include_input=False, include_url=False)]
+        return [
+            _pydantic_issue(resource_type, error)
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
         # fhir.resources raises bare KeyErrors for e.g. an unknown contained resourceType.
         return [Issue("structure", "resource structure is not valid FHIR R4", expression=(resource_type,))]
@@ -141,18 +146,48 @@ def _walk(definition: str | None, node: Any, path: str, depth: int, issues: list
             if isinstance(value, (dict, list)):
                 _walk(None, value, child_path, depth + 1, issues)
             continue
-        if "codes" in rule:
+        if "coding_system" in rule:
+            _check_codings(rule, value, child_path, issues)
+        elif "codes" in rule:
             values = value if isinstance(value, list) else [value]
             for item in values:
                 if isinstance(item, str) and item not in rule["codes"]:
                     issues.append(
-                        Issue("code-invalid", f"{child_path}: '{item[:64]}' is not in the required value set",
-                              expression=(child_path,))
+                        Issue(
+                            "code-invalid",
+                            f"{child_path}: '{item[:64]}' is not in the required value set",
+                            expression=(child_path,),
+                        )
                     )
         elif rule.get("resource"):
             for index, item in enumerate(value if isinstance(value, list) else [value]):
                 contained_type = item.get("resourceType") if isinstance(item, dict) else None
-                _walk(contained_type if isinstance(contained_type, str) else None, item,
-                      f"{child_path}[{index}]", depth + 1, issues)
+                _walk(
+                    contained_type if isinstance(contained_type, str) else None,
+                    item,
+                    f"{child_path}[{index}]",
+                    depth + 1,
+                    issues,
+                )
         else:
             _walk(rule["type"], value, child_path, depth + 1, issues)
+
+
+def _check_codings(rule: dict[str, Any], value: Any, path: str, issues: list[Issue]) -> None:
+    """A CodeableConcept with a required binding: codings of the bound system must use its codes."""
+    concepts = value if isinstance(value, list) else [value]
+    for concept in concepts:
+        codings = concept.get("coding") if isinstance(concept, dict) else None
+        for index, coding in enumerate(codings if isinstance(codings, list) else []):
+            if not isinstance(coding, dict) or coding.get("system") != rule["coding_system"]:
+                continue
+            code = coding.get("code")
+            if isinstance(code, str) and code not in rule["codes"]:
+                where = f"{path}.coding[{index}].code"
+                issues.append(
+                    Issue(
+                        "code-invalid",
+                        f"{where}: '{code[:64]}' is not in the required value set",
+                        expression=(where,),
+                    )
+                )

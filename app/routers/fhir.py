@@ -60,29 +60,41 @@ def _responses(ok: int, name: str, *errors: int) -> dict[int | str, dict[str, An
 
 
 async def _history(
-    request: Request, repo: FhirRepository, settings: Settings, cursors: Any, fmt: OutputFormat,
-    *, resource_type: str | None = None, fhir_id: str | None = None,
+    request: Request,
+    repo: FhirRepository,
+    settings: Settings,
+    cursors: Any,
+    fmt: OutputFormat,
+    *,
+    resource_type: str | None = None,
+    fhir_id: str | None = None,
 ) -> Response:
     query = request.query_params
     since_value = query.get("_since")
     since = parse_instant(since_value, "_since") if since_value else None
-    count = parse_count(query.get("_count"), default=settings.history_default_count,
-                        maximum=settings.history_max_count)
+    count = parse_count(
+        query.get("_count"), default=settings.history_default_count, maximum=settings.history_max_count
+    )
     token = query.get("_cursor")
     cursor = cursors.decode(token) if token else None
     if cursor is not None and not isinstance(cursor, int):
         raise BadRequest("_cursor: not a history cursor", expression=("_cursor",))
-    page = await repo.history(resource_type=resource_type, fhir_id=fhir_id, since=since, count=count, cursor=cursor)
+    page = await repo.history(
+        resource_type=resource_type, fhir_id=fhir_id, since=since, count=count, cursor=cursor
+    )
     path = "/".join(part for part in (resource_type, fhir_id) if part)
     url = f"{settings.fhir_base}/{path + '/' if path else ''}_history"
     kept = {k: v for k, v in (("_since", since_value), ("_count", str(count))) if v is not None}
     first_url = f"{url}?{urlencode(kept)}"
     self_url = f"{url}?{urlencode({**kept, '_cursor': token})}" if token else first_url
     next_url = (
-        f"{url}?{urlencode({**kept, '_cursor': cursors.encode(page.next_cursor)})}" if page.next_cursor else None
+        f"{url}?{urlencode({**kept, '_cursor': cursors.encode(page.next_cursor)})}"
+        if page.next_cursor
+        else None
     )
-    body = history_bundle(page.versions, base=settings.fhir_base, self_url=self_url, next_url=next_url,
-                          first_url=first_url)
+    body = history_bundle(
+        page.versions, base=settings.fhir_base, self_url=self_url, next_url=next_url, first_url=first_url
+    )
     return json_response(body, fmt)
 
 
@@ -99,72 +111,154 @@ def _register_type(resource_type: str) -> None:
         check_id(id)
         return resource_response(await repo.vread(resource_type, id, parse_version_id(vid)), fmt)
 
-    async def create(request: Request, repo: RepositoryDep, settings: SettingsDep, fmt: FormatDep,
-                     prefer: PreferDep) -> Response:
+    async def create(
+        request: Request, repo: RepositoryDep, settings: SettingsDep, fmt: FormatDep, prefer: PreferDep
+    ) -> Response:
         check_request_media_type(request)
         data = parse_resource(await read_body(request, settings.max_body_bytes), resource_type)
         version = await repo.create(resource_type, data)
         return write_response(version, fmt, prefer, status=201, base=settings.fhir_base, location=True)
 
-    async def update(id: str, request: Request, repo: RepositoryDep, settings: SettingsDep, fmt: FormatDep,
-                     prefer: PreferDep) -> Response:
+    async def update(
+        id: str,
+        request: Request,
+        repo: RepositoryDep,
+        settings: SettingsDep,
+        fmt: FormatDep,
+        prefer: PreferDep,
+    ) -> Response:
         check_id(id)
         check_request_media_type(request)
         if_match = parse_etag(request.headers.get("if-match"))
         data = parse_resource(await read_body(request, settings.max_body_bytes), resource_type, url_id=id)
         version, created = await repo.update(resource_type, id, data, if_match=if_match)
-        return write_response(version, fmt, prefer, status=201 if created else 200, base=settings.fhir_base,
-                              location=created)
+        return write_response(
+            version, fmt, prefer, status=201 if created else 200, base=settings.fhir_base, location=created
+        )
 
-    async def delete(id: str, request: Request, repo: RepositoryDep, fmt: FormatDep, prefer: PreferDep) -> Response:
+    async def delete(
+        id: str, request: Request, repo: RepositoryDep, fmt: FormatDep, prefer: PreferDep
+    ) -> Response:
         check_id(id)
         if_match = parse_etag(request.headers.get("if-match"))
         version = await repo.delete(resource_type, id, if_match=if_match)
         headers = {"ETag": f'W/"{version.version_id}"'}
         if prefer.return_ == "minimal":
             return Response(status_code=204, headers=headers)
-        outcome = operation_outcome([Issue("informational", f"{resource_type}/{id} deleted", severity="information")])
+        outcome = operation_outcome(
+            [Issue("informational", f"{resource_type}/{id} deleted", severity="information")]
+        )
         return json_response(outcome, fmt, headers=headers)
 
-    async def instance_history(id: str, request: Request, repo: RepositoryDep, settings: SettingsDep,
-                               cursors: CursorDep, fmt: FormatDep) -> Response:
+    async def instance_history(
+        id: str,
+        request: Request,
+        repo: RepositoryDep,
+        settings: SettingsDep,
+        cursors: CursorDep,
+        fmt: FormatDep,
+    ) -> Response:
         check_id(id)
         return await _history(request, repo, settings, cursors, fmt, resource_type=resource_type, fhir_id=id)
 
-    async def type_history(request: Request, repo: RepositoryDep, settings: SettingsDep, cursors: CursorDep,
-                           fmt: FormatDep) -> Response:
+    async def type_history(
+        request: Request, repo: RepositoryDep, settings: SettingsDep, cursors: CursorDep, fmt: FormatDep
+    ) -> Response:
         return await _history(request, repo, settings, cursors, fmt, resource_type=resource_type)
 
     body_spec = {"requestBody": {"required": True, **_content(resource_type)}}
     base = f"/{resource_type}"
     routes: list[tuple[str, str, Callable[..., Any], str, str, dict[str, Any] | None, Any]] = [
-        ("GET", f"{base}/_history", type_history, "history-type", f"Type history of {resource_type}", None,
-         _responses(200, "Bundle", 400)),
-        ("POST", base, create, "create", f"Create a {resource_type}", body_spec,
-         _responses(201, resource_type, 400, 413, 415, 422)),
-        ("GET", f"{base}/{{id}}", read, "read", f"Read a {resource_type}", None, _responses(200, resource_type, *errors)),
-        ("PUT", f"{base}/{{id}}", update, "update", f"Update (or create) a {resource_type}", body_spec,
-         _responses(200, resource_type, 400, 412, 413, 415, 422)),
-        ("DELETE", f"{base}/{{id}}", delete, "delete", f"Delete a {resource_type}", None,
-         _responses(200, "OperationOutcome", 404, 412)),
-        ("GET", f"{base}/{{id}}/_history", instance_history, "history-instance",
-         f"History of one {resource_type}", None, _responses(200, "Bundle", 404)),
-        ("GET", f"{base}/{{id}}/_history/{{vid}}", vread, "vread", f"Read one version of a {resource_type}", None,
-         _responses(200, resource_type, *errors)),
+        (
+            "GET",
+            f"{base}/_history",
+            type_history,
+            "history-type",
+            f"Type history of {resource_type}",
+            None,
+            _responses(200, "Bundle", 400),
+        ),
+        (
+            "POST",
+            base,
+            create,
+            "create",
+            f"Create a {resource_type}",
+            body_spec,
+            _responses(201, resource_type, 400, 413, 415, 422),
+        ),
+        (
+            "GET",
+            f"{base}/{{id}}",
+            read,
+            "read",
+            f"Read a {resource_type}",
+            None,
+            _responses(200, resource_type, *errors),
+        ),
+        (
+            "PUT",
+            f"{base}/{{id}}",
+            update,
+            "update",
+            f"Update (or create) a {resource_type}",
+            body_spec,
+            _responses(200, resource_type, 400, 412, 413, 415, 422),
+        ),
+        (
+            "DELETE",
+            f"{base}/{{id}}",
+            delete,
+            "delete",
+            f"Delete a {resource_type}",
+            None,
+            _responses(200, "OperationOutcome", 404, 412),
+        ),
+        (
+            "GET",
+            f"{base}/{{id}}/_history",
+            instance_history,
+            "history-instance",
+            f"History of one {resource_type}",
+            None,
+            _responses(200, "Bundle", 404),
+        ),
+        (
+            "GET",
+            f"{base}/{{id}}/_history/{{vid}}",
+            vread,
+            "vread",
+            f"Read one version of a {resource_type}",
+            None,
+            _responses(200, resource_type, *errors),
+        ),
     ]
     for method, path, endpoint, interaction, summary, extra, responses in routes:
         router.add_api_route(
-            path, endpoint, methods=[method], summary=summary, tags=[tag],
+            path,
+            endpoint,
+            methods=[method],
+            summary=summary,
+            tags=[tag],
             operation_id=f"{interaction.replace('-', '_')}_{resource_type}",
-            openapi_extra=extra, responses=responses, response_class=Response,
+            openapi_extra=extra,
+            responses=responses,
+            response_class=Response,
         )
         INTERACTIONS.setdefault(resource_type, []).append(interaction)
 
 
-@router.get("/_history", tags=["system"], operation_id="history_system", summary="History of the whole server",
-            response_class=Response, responses=_responses(200, "Bundle", 400))
-async def system_history(request: Request, repo: RepositoryDep, settings: SettingsDep, cursors: CursorDep,
-                         fmt: FormatDep) -> Response:
+@router.get(
+    "/_history",
+    tags=["system"],
+    operation_id="history_system",
+    summary="History of the whole server",
+    response_class=Response,
+    responses=_responses(200, "Bundle", 400),
+)
+async def system_history(
+    request: Request, repo: RepositoryDep, settings: SettingsDep, cursors: CursorDep, fmt: FormatDep
+) -> Response:
     return await _history(request, repo, settings, cursors, fmt)
 
 

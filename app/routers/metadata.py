@@ -18,12 +18,19 @@ router = APIRouter(prefix="/fhir", tags=["system"])
     operation_id="capabilities",
     summary="The server's CapabilityStatement",
     response_class=Response,
-    responses={200: {"description": "CapabilityStatement",
-                     "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/CapabilityStatement"}}}}},
+    responses={
+        200: {
+            "description": "CapabilityStatement",
+            "content": {
+                "application/fhir+json": {"schema": {"$ref": "#/components/schemas/CapabilityStatement"}}
+            },
+        }
+    },
 )
 async def metadata(settings: SettingsDep, fmt: FormatDep) -> Response:
     return json_response(
-        capability_statement(fhir_base=settings.fhir_base, interactions=INTERACTIONS,
-                             system_interactions=SYSTEM_INTERACTIONS),
+        capability_statement(
+            fhir_base=settings.fhir_base, interactions=INTERACTIONS, system_interactions=SYSTEM_INTERACTIONS
+        ),
         fmt,
     )

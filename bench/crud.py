@@ -1,0 +1,672 @@
+"""CRUD benchmark: the carecoord HTTP API against the raw asyncpg floor.
+
+Run from the repository root::
+
+    .venv/bin/python bench/crud.py
+
+What it does
+------------
+1. Creates a fresh database ``carecoord_bench`` on the local PostgreSQL (admin
+   connection from ``DATABASE_URL`` if set, else
+   ``postgresql://postgres@127.0.0.1:5432/postgres``), dropping it first, and applies
+   the migrations with ``carecoord migrate``.
+2. Starts the real server as a subprocess (``carecoord serve`` on a free port: one
+   uvicorn process, access log off, the default engine pool of 10 + 10 overflow
+   connections) and waits for ``GET /healthz``.
+3. Measures, through HTTP, FHIR create (``POST /fhir/Patient`` with a ~1.9 KB US
+   Core-style Patient) and read (``GET /fhir/Patient/{id}``): throughput and p50/p95
+   latency at concurrency 1 and 32 (asyncio tasks sharing one ``httpx.AsyncClient``).
+4. Measures the raw floor in the same run: the same rows written and read with
+   asyncpg directly (pool of 32), issuing exactly the statements the server issues.
+   The SQL text is compiled from ``app/fhir/repository.py`` with SQLAlchemy's asyncpg
+   dialect, so it is byte-identical to what the server prepares, and each operation
+   runs in its own transaction (BEGIN; statement; COMMIT), as SQLAlchemy's asyncpg
+   adapter does for every request (``engine.begin()`` in ``app/deps.py``). A bare
+   SELECT without the transaction is measured too, as the absolute read floor.
+5. Repeats everything for several rounds, alternating which side goes first, and
+   reports medians, so that machine noise hits both sides alike.
+6. Stops the server and drops the database, also on failure.
+
+Why ratios
+----------
+Absolute requests/s depend on the machine (here a small, shared VM where the client,
+the server and PostgreSQL compete for the same cores). The ratio API/raw is the
+portable figure: the share of the database's own capacity that survives the HTTP
+stack (uvicorn, FastAPI, JSON parsing, FHIR validation, SQLAlchemy). A throughput
+ratio near 1 means the database is the limit; a small ratio means the Python layer
+is. Client and server CPU time per request are printed as well, because on a machine
+with few cores a Python load generator takes CPU away from the server it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+from sqlalchemy import TextClause
+from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+
+from app.fhir.repository import _INSERT, _READ
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+BENCH_DB = "carecoord_bench"
+ROUNDS = 3
+REQUESTS = {1: 500, 32: 2000}
+"""Measured operations per scenario and round, by concurrency."""
+WARMUP = 300
+RAW_POOL_SIZE = 32
+SERVER_POOL = "pool_size=10, max_overflow=10 (<= 20 connections; app/db.py defaults)"
+CLIENT_SATURATED = 0.85
+"""Client CPU share of one core above which the load generator is called the bottleneck."""
+
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------- payload
+
+
+def patient_payload() -> dict[str, Any]:
+    """A realistic US Core Patient (profiles, race/ethnicity/birthsex extensions, ~1.9 KB)."""
+    us_core = "http://hl7.org/fhir/us/core/StructureDefinition"
+    return {
+        "resourceType": "Patient",
+        "meta": {"profile": [f"{us_core}/us-core-patient"]},
+        "extension": [
+            {
+                "url": f"{us_core}/us-core-race",
+                "extension": [
+                    {
+                        "url": "ombCategory",
+                        "valueCoding": {
+                            "system": "urn:oid:2.16.840.1.113883.6.238",
+                            "code": "2106-3",
+                            "display": "White",
+                        },
+                    },
+                    {"url": "text", "valueString": "White"},
+                ],
+            },
+            {
+                "url": f"{us_core}/us-core-ethnicity",
+                "extension": [
+                    {
+                        "url": "ombCategory",
+                        "valueCoding": {
+                            "system": "urn:oid:2.16.840.1.113883.6.238",
+                            "code": "2186-5",
+                            "display": "Not Hispanic or Latino",
+                        },
+                    },
+                    {"url": "text", "valueString": "Not Hispanic or Latino"},
+                ],
+            },
+            {"url": f"{us_core}/us-core-birthsex", "valueCode": "F"},
+        ],
+        "identifier": [
+            {
+                "use": "usual",
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                            "code": "MR",
+                            "display": "Medical Record Number",
+                        }
+                    ],
+                    "text": "Medical Record Number",
+                },
+                "system": "http://hospital.example.org/mrn",
+                "value": "MRN-00481516",
+            },
+            {
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "SS"}]
+                },
+                "system": "http://hl7.org/fhir/sid/us-ssn",
+                "value": "999-55-1234",
+            },
+        ],
+        "active": True,
+        "name": [
+            {"use": "official", "family": "Rivera-Thompson", "given": ["Maria", "Elena"], "prefix": ["Ms."]},
+            {"use": "usual", "given": ["Ellie"]},
+        ],
+        "telecom": [
+            {"system": "phone", "value": "+1-555-867-5309", "use": "mobile", "rank": 1},
+            {"system": "email", "value": "maria.rivera@example.com", "use": "home"},
+        ],
+        "gender": "female",
+        "birthDate": "1984-07-23",
+        "address": [
+            {
+                "use": "home",
+                "type": "physical",
+                "line": ["1428 Elm Street", "Apt 3B"],
+                "city": "Springfield",
+                "district": "Sangamon County",
+                "state": "IL",
+                "postalCode": "62704",
+                "country": "US",
+                "period": {"start": "2016-04-01"},
+            }
+        ],
+        "maritalStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus",
+                    "code": "M",
+                    "display": "Married",
+                }
+            ]
+        },
+        "communication": [
+            {
+                "language": {
+                    "coding": [{"system": "urn:ietf:bcp:47", "code": "en-US", "display": "English (US)"}]
+                },
+                "preferred": True,
+            },
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds of this process, of the server process, and busy/total of the machine."""
+
+    wall: float
+    client: float
+    server: float
+    machine_busy: float
+    machine_total: float
+
+
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(server_pid: int | None) -> CpuSnapshot:
+    server = 0.0
+    if server_pid is not None:
+        # /proc/<pid>/stat: utime and stime are fields 14 and 15 (after the parenthesised comm).
+        fields = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        server = (int(fields[11]) + int(fields[12])) / _clock_ticks()
+    cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = cpu[3] + cpu[4]  # idle + iowait
+    total = sum(cpu[:8])  # guest time is already counted in user
+    return CpuSnapshot(
+        time.perf_counter(),
+        time.process_time(),
+        server,
+        (total - idle) / _clock_ticks(),
+        total / _clock_ticks(),
+    )
+
+
+@dataclass(frozen=True)
+class RunStats:
+    ops_per_s: float
+    p50_ms: float
+    p95_ms: float
+    client_cpu_ms_per_op: float
+    server_cpu_ms_per_op: float
+    client_core_share: float
+    machine_busy: float
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    rank = max(1, int(-(-fraction * len(sorted_values) // 1)))
+    return sorted_values[rank - 1]
+
+
+async def drive(
+    op: Callable[[], Awaitable[None]], total: int, concurrency: int, server_pid: int | None = None
+) -> RunStats:
+    """Run ``op`` ``total`` times from ``concurrency`` tasks; latency per op, throughput overall."""
+    latencies: list[float] = []
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            await op()
+            latencies.append(time.perf_counter() - started)
+
+    before = cpu_snapshot(server_pid)
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    after = cpu_snapshot(server_pid)
+    wall = after.wall - before.wall
+    latencies.sort()
+    machine_total = after.machine_total - before.machine_total
+    return RunStats(
+        ops_per_s=total / wall,
+        p50_ms=percentile(latencies, 0.50) * 1000,
+        p95_ms=percentile(latencies, 0.95) * 1000,
+        client_cpu_ms_per_op=(after.client - before.client) / total * 1000,
+        server_cpu_ms_per_op=(after.server - before.server) / total * 1000,
+        client_core_share=(after.client - before.client) / wall,
+        machine_busy=(after.machine_busy - before.machine_busy) / machine_total if machine_total else 0.0,
+    )
+
+
+# --------------------------------------------------------------------------- the two sides
+
+
+def asyncpg_sql(statement: TextClause) -> tuple[str, tuple[str, ...]]:
+    """The SQL text and parameter order SQLAlchemy's asyncpg dialect sends for ``statement``."""
+    compiled = statement.compile(dialect=sa_asyncpg.dialect())  # type: ignore[no-untyped-call]
+    return str(compiled), tuple(compiled.positiontup or ())
+
+
+def _now_ms() -> datetime:
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+class ApiSide:
+    """FHIR create/read through the HTTP server."""
+
+    def __init__(self, client: httpx.AsyncClient, payload: bytes, ids: list[str]) -> None:
+        self.client = client
+        self.payload = payload
+        self.ids = ids
+        self.headers = {"content-type": "application/fhir+json", "accept": "application/fhir+json"}
+
+    async def create(self) -> None:
+        response = await self.client.post("/fhir/Patient", content=self.payload, headers=self.headers)
+        if response.status_code != 201:
+            raise RuntimeError(f"create answered {response.status_code}: {response.text[:300]}")
+        # Location: {base}/Patient/{id}/_history/1
+        self.ids.append(response.headers["location"].rsplit("/", 3)[1])
+
+    async def read(self) -> None:
+        response = await self.client.get(f"/fhir/Patient/{random.choice(self.ids)}", headers=self.headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"read answered {response.status_code}: {response.text[:300]}")
+
+
+class RawSide:
+    """The same statements straight through an asyncpg pool: the floor under the API."""
+
+    def __init__(self, pool: asyncpg.Pool, payload: dict[str, Any], ids: list[str]) -> None:
+        self.pool = pool
+        self.payload = payload
+        self.ids = ids
+        self.insert_sql, insert_order = asyncpg_sql(_INSERT)
+        self.read_sql, read_order = asyncpg_sql(_READ)
+        if insert_order != ("rtype", "fid", "ts", "body", "method") or read_order != ("rtype", "fid"):
+            raise RuntimeError(
+                f"repository SQL parameters changed: {insert_order} / {read_order}; update the bench"
+            )
+
+    def stored_body(self, fhir_id: str, moment: datetime) -> str:
+        """The row body as the server stores it: compact JSON with id and meta stamped."""
+        meta = {
+            **self.payload.get("meta", {}),
+            "versionId": "1",
+            "lastUpdated": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        stamped = {"resourceType": "Patient", "id": fhir_id, "meta": meta}
+        stamped.update((k, v) for k, v in self.payload.items() if k not in stamped)
+        return json.dumps(stamped, separators=(",", ":"), ensure_ascii=False)
+
+    async def create(self) -> None:
+        fhir_id = str(uuid.uuid4())
+        moment = _now_ms()
+        body = self.stored_body(fhir_id, moment)
+        async with self.pool.acquire() as conn, conn.transaction():
+            rid = await conn.fetchval(self.insert_sql, "Patient", fhir_id, moment, body, "POST")
+        if rid is None:
+            raise RuntimeError("raw insert returned no row")
+        self.ids.append(fhir_id)
+
+    async def read(self) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(self.read_sql, "Patient", random.choice(self.ids))
+        if row is None:
+            raise RuntimeError("raw read found no row")
+
+    async def read_bare(self) -> None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(self.read_sql, "Patient", random.choice(self.ids))
+        if row is None:
+            raise RuntimeError("raw read found no row")
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+SCENARIOS: tuple[tuple[str, int], ...] = (("create", 1), ("create", 32), ("read", 1), ("read", 32))
+
+
+@dataclass
+class Results:
+    api: dict[tuple[str, int], list[RunStats]] = field(default_factory=dict)
+    raw: dict[tuple[str, int], list[RunStats]] = field(default_factory=dict)
+    raw_bare: dict[int, list[RunStats]] = field(default_factory=dict)
+
+
+async def run_benchmark(base_url: str, raw_dsn: str, server_pid: int) -> Results:
+    payload = patient_payload()
+    payload_bytes = json.dumps(payload, separators=(",", ":")).encode()
+    ids: list[str] = []
+    # uvicorn closes connections idle for 5 s (timeout_keep_alive); retire ours sooner, so an idle
+    # pooled connection is never reused just as the server hangs up on it.
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
+    results = Results()
+    random.seed(20260101)
+    async with (
+        httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60.0) as client,
+        asyncpg.create_pool(
+            raw_dsn,
+            min_size=RAW_POOL_SIZE,
+            max_size=RAW_POOL_SIZE,
+            server_settings={"application_name": "carecoord-bench", "timezone": "UTC"},
+        ) as pool,
+    ):
+        api = ApiSide(client, payload_bytes, ids)
+        raw = RawSide(pool, payload, ids)
+        print(
+            f"payload: {len(payload_bytes)} bytes posted, "
+            f"{len(raw.stored_body(str(uuid.uuid4()), _now_ms()))} bytes stored per row",
+            flush=True,
+        )
+        # Warm-up: fill both connection pools, prepare statements, load the validator.
+        for op in (api.create, api.read, raw.create, raw.read, raw.read_bare):
+            await drive(op, WARMUP, 32)
+        for round_no in range(ROUNDS):
+            for kind, concurrency in SCENARIOS:
+                api_op = api.create if kind == "create" else api.read
+                raw_op = raw.create if kind == "create" else raw.read
+                sides: list[tuple[str, Callable[[], Awaitable[None]]]] = [("api", api_op), ("raw", raw_op)]
+                if round_no % 2:
+                    sides.reverse()
+                for side, side_op in sides:
+                    stats = await drive(
+                        side_op, REQUESTS[concurrency], concurrency, server_pid if side == "api" else None
+                    )
+                    target = results.api if side == "api" else results.raw
+                    target.setdefault((kind, concurrency), []).append(stats)
+                if kind == "read":
+                    bare = await drive(raw.read_bare, REQUESTS[concurrency], concurrency)
+                    results.raw_bare.setdefault(concurrency, []).append(bare)
+            print(f"round {round_no + 1}/{ROUNDS} done ({len(ids)} patients stored)", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- setup and teardown
+
+
+def admin_url() -> str:
+    """The admin connection as a plain libpq URL (asyncpg does not take ``+asyncpg``)."""
+    url = os.environ.get("DATABASE_URL") or DEFAULT_ADMIN_URL
+    return re.sub(r"^postgres(ql)?(\+asyncpg)?://", "postgresql://", url)
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+async def recreate_database(admin: str, name: str, *, create: bool) -> str:
+    """Drop ``name`` (forcing out stray sessions) and, if asked, create it again; return the PG version."""
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if create:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        version: str = await conn.fetchval("SELECT version()")
+        sync_commit: str = await conn.fetchval("SHOW synchronous_commit")
+        return f"{version}; synchronous_commit={sync_commit}"
+    finally:
+        await conn.close()
+
+
+def carecoord_command(*args: str) -> list[str]:
+    script = Path(sys.executable).parent / "carecoord"
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "app.cli", *args]
+
+
+def server_env(database_url: str, base_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("CARECOORD_DATABASE_URL", None)
+    env["DATABASE_URL"] = database_url
+    env["CARECOORD_BASE_URL"] = base_url
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_healthy(
+    base_url: str, server: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited with {server.returncode}:\n{tail(log_path)}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{tail(log_path)}")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no server log)"
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is not None:
+        return
+    server.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: closes the engine pool
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=5)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_info(pg_version: str) -> list[str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    wrk = "installed (not used)" if shutil.which("wrk") else "not installed"
+    return [
+        f"nproc: {cores()} (os.cpu_count {os.cpu_count()}); CPU: {model}; loadavg at start: {load}",
+        f"PostgreSQL: {pg_version}",
+        f"Python {platform.python_version()}, httpx {httpx.__version__}, asyncpg {asyncpg.__version__}, "
+        f"client loop: {loop_name()}; wrk: {wrk}",
+        f"server: 1 uvicorn process, engine {SERVER_POOL}; raw: asyncpg pool of {RAW_POOL_SIZE}",
+        f"per scenario and round: {REQUESTS[1]} ops at c=1, {REQUESTS[32]} ops at c=32; {ROUNDS} rounds "
+        f"(API/raw order alternating), medians reported; warm-up {WARMUP} ops per operation",
+    ]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def med(runs: Sequence[RunStats], metric: str) -> float:
+    """The median over rounds of one RunStats field."""
+    return float(statistics.median(getattr(run, metric) for run in runs))
+
+
+def per_round(runs: Sequence[RunStats]) -> str:
+    return "/".join(f"{run.ops_per_s:.0f}" for run in runs)
+
+
+def report(results: Results) -> list[str]:
+    header = (
+        f"{'scenario':<8} {'c':>3} | {'API req/s':>9} {'p50 ms':>7} {'p95 ms':>7} | "
+        f"{'raw ops/s':>9} {'p50 ms':>7} {'p95 ms':>7} | {'API/raw req/s':>13} {'API/raw p50':>11}"
+    )
+    out = [header, "-" * len(header)]
+    for key in SCENARIOS:
+        api, raw = results.api[key], results.raw[key]
+        a_ops, r_ops = med(api, "ops_per_s"), med(raw, "ops_per_s")
+        a50, r50 = med(api, "p50_ms"), med(raw, "p50_ms")
+        out.append(
+            f"{key[0]:<8} {key[1]:>3} | {a_ops:>9.0f} {a50:>7.2f} {med(api, 'p95_ms'):>7.2f} | "
+            f"{r_ops:>9.0f} {r50:>7.2f} {med(raw, 'p95_ms'):>7.2f} | "
+            f"{a_ops / r_ops:>13.3f} {a50 / r50:>10.1f}x"
+        )
+    out += ["", "read floor without the per-request transaction (bare SELECT, not BEGIN; SELECT; COMMIT):"]
+    for concurrency, runs in results.raw_bare.items():
+        ratio = med(results.api[("read", concurrency)], "ops_per_s") / med(runs, "ops_per_s")
+        out.append(
+            f"  c={concurrency:<3} {med(runs, 'ops_per_s'):>7.0f} ops/s, p50 {med(runs, 'p50_ms'):.2f} ms, "
+            f"p95 {med(runs, 'p95_ms'):.2f} ms; API/bare req/s {ratio:.3f}"
+        )
+    header2 = (
+        f"{'scenario':<8} {'c':>3} | {'API req/s per round':>19} {'raw ops/s per round':>19} | "
+        f"{'client ms':>9} {'server ms':>9} {'client':>6} {'machine':>7}"
+    )
+    out += [
+        "",
+        "Rounds and CPU of the API runs (CPU ms per request for the load generator and the server process,",
+        "client = share of one core used by the load generator, machine = busy share of all cores; medians):",
+        header2,
+        "-" * len(header2),
+    ]
+    saturated: list[str] = []
+    for key in SCENARIOS:
+        api = results.api[key]
+        share = med(api, "client_core_share")
+        if share >= CLIENT_SATURATED:
+            saturated.append(f"{key[0]} c={key[1]} ({share:.0%} of a core)")
+        out.append(
+            f"{key[0]:<8} {key[1]:>3} | {per_round(api):>19} {per_round(results.raw[key]):>19} | "
+            f"{med(api, 'client_cpu_ms_per_op'):>9.2f} {med(api, 'server_cpu_ms_per_op'):>9.2f} "
+            f"{share:>6.0%} {med(api, 'machine_busy'):>7.0%}"
+        )
+    if saturated:
+        out.append(f"NOTE: the Python load generator is (near) CPU-saturated in: {', '.join(saturated)}.")
+    if cores() <= 4:
+        out.append(
+            f"NOTE: {cores()} cores shared by the client, the server and PostgreSQL: CPU the client uses is "
+            "taken from the server, so API figures under load are a lower bound (more client processes "
+            "would not help on this machine)."
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def runner_run(coro: Coroutine[Any, Any, T]) -> T:
+    if loop_name() == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def main() -> int:
+    started = time.perf_counter()
+    admin = admin_url()
+    bench_dsn = with_database(admin, BENCH_DB)
+    server_db_url = bench_dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = server_env(server_db_url, base_url)
+    log_path = Path(tempfile.gettempdir()) / f"carecoord-bench-server-{os.getpid()}.log"
+    server: subprocess.Popen[bytes] | None = None
+    pg_version = runner_run(recreate_database(admin, BENCH_DB, create=True))
+    try:
+        migrated = subprocess.run(
+            carecoord_command("migrate"),
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if migrated.returncode != 0:
+            raise RuntimeError(f"carecoord migrate failed:\n{migrated.stdout}\n{migrated.stderr}")
+        with log_path.open("wb") as log:
+            server = subprocess.Popen(
+                carecoord_command("serve", "--host", "127.0.0.1", "--port", str(port)),
+                env=env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_healthy(base_url, server, log_path)
+        print("\n".join(machine_info(pg_version)), flush=True)
+        print(f"server pid {server.pid} at {base_url}, database {BENCH_DB}", flush=True)
+        results = runner_run(run_benchmark(base_url, bench_dsn, server.pid))
+    except BaseException:
+        if server is not None:
+            print(f"server log tail:\n{tail(log_path)}", file=sys.stderr)
+        raise
+    finally:
+        if server is not None:
+            stop_server(server)
+        runner_run(recreate_database(admin, BENCH_DB, create=False))
+        log_path.unlink(missing_ok=True)
+    print()
+    print("\n".join(report(results)))
+    print(
+        f"\ntotal run time {time.perf_counter() - started:.0f} s; loadavg at end: "
+        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up (virtual environment + install with test extras), lint, type-check and run the tests.
+# Tests use DATABASE_URL (a PostgreSQL server; a fresh database is created on it) when set,
+# and the embedded PostgreSQL otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-test ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e ".[test]"
+  touch .venv/.installed-test
+fi
+.venv/bin/ruff check .
+.venv/bin/mypy --strict app
+exec .venv/bin/pytest "$@"

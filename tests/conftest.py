@@ -1,0 +1,103 @@
+"""Test fixtures: a real PostgreSQL, migrations applied, the app over ASGI.
+
+With ``DATABASE_URL`` set (CI: PostgreSQL 15 on 127.0.0.1) the tests create a fresh
+database on that server for the session; without it they start the embedded
+PostgreSQL in a temporary directory, as ``carecoord serve`` would.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app import db
+from app.main import create_app
+from app.settings import Settings
+
+BASE_URL = "http://cc.test"
+FHIR = f"{BASE_URL}/fhir"
+
+
+def _plain(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A migrated database used by this test session, dropped at the end."""
+    server_url = Settings().database_url
+    if server_url is None:
+        tmp = Path(tempfile.mkdtemp(prefix="carecoord-test-"))
+        url = db.embedded_database_url(tmp)
+        db.run_migrations(url)
+        yield url
+        return
+    name = f"carecoord_test_{uuid.uuid4().hex[:8]}"
+    admin = _plain(server_url)
+
+    import asyncio
+
+    async def admin_sql(sql: str) -> None:
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
+    base, _, _ = server_url.rpartition("/")
+    url = f"{base}/{name}"
+    db.run_migrations(url)
+    yield url
+    asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, base_url=BASE_URL, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database_url, pool_size=20, max_overflow=40)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def clean_db(engine: AsyncEngine) -> None:
+    """Start a test from empty resource tables (history and system-wide views need it)."""
+    async with engine.begin() as conn:
+        await conn.execute(text("TRUNCATE resource, resource_history RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(scope="session")
+async def app_client(settings: Settings, engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, engine=engine)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+            client.headers["accept"] = "application/fhir+json"
+            yield client
+
+
+@pytest.fixture
+async def client(app_client: httpx.AsyncClient, clean_db: None) -> httpx.AsyncClient:
+    return app_client
+
+
+async def count_rows(engine: AsyncEngine, table: str = "resource_history") -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
+
+
+os.environ.setdefault("CARECOORD_LOG_LEVEL", "warning")

@@ -1,0 +1,98 @@
+"""A minimal valid R4 instance of every served type (required elements only, plus a name)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PATIENT_REF = {"reference": "Patient/example"}
+
+SAMPLES: dict[str, dict[str, Any]] = {
+    "Patient": {
+        "resourceType": "Patient",
+        "name": [{"family": "Rivera", "given": ["Ana"]}],
+        "gender": "female",
+    },
+    "RelatedPerson": {"resourceType": "RelatedPerson", "patient": PATIENT_REF},
+    "Practitioner": {"resourceType": "Practitioner", "name": [{"family": "Okafor"}]},
+    "PractitionerRole": {"resourceType": "PractitionerRole", "active": True},
+    "Organization": {"resourceType": "Organization", "name": "Eastside Housing Partners"},
+    "Endpoint": {
+        "resourceType": "Endpoint",
+        "status": "active",
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "hl7-fhir-rest",
+        },
+        "payloadType": [{"text": "FHIR"}],
+        "address": "https://partner.example.org/fhir",
+    },
+    "CareTeam": {"resourceType": "CareTeam", "status": "active", "subject": PATIENT_REF},
+    "EpisodeOfCare": {"resourceType": "EpisodeOfCare", "status": "active", "patient": PATIENT_REF},
+    "CarePlan": {"resourceType": "CarePlan", "status": "active", "intent": "plan", "subject": PATIENT_REF},
+    "Goal": {
+        "resourceType": "Goal",
+        "lifecycleStatus": "active",
+        "description": {"text": "Stable housing"},
+        "subject": PATIENT_REF,
+    },
+    "ServiceRequest": {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": PATIENT_REF,
+        "code": {"text": "Housing assistance"},
+    },
+    "Task": {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "code": {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]},
+        "for": PATIENT_REF,
+    },
+    "Condition": {"resourceType": "Condition", "subject": PATIENT_REF, "code": {"text": "Homelessness"}},
+    "Observation": {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "Food insecurity risk"},
+        "subject": PATIENT_REF,
+    },
+    "Procedure": {"resourceType": "Procedure", "status": "completed", "subject": PATIENT_REF},
+    "Consent": {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+            ]
+        },
+        "category": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IDSCL"}]}
+        ],
+        "patient": PATIENT_REF,
+    },
+    "Communication": {"resourceType": "Communication", "status": "completed", "subject": PATIENT_REF},
+    "Appointment": {
+        "resourceType": "Appointment",
+        "status": "booked",
+        "participant": [{"actor": PATIENT_REF, "status": "accepted"}],
+    },
+    "Questionnaire": {"resourceType": "Questionnaire", "status": "active", "title": "Housing screening"},
+    "QuestionnaireResponse": {
+        "resourceType": "QuestionnaireResponse",
+        "status": "completed",
+        "subject": PATIENT_REF,
+    },
+    "Provenance": {
+        "resourceType": "Provenance",
+        "target": [PATIENT_REF],
+        "recorded": "2026-01-01T10:00:00Z",
+        "agent": [{"who": {"reference": "Practitioner/p1"}}],
+    },
+    "AuditEvent": {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "recorded": "2026-01-01T10:00:00Z",
+        "agent": [{"requestor": True, "who": {"reference": "Practitioner/p1"}}],
+        "source": {"observer": {"reference": "Organization/o1"}},
+    },
+}

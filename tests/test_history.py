@@ -1,0 +1,70 @@
+"""History for an instance, a type and the whole system (http.html#history)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.samples import SAMPLES
+
+JSON = {"content-type": "application/fhir+json"}
+
+
+async def _create(client: httpx.AsyncClient, resource_type: str) -> str:
+    response = await client.post(f"/fhir/{resource_type}", json=SAMPLES[resource_type], headers=JSON)
+    return str(response.json()["id"])
+
+
+async def test_type_and_system_history(client: httpx.AsyncClient) -> None:
+    patient = await _create(client, "Patient")
+    goal = await _create(client, "Goal")
+    patient_history = (await client.get("/fhir/Patient/_history")).json()
+    assert patient_history["type"] == "history"
+    assert [e["resource"]["id"] for e in patient_history["entry"]] == [patient]
+    system = (await client.get("/fhir/_history")).json()
+    assert [e["resource"]["id"] for e in system["entry"]] == [goal, patient]
+    assert system["entry"][0]["fullUrl"] == f"http://cc.test/fhir/Goal/{goal}"
+    assert system["entry"][0]["request"] == {"method": "POST", "url": "Goal"}
+    assert system["entry"][0]["response"]["status"] == "201 Created"
+
+
+async def test_history_paging_is_stable_under_writes(client: httpx.AsyncClient) -> None:
+    ids = [await _create(client, "Task") for _ in range(7)]
+    page = (await client.get("/fhir/Task/_history?_count=3")).json()
+    seen: list[str] = []
+    pages = 0
+    while True:
+        pages += 1
+        seen.extend(e["resource"]["id"] for e in page["entry"])
+        await _create(client, "Task")  # a write between page requests
+        following = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        if not following:
+            break
+        page = (await client.get(following[0].removeprefix("http://cc.test"))).json()
+    assert seen == list(reversed(ids))
+    assert pages == 3
+
+
+async def test_since_filters_older_versions(client: httpx.AsyncClient) -> None:
+    await _create(client, "Condition")
+    await asyncio.sleep(0.01)
+    later = (await client.post("/fhir/Condition", json=SAMPLES["Condition"], headers=JSON)).json()
+    since = later["meta"]["lastUpdated"]
+    history = (await client.get("/fhir/Condition/_history", params={"_since": since})).json()
+    assert [e["resource"]["id"] for e in history["entry"]] == [later["id"]]
+
+
+async def test_bad_history_parameters(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/fhir/_history?_since=yesterday")).status_code == 400
+    assert (await client.get("/fhir/_history?_count=-1")).status_code == 400
+    tampered = await client.get("/fhir/_history?_cursor=eyJ4IjoxfQ.AAAA")
+    assert tampered.status_code == 400
+    assert tampered.json()["issue"][0]["expression"] == ["_cursor"]
+    assert (await client.get("/fhir/_history?_cursor=garbage")).status_code == 400
+
+
+async def test_count_zero_returns_no_entries(client: httpx.AsyncClient) -> None:
+    await _create(client, "Patient")
+    bundle = (await client.get("/fhir/_history?_count=0")).json()
+    assert bundle["entry"] == []
