@@ -36,7 +36,7 @@ AccessDep = Annotated[AccessContext, Depends(get_access)]
 
 async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[FhirRepository]:
     async with request.app.state.engine.begin() as connection:
-        yield FhirRepository(connection, access)
+        yield FhirRepository(connection, access, fhir_base=request.app.state.settings.fhir_base)
 
 
 # scope="function": the transaction ends (commit or rollback) when the handler returns,

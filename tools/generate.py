@@ -6,6 +6,9 @@ Writes into app/fhir/generated/ (committed; the product never reads ../shared):
 - bindings.json: for each R4 JSON-schema definition reachable from the served types,
   its properties that are references to other definitions and the code enums of its
   required bindings (the R4 JSON schema encodes required bindings as `enum`).
+- search_params.json: every R4 search parameter of the served types, each FHIRPath
+  expression compiled into JSON-key paths (tools/search_params.py), and the R4 Patient
+  CompartmentDefinition's parameters per type.
 - openapi_schemas.json: the R4 JSON-schema definitions reachable from the served types
   (plus Bundle, OperationOutcome, CapabilityStatement), rewritten for OpenAPI components.
 """
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.fhir.types import SERVED_TYPES  # noqa: E402
+from tools.search_params import build_table, compartment  # noqa: E402
 
 EXTRA_DEFINITIONS = ("Bundle", "OperationOutcome", "CapabilityStatement", "Parameters")
 GENERIC_RESOURCE = {
@@ -176,6 +180,13 @@ def main() -> None:
     (out_dir / "openapi_schemas.json").write_text(
         json.dumps(_openapi(defs, names), sort_keys=True, separators=(",", ":")) + "\n"
     )
+    search = {
+        "params": build_table(json.loads((shared / "search-parameters.json").read_text()), defs, SERVED_TYPES),
+        "patient_compartment": compartment(
+            json.loads((shared / "compartmentdefinition-patient.json").read_text()), SERVED_TYPES
+        ),
+    }
+    (out_dir / "search_params.json").write_text(json.dumps(search, sort_keys=True, indent=0) + "\n")
     print(f"generated {len(bindings)} binding definitions, {len(names)} OpenAPI schemas into {out_dir}")
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.fhir import jsonio
 from app.fhir.access import AccessContext
 from app.fhir.errors import Gone, NotFound, PreconditionFailed
+from app.fhir.indexing import IndexRows, extract
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,57 @@ def stamp(data: dict[str, Any], fhir_id: str, version_id: int, last_updated: dat
     return jsonio.dumps(stamped).decode("utf-8")
 
 
+# Index tables and their value columns, in IndexRows tuple order (after ``param``).
+_INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "token": (("system", "text"), ("code", "text"), ("display", "text"), ("type_system", "text"),
+              ("type_code", "text")),
+    "string": (("value_norm", "text"), ("value_exact", "text")),
+    "date": (("low", "timestamptz"), ("high", "timestamptz")),
+    "reference": (("target_type", "text"), ("target_id", "text"), ("url", "text"), ("ident_system", "text"),
+                  ("ident_value", "text")),
+    "quantity": (("value", "numeric"), ("system", "text"), ("code", "text"), ("unit", "text")),
+    "uri": (("uri", "text"),),
+}
+
+
+def _index_ctes(source: str, *, replace: bool) -> str:
+    """CTEs that write a resource's index rows from array parameters (and drop the old ones)."""
+    ctes = []
+    for table, columns in _INDEX_TABLES.items():
+        names = ", ".join(name for name, _ in columns)
+        arrays = ", ".join(f"CAST(:{table}_{name} AS {kind}[])" for name, kind in (("param", "text"), *columns))
+        if replace:
+            ctes.append(f"del_{table} AS (DELETE FROM search_{table} WHERE rid = :rid)")
+        ctes.append(
+            f"ins_{table} AS (INSERT INTO search_{table} (rid, resource_type, param, {names}) "
+            f"SELECT {source}.rid, :rtype, u.* FROM {source}, unnest({arrays}) AS u)"
+        )
+    return ",\n".join(ctes)
+
+
+def _index_params(rows: IndexRows) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for table, columns in _INDEX_TABLES.items():
+        arrays = rows.columns(table, len(columns) + 1)
+        for (name, _), values in zip((("param", "text"), *columns), arrays, strict=True):
+            params[f"{table}_{name}"] = values
+    return params
+
+
 _INSERT = text(
-    """
+    f"""
     WITH new_row AS (
         INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body)
         VALUES (:rtype, :fid, 1, :ts, false, :body)
         ON CONFLICT (resource_type, fhir_id) DO NOTHING
         RETURNING rid
-    )
-    INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
-    SELECT rid, :rtype, :fid, 1, :ts, :method, :body FROM new_row
-    RETURNING rid
+    ),
+    history AS (
+        INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
+        SELECT rid, :rtype, :fid, 1, :ts, :method, :body FROM new_row
+    ),
+    {_index_ctes("new_row", replace=False)}
+    SELECT rid FROM new_row
     """
 )
 
@@ -84,14 +125,18 @@ _LOCK_CURRENT = text(
 )
 
 _WRITE_VERSION = text(
-    """
+    f"""
     WITH changed AS (
         UPDATE resource SET version_id = :vid, last_updated = :ts, deleted = :deleted, body = :body
         WHERE rid = :rid
         RETURNING rid
-    )
-    INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
-    SELECT rid, :rtype, :fid, :vid, :ts, :method, :body FROM changed
+    ),
+    history AS (
+        INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
+        SELECT rid, :rtype, :fid, :vid, :ts, :method, :body FROM changed
+    ),
+    {_index_ctes("changed", replace=True)}
+    SELECT rid FROM changed
     """
 )
 
@@ -113,9 +158,10 @@ _HISTORY_COLUMNS = "hid, resource_type, fhir_id, version_id, last_updated, metho
 class FhirRepository:
     """Storage interactions of FHIR R4 http.html for every served type."""
 
-    def __init__(self, connection: AsyncConnection, access: AccessContext) -> None:
+    def __init__(self, connection: AsyncConnection, access: AccessContext, *, fhir_base: str) -> None:
         self._conn = connection
         self.access = access
+        self.fhir_base = fhir_base
 
     async def create(self, resource_type: str, data: dict[str, Any]) -> StoredVersion:
         """http.html#create: a new resource with a server-assigned id, version 1."""
@@ -127,7 +173,8 @@ class FhirRepository:
     ) -> StoredVersion:
         now = _now()
         body = stamp(data, fhir_id, 1, now)
-        params = {"rtype": resource_type, "fid": fhir_id, "ts": now, "body": body, "method": method}
+        params = {"rtype": resource_type, "fid": fhir_id, "ts": now, "body": body, "method": method,
+                  **_index_params(extract(resource_type, data, self.fhir_base))}
         inserted = (await self._conn.execute(_INSERT, params)).first()
         if inserted is None:
             raise _IdTaken()
@@ -224,6 +271,7 @@ class FhirRepository:
     ) -> StoredVersion:
         now = _now()
         body = None if data is None else stamp(data, fhir_id, version_id, now)
+        rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
         params = {
             "rid": rid,
             "vid": version_id,
@@ -233,6 +281,7 @@ class FhirRepository:
             "rtype": resource_type,
             "fid": fhir_id,
             "method": method,
+            **_index_params(rows),
         }
         await self._conn.execute(_WRITE_VERSION, params)
         return StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)

@@ -68,3 +68,85 @@ class ServerKeyRow(SQLModel, table=True):
 
     name: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     secret: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+
+
+def _index_columns() -> list[sa.Column[object]]:
+    return [
+        sa.Column("rid", sa.BigInteger, nullable=False, index=True),
+        sa.Column("resource_type", sa.Text, nullable=False),
+        sa.Column("param", sa.Text, nullable=False),
+    ]
+
+
+# Search index rows, one table per parameter type (R4 search.html#ptypes). Rows belong to
+# the current version of a resource (``rid``); they are replaced on every write, in the
+# same statement, and removed on delete.
+search_token = sa.Table(
+    "search_token",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("system", sa.Text),
+    sa.Column("code", sa.Text),
+    sa.Column("display", sa.Text),
+    sa.Column("type_system", sa.Text),
+    sa.Column("type_code", sa.Text),
+    sa.Index("ix_search_token_lookup", "resource_type", "param", "code", "system"),
+)
+search_string = sa.Table(
+    "search_string",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("value_norm", sa.Text, nullable=False),
+    sa.Column("value_exact", sa.Text, nullable=False),
+    sa.Index(
+        "ix_search_string_prefix", "resource_type", "param", "value_norm",
+        postgresql_ops={"value_norm": "text_pattern_ops"},
+    ),
+)
+search_date = sa.Table(
+    "search_date",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("low", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("high", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_search_date_low", "resource_type", "param", "low"),
+    sa.Index("ix_search_date_high", "resource_type", "param", "high"),
+)
+search_reference = sa.Table(
+    "search_reference",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("target_type", sa.Text),
+    sa.Column("target_id", sa.Text),
+    sa.Column("url", sa.Text),
+    sa.Column("ident_system", sa.Text),
+    sa.Column("ident_value", sa.Text),
+    sa.Index("ix_search_reference_target", "target_id", "target_type", "param", "resource_type"),
+    sa.Index("ix_search_reference_lookup", "resource_type", "param", "target_id"),
+    sa.Index("ix_search_reference_url", "resource_type", "param", "url"),
+)
+search_quantity = sa.Table(
+    "search_quantity",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("value", sa.Numeric, nullable=False),
+    sa.Column("system", sa.Text),
+    sa.Column("code", sa.Text),
+    sa.Column("unit", sa.Text),
+    sa.Index("ix_search_quantity_lookup", "resource_type", "param", "value"),
+)
+search_uri = sa.Table(
+    "search_uri",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("uri", sa.Text, nullable=False),
+    sa.Index("ix_search_uri_lookup", "resource_type", "param", "uri", postgresql_ops={"uri": "text_pattern_ops"}),
+)
+
+# Declared for the migrations' review; created in 0002 (the trigram index only where pg_trgm exists).
+sa.Index("ix_resource_type_rid", ResourceRow.__table__.c.resource_type, ResourceRow.__table__.c.rid)  # type: ignore[attr-defined]
+sa.Index(
+    "ix_resource_type_last_updated",
+    ResourceRow.__table__.c.resource_type,  # type: ignore[attr-defined]
+    ResourceRow.__table__.c.last_updated,  # type: ignore[attr-defined]
+)

@@ -1,0 +1,248 @@
+"""Search-index extraction on write (R4 search.html, search parameter types).
+
+Each served type's search parameters come from the generated table (app/fhir/search_params.py),
+whose FHIRPath expressions were compiled into JSON-key paths; here those paths are walked over
+the resource and the values reached become typed index rows, written in the same statement
+as the resource version (see repository.py). Strings are normalized (case folded, accents
+removed) so that default string search is case- and accent-insensitive.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from app.fhir.fhirdate import HIGHEST, LOWEST, date_range
+from app.fhir.search_params import PathSpec, SearchParam, registry
+
+MAX_STRING = 255
+MAX_TOKEN = 512
+
+
+def normalize(text: str) -> str:
+    """Case- and accent-insensitive form of a string (search.html#string)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(char for char in decomposed if not unicodedata.combining(char))
+    return " ".join(stripped.casefold().split())[:MAX_STRING]
+
+
+@dataclass
+class IndexRows:
+    """Column arrays per index table, ready for ``INSERT ... SELECT FROM unnest(...)``."""
+
+    token: list[tuple[str, str | None, str | None, str | None, str | None, str | None]] = field(default_factory=list)
+    string: list[tuple[str, str, str]] = field(default_factory=list)
+    date: list[tuple[str, datetime, datetime]] = field(default_factory=list)
+    reference: list[tuple[str, str | None, str | None, str | None, str | None, str | None]] = field(
+        default_factory=list
+    )
+    quantity: list[tuple[str, Decimal, str | None, str | None, str | None]] = field(default_factory=list)
+    uri: list[tuple[str, str]] = field(default_factory=list)
+
+    def columns(self, table: str, width: int) -> list[list[Any]]:
+        rows = list(dict.fromkeys(getattr(self, table)))
+        return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
+
+
+def split_reference(reference: str, fhir_base: str) -> tuple[str | None, str | None, str | None]:
+    """``Type/id`` (relative, or absolute on this server) -> (type, id, None); other URLs -> url."""
+    if reference.startswith("#") or not reference:
+        return None, None, None
+    local = reference
+    if "://" in reference or reference.startswith("urn:"):
+        if not reference.startswith(fhir_base + "/"):
+            return None, None, reference.split("|", 1)[0]
+        local = reference[len(fhir_base) + 1 :]
+    parts = local.split("/")
+    if len(parts) in (2, 4) and parts[0][:1].isupper() and (len(parts) == 2 or parts[2] == "_history"):
+        return parts[0], parts[1], None
+    return None, None, reference
+
+
+def _walk(nodes: list[Any], steps: tuple[tuple[str, ...], ...], fhir_base: str) -> list[Any]:
+    for step in steps:
+        kind = step[0]
+        out: list[Any] = []
+        for node in nodes:
+            if not isinstance(node, dict):
+                continue
+            if kind == "key":
+                value = node.get(step[1])
+                if isinstance(value, list):
+                    out.extend(value)
+                elif value is not None:
+                    out.append(value)
+            elif kind == "where":
+                if node.get(step[1]) == step[2]:
+                    out.append(node)
+            elif kind == "resolve":
+                reference = node.get("reference")
+                target = split_reference(reference, fhir_base)[0] if isinstance(reference, str) else None
+                if (target or node.get("type")) == step[1]:
+                    out.append(node)
+        nodes = out
+    return nodes
+
+
+def extract(resource_type: str, data: dict[str, Any], fhir_base: str) -> IndexRows:
+    """All index rows of one resource."""
+    rows = IndexRows()
+    for param in registry().for_type(resource_type).values():
+        if param.column or param.components:
+            continue
+        for path in param.paths:
+            values = _walk([data], path.steps, fhir_base)
+            if path.special == "deceased":
+                _deceased(rows, param, path, values)
+                continue
+            for value in values:
+                _add(rows, param, path.element_type, value, fhir_base)
+    if "deceased" in registry().for_type(resource_type) and not any(r[0] == "deceased" for r in rows.token):
+        rows.token.append(("deceased", None, "false", None, None, None))
+    return rows
+
+
+def _deceased(rows: IndexRows, param: SearchParam, path: PathSpec, values: list[Any]) -> None:
+    for value in values:
+        alive = value is False
+        rows.token.append((param.name, None, "false" if alive else "true", None, None, None))
+
+
+def _token(text: Any) -> str | None:
+    return str(text)[:MAX_TOKEN] if text is not None else None
+
+
+def _coding_rows(name: str, coding: dict[str, Any]) -> list[tuple[str, str | None, str | None, str | None, None, None]]:
+    display = coding.get("display")
+    return [
+        (
+            name,
+            _token(coding.get("system")),
+            _token(coding.get("code")),
+            normalize(display) if isinstance(display, str) else None,
+            None,
+            None,
+        )
+    ]
+
+
+def _add(rows: IndexRows, param: SearchParam, element_type: str, value: Any, fhir_base: str) -> None:
+    name = param.name
+    kind = param.type
+    if kind == "token":
+        _add_token(rows, name, element_type, value)
+    elif kind == "string":
+        _add_string(rows, name, element_type, value)
+    elif kind == "date":
+        _add_date(rows, name, element_type, value)
+    elif kind == "reference":
+        _add_reference(rows, name, element_type, value, fhir_base)
+    elif kind in ("quantity", "number"):
+        _add_quantity(rows, name, element_type, value)
+    elif kind == "uri" and isinstance(value, str):
+        rows.uri.append((name, value[:MAX_TOKEN]))
+
+
+def _add_token(rows: IndexRows, name: str, element_type: str, value: Any) -> None:
+    if element_type == "CodeableConcept" and isinstance(value, dict):
+        for coding in value.get("coding") or []:
+            if isinstance(coding, dict):
+                rows.token.extend(_coding_rows(name, coding))
+        if isinstance(value.get("text"), str):
+            rows.token.append((name, None, None, normalize(value["text"]), None, None))
+    elif element_type == "Coding" and isinstance(value, dict):
+        rows.token.extend(_coding_rows(name, value))
+    elif element_type == "Identifier" and isinstance(value, dict):
+        type_codings = [c for c in (value.get("type") or {}).get("coding") or [] if isinstance(c, dict)]
+        first = type_codings[0] if type_codings else {}
+        rows.token.append((name, _token(value.get("system")), _token(value.get("value")), None,
+                           _token(first.get("system")), _token(first.get("code"))))
+    elif element_type == "ContactPoint" and isinstance(value, dict):
+        rows.token.append((name, _token(value.get("system")), _token(value.get("value")), None, None, None))
+    elif isinstance(value, bool):
+        rows.token.append((name, None, "true" if value else "false", None, None, None))
+    elif isinstance(value, str):
+        rows.token.append((name, None, _token(value), None, None, None))
+
+
+_NAME_PARTS = ("family", "given", "prefix", "suffix", "text")
+_ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", "text")
+
+
+def _add_string(rows: IndexRows, name: str, element_type: str, value: Any) -> None:
+    texts: list[str] = []
+    if isinstance(value, str):
+        texts.append(value)
+    elif isinstance(value, dict):
+        parts = _NAME_PARTS if element_type == "HumanName" else _ADDRESS_PARTS if element_type == "Address" else ()
+        for part in parts:
+            item = value.get(part)
+            texts.extend(t for t in (item if isinstance(item, list) else [item]) if isinstance(t, str))
+    for text in texts:
+        rows.string.append((name, normalize(text), text[:MAX_TOKEN]))
+
+
+def _add_date(rows: IndexRows, name: str, element_type: str, value: Any) -> None:
+    if isinstance(value, str):
+        span = date_range(value)
+        if span:
+            rows.date.append((name, *span))
+    elif element_type == "Period" and isinstance(value, dict):
+        start = date_range(value["start"]) if isinstance(value.get("start"), str) else None
+        end = date_range(value["end"]) if isinstance(value.get("end"), str) else None
+        if start or end:
+            rows.date.append((name, start[0] if start else LOWEST, end[1] if end else HIGHEST))
+    elif element_type == "Timing" and isinstance(value, dict):
+        for event in value.get("event") or []:
+            span = date_range(event) if isinstance(event, str) else None
+            if span:
+                rows.date.append((name, *span))
+        bounds = (value.get("repeat") or {}).get("boundsPeriod")
+        if isinstance(bounds, dict):
+            _add_date(rows, name, "Period", bounds)
+
+
+def _add_reference(rows: IndexRows, name: str, element_type: str, value: Any, fhir_base: str) -> None:
+    if isinstance(value, str):  # canonical
+        rows.reference.append((name, None, None, value.split("|", 1)[0][:MAX_TOKEN], None, None))
+        return
+    if not isinstance(value, dict):
+        return
+    reference = value.get("reference")
+    if isinstance(reference, str):
+        target_type, target_id, url = split_reference(reference, fhir_base)
+        if target_type or url:
+            rows.reference.append((name, target_type, target_id, url and url[:MAX_TOKEN], None, None))
+    identifier = value.get("identifier")
+    if isinstance(identifier, dict) and identifier.get("value") is not None:
+        rows.reference.append((name, None, None, None, _token(identifier.get("system")),
+                               _token(identifier.get("value"))))
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return Decimal(str(value)) if isinstance(value, (int, float, Decimal, str)) else None
+    except InvalidOperation:
+        return None
+
+
+def _add_quantity(rows: IndexRows, name: str, element_type: str, value: Any) -> None:
+    if element_type == "Range" and isinstance(value, dict):
+        for bound in ("low", "high"):
+            if isinstance(value.get(bound), dict):
+                _add_quantity(rows, name, "Quantity", value[bound])
+        return
+    if isinstance(value, dict):
+        number = _decimal(value.get("value"))
+        if number is not None:
+            rows.quantity.append((name, number, _token(value.get("system")), _token(value.get("code")),
+                                  _token(value.get("unit"))))
+    else:
+        number = _decimal(value)
+        if number is not None:
+            rows.quantity.append((name, number, None, None, None))
