@@ -33,7 +33,9 @@ def date_range(value: str) -> tuple[datetime, datetime] | None:
     try:
         year = int(parts["y"])
         if parts["m"] is None:
-            return datetime(year, 1, 1, tzinfo=tz), datetime(year + 1, 1, 1, tzinfo=tz) if year < 9999 else HIGHEST
+            return datetime(year, 1, 1, tzinfo=tz), datetime(
+                year + 1, 1, 1, tzinfo=tz
+            ) if year < 9999 else HIGHEST
         month = int(parts["m"])
         if parts["d"] is None:
             low = datetime(year, month, 1, tzinfo=tz)
@@ -49,7 +51,9 @@ def date_range(value: str) -> tuple[datetime, datetime] | None:
         if parts["f"]:
             micros = int((parts["f"][1:] + "000000")[:6])
             low = low.replace(microsecond=micros)
-            return low, low + timedelta(microseconds=1) if len(parts["f"]) > 4 else low + timedelta(milliseconds=1)
+            return low, low + timedelta(microseconds=1) if len(parts["f"]) > 4 else low + timedelta(
+                milliseconds=1
+            )
         return low, low + timedelta(seconds=1)
     except (ValueError, OverflowError):
         return None

@@ -33,7 +33,9 @@ def normalize(text: str) -> str:
 class IndexRows:
     """Column arrays per index table, ready for ``INSERT ... SELECT FROM unnest(...)``."""
 
-    token: list[tuple[str, str | None, str | None, str | None, str | None, str | None]] = field(default_factory=list)
+    token: list[tuple[str, str | None, str | None, str | None, str | None, str | None]] = field(
+        default_factory=list
+    )
     string: list[tuple[str, str, str]] = field(default_factory=list)
     date: list[tuple[str, datetime, datetime]] = field(default_factory=list)
     reference: list[tuple[str, str | None, str | None, str | None, str | None, str | None]] = field(
@@ -115,7 +117,9 @@ def _token(text: Any) -> str | None:
     return str(text)[:MAX_TOKEN] if text is not None else None
 
 
-def _coding_rows(name: str, coding: dict[str, Any]) -> list[tuple[str, str | None, str | None, str | None, None, None]]:
+def _coding_rows(
+    name: str, coding: dict[str, Any]
+) -> list[tuple[str, str | None, str | None, str | None, None, None]]:
     display = coding.get("display")
     return [
         (
@@ -158,8 +162,16 @@ def _add_token(rows: IndexRows, name: str, element_type: str, value: Any) -> Non
     elif element_type == "Identifier" and isinstance(value, dict):
         type_codings = [c for c in (value.get("type") or {}).get("coding") or [] if isinstance(c, dict)]
         first = type_codings[0] if type_codings else {}
-        rows.token.append((name, _token(value.get("system")), _token(value.get("value")), None,
-                           _token(first.get("system")), _token(first.get("code"))))
+        rows.token.append(
+            (
+                name,
+                _token(value.get("system")),
+                _token(value.get("value")),
+                None,
+                _token(first.get("system")),
+                _token(first.get("code")),
+            )
+        )
     elif element_type == "ContactPoint" and isinstance(value, dict):
         rows.token.append((name, _token(value.get("system")), _token(value.get("value")), None, None, None))
     elif isinstance(value, bool):
@@ -177,7 +189,13 @@ def _add_string(rows: IndexRows, name: str, element_type: str, value: Any) -> No
     if isinstance(value, str):
         texts.append(value)
     elif isinstance(value, dict):
-        parts = _NAME_PARTS if element_type == "HumanName" else _ADDRESS_PARTS if element_type == "Address" else ()
+        parts = (
+            _NAME_PARTS
+            if element_type == "HumanName"
+            else _ADDRESS_PARTS
+            if element_type == "Address"
+            else ()
+        )
         for part in parts:
             item = value.get(part)
             texts.extend(t for t in (item if isinstance(item, list) else [item]) if isinstance(t, str))
@@ -218,8 +236,9 @@ def _add_reference(rows: IndexRows, name: str, element_type: str, value: Any, fh
             rows.reference.append((name, target_type, target_id, url and url[:MAX_TOKEN], None, None))
     identifier = value.get("identifier")
     if isinstance(identifier, dict) and identifier.get("value") is not None:
-        rows.reference.append((name, None, None, None, _token(identifier.get("system")),
-                               _token(identifier.get("value"))))
+        rows.reference.append(
+            (name, None, None, None, _token(identifier.get("system")), _token(identifier.get("value")))
+        )
 
 
 def _decimal(value: Any) -> Decimal | None:
@@ -240,8 +259,15 @@ def _add_quantity(rows: IndexRows, name: str, element_type: str, value: Any) -> 
     if isinstance(value, dict):
         number = _decimal(value.get("value"))
         if number is not None:
-            rows.quantity.append((name, number, _token(value.get("system")), _token(value.get("code")),
-                                  _token(value.get("unit"))))
+            rows.quantity.append(
+                (
+                    name,
+                    number,
+                    _token(value.get("system")),
+                    _token(value.get("code")),
+                    _token(value.get("unit")),
+                )
+            )
     else:
         number = _decimal(value)
         if number is not None:

@@ -26,3 +26,23 @@ def validate_structure(resource_type: str, data: dict[str, Any]) -> None:
     is discarded: carecoord stores and serves the client's JSON, not a re-dump.
     """
     _MODELS[resource_type].model_validate(data)
+
+
+def _field_names(resource_type: str, flag: str) -> frozenset[str]:
+    fields = _MODELS[resource_type].model_fields
+    return frozenset(
+        name
+        for name, info in fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(flag)
+    )
+
+
+SUMMARY_ELEMENTS: dict[str, frozenset[str]] = {
+    name: _field_names(name, "summary_element_property") for name in SERVED_TYPES
+}
+"""Top-level elements marked isSummary in the R4 definitions (for ``_summary=true``)."""
+
+REQUIRED_ELEMENTS: dict[str, frozenset[str]] = {
+    name: _field_names(name, "element_required") for name in SERVED_TYPES
+}
+"""Top-level elements with a minimum cardinality of 1 (kept by ``_summary=text`` and ``_elements``)."""

@@ -17,8 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.fhir import jsonio
 from app.fhir.access import AccessContext
-from app.fhir.errors import Gone, NotFound, PreconditionFailed
+from app.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed
 from app.fhir.indexing import IndexRows, extract
+from app.fhir.search import MAX_INCLUDES, MAX_ITERATE, Include, SearchRequest
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,22 @@ def stamp(data: dict[str, Any], fhir_id: str, version_id: int, last_updated: dat
 
 # Index tables and their value columns, in IndexRows tuple order (after ``param``).
 _INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
-    "token": (("system", "text"), ("code", "text"), ("display", "text"), ("type_system", "text"),
-              ("type_code", "text")),
+    "token": (
+        ("system", "text"),
+        ("code", "text"),
+        ("display", "text"),
+        ("type_system", "text"),
+        ("type_code", "text"),
+    ),
     "string": (("value_norm", "text"), ("value_exact", "text")),
     "date": (("low", "timestamptz"), ("high", "timestamptz")),
-    "reference": (("target_type", "text"), ("target_id", "text"), ("url", "text"), ("ident_system", "text"),
-                  ("ident_value", "text")),
+    "reference": (
+        ("target_type", "text"),
+        ("target_id", "text"),
+        ("url", "text"),
+        ("ident_system", "text"),
+        ("ident_value", "text"),
+    ),
     "quantity": (("value", "numeric"), ("system", "text"), ("code", "text"), ("unit", "text")),
     "uri": (("uri", "text"),),
 }
@@ -84,7 +95,9 @@ def _index_ctes(source: str, *, replace: bool) -> str:
     ctes = []
     for table, columns in _INDEX_TABLES.items():
         names = ", ".join(name for name, _ in columns)
-        arrays = ", ".join(f"CAST(:{table}_{name} AS {kind}[])" for name, kind in (("param", "text"), *columns))
+        arrays = ", ".join(
+            f"CAST(:{table}_{name} AS {kind}[])" for name, kind in (("param", "text"), *columns)
+        )
         if replace:
             ctes.append(f"del_{table} AS (DELETE FROM search_{table} WHERE rid = :rid)")
         ctes.append(
@@ -163,6 +176,12 @@ class FhirRepository:
         self.access = access
         self.fhir_base = fhir_base
 
+    async def search(
+        self, request: SearchRequest, after: tuple[Any, ...] | None, backwards: bool
+    ) -> SearchPage:
+        """search.html: one page of matches, their includes and (when asked) a total."""
+        return await SearchExecutor(self._conn).search(request, after, backwards)
+
     async def create(self, resource_type: str, data: dict[str, Any]) -> StoredVersion:
         """http.html#create: a new resource with a server-assigned id, version 1."""
         fhir_id = str(uuid.uuid4())
@@ -173,8 +192,14 @@ class FhirRepository:
     ) -> StoredVersion:
         now = _now()
         body = stamp(data, fhir_id, 1, now)
-        params = {"rtype": resource_type, "fid": fhir_id, "ts": now, "body": body, "method": method,
-                  **_index_params(extract(resource_type, data, self.fhir_base))}
+        params = {
+            "rtype": resource_type,
+            "fid": fhir_id,
+            "ts": now,
+            "body": body,
+            "method": method,
+            **_index_params(extract(resource_type, data, self.fhir_base)),
+        }
         inserted = (await self._conn.execute(_INSERT, params)).first()
         if inserted is None:
             raise _IdTaken()
@@ -318,7 +343,7 @@ class FhirRepository:
             params["cursor"] = cursor
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         # The clauses are fixed strings chosen above; values travel as bind parameters.
-        sql = f"SELECT {_HISTORY_COLUMNS} FROM resource_history {where} ORDER BY hid DESC LIMIT :limit"  # noqa: S608
+        sql = f"SELECT {_HISTORY_COLUMNS} FROM resource_history {where} ORDER BY hid DESC LIMIT :limit"
         rows = (await self._conn.execute(text(sql), params)).all()
         versions = [
             StoredVersion(
@@ -355,3 +380,205 @@ def _version_headers(version: StoredVersion) -> dict[str, str]:
         "ETag": f'W/"{version.version_id}"',
         "Last-Modified": format_datetime(version.last_updated, usegmt=True),
     }
+
+
+@dataclass(frozen=True)
+class Found:
+    """A resource in a search result (match or include)."""
+
+    rid: int
+    resource_type: str
+    fhir_id: str
+    body: str
+    keys: tuple[Any, ...] = ()
+
+
+@dataclass
+class SearchPage:
+    matches: list[Found]
+    included: list[Found]
+    total: int | None
+    next_keys: tuple[Any, ...] | None
+    previous_keys: tuple[Any, ...] | None
+
+
+def _cursor_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (int, str)):
+        return value
+    return str(value)
+
+
+class SearchExecutor:
+    """Runs a parsed search (app/fhir/search.py) as one keyset-paged statement plus includes."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._conn = connection
+
+    @staticmethod
+    def _where(request: SearchRequest) -> str:
+        bind = request.binder
+        if len(request.resource_types) == 1:
+            clauses = [f"r.resource_type = {bind(request.resource_types[0])}"]
+        else:
+            clauses = [f"r.resource_type = ANY({bind(list(request.resource_types))})"]
+        clauses.append("NOT r.deleted")
+        clauses.extend(request.conditions)
+        return " AND ".join(clauses)
+
+    async def search(
+        self, request: SearchRequest, after: tuple[Any, ...] | None, backwards: bool
+    ) -> SearchPage:
+        """search.html#paging: the page after (or before) the cursor's sort values."""
+        bind = request.binder
+        where = self._where(request)
+        keys = [(key.expression, key.descending, key.sql_type) for key in request.sort]
+        keys.append(("r.rid", False, "bigint"))
+        keyset = ""
+        if after is not None:
+            if len(after) != len(keys):
+                raise BadRequest("_cursor: does not belong to this query", expression=("_cursor",))
+            alternatives = []
+            for position, (expression, descending, sql_type) in enumerate(keys):
+                ascending = descending == backwards
+                equal = [
+                    f"{keys[j][0]} = CAST(CAST({bind(_cursor_value(after[j]))} AS text) AS {keys[j][2]})"
+                    for j in range(position)
+                ]
+                op = ">" if ascending else "<"
+                value = f"CAST(CAST({bind(_cursor_value(after[position]))} AS text) AS {sql_type})"
+                alternatives.append("(" + " AND ".join([*equal, f"{expression} {op} {value}"]) + ")")
+            keyset = " AND (" + " OR ".join(alternatives) + ")"
+        order = ", ".join(
+            f"k{i} {'ASC' if (descending == backwards) else 'DESC'}"
+            for i, (_, descending, _) in enumerate(keys)
+        )
+        selected = ", ".join(f"{expression} AS k{i}" for i, (expression, _, _) in enumerate(keys))
+        limit = request.count + 1
+        # Every identifier and operator above comes from the parameter table; values are bound.
+        sql = (
+            f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
+            f" WHERE {where}{keyset} ORDER BY {order} LIMIT {limit}"
+        )
+        rows = (
+            []
+            if request.summary == "count"
+            else list((await self._conn.execute(text(sql), bind.values)).all())
+        )
+        more = len(rows) > request.count
+        rows = rows[: request.count]
+        if backwards:
+            rows.reverse()
+        matches = [
+            Found(
+                row.rid,
+                row.resource_type,
+                row.fhir_id,
+                row.body,
+                tuple(getattr(row, f"k{i}") for i in range(len(keys))),
+            )
+            for row in rows
+        ]
+        next_keys = previous_keys = None
+        if matches:
+            if backwards:
+                next_keys = matches[-1].keys
+                previous_keys = matches[0].keys if more else None
+            else:
+                next_keys = matches[-1].keys if more else None
+                previous_keys = matches[0].keys if after is not None else None
+        total = await self._total(request, where, matches, more, after)
+        included = await self._includes(request, matches) if request.includes and matches else []
+        return SearchPage(matches, included, total, next_keys, previous_keys)
+
+    async def _total(
+        self,
+        request: SearchRequest,
+        where: str,
+        matches: list[Found],
+        more: bool,
+        after: tuple[Any, ...] | None,
+    ) -> int | None:
+        if request.total == "accurate" or request.summary == "count":
+            sql = f"SELECT count(*) FROM resource r WHERE {where}"
+            return int((await self._conn.execute(text(sql), request.binder.values)).scalar_one())
+        if request.total == "estimate":
+            sql = f"EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {where}"
+            plan = (await self._conn.execute(text(sql), request.binder.values)).scalar_one()
+            document = jsonio.loads(plan) if isinstance(plan, str) else plan
+            return int(document[0]["Plan"]["Plan Rows"])
+        if after is None and not more:
+            return len(matches)  # a complete first page: the count is known for free
+        return None
+
+    async def _includes(self, request: SearchRequest, matches: list[Found]) -> list[Found]:
+        """_include and _revinclude, with :iterate (search.html#include)."""
+        seen = {(m.resource_type, m.fhir_id) for m in matches}
+        included: list[Found] = []
+        frontier = matches
+        for round_number in range(MAX_ITERATE + 1):
+            directives = [i for i in request.includes if i.iterate or round_number == 0]
+            if not directives or not frontier:
+                break
+            found: list[Found] = []
+            for directive in directives:
+                rows = await (
+                    self._revinclude(directive, frontier)
+                    if directive.reverse
+                    else self._include(directive, frontier)
+                )
+                for item in rows:
+                    if (item.resource_type, item.fhir_id) not in seen and len(included) + len(
+                        found
+                    ) < MAX_INCLUDES:
+                        seen.add((item.resource_type, item.fhir_id))
+                        found.append(item)
+            included.extend(found)
+            frontier = found
+        return included
+
+    async def _include(self, directive: Include, sources: list[Found]) -> list[Found]:
+        rids = [s.rid for s in sources if directive.source_type in ("*", s.resource_type)]
+        if not rids:
+            return []
+        params: dict[str, Any] = {"rids": rids}
+        clauses = ["i.rid = ANY(:rids)"]
+        if directive.param != "*":
+            clauses.append("i.param = :param")
+            params["param"] = directive.param
+        if directive.target_type:
+            clauses.append("i.target_type = :target")
+            params["target"] = directive.target_type
+        sql = (
+            "SELECT DISTINCT t.rid, t.resource_type, t.fhir_id, t.body FROM search_reference i"
+            " JOIN resource t ON t.resource_type = i.target_type AND t.fhir_id = i.target_id"
+            f" WHERE {' AND '.join(clauses)} AND NOT t.deleted LIMIT {MAX_INCLUDES}"
+        )
+        rows = (await self._conn.execute(text(sql), params)).all()
+        return [Found(r.rid, r.resource_type, r.fhir_id, r.body) for r in rows]
+
+    async def _revinclude(self, directive: Include, targets: list[Found]) -> list[Found]:
+        params: dict[str, Any] = {
+            "types": [t.resource_type for t in targets],
+            "ids": [t.fhir_id for t in targets],
+        }
+        clauses = []
+        if directive.source_type != "*":
+            clauses.append("i.resource_type = :source")
+            params["source"] = directive.source_type
+        if directive.param != "*":
+            clauses.append("i.param = :param")
+            params["param"] = directive.param
+        if directive.target_type:
+            clauses.append("i.target_type = :target")
+            params["target"] = directive.target_type
+        extra = "".join(f" AND {c}" for c in clauses)
+        sql = (
+            "SELECT DISTINCT s.rid, s.resource_type, s.fhir_id, s.body"
+            " FROM unnest(CAST(:types AS text[]), CAST(:ids AS text[])) AS p(target_type, target_id)"
+            " JOIN search_reference i ON i.target_type = p.target_type AND i.target_id = p.target_id"
+            f" JOIN resource s ON s.rid = i.rid WHERE NOT s.deleted{extra} LIMIT {MAX_INCLUDES}"
+        )
+        rows = (await self._conn.execute(text(sql), params)).all()
+        return [Found(r.rid, r.resource_type, r.fhir_id, r.body) for r in rows]

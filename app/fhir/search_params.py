@@ -57,7 +57,8 @@ def _param(name: str, raw: dict[str, Any]) -> SearchParam:
         type=raw["type"],
         url=raw["url"],
         paths=tuple(
-            PathSpec(tuple(tuple(step) for step in p["steps"]), p["type"], p.get("special")) for p in raw.get("paths", [])
+            PathSpec(tuple(tuple(step) for step in p["steps"]), p["type"], p.get("special"))
+            for p in raw.get("paths", [])
         ),
         targets=tuple(raw.get("targets", ())),
         components=tuple(raw.get("components", ())),

@@ -99,7 +99,10 @@ search_string = sa.Table(
     sa.Column("value_norm", sa.Text, nullable=False),
     sa.Column("value_exact", sa.Text, nullable=False),
     sa.Index(
-        "ix_search_string_prefix", "resource_type", "param", "value_norm",
+        "ix_search_string_prefix",
+        "resource_type",
+        "param",
+        "value_norm",
         postgresql_ops={"value_norm": "text_pattern_ops"},
     ),
 )
@@ -140,7 +143,9 @@ search_uri = sa.Table(
     SQLModel.metadata,
     *_index_columns(),
     sa.Column("uri", sa.Text, nullable=False),
-    sa.Index("ix_search_uri_lookup", "resource_type", "param", "uri", postgresql_ops={"uri": "text_pattern_ops"}),
+    sa.Index(
+        "ix_search_uri_lookup", "resource_type", "param", "uri", postgresql_ops={"uri": "text_pattern_ops"}
+    ),
 )
 
 # Declared for the migrations' review; created in 0002 (the trigram index only where pg_trgm exists).

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.deps import CursorDep, RepositoryDep, SettingsDep, read_body
-from app.fhir.errors import BadRequest, Issue, MethodNotAllowed, NotFound, operation_outcome
+from app.fhir.errors import (
+    BadRequest,
+    Issue,
+    MethodNotAllowed,
+    NotFound,
+    UnsupportedMediaType,
+    operation_outcome,
+)
 from app.fhir.params import parse_count, parse_etag, parse_instant, parse_version_id
 from app.fhir.repository import FhirRepository
 from app.fhir.responses import (
@@ -30,6 +37,8 @@ from app.fhir.responses import (
     version_headers,
     write_response,
 )
+from app.fhir.search_params import registry
+from app.fhir.search_service import run_search
 from app.fhir.types import SERVED_TYPES
 from app.fhir.validation import check_id, check_resource_type, parse_resource
 from app.settings import Settings
@@ -96,6 +105,55 @@ async def _history(
         page.versions, base=settings.fhir_base, self_url=self_url, next_url=next_url, first_url=first_url
     )
     return json_response(body, fmt)
+
+
+async def _search_pairs(request: Request, settings: Settings, *, form: bool) -> list[tuple[str, str]]:
+    """Query parameters, plus the form body of ``POST .../_search`` (search.html#Introduction)."""
+    pairs = list(request.query_params.multi_items())
+    if form:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and content_type != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded parameters")
+        raw = await read_body(request, settings.max_body_bytes)
+        try:
+            pairs.extend(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False))
+        except UnicodeDecodeError as exc:
+            raise BadRequest("the form body is not UTF-8") from exc
+    return pairs
+
+
+def _search_parameters_doc(resource_type: str) -> list[dict[str, Any]]:
+    """OpenAPI query parameters of a type's search: every R4 search parameter it supports."""
+    documented = [
+        {
+            "in": "query",
+            "name": name,
+            "required": False,
+            "schema": {"type": "string"},
+            "description": f"{param.type} search parameter ({param.url})",
+        }
+        for name, param in sorted(registry().for_type(resource_type).items())
+    ]
+    for name, description in (
+        ("_count", "Page size (default 20, maximum 1000)"),
+        ("_sort", "Comma-separated sort keys; prefix - for descending"),
+        ("_include", "Type:parameter[:target] to include referenced resources"),
+        ("_revinclude", "Type:parameter to include resources that reference the matches"),
+        ("_total", "none | estimate | accurate"),
+        ("_summary", "true | text | data | count | false"),
+        ("_elements", "Comma-separated top-level elements to return"),
+        ("_cursor", "Opaque paging cursor from a Bundle link"),
+    ):
+        documented.append(
+            {
+                "in": "query",
+                "name": name,
+                "required": False,
+                "schema": {"type": "string"},
+                "description": description,
+            }
+        )
+    return documented
 
 
 def _register_type(resource_type: str) -> None:
@@ -166,7 +224,52 @@ def _register_type(resource_type: str) -> None:
     ) -> Response:
         return await _history(request, repo, settings, cursors, fmt, resource_type=resource_type)
 
+    async def search_type(
+        request: Request,
+        repo: RepositoryDep,
+        settings: SettingsDep,
+        cursors: CursorDep,
+        fmt: FormatDep,
+        prefer: PreferDep,
+    ) -> Response:
+        pairs = await _search_pairs(request, settings, form=request.method == "POST")
+        body = await run_search(
+            repo,
+            resource_types=(resource_type,),
+            pairs=pairs,
+            cursors=cursors,
+            strict=prefer.handling == "strict",
+            path=resource_type,
+        )
+        return json_response(body, fmt)
+
+    async def compartment_search(
+        id: str, request: Request, repo: RepositoryDep, cursors: CursorDep, fmt: FormatDep, prefer: PreferDep
+    ) -> Response:
+        check_id(id)
+        body = await run_search(
+            repo,
+            resource_types=(resource_type,),
+            pairs=list(request.query_params.multi_items()),
+            cursors=cursors,
+            strict=prefer.handling == "strict",
+            path=f"Patient/{id}/{resource_type}",
+            compartment=("Patient", id),
+        )
+        return json_response(body, fmt)
+
     body_spec = {"requestBody": {"required": True, **_content(resource_type)}}
+    search_spec = {"parameters": _search_parameters_doc(resource_type)}
+    form_spec = {
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {"type": "object", "additionalProperties": {"type": "string"}}
+                }
+            },
+        }
+    }
     base = f"/{resource_type}"
     routes: list[tuple[str, str, Callable[..., Any], str, str, dict[str, Any] | None, Any]] = [
         (
@@ -177,6 +280,24 @@ def _register_type(resource_type: str) -> None:
             f"Type history of {resource_type}",
             None,
             _responses(200, "Bundle", 400),
+        ),
+        (
+            "GET",
+            base,
+            search_type,
+            "search-type",
+            f"Search {resource_type} resources",
+            search_spec,
+            _responses(200, "Bundle", 400),
+        ),
+        (
+            "POST",
+            f"{base}/_search",
+            search_type,
+            "search-type-post",
+            f"Search {resource_type} (form body)",
+            {**search_spec, **form_spec},
+            _responses(200, "Bundle", 400, 415),
         ),
         (
             "POST",
@@ -233,6 +354,18 @@ def _register_type(resource_type: str) -> None:
             _responses(200, resource_type, *errors),
         ),
     ]
+    if resource_type == "Patient" or resource_type in registry().patient_compartment:
+        routes.append(
+            (
+                "GET",
+                f"/Patient/{{id}}/{resource_type}",
+                compartment_search,
+                "search-compartment",
+                f"Search {resource_type} in a Patient's compartment",
+                search_spec,
+                _responses(200, "Bundle", 400),
+            )
+        )
     for method, path, endpoint, interaction, summary, extra, responses in routes:
         router.add_api_route(
             path,
@@ -245,6 +378,8 @@ def _register_type(resource_type: str) -> None:
             responses=responses,
             response_class=Response,
         )
+        if interaction in ("search-type-post", "search-compartment"):
+            continue  # forms of search-type, not separate capability interactions
         INTERACTIONS.setdefault(resource_type, []).append(interaction)
 
 
@@ -263,6 +398,47 @@ async def system_history(
 
 
 SYSTEM_INTERACTIONS.append("history-system")
+
+
+@router.api_route(
+    "",
+    methods=["GET"],
+    tags=["system"],
+    operation_id="search_system",
+    summary="Search several types (_type) or all",
+    response_class=Response,
+    responses=_responses(200, "Bundle", 400),
+)
+@router.api_route(
+    "/_search",
+    methods=["POST"],
+    tags=["system"],
+    operation_id="search_system_post",
+    summary="Search several types (form body)",
+    response_class=Response,
+    responses=_responses(200, "Bundle", 400, 415),
+)
+async def system_search(
+    request: Request,
+    repo: RepositoryDep,
+    settings: SettingsDep,
+    cursors: CursorDep,
+    fmt: FormatDep,
+    prefer: PreferDep,
+) -> Response:
+    """System-level search (search.html#Introduction): common parameters over ``_type``."""
+    pairs = await _search_pairs(request, settings, form=request.method == "POST")
+    requested = [t for value in (v for k, v in pairs if k == "_type") for t in value.split(",") if t]
+    for resource_type in requested:
+        check_resource_type(resource_type)
+    types = tuple(dict.fromkeys(requested)) or SERVED_TYPES
+    body = await run_search(
+        repo, resource_types=types, pairs=pairs, cursors=cursors, strict=prefer.handling == "strict", path=""
+    )
+    return json_response(body, fmt)
+
+
+SYSTEM_INTERACTIONS.append("search-system")
 
 for _type in SERVED_TYPES:
     _register_type(_type)

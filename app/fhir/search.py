@@ -1,0 +1,725 @@
+"""The FHIR R4 search engine: query parameters -> one SQL statement (R4 search.html).
+
+``parse_search`` turns the parameters of a search interaction into a :class:`SearchRequest`:
+typed SQL conditions over the search-index tables (see indexing.py), sort keys, include
+directives and result options. Only values travel as bind parameters; every identifier in
+the SQL comes from the generated parameter table, never from the request. A malformed value
+is a 400 OperationOutcome naming the parameter; an unknown parameter is reported (or, with
+``Prefer: handling=strict``, refused).
+
+Paging is keyset paging over the sort keys plus the row id (search.html#paging): the cursor
+carries the last row's sort values, signed, so writes between page requests neither
+duplicate nor skip entries for a fixed sort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from app.fhir.errors import BadRequest, Issue
+from app.fhir.fhirdate import date_range
+from app.fhir.indexing import normalize, split_reference
+from app.fhir.search_params import SearchParam, SearchRegistry
+from app.fhir.types import SERVED_TYPE_SET
+
+DEFAULT_COUNT = 20
+MAX_COUNT = 1000
+MAX_INCLUDES = 1000
+MAX_ITERATE = 3
+MAX_CHAIN_DEPTH = 4
+
+RESULT_PARAMETERS = frozenset(
+    {
+        "_count",
+        "_sort",
+        "_include",
+        "_revinclude",
+        "_total",
+        "_summary",
+        "_elements",
+        "_cursor",
+        "_format",
+        "_pretty",
+        "_type",
+        "_contained",
+        "_containedType",
+    }
+)
+UNSUPPORTED_PARAMETERS = frozenset({"_text", "_content", "_query", "_filter", "_list", "_has_not"})
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)$", re.DOTALL)
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+
+
+class Binder:
+    """Collects bind parameters; every value in the SQL goes through here."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def __call__(self, value: Any) -> str:
+        name = f"p{len(self.values)}"
+        self.values[name] = value
+        return f":{name}"
+
+
+@dataclass(frozen=True)
+class SortKey:
+    name: str
+    descending: bool
+    expression: str  # SQL over alias r, never NULL
+    sql_type: str
+
+
+@dataclass(frozen=True)
+class Include:
+    source_type: str  # a type or "*"
+    param: str  # a reference parameter or "*"
+    target_type: str | None
+    iterate: bool
+    reverse: bool
+
+    def render(self) -> str:
+        text = f"{self.source_type}:{self.param}" + (f":{self.target_type}" if self.target_type else "")
+        name = "_revinclude" if self.reverse else "_include"
+        return f"{name}{':iterate' if self.iterate else ''}={text}"
+
+
+@dataclass
+class SearchRequest:
+    """A parsed search: WHERE conditions, sort, paging and result options."""
+
+    resource_types: tuple[str, ...]
+    conditions: list[str]
+    binder: Binder
+    applied: list[tuple[str, str]]  # the parameters actually used, for link.self
+    sort: list[SortKey]
+    count: int
+    includes: list[Include] = field(default_factory=list)
+    total: str = "none"
+    summary: str | None = None
+    elements: tuple[str, ...] = ()
+    cursor: str | None = None
+    issues: list[Issue] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the query a cursor belongs to (a cursor is valid only for its query)."""
+        text = "&".join(f"{k}={v}" for k, v in sorted(self.applied) if k != "_cursor")
+        return hashlib.sha256(f"{','.join(self.resource_types)}?{text}".encode()).hexdigest()[:16]
+
+
+def split_values(raw: str) -> list[str]:
+    """Comma separates OR values; ``\\,`` is a literal comma (search.html#escaping)."""
+    parts, current, escaped = [], "", False
+    for char in raw:
+        if escaped:
+            current += char if char in ",$|\\" else "\\" + char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current + ("\\" if escaped else ""))
+    return parts
+
+
+def _split_unescaped(value: str, separator: str, limit: int = -1) -> list[str]:
+    parts = re.split(rf"(?<!\\){re.escape(separator)}", value, maxsplit=limit if limit >= 0 else 0)
+    return [part.replace(f"\\{separator}", separator) for part in parts]
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class SearchCompiler:
+    """Compiles search parameters of one or more types into SQL conditions."""
+
+    def __init__(self, registry: SearchRegistry, fhir_base: str, binder: Binder) -> None:
+        self.registry = registry
+        self.fhir_base = fhir_base
+        self.bind = binder
+        self._aliases = 0
+
+    def _alias(self, prefix: str) -> str:
+        self._aliases += 1
+        return f"{prefix}{self._aliases}"
+
+    # -- entry point -----------------------------------------------------------------------
+
+    def condition(self, alias: str, resource_type: str, name: str, raw: str, depth: int = 0) -> str | None:
+        """SQL for one ``name=raw`` on rows ``alias`` of ``resource_type``; None if unknown."""
+        if depth > MAX_CHAIN_DEPTH:
+            raise BadRequest(
+                f"{name}: chains and _has nest at most {MAX_CHAIN_DEPTH} levels", expression=(name,)
+            )
+        if name.startswith("_has:"):
+            return self._has(alias, resource_type, name, raw, depth)
+        head, dot, chain = name.partition(".")
+        base, _, modifier = head.partition(":")
+        if base == "_id":
+            return self._id(alias, name, modifier, raw) if not dot else None
+        param = self.registry.get(resource_type, base)
+        if param is None:
+            return None
+        if dot:
+            if param.type != "reference":
+                raise BadRequest(
+                    f"{name}: '{base}' is not a reference parameter and cannot be chained", expression=(name,)
+                )
+            return self._chain(alias, resource_type, param, modifier, chain, raw, name, depth)
+        if modifier == "missing":
+            return self._missing(alias, resource_type, param, raw, name)
+        if param.name == "_lastUpdated":
+            if modifier:
+                raise BadRequest(f"{name}: modifier ':{modifier}' is not supported", expression=(name,))
+            low = f"{alias}.last_updated"
+            return self._any(
+                self._date(low, f"({low} + interval '1 millisecond')", v, name) for v in split_values(raw)
+            )
+        if param.type == "composite":
+            return self._composite(alias, resource_type, param, modifier, raw, name)
+        return self._indexed(alias, resource_type, param, modifier, raw, name)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _any(parts: Any) -> str:
+        items = list(parts)
+        return items[0] if len(items) == 1 else "(" + " OR ".join(items) + ")"
+
+    def _exists(self, alias: str, resource_type: str, param: SearchParam, predicate: str, index: str) -> str:
+        table = f"search_{param.kind}"
+        return (
+            f"EXISTS (SELECT 1 FROM {table} {index} WHERE {index}.rid = {alias}.rid"
+            f" AND {index}.resource_type = {self.bind(resource_type)}"
+            f" AND {index}.param = {self.bind(param.name)}"
+            f" AND {predicate})"
+        )
+
+    def _id(self, alias: str, name: str, modifier: str, raw: str) -> str:
+        values = [v for v in split_values(raw) if v]
+        if modifier == "missing":
+            return "TRUE" if raw == "false" else "FALSE"
+        if modifier not in ("", "not"):
+            raise BadRequest(f"{name}: modifier ':{modifier}' is not supported on _id", expression=(name,))
+        if not values:
+            raise BadRequest(f"{name}: a value is required", expression=(name,))
+        clause = f"{alias}.fhir_id = ANY({self.bind(values)})"
+        return f"NOT {clause}" if modifier == "not" else clause
+
+    def _missing(self, alias: str, resource_type: str, param: SearchParam, raw: str, name: str) -> str:
+        if raw not in ("true", "false"):
+            raise BadRequest(f"{name}: :missing takes true or false", expression=(name,))
+        if param.type == "composite" or param.column:
+            raise BadRequest(f"{name}: :missing is not supported on this parameter", expression=(name,))
+        exists = self._exists(alias, resource_type, param, "TRUE", self._alias("m"))
+        return f"NOT {exists}" if raw == "true" else exists
+
+    def _indexed(
+        self, alias: str, resource_type: str, param: SearchParam, modifier: str, raw: str, name: str
+    ) -> str:
+        index = self._alias("i")
+        values = split_values(raw)
+        if param.type == "token":
+            if modifier == "not":
+                predicate = self._any(self._token(index, v, "", name) for v in values)
+                return "NOT " + self._exists(alias, resource_type, param, predicate, index)
+            predicate = self._any(self._token(index, v, modifier, name) for v in values)
+        elif param.type == "string":
+            predicate = self._any(self._string(index, v, modifier, name) for v in values)
+        elif param.type == "date":
+            self._no_modifier(modifier, name)
+            predicate = self._any(self._date(f"{index}.low", f"{index}.high", v, name) for v in values)
+        elif param.type in ("number", "quantity"):
+            self._no_modifier(modifier, name)
+            predicate = self._any(self._quantity(index, v, name, param.type == "quantity") for v in values)
+        elif param.type == "reference":
+            predicate = self._any(self._reference(index, param, v, modifier, name) for v in values)
+        elif param.type == "uri":
+            predicate = self._any(self._uri(index, v, modifier, name) for v in values)
+        else:
+            raise BadRequest(f"{name}: parameter type {param.type} is not supported", expression=(name,))
+        return self._exists(alias, resource_type, param, predicate, index)
+
+    @staticmethod
+    def _no_modifier(modifier: str, name: str) -> None:
+        if modifier:
+            raise BadRequest(f"{name}: modifier ':{modifier}' is not supported here", expression=(name,))
+
+    # -- parameter types -------------------------------------------------------------------
+
+    def _token(self, index: str, value: str, modifier: str, name: str) -> str:
+        if modifier == "text":
+            return f"{index}.display LIKE {self.bind(_like_prefix(normalize(value)) + '%')}"
+        if modifier == "of-type":
+            parts = _split_unescaped(value, "|")
+            if len(parts) != 3 or not all(parts[1:]):
+                raise BadRequest(f"{name}: :of-type takes system|code|value", expression=(name,))
+            return (
+                f"({index}.type_system = {self.bind(parts[0])} AND {index}.type_code = {self.bind(parts[1])}"
+                f" AND {index}.code = {self.bind(parts[2])})"
+            )
+        if modifier:
+            raise BadRequest(
+                f"{name}: modifier ':{modifier}' is not supported on token parameters", expression=(name,)
+            )
+        if not value:
+            raise BadRequest(f"{name}: empty value", expression=(name,))
+        parts = _split_unescaped(value, "|", 1)
+        if len(parts) == 1:
+            return f"{index}.code = {self.bind(value)}"
+        system, code = parts
+        if not system:
+            return f"({index}.system IS NULL AND {index}.code = {self.bind(code)})"
+        if not code:
+            return f"{index}.system = {self.bind(system)}"
+        return f"({index}.system = {self.bind(system)} AND {index}.code = {self.bind(code)})"
+
+    def _string(self, index: str, value: str, modifier: str, name: str) -> str:
+        if not value:
+            raise BadRequest(f"{name}: empty value", expression=(name,))
+        if modifier == "exact":
+            return f"{index}.value_exact = {self.bind(value)}"
+        pattern = _like_prefix(normalize(value))
+        if modifier == "contains":
+            return f"{index}.value_norm LIKE {self.bind('%' + pattern + '%')}"
+        if modifier:
+            raise BadRequest(
+                f"{name}: modifier ':{modifier}' is not supported on string parameters", expression=(name,)
+            )
+        return f"{index}.value_norm LIKE {self.bind(pattern + '%')}"
+
+    def _date(self, low: str, high: str, value: str, name: str) -> str:
+        prefix, text = _prefix(value)
+        span = date_range(text)
+        if span is None:
+            raise BadRequest(f"{name}: '{value[:40]}' is not a valid date", expression=(name,))
+        start, end = self.bind(span[0]), self.bind(span[1])
+        contained = f"({low} >= {start} AND {high} <= {end})"
+        if prefix == "eq":
+            return contained
+        if prefix == "ne":
+            return f"NOT {contained}"
+        if prefix == "gt":
+            return f"{high} > {end}"
+        if prefix == "lt":
+            return f"{low} < {start}"
+        if prefix == "ge":
+            return f"({high} > {end} OR {contained})"
+        if prefix == "le":
+            return f"({low} < {start} OR {contained})"
+        if prefix == "sa":
+            return f"{low} >= {end}"
+        if prefix == "eb":
+            return f"{high} <= {start}"
+        # ap: the search range widened by 10% of its distance from now (search.html#prefix)
+        now = datetime.now(UTC)
+        gap = max(abs(now - span[0]), abs(now - span[1])) / 10
+        gap = max(gap, timedelta(days=1))
+        return f"({low} < {self.bind(span[1] + gap)} AND {high} > {self.bind(span[0] - gap)})"
+
+    def _quantity(self, index: str, value: str, name: str, with_units: bool) -> str:
+        prefix, text = _prefix(value)
+        number_text, _, unit = text.partition("|") if with_units else (text, "", "")
+        if not _NUMBER.match(number_text):
+            raise BadRequest(f"{name}: '{value[:40]}' is not a number", expression=(name,))
+        try:
+            number = Decimal(number_text)
+        except InvalidOperation as exc:
+            raise BadRequest(f"{name}: '{value[:40]}' is not a number", expression=(name,)) from exc
+        exponent = number.as_tuple().exponent
+        half = Decimal(5).scaleb((exponent if isinstance(exponent, int) else 0) - 1)
+        column = f"{index}.value"
+        bound = self.bind(number)
+        if prefix == "eq":
+            clause = f"({column} >= {self.bind(number - half)} AND {column} < {self.bind(number + half)})"
+        elif prefix == "ne":
+            clause = f"NOT ({column} >= {self.bind(number - half)} AND {column} < {self.bind(number + half)})"
+        elif prefix in ("gt", "sa"):
+            clause = f"{column} > {bound}"
+        elif prefix in ("lt", "eb"):
+            clause = f"{column} < {bound}"
+        elif prefix == "ge":
+            clause = f"{column} >= {bound}"
+        elif prefix == "le":
+            clause = f"{column} <= {bound}"
+        else:
+            spread = abs(number) / 10
+            clause = (
+                f"({column} >= {self.bind(number - spread)} AND {column} <= {self.bind(number + spread)})"
+            )
+        if unit:
+            system, _, code = unit.partition("|") if "|" in unit else ("", "", unit)
+            if system:
+                clause += f" AND {index}.system = {self.bind(system)}"
+            if code:
+                clause += f" AND ({index}.code = {self.bind(code)} OR {index}.unit = {self.bind(code)})"
+            clause = f"({clause})"
+        return clause
+
+    def _reference(self, index: str, param: SearchParam, value: str, modifier: str, name: str) -> str:
+        if not value:
+            raise BadRequest(f"{name}: empty value", expression=(name,))
+        if modifier == "identifier":
+            parts = _split_unescaped(value, "|", 1)
+            if len(parts) == 1:
+                return f"{index}.ident_value = {self.bind(value)}"
+            system, code = parts
+            clause = (
+                f"{index}.ident_system = {self.bind(system)}" if system else f"{index}.ident_system IS NULL"
+            )
+            return f"({clause} AND {index}.ident_value = {self.bind(code)})" if code else clause
+        if modifier and not (_TYPE_NAME.match(modifier) and modifier in SERVED_TYPE_SET):
+            if _TYPE_NAME.match(modifier):
+                return "FALSE"  # a type this server does not store: nothing can match
+            raise BadRequest(
+                f"{name}: modifier ':{modifier}' is not supported on reference parameters", expression=(name,)
+            )
+        target_type, target_id, url = split_reference(value.split("|", 1)[0], self.fhir_base)
+        if url is not None:
+            if "/" not in url and ":" not in url:
+                target_id = url  # a bare id
+            else:
+                return f"{index}.url = {self.bind(url)}"
+        if target_type is None and target_id is None:
+            raise BadRequest(f"{name}: '{value[:60]}' is not a reference", expression=(name,))
+        if modifier:
+            if target_type and target_type != modifier:
+                return "FALSE"
+            target_type = modifier
+        clause = f"{index}.target_id = {self.bind(target_id)}"
+        if target_type:
+            clause = f"({clause} AND {index}.target_type = {self.bind(target_type)})"
+        return clause
+
+    def _uri(self, index: str, value: str, modifier: str, name: str) -> str:
+        if not value:
+            raise BadRequest(f"{name}: empty value", expression=(name,))
+        if modifier == "below":
+            return f"{index}.uri LIKE {self.bind(_like_prefix(value) + '%')}"
+        if modifier == "above":
+            return f"{self.bind(value)} LIKE replace(replace({index}.uri, '%', '\\%'), '_', '\\_') || '%'"
+        if modifier:
+            raise BadRequest(
+                f"{name}: modifier ':{modifier}' is not supported on uri parameters", expression=(name,)
+            )
+        return f"{index}.uri = {self.bind(value)}"
+
+    def _composite(
+        self, alias: str, resource_type: str, param: SearchParam, modifier: str, raw: str, name: str
+    ) -> str:
+        """Composite parameters: every component must match (search.html#composite).
+
+        Components are matched per resource, not per repeating element: for the
+        ``component-*`` parameters of Observation this can match values from two
+        different components.
+        """
+        self._no_modifier(modifier, name)
+        clauses = []
+        for value in split_values(raw):
+            parts = _split_unescaped(value, "$")
+            if len(parts) != len(param.components):
+                raise BadRequest(
+                    f"{name}: expected {len(param.components)} values separated by $", expression=(name,)
+                )
+            component_clauses = []
+            for component, part in zip(param.components, parts, strict=True):
+                component_param = self.registry.get(resource_type, component)
+                if component_param is None:
+                    raise BadRequest(f"{name}: component {component} is not supported", expression=(name,))
+                escaped = part.replace(",", "\\,")
+                component_clauses.append(
+                    self._indexed(alias, resource_type, component_param, "", escaped, name)
+                )
+            clauses.append("(" + " AND ".join(component_clauses) + ")")
+        return self._any(clauses)
+
+    # -- chaining --------------------------------------------------------------------------
+
+    def _chain(
+        self,
+        alias: str,
+        resource_type: str,
+        param: SearchParam,
+        type_modifier: str,
+        chain: str,
+        raw: str,
+        name: str,
+        depth: int,
+    ) -> str:
+        """``subject:Patient.name=smith`` (search.html#chaining)."""
+        if type_modifier and type_modifier not in SERVED_TYPE_SET:
+            raise BadRequest(
+                f"{name}: '{type_modifier}' is not a resource type served here", expression=(name,)
+            )
+        chained_base = chain.split(".", 1)[0].split(":", 1)[0]
+        candidates = [type_modifier] if type_modifier else [t for t in param.targets if t in SERVED_TYPE_SET]
+        targets = [
+            t
+            for t in candidates
+            if chained_base == "_id" or chained_base.startswith("_has") or self.registry.get(t, chained_base)
+        ]
+        if not targets:
+            raise BadRequest(
+                f"{name}: no target type of '{param.name}' has a parameter '{chained_base}'",
+                expression=(name,),
+            )
+        index = self._alias("c")
+        alternatives = []
+        for target in targets:
+            target_alias = self._alias("t")
+            inner = self.condition(target_alias, target, chain, raw, depth + 1)
+            if inner is None:
+                raise BadRequest(f"{name}: unknown chained parameter '{chain}'", expression=(name,))
+            alternatives.append(
+                f"({index}.target_type = {self.bind(target)}"
+                f" AND {index}.target_id IN (SELECT {target_alias}.fhir_id"
+                f" FROM resource {target_alias} WHERE {target_alias}.resource_type = {self.bind(target)}"
+                f" AND NOT {target_alias}.deleted AND {inner}))"
+            )
+        return self._exists(alias, resource_type, param, self._any(alternatives), index)
+
+    def _has(self, alias: str, resource_type: str, name: str, raw: str, depth: int) -> str:
+        """``_has:Task:patient:owner=Organization/x`` (search.html#has)."""
+        parts = name.split(":", 3)
+        if len(parts) != 4 or not all(parts[1:]):
+            raise BadRequest(f"{name}: _has takes _has:Type:reference:parameter", expression=(name,))
+        _, source_type, reference_name, rest = parts
+        if source_type not in SERVED_TYPE_SET:
+            raise BadRequest(
+                f"{name}: '{source_type[:64]}' is not a resource type served here", expression=(name,)
+            )
+        reference = self.registry.get(source_type, reference_name)
+        if reference is None or reference.type != "reference":
+            raise BadRequest(
+                f"{name}: '{reference_name}' is not a reference parameter of {source_type}",
+                expression=(name,),
+            )
+        source_alias = self._alias("h")
+        link = self._alias("l")
+        inner = self.condition(source_alias, source_type, rest, raw, depth + 1)
+        if inner is None:
+            raise BadRequest(f"{name}: unknown parameter '{rest}' of {source_type}", expression=(name,))
+        return (
+            f"EXISTS (SELECT 1 FROM search_reference {link} JOIN resource {source_alias}"
+            f" ON {source_alias}.rid = {link}.rid"
+            f" WHERE {link}.target_id = {alias}.fhir_id AND {link}.target_type = {self.bind(resource_type)}"
+            f" AND {link}.param = {self.bind(reference_name)}"
+            f" AND {link}.resource_type = {self.bind(source_type)}"
+            f" AND NOT {source_alias}.deleted AND {inner})"
+        )
+
+    # -- compartments ----------------------------------------------------------------------
+
+    def compartment(self, alias: str, resource_type: str, patient_id: str) -> str:
+        """Membership of the Patient compartment (R4 CompartmentDefinition/patient)."""
+        params = self.registry.patient_compartment.get(resource_type, ())
+        clauses = []
+        if resource_type == "Patient":
+            clauses.append(f"{alias}.fhir_id = {self.bind(patient_id)}")
+        for name in params:
+            param = self.registry.get(resource_type, name)
+            if param is None:
+                continue
+            index = self._alias("k")
+            predicate = (
+                f"({index}.target_type = {self.bind('Patient')}"
+                f" AND {index}.target_id = {self.bind(patient_id)})"
+            )
+            clauses.append(self._exists(alias, resource_type, param, predicate, index))
+        return self._any(clauses) if clauses else "FALSE"
+
+    # -- sorting ---------------------------------------------------------------------------
+
+    def sort_key(self, alias: str, resource_type: str, spec: str) -> SortKey:
+        descending = spec.startswith("-")
+        name = spec[1:] if descending else spec
+        if name == "_id":
+            return SortKey(name, descending, f"{alias}.fhir_id", "text")
+        if name == "_lastUpdated":
+            return SortKey(name, descending, f"{alias}.last_updated", "timestamptz")
+        param = self.registry.get(resource_type, name)
+        if param is None or param.column or param.type == "composite":
+            raise BadRequest(
+                f"_sort: '{name[:64]}' is not a sortable parameter of {resource_type}", expression=("_sort",)
+            )
+        column, sql_type, missing = {
+            "string": ("value_norm", "text", "''"),
+            "token": ("code", "text", "''"),
+            "reference": ("target_id", "text", "''"),
+            "uri": ("uri", "text", "''"),
+            "quantity": ("value", "numeric", "0"),
+            "number": ("value", "numeric", "0"),
+            "date": ("high" if descending else "low", "timestamptz", "'-infinity'::timestamptz"),
+        }[param.type]
+        aggregate = "max" if descending else "min"
+        index = self._alias("s")
+        expression = (
+            f"COALESCE((SELECT {aggregate}({index}.{column}) FROM search_{param.kind} {index}"
+            f" WHERE {index}.rid = {alias}.rid AND {index}.param = {self.bind(param.name)}), {missing})"
+        )
+        return SortKey(name, descending, expression, sql_type)
+
+
+def _prefix(value: str) -> tuple[str, str]:
+    match = _PREFIX.match(value)
+    assert match is not None
+    prefix, rest = match.group(1) or "eq", match.group(2)
+    return prefix, rest
+
+
+def _parse_includes(
+    values: list[tuple[str, str]], types: tuple[str, ...], registry: SearchRegistry
+) -> list[Include]:
+    includes = []
+    for name, raw in values:
+        reverse = name.startswith("_revinclude")
+        modifier = name.partition(":")[2]
+        if modifier not in ("", "iterate", "recurse"):
+            raise BadRequest(f"{name}: unknown modifier ':{modifier}'", expression=(name,))
+        for value in split_values(raw):
+            if value == "*":
+                includes.append(Include("*", "*", None, modifier != "", reverse))
+                continue
+            parts = value.split(":")
+            if len(parts) not in (2, 3) or not all(parts):
+                raise BadRequest(
+                    f"{name}: '{value[:64]}' is not Type:parameter[:targetType]", expression=(name,)
+                )
+            source, param_name = parts[0], parts[1]
+            target = parts[2] if len(parts) == 3 else None
+            if source not in SERVED_TYPE_SET or (target is not None and target not in SERVED_TYPE_SET):
+                raise BadRequest(f"{name}: '{value[:64]}' names a type not served here", expression=(name,))
+            if param_name != "*":
+                param = registry.get(source, param_name)
+                if param is None or param.type != "reference":
+                    raise BadRequest(
+                        f"{name}: '{param_name}' is not a reference parameter of {source}", expression=(name,)
+                    )
+            if not reverse and not modifier and source not in types:
+                raise BadRequest(
+                    f"{name}: '{source}' is not a type being searched; use :iterate", expression=(name,)
+                )
+            includes.append(Include(source, param_name, target, modifier != "", reverse))
+    return includes
+
+
+def parse_search(
+    resource_types: tuple[str, ...],
+    pairs: list[tuple[str, str]],
+    *,
+    registry: SearchRegistry,
+    fhir_base: str,
+    strict: bool,
+    compartment: tuple[str, str] | None = None,
+) -> SearchRequest:
+    """Parse a search interaction's parameters (search.html#Summary) into a SearchRequest."""
+    binder = Binder()
+    compiler = SearchCompiler(registry, fhir_base, binder)
+    conditions: list[str] = []
+    applied: list[tuple[str, str]] = []
+    unknown: list[str] = []
+    include_values: list[tuple[str, str]] = []
+    sort_specs: list[str] = []
+    options: dict[str, str] = {}
+    if compartment is not None:
+        conditions.append(compiler.compartment("r", resource_types[0], compartment[1]))
+    for name, raw in pairs:
+        if not _PARAM_NAME.match(name.split(":", 1)[0].split(".", 1)[0]):
+            unknown.append(name)
+            continue
+        base = name.split(":", 1)[0].split(".", 1)[0]
+        if base in ("_include", "_revinclude"):
+            include_values.append((name, raw))
+            applied.append((name, raw))
+            continue
+        if base in RESULT_PARAMETERS:
+            if base == "_sort":
+                sort_specs.extend(v for v in raw.split(",") if v)
+            elif base not in ("_format", "_pretty", "_type"):
+                options[base] = raw
+            if base not in ("_format", "_cursor", "_type"):
+                applied.append((name, raw))
+            continue
+        if base in UNSUPPORTED_PARAMETERS:
+            unknown.append(name)
+            continue
+        per_type: list[str] = []
+        for resource_type in resource_types:
+            clause = compiler.condition("r", resource_type, name, raw)
+            if clause is None:
+                per_type = []
+                break
+            per_type.append(
+                clause
+                if len(resource_types) == 1
+                else f"(r.resource_type = {binder(resource_type)} AND {clause})"
+            )
+        if not per_type:
+            unknown.append(name)
+            continue
+        conditions.append(compiler._any(per_type))
+        applied.append((name, raw))
+    issues = [
+        Issue(
+            "not-supported",
+            f"parameter '{name[:80]}' is not supported and was ignored",
+            severity="warning",
+            expression=(name[:80],),
+        )
+        for name in unknown
+    ]
+    if unknown and strict:
+        raise BadRequest(
+            "unknown or unsupported search parameters (Prefer: handling=strict)",
+            issues=[Issue("not-supported", i.diagnostics, expression=i.expression) for i in issues],
+        )
+    count = _count(options.get("_count"))
+    total = options.get("_total", "none")
+    if total not in ("none", "estimate", "accurate"):
+        raise BadRequest("_total: use none, estimate or accurate", expression=("_total",))
+    summary = options.get("_summary")
+    if summary is not None and summary not in ("true", "false", "text", "data", "count"):
+        raise BadRequest("_summary: use true, false, text, data or count", expression=("_summary",))
+    elements = (
+        tuple(e.strip() for e in options["_elements"].split(",") if e.strip())
+        if "_elements" in options
+        else ()
+    )
+    if len(resource_types) != 1 and sort_specs:
+        sort_specs = [s for s in sort_specs if s.lstrip("-") in ("_id", "_lastUpdated")]
+    sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
+    return SearchRequest(
+        resource_types=resource_types,
+        conditions=conditions,
+        binder=binder,
+        applied=applied,
+        sort=sort,
+        count=count,
+        includes=_parse_includes(include_values, resource_types, registry),
+        total=total,
+        summary=summary,
+        elements=elements,
+        cursor=options.get("_cursor"),
+        issues=issues,
+    )
+
+
+def _count(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_COUNT
+    if not raw.isdigit():
+        raise BadRequest(f"_count: '{raw[:20]}' is not a non-negative integer", expression=("_count",))
+    return min(int(raw), MAX_COUNT)

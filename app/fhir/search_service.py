@@ -1,0 +1,126 @@
+"""A search interaction end to end: parse, page, include, render (R4 search.html).
+
+Routers call :func:`run_search`; it parses the parameters, decodes the paging cursor,
+asks the repository for one page and renders the ``searchset`` Bundle with
+``self``/``first``/``next``/``previous`` links that carry only the parameters applied.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from app.fhir import jsonio
+from app.fhir.cursors import CursorCodec
+from app.fhir.errors import BadRequest, operation_outcome
+from app.fhir.models import REQUIRED_ELEMENTS, SUMMARY_ELEMENTS
+from app.fhir.repository import FhirRepository, Found, fhir_instant
+from app.fhir.search import SearchRequest, parse_search
+from app.fhir.search_params import registry
+
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+ALWAYS_KEPT = frozenset({"resourceType", "id", "meta"})
+
+
+async def run_search(
+    repo: FhirRepository,
+    *,
+    resource_types: tuple[str, ...],
+    pairs: list[tuple[str, str]],
+    cursors: CursorCodec,
+    strict: bool,
+    path: str,
+    compartment: tuple[str, str] | None = None,
+) -> str:
+    request = parse_search(
+        resource_types,
+        pairs,
+        registry=registry(),
+        fhir_base=repo.fhir_base,
+        strict=strict,
+        compartment=compartment,
+    )
+    after: tuple[Any, ...] | None = None
+    backwards = False
+    if request.cursor:
+        payload = cursors.decode(request.cursor)
+        if not isinstance(payload, dict) or payload.get("f") != request.fingerprint:
+            raise BadRequest("_cursor: does not belong to this query", expression=("_cursor",))
+        after = tuple(payload["k"])
+        backwards = bool(payload.get("b"))
+    page = await repo.search(request, after, backwards)
+    url = f"{repo.fhir_base}/{path}" if path else repo.fhir_base
+
+    def link(keys: tuple[Any, ...] | None, *, back: bool = False) -> str:
+        params = [p for p in request.applied if p[0] != "_count"] + [("_count", str(request.count))]
+        if keys is not None:
+            token = cursors.encode({"f": request.fingerprint, "k": [_jsonable(k) for k in keys], "b": back})
+            params.append(("_cursor", token))
+        return f"{url}?{urlencode(params)}"
+
+    links = [
+        {
+            "relation": "self",
+            "url": link(None) if not request.cursor else f"{link(None)}&_cursor={request.cursor}",
+        },
+        {"relation": "first", "url": link(None)},
+    ]
+    if page.previous_keys is not None:
+        links.append({"relation": "previous", "url": link(page.previous_keys, back=True)})
+    if page.next_keys is not None:
+        links.append({"relation": "next", "url": link(page.next_keys)})
+    head: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": fhir_instant(datetime.now(UTC))},
+        "type": "searchset",
+    }
+    if page.total is not None:
+        head["total"] = page.total
+    head["link"] = links
+    entries = [_entry(repo.fhir_base, found, "match", request) for found in page.matches]
+    entries.extend(_entry(repo.fhir_base, found, "include", None) for found in page.included)
+    if request.issues:
+        outcome = json.dumps(operation_outcome(request.issues), separators=(",", ":"))
+        entries.append('{"resource":' + outcome + ',"search":{"mode":"outcome"}}')
+    rendered = json.dumps(head, separators=(",", ":"))
+    return rendered[:-1] + ',"entry":[' + ",".join(entries) + "]}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (int, str)):
+        return value
+    return str(value)
+
+
+def _entry(base: str, found: Found, mode: str, request: SearchRequest | None) -> str:
+    body = found.body
+    if request is not None and (request.elements or request.summary in ("true", "text", "data")):
+        body = subset(body, found.resource_type, summary=request.summary, elements=request.elements)
+    full_url = json.dumps(f"{base}/{found.resource_type}/{found.fhir_id}")
+    return '{"fullUrl":' + full_url + ',"resource":' + body + ',"search":{"mode":"' + mode + '"}}'
+
+
+def subset(body: str, resource_type: str, *, summary: str | None, elements: tuple[str, ...]) -> str:
+    """_summary and _elements (search.html#summary, #elements); marks the result SUBSETTED."""
+    data: dict[str, Any] = jsonio.loads(body)
+    if summary == "data":
+        keep = set(data) - {"text"}
+    elif summary == "text":
+        keep = set(ALWAYS_KEPT | {"text"} | REQUIRED_ELEMENTS.get(resource_type, frozenset()))
+    elif summary == "true":
+        keep = set(ALWAYS_KEPT | SUMMARY_ELEMENTS.get(resource_type, frozenset()))
+    else:
+        keep = set(ALWAYS_KEPT | REQUIRED_ELEMENTS.get(resource_type, frozenset()))
+        keep.update(elements)
+    keep.update(f"_{name}" for name in list(keep))
+    result = {key: value for key, value in data.items() if key in keep}
+    meta = dict(result.get("meta") or {})
+    meta["tag"] = [*(meta.get("tag") or []), SUBSETTED]
+    result["meta"] = meta
+    return jsonio.dumps(result).decode("utf-8")
