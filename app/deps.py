@@ -1,8 +1,8 @@
 """Request dependencies: the request-owned transaction, the repository, settings.
 
-``RepositoryDep`` opens one database transaction per request; it commits when the
-handler returns and rolls back when it raises, before the response is sent, so a
-client never sees a success that was not committed.
+``RepositoryDep`` opens one database transaction per writing request; it commits when
+the handler returns and rolls back when it raises, before the response is sent, so a
+client never sees a success that was not committed. Reads run without a transaction.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from app.fhir.repository import FhirRepository
 from app.settings import Settings
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -27,16 +27,31 @@ def get_settings_dep(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_access(request: Request) -> AccessContext:
+async def get_access(request: Request) -> AccessContext:
     return getattr(request.state, "access", OPEN_ACCESS)
 
 
 AccessDep = Annotated[AccessContext, Depends(get_access)]
 
 
+READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
+
+
 async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[FhirRepository]:
-    async with request.app.state.engine.begin() as connection:
-        yield FhirRepository(connection, access, fhir_base=request.app.state.settings.fhir_base)
+    engine = request.app.state.engine
+    fhir_base = request.app.state.settings.fhir_base
+    async with engine.connect() as connection:
+        # SQLAlchemy owns the pool; statements go to the asyncpg connection directly, and the
+        # transaction is asyncpg's own (SQLAlchemy in autocommit mode never opens one).
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        driver = (await connection.get_raw_connection()).driver_connection
+        if request.method in READ_ONLY_METHODS:
+            # Reads need no transaction: each statement sees committed data, and skipping
+            # BEGIN/COMMIT saves two round trips per read.
+            yield FhirRepository(driver, access, fhir_base=fhir_base)
+            return
+        async with driver.transaction():
+            yield FhirRepository(driver, access, fhir_base=fhir_base)
 
 
 # scope="function": the transaction ends (commit or rollback) when the handler returns,
@@ -44,7 +59,7 @@ async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[F
 RepositoryDep = Annotated[FhirRepository, Depends(get_repository, scope="function")]
 
 
-def get_cursor_codec(request: Request) -> CursorCodec:
+async def get_cursor_codec(request: Request) -> CursorCodec:
     codec: CursorCodec = request.app.state.cursors
     return codec
 

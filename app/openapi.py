@@ -14,6 +14,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.routers.fhir import docs_router
+
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     document = get_openapi(
@@ -23,7 +25,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             "FHIR R4 (4.0.1) care-coordination API. Bodies are FHIR JSON (application/fhir+json); "
             "errors are OperationOutcome resources."
         ),
-        routes=app.routes,
+        routes=[*app.routes, *docs_router.routes],
     )
     _document_fhir_parameters(document)
     fhir_schemas = json.loads(

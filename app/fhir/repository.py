@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from asyncpg import Connection
 
 from app.fhir import jsonio
 from app.fhir.access import AccessContext
 from app.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed
 from app.fhir.indexing import IndexRows, extract
 from app.fhir.search import MAX_INCLUDES, MAX_ITERATE, Include, SearchRequest
+from app.fhir.sql import Statement
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _index_params(rows: IndexRows) -> dict[str, Any]:
     return params
 
 
-_INSERT = text(
+_INSERT = Statement(
     f"""
     WITH new_row AS (
         INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body)
@@ -133,11 +133,11 @@ _INSERT = text(
     """
 )
 
-_LOCK_CURRENT = text(
+_LOCK_CURRENT = Statement(
     "SELECT rid, version_id, deleted FROM resource WHERE resource_type = :rtype AND fhir_id = :fid FOR UPDATE"
 )
 
-_WRITE_VERSION = text(
+_WRITE_VERSION = Statement(
     f"""
     WITH changed AS (
         UPDATE resource SET version_id = :vid, last_updated = :ts, deleted = :deleted, body = :body
@@ -153,12 +153,12 @@ _WRITE_VERSION = text(
     """
 )
 
-_READ = text(
+_READ = Statement(
     "SELECT version_id, last_updated, deleted, body FROM resource"
     " WHERE resource_type = :rtype AND fhir_id = :fid"
 )
 
-_VREAD = text(
+_VREAD = Statement(
     """
     SELECT version_id, last_updated, method, body FROM resource_history
     WHERE resource_type = :rtype AND fhir_id = :fid AND version_id = :vid
@@ -171,7 +171,7 @@ _HISTORY_COLUMNS = "hid, resource_type, fhir_id, version_id, last_updated, metho
 class FhirRepository:
     """Storage interactions of FHIR R4 http.html for every served type."""
 
-    def __init__(self, connection: AsyncConnection, access: AccessContext, *, fhir_base: str) -> None:
+    def __init__(self, connection: Connection, access: AccessContext, *, fhir_base: str) -> None:
         self._conn = connection
         self.access = access
         self.fhir_base = fhir_base
@@ -200,18 +200,18 @@ class FhirRepository:
             "method": method,
             **_index_params(extract(resource_type, data, self.fhir_base)),
         }
-        inserted = (await self._conn.execute(_INSERT, params)).first()
+        inserted = await self._conn.fetchrow(_INSERT.sql, *_INSERT.args(params))
         if inserted is None:
             raise _IdTaken()
         return StoredVersion(resource_type, fhir_id, 1, now, False, body, method)
 
     async def read(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """http.html#read: the current version; 404 when unknown, 410 when deleted."""
-        row = (await self._conn.execute(_READ, {"rtype": resource_type, "fid": fhir_id})).first()
+        row = await self._conn.fetchrow(_READ.sql, resource_type, fhir_id)
         if row is None:
             raise NotFound(f"{resource_type}/{fhir_id} is not known")
         version = StoredVersion(
-            resource_type, fhir_id, row.version_id, row.last_updated, row.deleted, row.body
+            resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
         )
         if version.deleted:
             raise Gone(f"{resource_type}/{fhir_id} was deleted", headers=_version_headers(version))
@@ -220,18 +220,18 @@ class FhirRepository:
     async def vread(self, resource_type: str, fhir_id: str, version_id: int) -> StoredVersion:
         """http.html#vread: one version; a deletion version answers 410."""
         params = {"rtype": resource_type, "fid": fhir_id, "vid": version_id}
-        row = (await self._conn.execute(_VREAD, params)).first()
+        row = await self._conn.fetchrow(_VREAD.sql, *_VREAD.args(params))
         if row is None:
             await self.read_any(resource_type, fhir_id)
             raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
         version = StoredVersion(
             resource_type,
             fhir_id,
-            row.version_id,
-            row.last_updated,
-            row.method == "DELETE",
-            row.body,
-            row.method,
+            row["version_id"],
+            row["last_updated"],
+            row["method"] == "DELETE",
+            row["body"],
+            row["method"],
         )
         if version.deleted:
             raise Gone(
@@ -242,10 +242,12 @@ class FhirRepository:
 
     async def read_any(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """The current row, deleted or not; 404 only when the id was never used."""
-        row = (await self._conn.execute(_READ, {"rtype": resource_type, "fid": fhir_id})).first()
+        row = await self._conn.fetchrow(_READ.sql, resource_type, fhir_id)
         if row is None:
             raise NotFound(f"{resource_type}/{fhir_id} is not known")
-        return StoredVersion(resource_type, fhir_id, row.version_id, row.last_updated, row.deleted, row.body)
+        return StoredVersion(
+            resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
+        )
 
     async def update(
         self, resource_type: str, fhir_id: str, data: dict[str, Any], *, if_match: int | None = None
@@ -281,8 +283,8 @@ class FhirRepository:
         return await self._write(rid, resource_type, fhir_id, version_id + 1, None, method="DELETE")
 
     async def _lock(self, resource_type: str, fhir_id: str) -> tuple[int, int, bool] | None:
-        row = (await self._conn.execute(_LOCK_CURRENT, {"rtype": resource_type, "fid": fhir_id})).first()
-        return None if row is None else (row.rid, row.version_id, row.deleted)
+        row = await self._conn.fetchrow(_LOCK_CURRENT.sql, resource_type, fhir_id)
+        return None if row is None else (row["rid"], row["version_id"], row["deleted"])
 
     async def _write(
         self,
@@ -308,7 +310,7 @@ class FhirRepository:
             "method": method,
             **_index_params(rows),
         }
-        await self._conn.execute(_WRITE_VERSION, params)
+        await self._conn.execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))
         return StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)
 
     async def history(
@@ -344,20 +346,21 @@ class FhirRepository:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         # The clauses are fixed strings chosen above; values travel as bind parameters.
         sql = f"SELECT {_HISTORY_COLUMNS} FROM resource_history {where} ORDER BY hid DESC LIMIT :limit"
-        rows = (await self._conn.execute(text(sql), params)).all()
+        statement = Statement(sql)
+        rows = await self._conn.fetch(statement.sql, *statement.args(params))
         versions = [
             StoredVersion(
-                r.resource_type,
-                r.fhir_id,
-                r.version_id,
-                r.last_updated,
-                r.method == "DELETE",
-                r.body,
-                r.method,
+                r["resource_type"],
+                r["fhir_id"],
+                r["version_id"],
+                r["last_updated"],
+                r["method"] == "DELETE",
+                r["body"],
+                r["method"],
             )
             for r in rows[:count]
         ]
-        next_cursor = rows[count - 1].hid if count and len(rows) > count else None
+        next_cursor = rows[count - 1]["hid"] if count and len(rows) > count else None
         return HistoryPage(versions, next_cursor)
 
 
@@ -402,18 +405,15 @@ class SearchPage:
     previous_keys: tuple[Any, ...] | None
 
 
-def _cursor_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (int, str)):
-        return value
-    return str(value)
+def _cursor_value(value: Any) -> str:
+    """Cursor sort values are bound as text and cast in SQL to the key's type."""
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 class SearchExecutor:
     """Runs a parsed search (app/fhir/search.py) as one keyset-paged statement plus includes."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Connection) -> None:
         self._conn = connection
 
     @staticmethod
@@ -461,22 +461,18 @@ class SearchExecutor:
             f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
             f" WHERE {where}{keyset} ORDER BY {order} LIMIT {limit}"
         )
-        rows = (
-            []
-            if request.summary == "count"
-            else list((await self._conn.execute(text(sql), bind.values)).all())
-        )
+        rows = [] if request.summary == "count" else list(await self._conn.fetch(sql, *bind.values))
         more = len(rows) > request.count
         rows = rows[: request.count]
         if backwards:
             rows.reverse()
         matches = [
             Found(
-                row.rid,
-                row.resource_type,
-                row.fhir_id,
-                row.body,
-                tuple(getattr(row, f"k{i}") for i in range(len(keys))),
+                row["rid"],
+                row["resource_type"],
+                row["fhir_id"],
+                row["body"],
+                tuple(row[f"k{i}"] for i in range(len(keys))),
             )
             for row in rows
         ]
@@ -502,10 +498,10 @@ class SearchExecutor:
     ) -> int | None:
         if request.total == "accurate" or request.summary == "count":
             sql = f"SELECT count(*) FROM resource r WHERE {where}"
-            return int((await self._conn.execute(text(sql), request.binder.values)).scalar_one())
+            return int(await self._conn.fetchval(sql, *request.binder.values))
         if request.total == "estimate":
             sql = f"EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {where}"
-            plan = (await self._conn.execute(text(sql), request.binder.values)).scalar_one()
+            plan = await self._conn.fetchval(sql, *request.binder.values)
             document = jsonio.loads(plan) if isinstance(plan, str) else plan
             return int(document[0]["Plan"]["Plan Rows"])
         if after is None and not more:
@@ -555,8 +551,9 @@ class SearchExecutor:
             " JOIN resource t ON t.resource_type = i.target_type AND t.fhir_id = i.target_id"
             f" WHERE {' AND '.join(clauses)} AND NOT t.deleted LIMIT {MAX_INCLUDES}"
         )
-        rows = (await self._conn.execute(text(sql), params)).all()
-        return [Found(r.rid, r.resource_type, r.fhir_id, r.body) for r in rows]
+        statement = Statement(sql)
+        rows = await self._conn.fetch(statement.sql, *statement.args(params))
+        return [Found(r["rid"], r["resource_type"], r["fhir_id"], r["body"]) for r in rows]
 
     async def _revinclude(self, directive: Include, targets: list[Found]) -> list[Found]:
         params: dict[str, Any] = {
@@ -580,5 +577,6 @@ class SearchExecutor:
             " JOIN search_reference i ON i.target_type = p.target_type AND i.target_id = p.target_id"
             f" JOIN resource s ON s.rid = i.rid WHERE NOT s.deleted{extra} LIMIT {MAX_INCLUDES}"
         )
-        rows = (await self._conn.execute(text(sql), params)).all()
-        return [Found(r.rid, r.resource_type, r.fhir_id, r.body) for r in rows]
+        statement = Statement(sql)
+        rows = await self._conn.fetch(statement.sql, *statement.args(params))
+        return [Found(r["rid"], r["resource_type"], r["fhir_id"], r["body"]) for r in rows]

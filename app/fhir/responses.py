@@ -50,7 +50,7 @@ def _media_types(header: str) -> list[str]:
     return [part.split(";")[0].strip().lower() for part in header.split(",") if part.strip()]
 
 
-def negotiate(request: Request) -> OutputFormat:
+async def negotiate(request: Request) -> OutputFormat:
     """Choose the response format from ``_format`` or ``Accept``; XML and others are 406."""
     pretty = request.query_params.get("_pretty", "false").lower() == "true"
     requested = request.query_params.get("_format")
@@ -95,7 +95,7 @@ class Prefer:
     handling: str = "lenient"
 
 
-def parse_prefer(request: Request) -> Prefer:
+async def parse_prefer(request: Request) -> Prefer:
     values: dict[str, str] = {}
     for header in request.headers.getlist("prefer"):
         for part in header.split(","):

@@ -62,12 +62,11 @@ class Binder:
     """Collects bind parameters; every value in the SQL goes through here."""
 
     def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
+        self.values: list[Any] = []
 
     def __call__(self, value: Any) -> str:
-        name = f"p{len(self.values)}"
-        self.values[name] = value
-        return f":{name}"
+        self.values.append(value)
+        return f"${len(self.values)}"
 
 
 @dataclass(frozen=True)
@@ -306,29 +305,29 @@ class SearchCompiler:
         span = date_range(text)
         if span is None:
             raise BadRequest(f"{name}: '{value[:40]}' is not a valid date", expression=(name,))
-        start, end = self.bind(span[0]), self.bind(span[1])
-        contained = f"({low} >= {start} AND {high} <= {end})"
-        if prefix == "eq":
-            return contained
-        if prefix == "ne":
-            return f"NOT {contained}"
-        if prefix == "gt":
-            return f"{high} > {end}"
-        if prefix == "lt":
-            return f"{low} < {start}"
-        if prefix == "ge":
-            return f"({high} > {end} OR {contained})"
-        if prefix == "le":
+        if prefix == "ap":
+            # the search range widened by 10% of its distance from now (search.html#prefix)
+            now = datetime.now(UTC)
+            gap = max(abs(now - span[0]), abs(now - span[1]), timedelta(days=10)) / 10
+            return f"({low} < {self.bind(span[1] + gap)} AND {high} > {self.bind(span[0] - gap)})"
+        # Bind only what the prefix uses: asyncpg cannot type an unused parameter.
+        if prefix in ("eq", "ne", "ge", "le"):
+            start, end = self.bind(span[0]), self.bind(span[1])
+            contained = f"({low} >= {start} AND {high} <= {end})"
+            if prefix == "eq":
+                return contained
+            if prefix == "ne":
+                return f"NOT {contained}"
+            if prefix == "ge":
+                return f"({high} > {end} OR {contained})"
             return f"({low} < {start} OR {contained})"
+        if prefix == "gt":
+            return f"{high} > {self.bind(span[1])}"
+        if prefix == "lt":
+            return f"{low} < {self.bind(span[0])}"
         if prefix == "sa":
-            return f"{low} >= {end}"
-        if prefix == "eb":
-            return f"{high} <= {start}"
-        # ap: the search range widened by 10% of its distance from now (search.html#prefix)
-        now = datetime.now(UTC)
-        gap = max(abs(now - span[0]), abs(now - span[1])) / 10
-        gap = max(gap, timedelta(days=1))
-        return f"({low} < {self.bind(span[1] + gap)} AND {high} > {self.bind(span[0] - gap)})"
+            return f"{low} >= {self.bind(span[1])}"
+        return f"{high} <= {self.bind(span[0])}"  # eb
 
     def _quantity(self, index: str, value: str, name: str, with_units: bool) -> str:
         prefix, text = _prefix(value)
@@ -342,19 +341,18 @@ class SearchCompiler:
         exponent = number.as_tuple().exponent
         half = Decimal(5).scaleb((exponent if isinstance(exponent, int) else 0) - 1)
         column = f"{index}.value"
-        bound = self.bind(number)
         if prefix == "eq":
             clause = f"({column} >= {self.bind(number - half)} AND {column} < {self.bind(number + half)})"
         elif prefix == "ne":
             clause = f"NOT ({column} >= {self.bind(number - half)} AND {column} < {self.bind(number + half)})"
         elif prefix in ("gt", "sa"):
-            clause = f"{column} > {bound}"
+            clause = f"{column} > {self.bind(number)}"
         elif prefix in ("lt", "eb"):
-            clause = f"{column} < {bound}"
+            clause = f"{column} < {self.bind(number)}"
         elif prefix == "ge":
-            clause = f"{column} >= {bound}"
+            clause = f"{column} >= {self.bind(number)}"
         elif prefix == "le":
-            clause = f"{column} <= {bound}"
+            clause = f"{column} <= {self.bind(number)}"
         else:
             spread = abs(number) / 10
             clause = (

@@ -1,21 +1,25 @@
-"""Thin HTTP layer of the FHIR REST interactions (FHIR R4 http.html).
+"""Thin HTTP layer of the FHIR REST interactions (FHIR R4 http.html, search.html).
 
-Routes are registered per served type so the OpenAPI document has typed paths and
-named schemas for every type; each handler reads HTTP, calls the repository once
-and answers through app/fhir/responses.py. Unknown types fall through to the
-catch-all routes at the end, which answer 404 ``not-supported``.
+Dispatch uses one generic route per interaction (``/fhir/{resource_type}/{id}``...), so
+routing costs the same for every type. The OpenAPI document instead gets one path set per
+served type with named schemas (see ``docs_router``), built from the same interaction table
+and the same endpoint functions, so the documentation cannot drift from what is routed. Each
+endpoint reads HTTP, calls the repository (or the search service) once and answers through
+app/fhir/responses.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.deps import CursorDep, RepositoryDep, SettingsDep, read_body
+from app.deps import RepositoryDep, read_body
+from app.fhir.cursors import CursorCodec
 from app.fhir.errors import (
     BadRequest,
     Issue,
@@ -27,14 +31,14 @@ from app.fhir.errors import (
 from app.fhir.params import parse_count, parse_etag, parse_instant, parse_version_id
 from app.fhir.repository import FhirRepository
 from app.fhir.responses import (
-    FormatDep,
     OutputFormat,
-    PreferDep,
+    Prefer,
     check_request_media_type,
     history_bundle,
     json_response,
+    negotiate,
+    parse_prefer,
     resource_response,
-    version_headers,
     write_response,
 )
 from app.fhir.search_params import registry
@@ -46,49 +50,120 @@ from app.settings import Settings
 FHIR_JSON_CONTENT = "application/fhir+json"
 
 router = APIRouter(prefix="/fhir")
+"""What the application dispatches: generic routes."""
+
+docs_router = APIRouter(prefix="/fhir")
+"""Per-type copies of the same endpoints, for the OpenAPI document only (never dispatched)."""
 
 INTERACTIONS: dict[str, list[str]] = {}
 """Per type, the R4 interaction codes routed here; the CapabilityStatement reads it."""
 
-SYSTEM_INTERACTIONS: list[str] = []
+SYSTEM_INTERACTIONS: list[str] = ["history-system", "search-system"]
 
 
-def _schema(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
+@dataclass(frozen=True)
+class FhirContext:
+    """Everything an interaction needs from the request, resolved as one dependency."""
+
+    request: Request
+    repo: FhirRepository
+    settings: Settings
+    cursors: CursorCodec
+    fmt: OutputFormat
+    prefer: Prefer
+
+    def param(self, name: str) -> str:
+        value: str = self.request.path_params[name]
+        return value
 
 
-def _content(name: str) -> dict[str, Any]:
-    return {"content": {FHIR_JSON_CONTENT: {"schema": _schema(name)}}}
+async def fhir_context(request: Request, repo: RepositoryDep) -> FhirContext:
+    state = request.app.state
+    return FhirContext(
+        request, repo, state.settings, state.cursors, await negotiate(request), await parse_prefer(request)
+    )
 
 
-def _responses(ok: int, name: str, *errors: int) -> dict[int | str, dict[str, Any]]:
-    out: dict[int | str, dict[str, Any]] = {ok: {"description": "Success", **_content(name)}}
-    for status in errors:
-        out[status] = {"description": "OperationOutcome", **_content("OperationOutcome")}
-    return out
+ContextDep = Annotated[FhirContext, Depends(fhir_context, scope="function")]
 
 
-async def _history(
-    request: Request,
-    repo: FhirRepository,
-    settings: Settings,
-    cursors: Any,
-    fmt: OutputFormat,
-    *,
-    resource_type: str | None = None,
-    fhir_id: str | None = None,
-) -> Response:
-    query = request.query_params
+# -- interactions ----------------------------------------------------------------------------
+
+
+async def read(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#read"""
+    fhir_id = ctx.param("id")
+    check_id(fhir_id)
+    return resource_response(await ctx.repo.read(resource_type, fhir_id), ctx.fmt)
+
+
+async def vread(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#vread"""
+    fhir_id = ctx.param("id")
+    check_id(fhir_id)
+    version = parse_version_id(ctx.param("vid"))
+    return resource_response(await ctx.repo.vread(resource_type, fhir_id, version), ctx.fmt)
+
+
+async def create(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#create"""
+    check_request_media_type(ctx.request)
+    data = parse_resource(await read_body(ctx.request, ctx.settings.max_body_bytes), resource_type)
+    version = await ctx.repo.create(resource_type, data)
+    return write_response(
+        version, ctx.fmt, ctx.prefer, status=201, base=ctx.settings.fhir_base, location=True
+    )
+
+
+async def update(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#update, including update-as-create and If-Match (http.html#concurrency)."""
+    fhir_id = ctx.param("id")
+    check_id(fhir_id)
+    check_request_media_type(ctx.request)
+    if_match = parse_etag(ctx.request.headers.get("if-match"))
+    data = parse_resource(
+        await read_body(ctx.request, ctx.settings.max_body_bytes), resource_type, url_id=fhir_id
+    )
+    version, created = await ctx.repo.update(resource_type, fhir_id, data, if_match=if_match)
+    return write_response(
+        version,
+        ctx.fmt,
+        ctx.prefer,
+        status=201 if created else 200,
+        base=ctx.settings.fhir_base,
+        location=created,
+    )
+
+
+async def delete(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#delete"""
+    fhir_id = ctx.param("id")
+    check_id(fhir_id)
+    if_match = parse_etag(ctx.request.headers.get("if-match"))
+    version = await ctx.repo.delete(resource_type, fhir_id, if_match=if_match)
+    headers = {"ETag": f'W/"{version.version_id}"'}
+    if ctx.prefer.return_ == "minimal":
+        return Response(status_code=204, headers=headers)
+    outcome = operation_outcome(
+        [Issue("informational", f"{resource_type}/{fhir_id} deleted", severity="information")]
+    )
+    return json_response(outcome, ctx.fmt, headers=headers)
+
+
+async def history(ctx: FhirContext, resource_type: str | None, fhir_id: str | None = None) -> Response:
+    """http.html#history for an instance, a type or the system; keyset-paged."""
+    query = ctx.request.query_params
     since_value = query.get("_since")
     since = parse_instant(since_value, "_since") if since_value else None
+    settings = ctx.settings
     count = parse_count(
         query.get("_count"), default=settings.history_default_count, maximum=settings.history_max_count
     )
     token = query.get("_cursor")
-    cursor = cursors.decode(token) if token else None
+    cursor = ctx.cursors.decode(token) if token else None
     if cursor is not None and not isinstance(cursor, int):
         raise BadRequest("_cursor: not a history cursor", expression=("_cursor",))
-    page = await repo.history(
+    page = await ctx.repo.history(
         resource_type=resource_type, fhir_id=fhir_id, since=since, count=count, cursor=cursor
     )
     path = "/".join(part for part in (resource_type, fhir_id) if part)
@@ -97,355 +172,336 @@ async def _history(
     first_url = f"{url}?{urlencode(kept)}"
     self_url = f"{url}?{urlencode({**kept, '_cursor': token})}" if token else first_url
     next_url = (
-        f"{url}?{urlencode({**kept, '_cursor': cursors.encode(page.next_cursor)})}"
+        f"{url}?{urlencode({**kept, '_cursor': ctx.cursors.encode(page.next_cursor)})}"
         if page.next_cursor
         else None
     )
     body = history_bundle(
         page.versions, base=settings.fhir_base, self_url=self_url, next_url=next_url, first_url=first_url
     )
-    return json_response(body, fmt)
+    return json_response(body, ctx.fmt)
 
 
-async def _search_pairs(request: Request, settings: Settings, *, form: bool) -> list[tuple[str, str]]:
+async def instance_history(ctx: FhirContext, resource_type: str) -> Response:
+    fhir_id = ctx.param("id")
+    check_id(fhir_id)
+    return await history(ctx, resource_type, fhir_id)
+
+
+async def type_history(ctx: FhirContext, resource_type: str) -> Response:
+    return await history(ctx, resource_type)
+
+
+async def _search_pairs(ctx: FhirContext) -> list[tuple[str, str]]:
     """Query parameters, plus the form body of ``POST .../_search`` (search.html#Introduction)."""
+    request = ctx.request
     pairs = list(request.query_params.multi_items())
-    if form:
+    if request.method == "POST":
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type and content_type != "application/x-www-form-urlencoded":
             raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded parameters")
-        raw = await read_body(request, settings.max_body_bytes)
+        raw = await read_body(request, ctx.settings.max_body_bytes)
         try:
-            pairs.extend(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False))
+            pairs.extend(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError as exc:
             raise BadRequest("the form body is not UTF-8") from exc
     return pairs
 
 
+async def search_type(ctx: FhirContext, resource_type: str) -> Response:
+    """search.html: ``GET [type]?...`` and ``POST [type]/_search``."""
+    body = await run_search(
+        ctx.repo,
+        resource_types=(resource_type,),
+        pairs=await _search_pairs(ctx),
+        cursors=ctx.cursors,
+        strict=ctx.prefer.handling == "strict",
+        path=resource_type,
+    )
+    return json_response(body, ctx.fmt)
+
+
+async def compartment_search(ctx: FhirContext, resource_type: str) -> Response:
+    """``GET Patient/[id]/[type]?...`` (R4 CompartmentDefinition/patient)."""
+    patient_id = ctx.param("id")
+    check_id(patient_id)
+    body = await run_search(
+        ctx.repo,
+        resource_types=(resource_type,),
+        pairs=await _search_pairs(ctx),
+        cursors=ctx.cursors,
+        strict=ctx.prefer.handling == "strict",
+        path=f"Patient/{patient_id}/{resource_type}",
+        compartment=("Patient", patient_id),
+    )
+    return json_response(body, ctx.fmt)
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+Handler = Callable[[FhirContext, str], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Interaction:
+    code: str  # CapabilityStatement interaction code ("" = a form of another interaction)
+    method: str
+    path: str  # below /fhir/{type}
+    handler: Handler
+    summary: str
+    ok: int
+    ok_schema: str  # "{type}" or a schema name
+    errors: tuple[int, ...]
+    body: str | None = None  # "resource" or "form"
+
+
+INTERACTION_TABLE: tuple[Interaction, ...] = (
+    Interaction(
+        "history-type", "GET", "/_history", type_history, "Type history of {type}", 200, "Bundle", (400,)
+    ),
+    Interaction("search-type", "GET", "", search_type, "Search {type} resources", 200, "Bundle", (400,)),
+    Interaction(
+        "",
+        "POST",
+        "/_search",
+        search_type,
+        "Search {type} (form body)",
+        200,
+        "Bundle",
+        (400, 415),
+        body="form",
+    ),
+    Interaction(
+        "create", "POST", "", create, "Create a {type}", 201, "{type}", (400, 413, 415, 422), body="resource"
+    ),
+    Interaction("read", "GET", "/{id}", read, "Read a {type}", 200, "{type}", (400, 404, 410)),
+    Interaction(
+        "update",
+        "PUT",
+        "/{id}",
+        update,
+        "Update (or create) a {type}",
+        200,
+        "{type}",
+        (400, 412, 413, 415, 422),
+        body="resource",
+    ),
+    Interaction(
+        "delete", "DELETE", "/{id}", delete, "Delete a {type}", 200, "OperationOutcome", (400, 404, 412)
+    ),
+    Interaction(
+        "history-instance",
+        "GET",
+        "/{id}/_history",
+        instance_history,
+        "History of one {type}",
+        200,
+        "Bundle",
+        (400, 404),
+    ),
+    Interaction(
+        "vread",
+        "GET",
+        "/{id}/_history/{vid}",
+        vread,
+        "Read one version of a {type}",
+        200,
+        "{type}",
+        (400, 404, 410),
+    ),
+)
+
+
+def _content(name: str) -> dict[str, Any]:
+    return {"content": {FHIR_JSON_CONTENT: {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+
+def _responses(ok: int, name: str, errors: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {ok: {"description": "Success", **_content(name)}}
+    for status in errors:
+        out[status] = {"description": "OperationOutcome", **_content("OperationOutcome")}
+    return out
+
+
+def _query_doc(name: str, description: str) -> dict[str, Any]:
+    return {
+        "in": "query",
+        "name": name,
+        "required": False,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+SEARCH_RESULT_PARAMETERS = (
+    ("_count", "Page size (default 20, maximum 1000)"),
+    ("_sort", "Comma-separated sort keys; prefix - for descending"),
+    ("_include", "Type:parameter[:target] to include referenced resources"),
+    ("_revinclude", "Type:parameter to include resources that reference the matches"),
+    ("_total", "none | estimate | accurate"),
+    ("_summary", "true | text | data | count | false"),
+    ("_elements", "Comma-separated top-level elements to return"),
+    ("_cursor", "Opaque paging cursor from a Bundle link"),
+)
+
+
 def _search_parameters_doc(resource_type: str) -> list[dict[str, Any]]:
-    """OpenAPI query parameters of a type's search: every R4 search parameter it supports."""
+    """A type's search parameters for OpenAPI: every R4 search parameter it supports."""
     documented = [
-        {
-            "in": "query",
-            "name": name,
-            "required": False,
-            "schema": {"type": "string"},
-            "description": f"{param.type} search parameter ({param.url})",
-        }
+        _query_doc(name, f"{param.type} search parameter ({param.url})")
         for name, param in sorted(registry().for_type(resource_type).items())
     ]
-    for name, description in (
-        ("_count", "Page size (default 20, maximum 1000)"),
-        ("_sort", "Comma-separated sort keys; prefix - for descending"),
-        ("_include", "Type:parameter[:target] to include referenced resources"),
-        ("_revinclude", "Type:parameter to include resources that reference the matches"),
-        ("_total", "none | estimate | accurate"),
-        ("_summary", "true | text | data | count | false"),
-        ("_elements", "Comma-separated top-level elements to return"),
-        ("_cursor", "Opaque paging cursor from a Bundle link"),
-    ):
-        documented.append(
-            {
-                "in": "query",
-                "name": name,
-                "required": False,
-                "schema": {"type": "string"},
-                "description": description,
-            }
-        )
-    return documented
+    return documented + [_query_doc(name, text) for name, text in SEARCH_RESULT_PARAMETERS]
 
 
-def _register_type(resource_type: str) -> None:
-    """Routes of the instance and type interactions of one served type."""
-    tag = resource_type
-    errors = (400, 404, 410)
+def _path_doc(names: list[str]) -> list[dict[str, Any]]:
+    return [{"in": "path", "name": n, "required": True, "schema": {"type": "string"}} for n in names]
 
-    async def read(id: str, repo: RepositoryDep, fmt: FormatDep) -> Response:
-        check_id(id)
-        return resource_response(await repo.read(resource_type, id), fmt)
 
-    async def vread(id: str, vid: str, repo: RepositoryDep, fmt: FormatDep) -> Response:
-        check_id(id)
-        return resource_response(await repo.vread(resource_type, id, parse_version_id(vid)), fmt)
+def _generic_endpoint(handler: Handler) -> Callable[[ContextDep], Awaitable[Response]]:
+    async def endpoint(ctx: ContextDep) -> Response:
+        resource_type = ctx.param("resource_type")
+        check_resource_type(resource_type)
+        return await handler(ctx, resource_type)
 
-    async def create(
-        request: Request, repo: RepositoryDep, settings: SettingsDep, fmt: FormatDep, prefer: PreferDep
-    ) -> Response:
-        check_request_media_type(request)
-        data = parse_resource(await read_body(request, settings.max_body_bytes), resource_type)
-        version = await repo.create(resource_type, data)
-        return write_response(version, fmt, prefer, status=201, base=settings.fhir_base, location=True)
+    return endpoint
 
-    async def update(
-        id: str,
-        request: Request,
-        repo: RepositoryDep,
-        settings: SettingsDep,
-        fmt: FormatDep,
-        prefer: PreferDep,
-    ) -> Response:
-        check_id(id)
-        check_request_media_type(request)
-        if_match = parse_etag(request.headers.get("if-match"))
-        data = parse_resource(await read_body(request, settings.max_body_bytes), resource_type, url_id=id)
-        version, created = await repo.update(resource_type, id, data, if_match=if_match)
-        return write_response(
-            version, fmt, prefer, status=201 if created else 200, base=settings.fhir_base, location=created
-        )
 
-    async def delete(
-        id: str, request: Request, repo: RepositoryDep, fmt: FormatDep, prefer: PreferDep
-    ) -> Response:
-        check_id(id)
-        if_match = parse_etag(request.headers.get("if-match"))
-        version = await repo.delete(resource_type, id, if_match=if_match)
-        headers = {"ETag": f'W/"{version.version_id}"'}
-        if prefer.return_ == "minimal":
-            return Response(status_code=204, headers=headers)
-        outcome = operation_outcome(
-            [Issue("informational", f"{resource_type}/{id} deleted", severity="information")]
-        )
-        return json_response(outcome, fmt, headers=headers)
+def _typed_endpoint(handler: Handler, resource_type: str) -> Callable[[ContextDep], Awaitable[Response]]:
+    async def endpoint(ctx: ContextDep) -> Response:
+        return await handler(ctx, resource_type)
 
-    async def instance_history(
-        id: str,
-        request: Request,
-        repo: RepositoryDep,
-        settings: SettingsDep,
-        cursors: CursorDep,
-        fmt: FormatDep,
-    ) -> Response:
-        check_id(id)
-        return await _history(request, repo, settings, cursors, fmt, resource_type=resource_type, fhir_id=id)
+    return endpoint
 
-    async def type_history(
-        request: Request, repo: RepositoryDep, settings: SettingsDep, cursors: CursorDep, fmt: FormatDep
-    ) -> Response:
-        return await _history(request, repo, settings, cursors, fmt, resource_type=resource_type)
 
-    async def search_type(
-        request: Request,
-        repo: RepositoryDep,
-        settings: SettingsDep,
-        cursors: CursorDep,
-        fmt: FormatDep,
-        prefer: PreferDep,
-    ) -> Response:
-        pairs = await _search_pairs(request, settings, form=request.method == "POST")
-        body = await run_search(
-            repo,
-            resource_types=(resource_type,),
-            pairs=pairs,
-            cursors=cursors,
-            strict=prefer.handling == "strict",
-            path=resource_type,
-        )
-        return json_response(body, fmt)
+def _openapi_extra(interaction: Interaction, resource_type: str, path: str) -> dict[str, Any]:
+    names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    parameters = _path_doc(names)
+    if interaction.handler in (search_type, compartment_search):
+        parameters += _search_parameters_doc(resource_type)
+    extra: dict[str, Any] = {"parameters": parameters}
+    if interaction.body == "resource":
+        extra["requestBody"] = {"required": True, **_content(resource_type)}
+    elif interaction.body == "form":
+        form = {"schema": {"type": "object", "additionalProperties": {"type": "string"}}}
+        extra["requestBody"] = {"required": False, "content": {"application/x-www-form-urlencoded": form}}
+    return extra
 
-    async def compartment_search(
-        id: str, request: Request, repo: RepositoryDep, cursors: CursorDep, fmt: FormatDep, prefer: PreferDep
-    ) -> Response:
-        check_id(id)
-        body = await run_search(
-            repo,
-            resource_types=(resource_type,),
-            pairs=list(request.query_params.multi_items()),
-            cursors=cursors,
-            strict=prefer.handling == "strict",
-            path=f"Patient/{id}/{resource_type}",
-            compartment=("Patient", id),
-        )
-        return json_response(body, fmt)
 
-    body_spec = {"requestBody": {"required": True, **_content(resource_type)}}
-    search_spec = {"parameters": _search_parameters_doc(resource_type)}
-    form_spec = {
-        "requestBody": {
-            "required": False,
-            "content": {
-                "application/x-www-form-urlencoded": {
-                    "schema": {"type": "object", "additionalProperties": {"type": "string"}}
-                }
-            },
-        }
-    }
-    base = f"/{resource_type}"
-    routes: list[tuple[str, str, Callable[..., Any], str, str, dict[str, Any] | None, Any]] = [
-        (
-            "GET",
-            f"{base}/_history",
-            type_history,
-            "history-type",
-            f"Type history of {resource_type}",
-            None,
-            _responses(200, "Bundle", 400),
-        ),
-        (
-            "GET",
-            base,
-            search_type,
-            "search-type",
-            f"Search {resource_type} resources",
-            search_spec,
-            _responses(200, "Bundle", 400),
-        ),
-        (
-            "POST",
-            f"{base}/_search",
-            search_type,
-            "search-type-post",
-            f"Search {resource_type} (form body)",
-            {**search_spec, **form_spec},
-            _responses(200, "Bundle", 400, 415),
-        ),
-        (
-            "POST",
-            base,
-            create,
-            "create",
-            f"Create a {resource_type}",
-            body_spec,
-            _responses(201, resource_type, 400, 413, 415, 422),
-        ),
-        (
-            "GET",
-            f"{base}/{{id}}",
-            read,
-            "read",
-            f"Read a {resource_type}",
-            None,
-            _responses(200, resource_type, *errors),
-        ),
-        (
-            "PUT",
-            f"{base}/{{id}}",
-            update,
-            "update",
-            f"Update (or create) a {resource_type}",
-            body_spec,
-            _responses(200, resource_type, 400, 412, 413, 415, 422),
-        ),
-        (
-            "DELETE",
-            f"{base}/{{id}}",
-            delete,
-            "delete",
-            f"Delete a {resource_type}",
-            None,
-            _responses(200, "OperationOutcome", 404, 412),
-        ),
-        (
-            "GET",
-            f"{base}/{{id}}/_history",
-            instance_history,
-            "history-instance",
-            f"History of one {resource_type}",
-            None,
-            _responses(200, "Bundle", 404),
-        ),
-        (
-            "GET",
-            f"{base}/{{id}}/_history/{{vid}}",
-            vread,
-            "vread",
-            f"Read one version of a {resource_type}",
-            None,
-            _responses(200, resource_type, *errors),
-        ),
-    ]
-    if resource_type == "Patient" or resource_type in registry().patient_compartment:
-        routes.append(
-            (
-                "GET",
-                f"/Patient/{{id}}/{resource_type}",
-                compartment_search,
-                "search-compartment",
-                f"Search {resource_type} in a Patient's compartment",
-                search_spec,
-                _responses(200, "Bundle", 400),
-            )
-        )
-    for method, path, endpoint, interaction, summary, extra, responses in routes:
+def _register() -> None:
+    for interaction in INTERACTION_TABLE:
         router.add_api_route(
-            path,
-            endpoint,
-            methods=[method],
-            summary=summary,
-            tags=[tag],
-            operation_id=f"{interaction.replace('-', '_')}_{resource_type}",
-            openapi_extra=extra,
-            responses=responses,
+            "/{resource_type}" + interaction.path,
+            _generic_endpoint(interaction.handler),
+            methods=[interaction.method],
+            include_in_schema=False,
             response_class=Response,
         )
-        if interaction in ("search-type-post", "search-compartment"):
-            continue  # forms of search-type, not separate capability interactions
-        INTERACTIONS.setdefault(resource_type, []).append(interaction)
+    compartment = Interaction(
+        "", "GET", "", compartment_search, "Search {type} in a Patient's compartment", 200, "Bundle", (400,)
+    )
+    router.add_api_route(
+        "/Patient/{id}/{resource_type}",
+        _generic_endpoint(compartment_search),
+        methods=["GET"],
+        include_in_schema=False,
+        response_class=Response,
+    )
+    for resource_type in SERVED_TYPES:
+        in_compartment = resource_type == "Patient" or resource_type in registry().patient_compartment
+        entries = [(i, f"/{resource_type}{i.path}") for i in INTERACTION_TABLE]
+        if in_compartment:
+            entries.append((compartment, f"/Patient/{{id}}/{resource_type}"))
+        for interaction, path in entries:
+            operation = interaction.code or (
+                "search-compartment" if interaction is compartment else "search-post"
+            )
+            docs_router.add_api_route(
+                path,
+                _typed_endpoint(interaction.handler, resource_type),
+                methods=[interaction.method],
+                tags=[resource_type],
+                summary=interaction.summary.format(type=resource_type),
+                operation_id=f"{operation.replace('-', '_')}_{resource_type}",
+                response_class=Response,
+                openapi_extra=_openapi_extra(interaction, resource_type, path),
+                responses=_responses(
+                    interaction.ok, interaction.ok_schema.format(type=resource_type), interaction.errors
+                ),
+            )
+            if interaction.code:
+                INTERACTIONS.setdefault(resource_type, []).append(interaction.code)
 
 
-@router.get(
-    "/_history",
-    tags=["system"],
-    operation_id="history_system",
-    summary="History of the whole server",
-    response_class=Response,
-    responses=_responses(200, "Bundle", 400),
-)
-async def system_history(
-    request: Request, repo: RepositoryDep, settings: SettingsDep, cursors: CursorDep, fmt: FormatDep
-) -> Response:
-    return await _history(request, repo, settings, cursors, fmt)
+@router.get("/_history", include_in_schema=False, response_class=Response)
+async def _system_history_route(ctx: ContextDep) -> Response:
+    return await history(ctx, None)
 
 
-SYSTEM_INTERACTIONS.append("history-system")
-
-
-@router.api_route(
-    "",
-    methods=["GET"],
-    tags=["system"],
-    operation_id="search_system",
-    summary="Search several types (_type) or all",
-    response_class=Response,
-    responses=_responses(200, "Bundle", 400),
-)
-@router.api_route(
-    "/_search",
-    methods=["POST"],
-    tags=["system"],
-    operation_id="search_system_post",
-    summary="Search several types (form body)",
-    response_class=Response,
-    responses=_responses(200, "Bundle", 400, 415),
-)
-async def system_search(
-    request: Request,
-    repo: RepositoryDep,
-    settings: SettingsDep,
-    cursors: CursorDep,
-    fmt: FormatDep,
-    prefer: PreferDep,
-) -> Response:
+async def system_search(ctx: FhirContext) -> Response:
     """System-level search (search.html#Introduction): common parameters over ``_type``."""
-    pairs = await _search_pairs(request, settings, form=request.method == "POST")
+    pairs = await _search_pairs(ctx)
     requested = [t for value in (v for k, v in pairs if k == "_type") for t in value.split(",") if t]
     for resource_type in requested:
         check_resource_type(resource_type)
     types = tuple(dict.fromkeys(requested)) or SERVED_TYPES
     body = await run_search(
-        repo, resource_types=types, pairs=pairs, cursors=cursors, strict=prefer.handling == "strict", path=""
+        ctx.repo,
+        resource_types=types,
+        pairs=pairs,
+        cursors=ctx.cursors,
+        strict=ctx.prefer.handling == "strict",
+        path="",
     )
-    return json_response(body, fmt)
+    return json_response(body, ctx.fmt)
 
 
-SYSTEM_INTERACTIONS.append("search-system")
+async def _system_search_route(ctx: ContextDep) -> Response:
+    return await system_search(ctx)
 
-for _type in SERVED_TYPES:
-    _register_type(_type)
+
+router.add_api_route(
+    "", _system_search_route, methods=["GET"], include_in_schema=False, response_class=Response
+)
+router.add_api_route(
+    "/_search", _system_search_route, methods=["POST"], include_in_schema=False, response_class=Response
+)
+docs_router.add_api_route(
+    "/_history",
+    _system_history_route,
+    methods=["GET"],
+    tags=["system"],
+    operation_id="history_system",
+    summary="History of the whole server",
+    response_class=Response,
+    responses=_responses(200, "Bundle", (400,)),
+)
+docs_router.add_api_route(
+    "",
+    _system_search_route,
+    methods=["GET"],
+    tags=["system"],
+    operation_id="search_system",
+    summary="Search several types (_type) or all",
+    response_class=Response,
+    openapi_extra={"parameters": [_query_doc("_type", "Comma-separated resource types")]},
+    responses=_responses(200, "Bundle", (400,)),
+)
+docs_router.add_api_route(
+    "/_search",
+    _system_search_route,
+    methods=["POST"],
+    tags=["system"],
+    operation_id="search_system_post",
+    summary="Search several types (form body)",
+    response_class=Response,
+    responses=_responses(200, "Bundle", (400, 415)),
+)
+_register()
 
 
 def unsupported_routes() -> APIRouter:
-    """Catch-alls registered last: any type not served is 404 not-supported (http.html#read)."""
+    """Registered last: any other path under /fhir is a 404 OperationOutcome (405 for a wrong method)."""
     catch_all = APIRouter(prefix="/fhir", include_in_schema=False)
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
 
@@ -454,12 +510,8 @@ def unsupported_routes() -> APIRouter:
     async def unsupported(resource_type: str, request: Request) -> Response:
         check_resource_type(resource_type)
         rest = request.path_params.get("rest", "")
-        if rest.count("/") >= 2 or (rest.count("/") == 1 and "/_history" not in f"/{rest}"):
+        if rest.count("/") >= 3:
             raise NotFound(f"unknown path {request.url.path}")
-        # A served type's own path with a method it has no route for.
         raise MethodNotAllowed(f"{request.method} is not supported on {request.url.path}")
 
     return catch_all
-
-
-__all__ = ["router", "unsupported_routes", "version_headers"]

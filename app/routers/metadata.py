@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.deps import SettingsDep
+from app.fhir import jsonio
 from app.fhir.capability import capability_statement
 from app.fhir.responses import FormatDep, json_response
 from app.routers.fhir import INTERACTIONS, SYSTEM_INTERACTIONS
@@ -27,10 +28,12 @@ router = APIRouter(prefix="/fhir", tags=["system"])
         }
     },
 )
-async def metadata(settings: SettingsDep, fmt: FormatDep) -> Response:
-    return json_response(
-        capability_statement(
+async def metadata(request: Request, settings: SettingsDep, fmt: FormatDep) -> Response:
+    # Built once per application: it depends only on the registry, the routes and settings.
+    cached: str | None = getattr(request.app.state, "capability_json", None)
+    if cached is None:
+        statement = capability_statement(
             fhir_base=settings.fhir_base, interactions=INTERACTIONS, system_interactions=SYSTEM_INTERACTIONS
-        ),
-        fmt,
-    )
+        )
+        cached = request.app.state.capability_json = jsonio.dumps(statement).decode("utf-8")
+    return json_response(cached, fmt)
