@@ -38,20 +38,15 @@ READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 
 
 async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[FhirRepository]:
-    engine = request.app.state.engine
     fhir_base = request.app.state.settings.fhir_base
-    async with engine.connect() as connection:
-        # SQLAlchemy owns the pool; statements go to the asyncpg connection directly, and the
-        # transaction is asyncpg's own (SQLAlchemy in autocommit mode never opens one).
-        await connection.execution_options(isolation_level="AUTOCOMMIT")
-        driver = (await connection.get_raw_connection()).driver_connection
+    async with request.app.state.pool.acquire() as connection:
         if request.method in READ_ONLY_METHODS:
             # Reads need no transaction: each statement sees committed data, and skipping
             # BEGIN/COMMIT saves two round trips per read.
-            yield FhirRepository(driver, access, fhir_base=fhir_base)
+            yield FhirRepository(connection, access, fhir_base=fhir_base)
             return
-        async with driver.transaction():
-            yield FhirRepository(driver, access, fhir_base=fhir_base)
+        async with connection.transaction():
+            yield FhirRepository(connection, access, fhir_base=fhir_base)
 
 
 # scope="function": the transaction ends (commit or rollback) when the handler returns,

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
@@ -54,19 +53,17 @@ class UnexpectedErrorMiddleware:
                 await response(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, engine: AsyncEngine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        own_engine = engine is None
-        app.state.engine = engine or db.create_engine(settings)
-        app.state.cursors = await load_cursor_codec(app.state.engine)
+        app.state.pool = await db.create_pool(settings)
+        app.state.cursors = await load_cursor_codec(app.state.pool)
         try:
             yield
         finally:
-            if own_engine:
-                await app.state.engine.dispose()
+            await app.state.pool.close()
 
     app = FastAPI(
         title="carecoord", version=SOFTWARE_VERSION, lifespan=lifespan, docs_url="/docs", redoc_url=None

@@ -82,7 +82,7 @@ async def clean_db(engine: AsyncEngine) -> None:
 
 @pytest.fixture(scope="session")
 async def app_client(settings: Settings, engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, engine=engine)
+    app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:

@@ -34,7 +34,10 @@ def generated_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(
         [tool, "generate", "--path", str(SPEC), "--meta", "none", "--output-path", str(out / "cc_client")],
-        check=True, capture_output=True, env=env, timeout=300,
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
     )
     return out
 
@@ -55,7 +58,11 @@ async def test_generated_client_round_trips_typed_models(
     client = client_module.Client(base_url=str(app_client.base_url))
     client.set_async_httpx_client(app_client)
     patient = patient_models.Patient.from_dict(
-        {"resourceType": "Patient", "name": [{"family": "Nguyen", "given": ["Lan"]}], "birthDate": "1948-02-29"}
+        {
+            "resourceType": "Patient",
+            "name": [{"family": "Nguyen", "given": ["Lan"]}],
+            "birthDate": "1948-02-29",
+        }
     )
     created = await create.asyncio_detailed(client=client, body=patient)
     assert created.status_code == 201

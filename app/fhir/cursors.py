@@ -13,8 +13,7 @@ import json
 import secrets
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg
 
 from app.fhir.errors import BadRequest
 
@@ -53,16 +52,13 @@ def _unb64(data: str) -> bytes:
     return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
 
 
-async def load_cursor_codec(engine: AsyncEngine) -> CursorCodec:
+async def load_cursor_codec(pool: asyncpg.Pool) -> CursorCodec:
     """The cursor key is shared by every process through the database; created once."""
-    async with engine.begin() as conn:
+    async with pool.acquire() as conn:
         await conn.execute(
-            text(
-                "INSERT INTO server_key (name, secret) VALUES (:name, :secret) ON CONFLICT (name) DO NOTHING"
-            ),
-            {"name": _KEY_NAME, "secret": secrets.token_hex(32)},
+            "INSERT INTO server_key (name, secret) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            _KEY_NAME,
+            secrets.token_hex(32),
         )
-        secret = (
-            await conn.execute(text("SELECT secret FROM server_key WHERE name = :name"), {"name": _KEY_NAME})
-        ).scalar_one()
+        secret = await conn.fetchval("SELECT secret FROM server_key WHERE name = $1", _KEY_NAME)
     return CursorCodec(bytes.fromhex(secret))

@@ -1,7 +1,7 @@
 """Named-parameter SQL for asyncpg.
 
-The repository and search engine talk to asyncpg directly (SQLAlchemy keeps the pool and
-the migrations): its per-statement overhead is a third of a read. Statements are written
+The repository and search engine talk to asyncpg directly (SQLModel/SQLAlchemy define the
+schema for the Alembic migrations). Statements are written
 with ``:name`` parameters for readability and compiled once to asyncpg's ``$n`` form.
 """
 
