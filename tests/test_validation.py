@@ -182,3 +182,35 @@ async def test_required_binding_on_codeable_concept(client: httpx.AsyncClient, e
     good = {**SAMPLES["Condition"], "clinicalStatus": {"coding": [{"system": system, "code": "remission"}]}}
     assert (await client.post("/fhir/Condition", json=good, headers=JSON)).status_code == 201
     assert await count_rows(engine) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"resourceType": "Patient", "name": [{"family": "nul\\u0000byte"}]}',
+        b'{"resourceType": "Patient", "name": [{"given": ["bell\\u0007"]}]}',
+        b'{"resourceType": "Patient", "name": [{"family": "lone \\ud800 surrogate"}]}',
+    ],
+    ids=["nul", "control", "surrogate"],
+)
+async def test_control_characters_and_bad_unicode_are_400(
+    client: httpx.AsyncClient, engine: AsyncEngine, body: bytes
+) -> None:
+    response = await client.post("/fhir/Patient", content=body, headers=JSON)
+    assert response.status_code == 400
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert await count_rows(engine) == 0
+
+
+async def test_out_of_range_decimal_is_stored_not_indexed(client: httpx.AsyncClient) -> None:
+    body = (
+        b'{"resourceType": "Observation", "status": "final", "code": {"text": "x"},'
+        b' "valueQuantity": {"value": 1e400, "unit": "mg"}}'
+    )
+    created = await client.post("/fhir/Observation", content=body, headers=JSON)
+    assert created.status_code == 201
+    read = await client.get(f"/fhir/Observation/{created.json()['id']}")
+    assert float(read.json()["valueQuantity"]["value"]) == float("1e400")
+    found = await client.get("/fhir/Observation", params={"value-quantity": "gt1"})
+    assert found.status_code == 200
+    assert "entry" not in found.json()

@@ -18,8 +18,10 @@ from typing import Any
 from app.fhir.fhirdate import HIGHEST, LOWEST, date_range
 from app.fhir.search_params import PathSpec, SearchParam, registry
 
+# Index values are cut so a btree key (type, param, value, system) stays under PostgreSQL's
+# ~2.7 kB limit even for 4-byte UTF-8 characters.
 MAX_STRING = 255
-MAX_TOKEN = 512
+MAX_TOKEN = 256
 
 
 def normalize(text: str) -> str:
@@ -245,9 +247,13 @@ def _decimal(value: Any) -> Decimal | None:
     if isinstance(value, bool) or value is None:
         return None
     try:
-        return Decimal(str(value)) if isinstance(value, (int, float, Decimal, str)) else None
+        number = Decimal(str(value)) if isinstance(value, (int, float, Decimal, str)) else None
     except InvalidOperation:
         return None
+    # Beyond PostgreSQL numeric's range (and any real quantity): stored, but not indexed.
+    if number is None or not number.is_finite() or abs(number.adjusted()) > 100:
+        return None
+    return number
 
 
 def _add_quantity(rows: IndexRows, name: str, element_type: str, value: Any) -> None:

@@ -202,4 +202,6 @@ def history_bundle(
             entry = entry[:-1] + ',"resource":' + version.body + "}"
         entries.append(entry)
     head = json.dumps({"resourceType": "Bundle", "type": "history", "link": links}, separators=(",", ":"))
+    if not entries:
+        return head  # FHIR JSON has no empty arrays (json.html)
     return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"

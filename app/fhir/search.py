@@ -26,6 +26,7 @@ from app.fhir.fhirdate import date_range
 from app.fhir.indexing import normalize, split_reference
 from app.fhir.search_params import SearchParam, SearchRegistry
 from app.fhir.types import SERVED_TYPE_SET
+from app.fhir.validation import FORBIDDEN_CHARACTERS
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
@@ -339,6 +340,8 @@ class SearchCompiler:
         except InvalidOperation as exc:
             raise BadRequest(f"{name}: '{value[:40]}' is not a number", expression=(name,)) from exc
         exponent = number.as_tuple().exponent
+        if not isinstance(exponent, int) or abs(exponent) > 64 or number.adjusted() > 64:
+            raise BadRequest(f"{name}: '{value[:40]}' is out of range", expression=(name,))
         half = Decimal(5).scaleb((exponent if isinstance(exponent, int) else 0) - 1)
         column = f"{index}.value"
         if prefix == "eq":
@@ -635,6 +638,10 @@ def parse_search(
     if compartment is not None:
         conditions.append(compiler.compartment("r", resource_types[0], compartment[1]))
     for name, raw in pairs:
+        if FORBIDDEN_CHARACTERS.search(raw) or FORBIDDEN_CHARACTERS.search(name):
+            raise BadRequest(
+                f"{name[:64]!r}: contains a control character or invalid Unicode", expression=(name[:64],)
+            )
         if not _PARAM_NAME.match(name.split(":", 1)[0].split(".", 1)[0]):
             unknown.append(name)
             continue

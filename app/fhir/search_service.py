@@ -87,6 +87,8 @@ async def run_search(
         outcome = json.dumps(operation_outcome(request.issues), separators=(",", ":"))
         entries.append('{"resource":' + outcome + ',"search":{"mode":"outcome"}}')
     rendered = json.dumps(head, separators=(",", ":"))
+    if not entries:
+        return rendered  # FHIR JSON has no empty arrays (json.html)
     return rendered[:-1] + ',"entry":[' + ",".join(entries) + "]}"
 
 

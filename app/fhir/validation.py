@@ -24,6 +24,9 @@ from app.fhir.types import SERVED_TYPE_SET
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 """R4 datatypes.html#id."""
 
+FORBIDDEN_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+"""R4 datatypes.html#string: no code points below 32 except tab, CR and LF; no lone surrogates."""
+
 
 @lru_cache(maxsize=1)
 def _bindings() -> dict[str, dict[str, dict[str, Any]]]:
@@ -134,12 +137,30 @@ def _walk(definition: str | None, node: Any, path: str, depth: int, issues: list
         raise InvalidResource(f"resource nests deeper than {jsonio.MAX_DEPTH} levels", code="too-costly")
     if isinstance(node, list):
         for index, item in enumerate(node):
-            _walk(definition, item, f"{path}[{index}]", depth + 1, issues)
+            if isinstance(item, str) and FORBIDDEN_CHARACTERS.search(item):
+                issues.append(
+                    Issue(
+                        "invalid",
+                        f"{path}[{index}]: contains a control character or invalid Unicode",
+                        expression=(f"{path}[{index}]",),
+                    )
+                )
+            else:
+                _walk(definition, item, f"{path}[{index}]", depth + 1, issues)
         return
     if not isinstance(node, dict):
         return
     rules = _bindings().get(definition or "", {})
     for key, value in node.items():
+        if isinstance(value, str) and FORBIDDEN_CHARACTERS.search(value):
+            issues.append(
+                Issue(
+                    "invalid",
+                    f"{path}.{key}: contains a control character or invalid Unicode",
+                    expression=(f"{path}.{key}",),
+                )
+            )
+            continue
         rule = rules.get(key)
         child_path = f"{path}.{key}"
         if rule is None:
