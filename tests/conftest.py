@@ -77,7 +77,12 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 async def clean_db(engine: AsyncEngine) -> None:
     """Start a test from empty resource tables (history and system-wide views need it)."""
     async with engine.begin() as conn:
-        await conn.execute(text("TRUNCATE resource, resource_history RESTART IDENTITY CASCADE"))
+        await conn.execute(
+            text(
+                "TRUNCATE resource, resource_history, search_token, search_string, search_date,"
+                " search_reference, search_quantity, search_uri RESTART IDENTITY CASCADE"
+            )
+        )
 
 
 @pytest.fixture(scope="session")
