@@ -214,3 +214,10 @@ async def test_out_of_range_decimal_is_stored_not_indexed(client: httpx.AsyncCli
     found = await client.get("/fhir/Observation", params={"value-quantity": "gt1"})
     assert found.status_code == 200
     assert "entry" not in found.json(), found.json().get("entry")
+
+
+async def test_format_with_unencoded_plus(client: httpx.AsyncClient) -> None:
+    created = (await client.post("/fhir/Patient", json=SAMPLES["Patient"], headers=JSON)).json()
+    response = await client.get(f"/fhir/Patient/{created['id']}?_format=application/fhir+json")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/fhir+json")

@@ -55,7 +55,8 @@ async def negotiate(request: Request) -> OutputFormat:
     pretty = request.query_params.get("_pretty", "false").lower() == "true"
     requested = request.query_params.get("_format")
     if requested is not None:
-        kind = requested.split(";")[0].strip().lower()
+        # An unencoded "+" in a query string arrives as a space ("application/fhir json").
+        kind = requested.split(";")[0].strip().lower().replace(" ", "+")
         if kind not in JSON_TYPES:
             raise NotAcceptable(ONLY_JSON)
         return OutputFormat(_FORMAT_ALIASES.get(kind, kind), pretty)
