@@ -181,7 +181,9 @@ def main() -> None:
         json.dumps(_openapi(defs, names), sort_keys=True, separators=(",", ":")) + "\n"
     )
     search = {
-        "params": build_table(json.loads((shared / "search-parameters.json").read_text()), defs, SERVED_TYPES),
+        "params": build_table(
+            json.loads((shared / "search-parameters.json").read_text()), defs, SERVED_TYPES
+        ),
         "patient_compartment": compartment(
             json.loads((shared / "compartmentdefinition-patient.json").read_text()), SERVED_TYPES
         ),

@@ -80,8 +80,10 @@ def compile_part(part: str, defs: dict[str, Any]) -> list[dict[str, Any]]:
     """Compile one union member into paths ``{"steps": [...], "type": T}``."""
     part = _normalize(part)
     if part.endswith(".exists() and Patient.deceased != false"):
-        return [{"steps": [["key", "deceasedBoolean"]], "type": "boolean", "special": "deceased"},
-                {"steps": [["key", "deceasedDateTime"]], "type": "dateTime", "special": "deceased"}]
+        return [
+            {"steps": [["key", "deceasedBoolean"]], "type": "boolean", "special": "deceased"},
+            {"steps": [["key", "deceasedDateTime"]], "type": "dateTime", "special": "deceased"},
+        ]
     tokens = _tokens(part)
     root = tokens[0]
     paths: list[tuple[list[Step], str]] = [([], root)]
@@ -103,14 +105,31 @@ def _type_of(prop: dict[str, Any]) -> str:
 
 
 _PRIMITIVES = {
-    "boolean", "integer", "string", "dateTime", "date", "instant", "time", "decimal", "uri", "url",
-    "canonical", "code", "id", "oid", "uuid", "markdown", "base64Binary", "positiveInt", "unsignedInt",
+    "boolean",
+    "integer",
+    "string",
+    "dateTime",
+    "date",
+    "instant",
+    "time",
+    "decimal",
+    "uri",
+    "url",
+    "canonical",
+    "code",
+    "id",
+    "oid",
+    "uuid",
+    "markdown",
+    "base64Binary",
+    "positiveInt",
+    "unsignedInt",
 }
 
 
 def _choice_type(base: str, name: str) -> str:
     """``effectiveDateTime`` -> ``dateTime``; ``valueQuantity`` -> ``Quantity``."""
-    suffix = name[len(base):]
+    suffix = name[len(base) :]
     lowered = suffix[0].lower() + suffix[1:]
     return lowered if lowered in _PRIMITIVES else suffix
 
@@ -136,7 +155,7 @@ def _apply(token: str, steps: list[Step], current: str, defs: dict[str, Any]) ->
         raise UnsupportedExpression(token)
     if token in props:
         return [([*steps, ["key", token]], _type_of(props[token]))]
-    choices = [name for name in props if name.startswith(token) and name[len(token):][:1].isupper()]
+    choices = [name for name in props if name.startswith(token) and name[len(token) :][:1].isupper()]
     if choices:
         # A choice element: a following as()/ofType() picks one type, otherwise all of them.
         out: list[tuple[list[Step], str]] = [([*steps, ["choice", token]], current)]
@@ -179,7 +198,9 @@ def build_table(bundle: dict[str, Any], defs: dict[str, Any], served: tuple[str,
                 spec["column"] = True
             elif sp["type"] == "composite":
                 spec["components"] = [
-                    by_url[c["definition"]]["code"] for c in sp.get("component", []) if c["definition"] in by_url
+                    by_url[c["definition"]]["code"]
+                    for c in sp.get("component", [])
+                    if c["definition"] in by_url
                 ]
             else:
                 paths: list[dict[str, Any]] = []
@@ -188,7 +209,7 @@ def build_table(bundle: dict[str, Any], defs: dict[str, Any], served: tuple[str,
                     if head not in (resource_type, "Resource", "DomainResource"):
                         continue
                     if head in ("Resource", "DomainResource"):
-                        part = resource_type + _normalize(part)[len(head):]
+                        part = resource_type + _normalize(part)[len(head) :]
                     paths.extend(p for p in _finish(compile_part(part, defs)) if p not in paths)
                 if not paths:
                     continue
@@ -198,6 +219,4 @@ def build_table(bundle: dict[str, Any], defs: dict[str, Any], served: tuple[str,
 
 
 def compartment(definition: dict[str, Any], served: tuple[str, ...]) -> dict[str, list[str]]:
-    return {
-        r["code"]: r["param"] for r in definition["resource"] if r["code"] in served and r.get("param")
-    }
+    return {r["code"]: r["param"] for r in definition["resource"] if r["code"] in served and r.get("param")}
