@@ -22,11 +22,15 @@ def _free_port() -> int:
 def test_serve_on_embedded_postgres_answers_metadata_and_writes(tmp_path: Path) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARECOORD_DATABASE_URL")}
-    env.update({"CARECOORD_DATA_DIR": str(tmp_path / "data"), "CARECOORD_BASE_URL": f"http://127.0.0.1:{port}"})
+    env.update(
+        {"CARECOORD_DATA_DIR": str(tmp_path / "data"), "CARECOORD_BASE_URL": f"http://127.0.0.1:{port}"}
+    )
     log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
