@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     history_default_count: int = Field(default=50, ge=1)
     history_max_count: int = Field(default=1000, ge=1)
     db_pool_size: int = Field(default=10, ge=1)
+    conditional_delete_max: int = Field(
+        default=10, ge=1, description="Most resources one conditional delete may remove (1 = single only)"
+    )
+    max_bundle_entries: int = Field(default=1000, ge=1, description="Most entries in a batch or transaction")
     log_level: str = "info"
 
     @field_validator("base_url")

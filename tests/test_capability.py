@@ -21,8 +21,12 @@ async def test_capability_statement_lists_every_type_and_search(client: httpx.As
     assert set(by_type) == set(SERVED_TYPES)
     for resource in by_type.values():
         codes = {i["code"] for i in resource["interaction"]}
-        assert codes == {"read", "vread", "update", "delete", "create", "history-instance", "history-type",
-                         "search-type"}
+        assert codes == {"read", "vread", "update", "patch", "delete", "create", "history-instance",
+                         "history-type", "search-type"}
+        assert resource["conditionalCreate"] is True
+        assert resource["conditionalUpdate"] is True
+        assert resource["conditionalDelete"] == "multiple"
+        assert resource["conditionalRead"] == "full-support"
         assert resource["versioning"] == "versioned-update"
         assert resource["updateCreate"] is True
     patient_params = {p["name"]: p for p in by_type["Patient"]["searchParam"]}

@@ -164,6 +164,6 @@ async def test_unsupported_type_is_404_not_supported(client: httpx.AsyncClient) 
 
 
 async def test_method_not_allowed_on_served_type(client: httpx.AsyncClient) -> None:
-    response = await client.request("DELETE", "/fhir/Patient")
+    response = await client.request("PATCH", "/fhir/Patient")
     assert response.status_code == 405
     assert response.json()["resourceType"] == "OperationOutcome"

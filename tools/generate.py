@@ -134,6 +134,8 @@ def _bindings(
                 entry[prop_name] = {"resource": True}
             elif target and defs.get(target, {}).get("properties"):
                 entry[prop_name] = {"type": target}
+            if prop.get("type") == "array":
+                entry.setdefault(prop_name, {})["many"] = True
         for (definition, prop_name), value_set in CODE_BINDINGS.items():
             if definition == name:
                 entry[prop_name] = {"codes": value_sets[value_set][1]}

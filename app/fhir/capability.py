@@ -14,7 +14,11 @@ RELEASE_DATE = "2026-11-25"
 
 
 def capability_statement(
-    *, fhir_base: str, interactions: dict[str, list[str]], system_interactions: list[str]
+    *,
+    fhir_base: str,
+    interactions: dict[str, list[str]],
+    system_interactions: list[str],
+    conditional_delete_max: int = 1,
 ) -> dict[str, Any]:
     resources = []
     search = registry()
@@ -27,6 +31,10 @@ def capability_statement(
             "versioning": "versioned-update",
             "readHistory": "vread" in routed,
             "updateCreate": "update" in routed,
+            "conditionalCreate": "create" in routed,
+            "conditionalRead": "full-support",
+            "conditionalUpdate": "update" in routed,
+            "conditionalDelete": "multiple" if conditional_delete_max > 1 else "single",
         }
         if "search-type" in routed:
             entry.update(_search_capabilities(search, resource_type))

@@ -162,18 +162,23 @@ def _add_token(rows: IndexRows, name: str, element_type: str, value: Any) -> Non
     elif element_type == "Coding" and isinstance(value, dict):
         rows.token.extend(_coding_rows(name, value))
     elif element_type == "Identifier" and isinstance(value, dict):
-        type_codings = [c for c in (value.get("type") or {}).get("coding") or [] if isinstance(c, dict)]
-        first = type_codings[0] if type_codings else {}
-        rows.token.append(
-            (
-                name,
-                _token(value.get("system")),
-                _token(value.get("value")),
-                None,
-                _token(first.get("system")),
-                _token(first.get("code")),
+        # One row per type coding, so :of-type matches any of them; the type's text
+        # (or display) serves :text (search.html#token).
+        raw_type = value.get("type")
+        identifier_type: dict[str, Any] = raw_type if isinstance(raw_type, dict) else {}
+        type_codings = [c for c in identifier_type.get("coding") or [] if isinstance(c, dict)] or [{}]
+        type_text = identifier_type.get("text") or type_codings[0].get("display")
+        for coding in type_codings:
+            rows.token.append(
+                (
+                    name,
+                    _token(value.get("system")),
+                    _token(value.get("value")),
+                    normalize(type_text) if isinstance(type_text, str) else None,
+                    _token(coding.get("system")),
+                    _token(coding.get("code")),
+                )
             )
-        )
     elif element_type == "ContactPoint" and isinstance(value, dict):
         rows.token.append((name, _token(value.get("system")), _token(value.get("value")), None, None, None))
     elif isinstance(value, bool):

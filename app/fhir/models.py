@@ -33,7 +33,9 @@ def _field_names(resource_type: str, flag: str) -> frozenset[str]:
     return frozenset(
         name
         for name, info in fields.items()
-        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(flag)
+        if (isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(flag))
+        # fhir.resources flags required primitives; required complex elements are pydantic-required
+        or (flag == "element_required" and info.is_required())
     )
 
 

@@ -158,6 +158,11 @@ _READ = Statement(
     " WHERE resource_type = :rtype AND fhir_id = :fid"
 )
 
+_READ_FOR_UPDATE = Statement(
+    "SELECT version_id, last_updated, deleted, body FROM resource"
+    " WHERE resource_type = :rtype AND fhir_id = :fid FOR UPDATE"
+)
+
 _VREAD = Statement(
     """
     SELECT version_id, last_updated, method, body FROM resource_history
@@ -175,6 +180,32 @@ class FhirRepository:
         self._conn = connection
         self.access = access
         self.fhir_base = fhir_base
+
+    def savepoint(self) -> Any:
+        """A nested transaction (SAVEPOINT): batch entries fail alone."""
+        return self._conn.transaction()
+
+    async def lock_condition(self, key: str) -> None:
+        """Serialize requests with the same condition until this transaction ends.
+
+        Conditional create/update/delete search, then write; two identical requests racing
+        would both see no match and both create (the duplicate bug every peer has). A
+        transaction-level advisory lock on the normalized condition makes the second wait
+        for the first to commit; its search then sees the first one's resource.
+        """
+        await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+
+    async def read_for_update(self, resource_type: str, fhir_id: str) -> StoredVersion:
+        """The current version, row-locked until the transaction ends (read-modify-write)."""
+        row = await self._conn.fetchrow(_READ_FOR_UPDATE.sql, resource_type, fhir_id)
+        if row is None:
+            raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        version = StoredVersion(
+            resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
+        )
+        if version.deleted:
+            raise Gone(f"{resource_type}/{fhir_id} was deleted", headers=_version_headers(version))
+        return version
 
     async def search(
         self, request: SearchRequest, after: tuple[Any, ...] | None, backwards: bool

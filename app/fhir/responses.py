@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -116,6 +116,24 @@ def version_headers(version: StoredVersion) -> dict[str, str]:
         "ETag": f'W/"{version.version_id}"',
         "Last-Modified": format_datetime(version.last_updated, usegmt=True),
     }
+
+
+def not_modified(request: Request, version: StoredVersion) -> bool:
+    """Conditional read (http.html#cread): If-None-Match on the ETag, If-Modified-Since on lastUpdated."""
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return f'"{version.version_id}"' in tags or "*" in tags
+    since = request.headers.get("if-modified-since")
+    if since:
+        try:
+            moment = parsedate_to_datetime(since)
+        except (TypeError, ValueError):
+            return False
+        if moment.tzinfo is None:
+            return False
+        return version.last_updated.replace(microsecond=0) <= moment
+    return False
 
 
 def render(body: bytes | str, fmt: OutputFormat) -> bytes:

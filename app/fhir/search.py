@@ -112,31 +112,43 @@ class SearchRequest:
     @property
     def fingerprint(self) -> str:
         """Identifies the query a cursor belongs to (a cursor is valid only for its query)."""
-        text = "&".join(f"{k}={v}" for k, v in sorted(self.applied) if k != "_cursor")
+        # _count is left out: the server caps it, and its links carry the capped value.
+        text = "&".join(f"{k}={v}" for k, v in sorted(self.applied) if k not in ("_cursor", "_count"))
         return hashlib.sha256(f"{','.join(self.resource_types)}?{text}".encode()).hexdigest()[:16]
 
 
-def split_values(raw: str) -> list[str]:
-    """Comma separates OR values; ``\\,`` is a literal comma (search.html#escaping)."""
+def _split_escaped(value: str, separator: str, limit: int = -1) -> list[str]:
+    """Split on unescaped ``separator``; escape sequences are kept for the next level."""
     parts, current, escaped = [], "", False
-    for char in raw:
+    for char in value:
         if escaped:
-            current += char if char in ",$|\\" else "\\" + char
+            current += "\\" + char
             escaped = False
         elif char == "\\":
             escaped = True
-        elif char == ",":
+        elif char == separator and limit != 0:
             parts.append(current)
             current = ""
+            limit -= 1
         else:
             current += char
     parts.append(current + ("\\" if escaped else ""))
     return parts
 
 
+def split_values(raw: str) -> list[str]:
+    """Comma separates OR values; ``\\,`` is a literal comma (search.html#escaping)."""
+    return _split_escaped(raw, ",")
+
+
 def _split_unescaped(value: str, separator: str, limit: int = -1) -> list[str]:
-    parts = re.split(rf"(?<!\\){re.escape(separator)}", value, maxsplit=limit if limit >= 0 else 0)
-    return [part.replace(f"\\{separator}", separator) for part in parts]
+    """Split on ``|`` or ``$`` and resolve the escapes of each part."""
+    return [unescape(part) for part in _split_escaped(value, separator, limit)]
+
+
+def unescape(value: str) -> str:
+    """``\\,`` ``\\|`` ``\\$`` ``\\\\`` -> the literal character (search.html#escaping)."""
+    return re.sub(r"\\([\\,|$])", r"\1", value)
 
 
 def _like_prefix(text: str) -> str:
@@ -209,7 +221,7 @@ class SearchCompiler:
         )
 
     def _id(self, alias: str, name: str, modifier: str, raw: str) -> str:
-        values = [v for v in split_values(raw) if v]
+        values = [unescape(v) for v in split_values(raw) if v]
         if modifier == "missing":
             return "TRUE" if raw == "false" else "FALSE"
         if modifier not in ("", "not"):
@@ -262,7 +274,7 @@ class SearchCompiler:
 
     def _token(self, index: str, value: str, modifier: str, name: str) -> str:
         if modifier == "text":
-            return f"{index}.display LIKE {self.bind(_like_prefix(normalize(value)) + '%')}"
+            return f"{index}.display LIKE {self.bind(_like_prefix(normalize(unescape(value))) + '%')}"
         if modifier == "of-type":
             parts = _split_unescaped(value, "|")
             if len(parts) != 3 or not all(parts[1:]):
@@ -279,7 +291,7 @@ class SearchCompiler:
             raise BadRequest(f"{name}: empty value", expression=(name,))
         parts = _split_unescaped(value, "|", 1)
         if len(parts) == 1:
-            return f"{index}.code = {self.bind(value)}"
+            return f"{index}.code = {self.bind(parts[0])}"
         system, code = parts
         if not system:
             return f"({index}.system IS NULL AND {index}.code = {self.bind(code)})"
@@ -288,6 +300,7 @@ class SearchCompiler:
         return f"({index}.system = {self.bind(system)} AND {index}.code = {self.bind(code)})"
 
     def _string(self, index: str, value: str, modifier: str, name: str) -> str:
+        value = unescape(value)
         if not value:
             raise BadRequest(f"{name}: empty value", expression=(name,))
         if modifier == "exact":
@@ -302,7 +315,7 @@ class SearchCompiler:
         return f"{index}.value_norm LIKE {self.bind(pattern + '%')}"
 
     def _date(self, low: str, high: str, value: str, name: str) -> str:
-        prefix, text = _prefix(value)
+        prefix, text = _prefix(unescape(value))
         span = date_range(text)
         if span is None:
             raise BadRequest(f"{name}: '{value[:40]}' is not a valid date", expression=(name,))
@@ -332,7 +345,10 @@ class SearchCompiler:
 
     def _quantity(self, index: str, value: str, name: str, with_units: bool) -> str:
         prefix, text = _prefix(value)
-        number_text, _, unit = text.partition("|") if with_units else (text, "", "")
+        pieces = _split_unescaped(text, "|", 2) if with_units else [unescape(text)]
+        number_text = pieces[0]
+        system = pieces[1] if len(pieces) == 3 else ""
+        code = pieces[-1] if len(pieces) > 1 else ""
         if not _NUMBER.match(number_text):
             raise BadRequest(f"{name}: '{value[:40]}' is not a number", expression=(name,))
         try:
@@ -361,8 +377,7 @@ class SearchCompiler:
             clause = (
                 f"({column} >= {self.bind(number - spread)} AND {column} <= {self.bind(number + spread)})"
             )
-        if unit:
-            system, _, code = unit.partition("|") if "|" in unit else ("", "", unit)
+        if system or code:
             if system:
                 clause += f" AND {index}.system = {self.bind(system)}"
             if code:
@@ -376,7 +391,7 @@ class SearchCompiler:
         if modifier == "identifier":
             parts = _split_unescaped(value, "|", 1)
             if len(parts) == 1:
-                return f"{index}.ident_value = {self.bind(value)}"
+                return f"{index}.ident_value = {self.bind(parts[0])}"
             system, code = parts
             clause = (
                 f"{index}.ident_system = {self.bind(system)}" if system else f"{index}.ident_system IS NULL"
@@ -388,7 +403,7 @@ class SearchCompiler:
             raise BadRequest(
                 f"{name}: modifier ':{modifier}' is not supported on reference parameters", expression=(name,)
             )
-        target_type, target_id, url = split_reference(value.split("|", 1)[0], self.fhir_base)
+        target_type, target_id, url = split_reference(_split_unescaped(value, "|", 1)[0], self.fhir_base)
         if url is not None:
             if "/" not in url and ":" not in url:
                 target_id = url  # a bare id
@@ -406,6 +421,7 @@ class SearchCompiler:
         return clause
 
     def _uri(self, index: str, value: str, modifier: str, name: str) -> str:
+        value = unescape(value)
         if not value:
             raise BadRequest(f"{name}: empty value", expression=(name,))
         if modifier == "below":
@@ -430,7 +446,7 @@ class SearchCompiler:
         self._no_modifier(modifier, name)
         clauses = []
         for value in split_values(raw):
-            parts = _split_unescaped(value, "$")
+            parts = _split_escaped(value, "$")
             if len(parts) != len(param.components):
                 raise BadRequest(
                     f"{name}: expected {len(param.components)} values separated by $", expression=(name,)
@@ -440,10 +456,7 @@ class SearchCompiler:
                 component_param = self.registry.get(resource_type, component)
                 if component_param is None:
                     raise BadRequest(f"{name}: component {component} is not supported", expression=(name,))
-                escaped = part.replace(",", "\\,")
-                component_clauses.append(
-                    self._indexed(alias, resource_type, component_param, "", escaped, name)
-                )
+                component_clauses.append(self._indexed(alias, resource_type, component_param, "", part, name))
             clauses.append("(" + " AND ".join(component_clauses) + ")")
         return self._any(clauses)
 
@@ -563,7 +576,8 @@ class SearchCompiler:
             "uri": ("uri", "text", "''"),
             "quantity": ("value", "numeric", "0"),
             "number": ("value", "numeric", "0"),
-            "date": ("high" if descending else "low", "timestamptz", "'-infinity'::timestamptz"),
+            # A finite stand-in for "no value": it must survive the round trip through the cursor.
+            "date": ("high" if descending else "low", "timestamptz", "'0001-01-02T00:00:00+00'::timestamptz"),
         }[param.type]
         aggregate = "max" if descending else "min"
         index = self._alias("s")
@@ -655,7 +669,7 @@ def parse_search(
                 sort_specs.extend(v for v in raw.split(",") if v)
             elif base not in ("_format", "_pretty", "_type"):
                 options[base] = raw
-            if base not in ("_format", "_cursor", "_type"):
+            if base not in ("_format", "_cursor"):
                 applied.append((name, raw))
             continue
         if base in UNSUPPORTED_PARAMETERS:
@@ -696,6 +710,8 @@ def parse_search(
     if total not in ("none", "estimate", "accurate"):
         raise BadRequest("_total: use none, estimate or accurate", expression=("_total",))
     summary = options.get("_summary")
+    if count == 0:
+        summary = "count"  # search.html#count: _count=0 is treated as _summary=count
     if summary is not None and summary not in ("true", "false", "text", "data", "count"):
         raise BadRequest("_summary: use true, false, text, data or count", expression=("_summary",))
     elements = (

@@ -39,6 +39,11 @@ def _bindings() -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
+def binding_rules(definition: str | None) -> dict[str, dict[str, Any]]:
+    """Per element of an R4 definition: its type, cardinality ("many") and required codes."""
+    return _bindings().get(definition or "", {})
+
+
 def check_resource_type(resource_type: str) -> None:
     if resource_type not in SERVED_TYPE_SET:
         raise NotSupported(f"resource type '{resource_type}' is not supported by this server")
@@ -191,7 +196,7 @@ def _walk(definition: str | None, node: Any, path: str, depth: int, issues: list
                     issues,
                 )
         else:
-            _walk(rule["type"], value, child_path, depth + 1, issues)
+            _walk(rule.get("type"), value, child_path, depth + 1, issues)
 
 
 def _check_codings(rule: dict[str, Any], value: Any, path: str, issues: list[Issue]) -> None:

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from app.deps import RepositoryDep, read_body
+from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
 from app.fhir.cursors import CursorCodec
 from app.fhir.errors import (
     BadRequest,
@@ -37,14 +38,16 @@ from app.fhir.responses import (
     history_bundle,
     json_response,
     negotiate,
+    not_modified,
     parse_prefer,
     resource_response,
+    version_headers,
     write_response,
 )
 from app.fhir.search_params import registry
 from app.fhir.search_service import run_search
 from app.fhir.types import SERVED_TYPES
-from app.fhir.validation import check_id, check_resource_type, parse_resource
+from app.fhir.validation import check_id, check_resource_type, parse_body, parse_resource
 from app.settings import Settings
 
 FHIR_JSON_CONTENT = "application/fhir+json"
@@ -91,10 +94,13 @@ ContextDep = Annotated[FhirContext, Depends(fhir_context, scope="function")]
 
 
 async def read(ctx: FhirContext, resource_type: str) -> Response:
-    """http.html#read"""
+    """http.html#read, and conditional read (If-None-Match, If-Modified-Since -> 304)."""
     fhir_id = ctx.param("id")
     check_id(fhir_id)
-    return resource_response(await ctx.repo.read(resource_type, fhir_id), ctx.fmt)
+    version = await ctx.repo.read(resource_type, fhir_id)
+    if not_modified(ctx.request, version):
+        return Response(status_code=304, headers=version_headers(version))
+    return resource_response(version, ctx.fmt)
 
 
 async def vread(ctx: FhirContext, resource_type: str) -> Response:
@@ -109,9 +115,66 @@ async def create(ctx: FhirContext, resource_type: str) -> Response:
     """http.html#create"""
     check_request_media_type(ctx.request)
     data = parse_resource(await read_body(ctx.request, ctx.settings.max_body_bytes), resource_type)
-    version = await ctx.repo.create(resource_type, data)
+    condition = ctx.request.headers.get("if-none-exist")
+    if condition is not None:
+        version, created = await conditional_create(ctx.repo, resource_type, data, condition)
+    else:
+        version, created = await ctx.repo.create(resource_type, data), True
     return write_response(
-        version, ctx.fmt, ctx.prefer, status=201, base=ctx.settings.fhir_base, location=True
+        version,
+        ctx.fmt,
+        ctx.prefer,
+        status=201 if created else 200,
+        base=ctx.settings.fhir_base,
+        location=True,
+    )
+
+
+async def conditional_update_type(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#cond-update: ``PUT [type]?criteria``."""
+    check_request_media_type(ctx.request)
+    if_match = parse_etag(ctx.request.headers.get("if-match"))
+    data = parse_resource(await read_body(ctx.request, ctx.settings.max_body_bytes), resource_type)
+    version, created = await conditional_update(
+        ctx.repo, resource_type, data, ctx.request.url.query, if_match=if_match
+    )
+    return write_response(
+        version,
+        ctx.fmt,
+        ctx.prefer,
+        status=201 if created else 200,
+        base=ctx.settings.fhir_base,
+        location=created,
+    )
+
+
+async def conditional_delete_type(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#cdelete: ``DELETE [type]?criteria``."""
+    deleted = await conditional_delete(
+        ctx.repo, resource_type, ctx.request.url.query, max_matches=ctx.settings.conditional_delete_max
+    )
+    if ctx.prefer.return_ == "minimal" or not deleted:
+        return Response(status_code=204)
+    names = ", ".join(f"{v.resource_type}/{v.fhir_id}" for v in deleted)
+    outcome = operation_outcome([Issue("informational", f"deleted {names}", severity="information")])
+    return json_response(outcome, ctx.fmt)
+
+
+async def patch_instance(ctx: FhirContext, resource_type: str) -> Response:
+    """http.html#patch: JSON Patch (application/json-patch+json) or FHIRPath Patch (Parameters)."""
+    fhir_id = ctx.param("id")
+    check_id(fhir_id)
+    content_type = ctx.request.headers.get("content-type", "").split(";")[0].strip().lower()
+    json_patch = content_type == "application/json-patch+json"
+    if not json_patch:
+        check_request_media_type(ctx.request)
+    if_match = parse_etag(ctx.request.headers.get("if-match"))
+    body = parse_body(await read_body(ctx.request, ctx.settings.max_body_bytes))
+    if isinstance(body, list):
+        json_patch = True
+    version = await patch(ctx.repo, resource_type, fhir_id, body, json_patch=json_patch, if_match=if_match)
+    return write_response(
+        version, ctx.fmt, ctx.prefer, status=200, base=ctx.settings.fhir_base, location=False
     )
 
 
@@ -290,6 +353,38 @@ INTERACTION_TABLE: tuple[Interaction, ...] = (
         "delete", "DELETE", "/{id}", delete, "Delete a {type}", 200, "OperationOutcome", (400, 404, 412)
     ),
     Interaction(
+        "patch",
+        "PATCH",
+        "/{id}",
+        patch_instance,
+        "Patch a {type} (JSON Patch or FHIRPath Patch)",
+        200,
+        "{type}",
+        (400, 404, 412, 415, 422),
+        body="patch",
+    ),
+    Interaction(
+        "",
+        "PUT",
+        "",
+        conditional_update_type,
+        "Conditional update of a {type} (PUT ?criteria)",
+        200,
+        "{type}",
+        (400, 412, 413, 415, 422),
+        body="resource",
+    ),
+    Interaction(
+        "",
+        "DELETE",
+        "",
+        conditional_delete_type,
+        "Conditional delete of {type} (DELETE ?criteria)",
+        200,
+        "OperationOutcome",
+        (400, 412),
+    ),
+    Interaction(
         "history-instance",
         "GET",
         "/{id}/_history",
@@ -382,10 +477,25 @@ def _openapi_extra(interaction: Interaction, resource_type: str, path: str) -> d
     extra: dict[str, Any] = {"parameters": parameters}
     if interaction.body == "resource":
         extra["requestBody"] = {"required": True, **_content(resource_type)}
+    elif interaction.body == "patch":
+        extra["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json-patch+json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                FHIR_JSON_CONTENT: {"schema": {"$ref": "#/components/schemas/Parameters"}},
+            },
+        }
     elif interaction.body == "form":
         form = {"schema": {"type": "object", "additionalProperties": {"type": "string"}}}
         extra["requestBody"] = {"required": False, "content": {"application/x-www-form-urlencoded": form}}
     return extra
+
+
+_UNLISTED_OPERATIONS: dict[Handler, str] = {
+    search_type: "search-post",
+    conditional_update_type: "conditional-update",
+    conditional_delete_type: "conditional-delete",
+}
 
 
 def _register() -> None:
@@ -413,8 +523,8 @@ def _register() -> None:
         if in_compartment:
             entries.append((compartment, f"/Patient/{{id}}/{resource_type}"))
         for interaction, path in entries:
-            operation = interaction.code or (
-                "search-compartment" if interaction is compartment else "search-post"
+            operation = interaction.code or _UNLISTED_OPERATIONS.get(
+                interaction.handler, "search-compartment"
             )
             docs_router.add_api_route(
                 path,

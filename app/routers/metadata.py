@@ -33,7 +33,10 @@ async def metadata(request: Request, settings: SettingsDep, fmt: FormatDep) -> R
     cached: str | None = getattr(request.app.state, "capability_json", None)
     if cached is None:
         statement = capability_statement(
-            fhir_base=settings.fhir_base, interactions=INTERACTIONS, system_interactions=SYSTEM_INTERACTIONS
+            fhir_base=settings.fhir_base,
+            interactions=INTERACTIONS,
+            system_interactions=SYSTEM_INTERACTIONS,
+            conditional_delete_max=settings.conditional_delete_max,
         )
         cached = request.app.state.capability_json = jsonio.dumps(statement).decode("utf-8")
     return json_response(cached, fmt)
