@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import httpx
-import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.test_search_support import bad_request, delete, ids, put, truncate_search_index
-
-
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
+from tests.test_search_support import bad_request, delete, ids, put
 
 
 def ref(target: str) -> dict[str, str]:

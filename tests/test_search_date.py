@@ -12,14 +12,8 @@ import asyncio
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.test_search_support import bad_request, ids, put, search, truncate_search_index
-
-
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
+from tests.test_search_support import bad_request, ids, put, search
 
 
 async def _birthdates(client: httpx.AsyncClient) -> None:

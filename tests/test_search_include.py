@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import httpx
-import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import FHIR
 from tests.test_search_support import (
@@ -15,14 +13,8 @@ from tests.test_search_support import (
     entries,
     put,
     search,
-    truncate_search_index,
     typed_ids,
 )
-
-
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
 
 
 def ref(target: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import FHIR
 from tests.test_search_support import (
@@ -17,15 +16,8 @@ from tests.test_search_support import (
     match_ids,
     put,
     search,
-    truncate_search_index,
     walk,
 )
-
-
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
-
 
 PEOPLE = (
     ("s1", "Baker", "1990-05-01"),

@@ -10,17 +10,13 @@ import json
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.test_search_support import bad_request, ids, put, put_raw, truncate_search_index
+from tests.test_search_support import bad_request, ids, put, put_raw
 
 UCUM = "http://unitsofmeasure.org"
 LOINC = "http://loinc.org"
 
 
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
 
 
 async def _observation(client: httpx.AsyncClient, fhir_id: str, value: str, code: str = "mg") -> None:

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import httpx
-import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import FHIR
-from tests.test_search_support import bad_request, ids, put, truncate_search_index
+from tests.test_search_support import bad_request, ids, put
 
 EXTERNAL = "http://other.example.org/fhir/Patient/p1"
 
 
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
 
 
 async def _goal(client: httpx.AsyncClient, fhir_id: str, subject: dict[str, object]) -> None:

@@ -8,7 +8,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import FHIR
 from tests.test_search_support import (
@@ -21,7 +20,6 @@ from tests.test_search_support import (
     match_ids,
     put,
     search,
-    truncate_search_index,
     typed_ids,
 )
 
@@ -30,9 +28,6 @@ NARRATIVE = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/x
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
 
 
 def ref(target: str) -> dict[str, str]:

@@ -10,33 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import BASE_URL
 
 JSON = {"content-type": "application/fhir+json"}
 Param = tuple[str, str]
 
-INDEX_TABLES = (
-    "search_token",
-    "search_string",
-    "search_date",
-    "search_reference",
-    "search_quantity",
-    "search_uri",
-)
-
-
-async def truncate_search_index(engine: AsyncEngine) -> None:
-    """Empty the search-index tables.
-
-    conftest's ``clean_db`` truncates ``resource`` with RESTART IDENTITY, but the index tables
-    have no foreign key to it, so without this their rows from earlier tests would attach to
-    the reused row ids of this test's resources.
-    """
-    async with engine.begin() as conn:
-        await conn.execute(text(f"TRUNCATE {', '.join(INDEX_TABLES)}"))
 
 
 async def put(

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import httpx
-import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.test_search_support import ids, put, truncate_search_index
+from tests.test_search_support import ids, put
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 LOINC = "http://loinc.org"
 
 
-@pytest.fixture(autouse=True)
-async def _empty_search_index(engine: AsyncEngine) -> None:
-    await truncate_search_index(engine)
 
 
 async def _identified_patients(client: httpx.AsyncClient) -> None:
