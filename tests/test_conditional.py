@@ -1,4 +1,4 @@
-"""Conditional interactions, PATCH and concurrency (http.html#ccreate, #cond-update, #cdelete, #cread, #patch)."""
+"""Conditional interactions, PATCH and concurrency (R4 http.html#ccreate, #cond-update, #cdelete, #patch)."""
 
 from __future__ import annotations
 
