@@ -48,7 +48,8 @@ async def find_ids(
     return [found.fhir_id for found in page.matches]
 
 
-async def _lock(repo: FhirRepository, resource_type: str, pairs: list[tuple[str, str]]) -> None:
+async def lock(repo: FhirRepository, resource_type: str, pairs: list[tuple[str, str]]) -> None:
+    """Serialize conditional writes with the same normalized condition (see lock_condition)."""
     await repo.lock_condition(f"{resource_type}?{urlencode(sorted(pairs))}")
 
 
@@ -57,7 +58,7 @@ async def conditional_create(
 ) -> tuple[StoredVersion, bool]:
     """http.html#ccreate: no match creates, one match returns it (200), several are a 412."""
     pairs = condition_pairs(condition, "If-None-Exist")
-    await _lock(repo, resource_type, pairs)
+    await lock(repo, resource_type, pairs)
     ids = await find_ids(repo, resource_type, pairs, 2)
     if len(ids) > 1:
         raise PreconditionFailed("If-None-Exist matches more than one resource", code="duplicate")
@@ -71,7 +72,7 @@ async def conditional_update(
 ) -> tuple[StoredVersion, bool]:
     """http.html#cond-update: no match creates, one match updates it, several are a 412."""
     pairs = condition_pairs(condition)
-    await _lock(repo, resource_type, pairs)
+    await lock(repo, resource_type, pairs)
     ids = await find_ids(repo, resource_type, pairs, 2)
     if len(ids) > 1:
         raise PreconditionFailed("the condition matches more than one resource", code="multiple-matches")
@@ -93,7 +94,7 @@ async def conditional_delete(
 ) -> list[StoredVersion]:
     """http.html#cdelete: deletes the match(es); more than ``max_matches`` is a 412."""
     pairs = condition_pairs(condition)
-    await _lock(repo, resource_type, pairs)
+    await lock(repo, resource_type, pairs)
     ids = await find_ids(repo, resource_type, pairs, max_matches + 1)
     if len(ids) > max_matches:
         raise PreconditionFailed(

@@ -41,6 +41,11 @@ class HistoryPage:
     next_cursor: int | None
 
 
+def new_id() -> str:
+    """A server-assigned resource id."""
+    return str(uuid.uuid4())
+
+
 def fhir_instant(moment: datetime) -> str:
     """R4 ``instant``: millisecond precision, explicit UTC offset."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -213,10 +218,15 @@ class FhirRepository:
         """search.html: one page of matches, their includes and (when asked) a total."""
         return await SearchExecutor(self._conn).search(request, after, backwards)
 
-    async def create(self, resource_type: str, data: dict[str, Any]) -> StoredVersion:
-        """http.html#create: a new resource with a server-assigned id, version 1."""
-        fhir_id = str(uuid.uuid4())
-        return await self._insert(resource_type, fhir_id, data, method="POST")
+    async def create(
+        self, resource_type: str, data: dict[str, Any], *, fhir_id: str | None = None
+    ) -> StoredVersion:
+        """http.html#create: a new resource with a server-assigned id, version 1.
+
+        ``fhir_id`` is an id the server chose beforehand (a transaction assigns the ids of
+        its POST entries before writing, to rewrite references to them).
+        """
+        return await self._insert(resource_type, fhir_id or new_id(), data, method="POST")
 
     async def _insert(
         self, resource_type: str, fhir_id: str, data: dict[str, Any], *, method: str

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from app.deps import RepositoryDep, read_body
+from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
 from app.fhir.cursors import CursorCodec
 from app.fhir.errors import (
@@ -61,7 +62,7 @@ docs_router = APIRouter(prefix="/fhir")
 INTERACTIONS: dict[str, list[str]] = {}
 """Per type, the R4 interaction codes routed here; the CapabilityStatement reads it."""
 
-SYSTEM_INTERACTIONS: list[str] = ["history-system", "search-system"]
+SYSTEM_INTERACTIONS: list[str] = ["transaction", "batch", "history-system", "search-system"]
 
 
 @dataclass(frozen=True)
@@ -570,6 +571,21 @@ async def _system_search_route(ctx: ContextDep) -> Response:
     return await system_search(ctx)
 
 
+async def _bundle_route(ctx: ContextDep) -> Response:
+    """http.html#transaction and #batch: ``POST [base]`` with a Bundle."""
+    check_request_media_type(ctx.request)
+    raw = parse_body(await read_body(ctx.request, ctx.settings.max_body_bytes))
+    result = await process_bundle(
+        ctx.repo,
+        raw,
+        max_entries=ctx.settings.max_bundle_entries,
+        conditional_delete_max=ctx.settings.conditional_delete_max,
+        prefer=ctx.prefer,
+        cursors=ctx.cursors,
+    )
+    return json_response(result, ctx.fmt)
+
+
 router.add_api_route(
     "", _system_search_route, methods=["GET"], include_in_schema=False, response_class=Response
 )
@@ -606,6 +622,18 @@ docs_router.add_api_route(
     summary="Search several types (form body)",
     response_class=Response,
     responses=_responses(200, "Bundle", (400, 415)),
+)
+router.add_api_route("", _bundle_route, methods=["POST"], include_in_schema=False, response_class=Response)
+docs_router.add_api_route(
+    "",
+    _bundle_route,
+    methods=["POST"],
+    tags=["system"],
+    operation_id="transaction_or_batch",
+    summary="Process a batch or transaction Bundle",
+    response_class=Response,
+    openapi_extra={"requestBody": {"required": True, **_content("Bundle")}},
+    responses=_responses(200, "Bundle", (400, 404, 409, 412, 413, 415, 422)),
 )
 _register()
 
