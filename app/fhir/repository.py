@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 from asyncpg import Connection
@@ -202,15 +203,7 @@ class FhirRepository:
 
     async def read_for_update(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """The current version, row-locked until the transaction ends (read-modify-write)."""
-        row = await self._conn.fetchrow(_READ_FOR_UPDATE.sql, resource_type, fhir_id)
-        if row is None:
-            raise NotFound(f"{resource_type}/{fhir_id} is not known")
-        version = StoredVersion(
-            resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
-        )
-        if version.deleted:
-            raise Gone(f"{resource_type}/{fhir_id} was deleted", headers=_version_headers(version))
-        return version
+        return _live(await self._current(_READ_FOR_UPDATE, resource_type, fhir_id))
 
     async def search(
         self, request: SearchRequest, after: tuple[Any, ...] | None, backwards: bool
@@ -248,15 +241,7 @@ class FhirRepository:
 
     async def read(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """http.html#read: the current version; 404 when unknown, 410 when deleted."""
-        row = await self._conn.fetchrow(_READ.sql, resource_type, fhir_id)
-        if row is None:
-            raise NotFound(f"{resource_type}/{fhir_id} is not known")
-        version = StoredVersion(
-            resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
-        )
-        if version.deleted:
-            raise Gone(f"{resource_type}/{fhir_id} was deleted", headers=_version_headers(version))
-        return version
+        return _live(await self._current(_READ, resource_type, fhir_id))
 
     async def vread(self, resource_type: str, fhir_id: str, version_id: int) -> StoredVersion:
         """http.html#vread: one version; a deletion version answers 410."""
@@ -277,13 +262,16 @@ class FhirRepository:
         if version.deleted:
             raise Gone(
                 f"version {version_id} of {resource_type}/{fhir_id} is a deletion",
-                headers=_version_headers(version),
+                headers=version_headers(version),
             )
         return version
 
     async def read_any(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """The current row, deleted or not; 404 only when the id was never used."""
-        row = await self._conn.fetchrow(_READ.sql, resource_type, fhir_id)
+        return await self._current(_READ, resource_type, fhir_id)
+
+    async def _current(self, statement: Statement, resource_type: str, fhir_id: str) -> StoredVersion:
+        row = await self._conn.fetchrow(statement.sql, resource_type, fhir_id)
         if row is None:
             raise NotFound(f"{resource_type}/{fhir_id} is not known")
         return StoredVersion(
@@ -417,13 +405,19 @@ def _check_if_match(resource_type: str, fhir_id: str, current: int, if_match: in
         )
 
 
-def _version_headers(version: StoredVersion) -> dict[str, str]:
-    from email.utils import format_datetime
-
+def version_headers(version: StoredVersion) -> dict[str, str]:
+    """``ETag: W/"n"`` and ``Last-Modified`` of a version (http.html#versioning)."""
     return {
         "ETag": f'W/"{version.version_id}"',
         "Last-Modified": format_datetime(version.last_updated, usegmt=True),
     }
+
+
+def _live(version: StoredVersion) -> StoredVersion:
+    """A current version that is not a deletion (else 410 Gone, with its version headers)."""
+    if version.deleted:
+        raise Gone(f"{version.resource_type}/{version.fhir_id} was deleted", headers=version_headers(version))
+    return version
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from email.utils import format_datetime, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -26,7 +26,7 @@ from app.fhir.errors import (
     UnsupportedMediaType,
     operation_outcome,
 )
-from app.fhir.repository import StoredVersion, fhir_instant
+from app.fhir.repository import StoredVersion, fhir_instant, version_headers
 
 JSON_TYPES = frozenset(
     {"application/fhir+json", "application/json", "application/json+fhir", "json", "text/json"}
@@ -109,13 +109,6 @@ async def parse_prefer(request: Request) -> Prefer:
 
 
 PreferDep = Annotated[Prefer, Depends(parse_prefer)]
-
-
-def version_headers(version: StoredVersion) -> dict[str, str]:
-    return {
-        "ETag": f'W/"{version.version_id}"',
-        "Last-Modified": format_datetime(version.last_updated, usegmt=True),
-    }
 
 
 def not_modified(request: Request, version: StoredVersion) -> bool:

@@ -31,7 +31,7 @@ from app.fhir.errors import (
     operation_outcome,
 )
 from app.fhir.params import parse_count, parse_etag, parse_instant, parse_version_id
-from app.fhir.repository import FhirRepository
+from app.fhir.repository import FhirRepository, version_headers
 from app.fhir.responses import (
     OutputFormat,
     Prefer,
@@ -42,7 +42,6 @@ from app.fhir.responses import (
     not_modified,
     parse_prefer,
     resource_response,
-    version_headers,
     write_response,
 )
 from app.fhir.search_params import registry
