@@ -136,35 +136,30 @@ def _pydantic_issue(resource_type: str, error: Any) -> Issue:
     return Issue(code, f"{path}: {message}", expression=(path,))
 
 
+def _bad_text(value: Any, path: str, issues: list[Issue]) -> bool:
+    """Record a string that breaks the R4 string rules; True when it did."""
+    if isinstance(value, str) and FORBIDDEN_CHARACTERS.search(value):
+        issues.append(
+            Issue("invalid", f"{path}: contains a control character or invalid Unicode", expression=(path,))
+        )
+        return True
+    return False
+
+
 def _walk(definition: str | None, node: Any, path: str, depth: int, issues: list[Issue]) -> None:
     """Check nesting depth everywhere and required-binding codes where the schema knows the element."""
     if depth > jsonio.MAX_DEPTH:
         raise InvalidResource(f"resource nests deeper than {jsonio.MAX_DEPTH} levels", code="too-costly")
     if isinstance(node, list):
         for index, item in enumerate(node):
-            if isinstance(item, str) and FORBIDDEN_CHARACTERS.search(item):
-                issues.append(
-                    Issue(
-                        "invalid",
-                        f"{path}[{index}]: contains a control character or invalid Unicode",
-                        expression=(f"{path}[{index}]",),
-                    )
-                )
-            else:
+            if not _bad_text(item, f"{path}[{index}]", issues):
                 _walk(definition, item, f"{path}[{index}]", depth + 1, issues)
         return
     if not isinstance(node, dict):
         return
     rules = _bindings().get(definition or "", {})
     for key, value in node.items():
-        if isinstance(value, str) and FORBIDDEN_CHARACTERS.search(value):
-            issues.append(
-                Issue(
-                    "invalid",
-                    f"{path}.{key}: contains a control character or invalid Unicode",
-                    expression=(f"{path}.{key}",),
-                )
-            )
+        if _bad_text(value, f"{path}.{key}", issues):
             continue
         rule = rules.get(key)
         child_path = f"{path}.{key}"
