@@ -196,10 +196,7 @@ class SearchCompiler:
         if param.name == "_lastUpdated":
             if modifier:
                 raise BadRequest(f"{name}: modifier ':{modifier}' is not supported", expression=(name,))
-            low = f"{alias}.last_updated"
-            return self._any(
-                self._date(low, f"({low} + interval '1 millisecond')", v, name) for v in split_values(raw)
-            )
+            return self._any(self._instant(f"{alias}.last_updated", v, name) for v in split_values(raw))
         if param.type == "composite":
             return self._composite(alias, resource_type, param, modifier, raw, name)
         return self._indexed(alias, resource_type, param, modifier, raw, name)
@@ -342,6 +339,30 @@ class SearchCompiler:
         if prefix == "sa":
             return f"{low} >= {self.bind(span[1])}"
         return f"{high} <= {self.bind(span[0])}"  # eb
+
+    def _instant(self, column: str, value: str, name: str) -> str:
+        """A date prefix against a single instant (``meta.lastUpdated``), on the bare column.
+
+        The same semantics as :meth:`_date` with the instant as its own range, written so
+        that the (type, last_updated) index applies.
+        """
+        prefix, text = _prefix(unescape(value))
+        span = date_range(text)
+        if span is None:
+            raise BadRequest(f"{name}: '{value[:40]}' is not a valid date", expression=(name,))
+        if prefix == "ap":
+            return self._date(column, column, value, name)
+        start, end = span
+        if prefix in ("gt", "sa"):
+            return f"{column} >= {self.bind(end)}"
+        if prefix in ("lt", "eb"):
+            return f"{column} < {self.bind(start)}"
+        if prefix == "ge":
+            return f"{column} >= {self.bind(start)}"
+        if prefix == "le":
+            return f"{column} < {self.bind(end)}"
+        contained = f"({column} >= {self.bind(start)} AND {column} < {self.bind(end)})"
+        return f"NOT {contained}" if prefix == "ne" else contained
 
     def _quantity(self, index: str, value: str, name: str, with_units: bool) -> str:
         prefix, text = _prefix(value)

@@ -90,7 +90,9 @@ search_token = sa.Table(
     sa.Column("display", sa.Text),
     sa.Column("type_system", sa.Text),
     sa.Column("type_code", sa.Text),
-    sa.Index("ix_search_token_lookup", "resource_type", "param", "code", "system"),
+    sa.Index(
+        "ix_search_token_lookup", "resource_type", "param", "code", "system", postgresql_include=["rid"]
+    ),
 )
 search_string = sa.Table(
     "search_string",
@@ -104,6 +106,7 @@ search_string = sa.Table(
         "param",
         "value_norm",
         postgresql_ops={"value_norm": "text_pattern_ops"},
+        postgresql_include=["rid"],
     ),
 )
 search_date = sa.Table(
@@ -112,8 +115,8 @@ search_date = sa.Table(
     *_index_columns(),
     sa.Column("low", sa.DateTime(timezone=True), nullable=False),
     sa.Column("high", sa.DateTime(timezone=True), nullable=False),
-    sa.Index("ix_search_date_low", "resource_type", "param", "low"),
-    sa.Index("ix_search_date_high", "resource_type", "param", "high"),
+    sa.Index("ix_search_date_low", "resource_type", "param", "low", postgresql_include=["high", "rid"]),
+    sa.Index("ix_search_date_high", "resource_type", "param", "high", postgresql_include=["low", "rid"]),
 )
 search_reference = sa.Table(
     "search_reference",
@@ -124,8 +127,21 @@ search_reference = sa.Table(
     sa.Column("url", sa.Text),
     sa.Column("ident_system", sa.Text),
     sa.Column("ident_value", sa.Text),
-    sa.Index("ix_search_reference_target", "target_id", "target_type", "param", "resource_type"),
-    sa.Index("ix_search_reference_lookup", "resource_type", "param", "target_id"),
+    sa.Index(
+        "ix_search_reference_target",
+        "target_id",
+        "target_type",
+        "param",
+        "resource_type",
+        postgresql_include=["rid"],
+    ),
+    sa.Index(
+        "ix_search_reference_lookup",
+        "resource_type",
+        "param",
+        "target_id",
+        postgresql_include=["target_type", "rid"],
+    ),
     sa.Index("ix_search_reference_url", "resource_type", "param", "url"),
 )
 search_quantity = sa.Table(
@@ -136,7 +152,13 @@ search_quantity = sa.Table(
     sa.Column("system", sa.Text),
     sa.Column("code", sa.Text),
     sa.Column("unit", sa.Text),
-    sa.Index("ix_search_quantity_lookup", "resource_type", "param", "value"),
+    sa.Index(
+        "ix_search_quantity_lookup",
+        "resource_type",
+        "param",
+        "value",
+        postgresql_include=["system", "code", "unit", "rid"],
+    ),
 )
 search_uri = sa.Table(
     "search_uri",
@@ -144,7 +166,12 @@ search_uri = sa.Table(
     *_index_columns(),
     sa.Column("uri", sa.Text, nullable=False),
     sa.Index(
-        "ix_search_uri_lookup", "resource_type", "param", "uri", postgresql_ops={"uri": "text_pattern_ops"}
+        "ix_search_uri_lookup",
+        "resource_type",
+        "param",
+        "uri",
+        postgresql_ops={"uri": "text_pattern_ops"},
+        postgresql_include=["rid"],
     ),
 )
 
@@ -154,4 +181,5 @@ sa.Index(
     "ix_resource_type_last_updated",
     ResourceRow.__table__.c.resource_type,  # type: ignore[attr-defined]
     ResourceRow.__table__.c.last_updated,  # type: ignore[attr-defined]
+    postgresql_include=["rid"],
 )
