@@ -68,3 +68,16 @@ async def test_count_zero_returns_no_entries(client: httpx.AsyncClient) -> None:
     await _create(client, "Patient")
     bundle = (await client.get("/fhir/_history?_count=0")).json()
     assert "entry" not in bundle  # FHIR JSON has no empty arrays
+
+
+async def test_total_on_a_later_search_page(client: httpx.AsyncClient) -> None:
+    for _ in range(5):
+        await _create(client, "Task")
+    params = {"status": "requested", "_count": "2", "_total": "accurate"}
+    first = (await client.get("/fhir/Task", params=params)).json()
+    assert first["total"] == 5
+    following = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    second = await client.get(following.removeprefix("http://cc.test"))
+    assert second.status_code == 200
+    assert second.json()["total"] == 5
+    assert len(second.json()["entry"]) == 2

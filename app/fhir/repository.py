@@ -453,11 +453,11 @@ class SearchExecutor:
 
     @staticmethod
     def _where(request: SearchRequest) -> str:
-        bind = request.binder
+        placeholder = request.type_placeholder
         if len(request.resource_types) == 1:
-            clauses = [f"r.resource_type = {bind(request.resource_types[0])}"]
+            clauses = [f"r.resource_type = {placeholder}"]
         else:
-            clauses = [f"r.resource_type = ANY({bind(list(request.resource_types))})"]
+            clauses = [f"r.resource_type = ANY({placeholder})"]
         clauses.append("NOT r.deleted")
         clauses.extend(request.conditions)
         return " AND ".join(clauses)
@@ -468,6 +468,7 @@ class SearchExecutor:
         """search.html#paging: the page after (or before) the cursor's sort values."""
         bind = request.binder
         where = self._where(request)
+        where_values = list(bind.values)  # the count and estimate statements use only these
         keys = [(key.expression, key.descending, key.sql_type) for key in request.sort]
         keys.append(("r.rid", False, "bigint"))
         keyset = ""
@@ -491,10 +492,11 @@ class SearchExecutor:
         )
         selected = ", ".join(f"{expression} AS k{i}" for i, (expression, _, _) in enumerate(keys))
         limit = request.count + 1
+        driver = self._driver(request, after, backwards, limit) if not request.sort else ""
         # Every identifier and operator above comes from the parameter table; values are bound.
         sql = (
             f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
-            f" WHERE {where}{keyset} ORDER BY {order} LIMIT {limit}"
+            f" WHERE {where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
         )
         rows = [] if request.summary == "count" else list(await self._conn.fetch(sql, *bind.values))
         more = len(rows) > request.count
@@ -519,24 +521,47 @@ class SearchExecutor:
             else:
                 next_keys = matches[-1].keys if more else None
                 previous_keys = matches[0].keys if after is not None else None
-        total = await self._total(request, where, matches, more, after)
+        total = await self._total(request, where, where_values, matches, more, after)
         included = await self._includes(request, matches) if request.includes and matches else []
         return SearchPage(matches, included, total, next_keys, previous_keys)
+
+    def _driver(
+        self, request: SearchRequest, after: tuple[Any, ...] | None, backwards: bool, limit: int
+    ) -> str:
+        """Cut the page from the index rows alone, before any resource row is read.
+
+        With the default order (rid) and conditions that are all sets of rids, the page is
+        the first ``limit`` rids of their intersection after the cursor; only those resource
+        rows are then fetched. Without this, PostgreSQL fetches and sorts every match (2,444
+        Tasks of one owner at 1M resources) to return 21.
+        """
+        if not request.drivable:
+            return ""
+        first, *others = [s for s in request.rid_sets if s is not None]
+        clauses = [f"d.rid IN ({rid_set})" for rid_set in others]
+        if after is not None:
+            cursor_rid = request.binder(_cursor_value(after[-1]))
+            clauses.append(f"d.rid {'<' if backwards else '>'} CAST(CAST({cursor_rid} AS text) AS bigint)")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        direction = "DESC" if backwards else "ASC"
+        page = f"SELECT DISTINCT d.rid FROM ({first}) d{where} ORDER BY d.rid {direction} LIMIT {limit}"
+        return f" AND r.rid IN ({page})"
 
     async def _total(
         self,
         request: SearchRequest,
         where: str,
+        values: list[Any],
         matches: list[Found],
         more: bool,
         after: tuple[Any, ...] | None,
     ) -> int | None:
         if request.total == "accurate" or request.summary == "count":
             sql = f"SELECT count(*) FROM resource r WHERE {where}"
-            return int(await self._conn.fetchval(sql, *request.binder.values))
+            return int(await self._conn.fetchval(sql, *values))
         if request.total == "estimate":
             sql = f"EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {where}"
-            plan = await self._conn.fetchval(sql, *request.binder.values)
+            plan = await self._conn.fetchval(sql, *values)
             document = jsonio.loads(plan) if isinstance(plan, str) else plan
             return int(document[0]["Plan"]["Plan Rows"])
         if after is None and not more:

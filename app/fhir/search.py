@@ -108,6 +108,20 @@ class SearchRequest:
     elements: tuple[str, ...] = ()
     cursor: str | None = None
     issues: list[Issue] = field(default_factory=list)
+    type_placeholder: str = ""
+    """The bind placeholder of the (single) resource type searched."""
+    rid_sets: list[str | None] = field(default_factory=list)
+    """Per condition, the same condition as a set of matching rids, when it is one (see rid_set)."""
+
+    @property
+    def drivable(self) -> bool:
+        """All conditions are rid sets, so a page can be cut from their intersection before any
+        resource row is read (index rows exist only for live resources of their type)."""
+        return (
+            len(self.resource_types) == 1
+            and bool(self.rid_sets)
+            and all(s is not None for s in self.rid_sets)
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -149,6 +163,46 @@ def _split_unescaped(value: str, separator: str, limit: int = -1) -> list[str]:
 def unescape(value: str) -> str:
     """``\\,`` ``\\|`` ``\\$`` ``\\\\`` -> the literal character (search.html#escaping)."""
     return re.sub(r"\\([\\,|$])", r"\1", value)
+
+
+_EXISTS_HEAD = re.compile(r"^EXISTS \(SELECT 1 FROM (search_[a-z]+) ([a-z]+\d+) WHERE \2\.rid = r\.rid AND ")
+_OUTER_ALIAS = re.compile(r"(?<![\w.])r\.")
+
+
+def rid_set(condition: str, type_placeholder: str) -> str | None:
+    """A top-level condition as ``SELECT rid ...`` of the rows it matches, or None.
+
+    Positive index conditions (``EXISTS (SELECT 1 FROM search_x i WHERE i.rid = r.rid AND
+    ...)``) and ``_lastUpdated`` qualify; negations, ``_has``, compartments and anything else
+    that needs other columns of the resource row do not. The text keeps the condition's bind
+    placeholders, so both forms can appear in one statement.
+    """
+    if condition.startswith(("(r.last_updated", "r.last_updated", "NOT (r.last_updated")):
+        inner = _OUTER_ALIAS.sub("lu.", condition)
+        if _OUTER_ALIAS.search(inner):
+            return None
+        return (
+            f"SELECT lu.rid FROM resource lu WHERE lu.resource_type = {type_placeholder}"
+            f" AND NOT lu.deleted AND {inner}"
+        )
+    match = _EXISTS_HEAD.match(condition)
+    if not match or not _closes_at_end(condition, len("EXISTS ")):
+        return None
+    rest = condition[match.end() : -1]
+    if _OUTER_ALIAS.search(rest):
+        return None
+    table, index = match.groups()
+    return f"SELECT {index}.rid FROM {table} {index} WHERE {rest}"
+
+
+def _closes_at_end(text: str, opening: int) -> bool:
+    depth = 0
+    for position in range(opening, len(text)):
+        depth += text[position] == "("
+        depth -= text[position] == ")"
+        if depth == 0:
+            return position == len(text) - 1
+    return False
 
 
 def _like_prefix(text: str) -> str:
@@ -743,6 +797,7 @@ def parse_search(
     if len(resource_types) != 1 and sort_specs:
         sort_specs = [s for s in sort_specs if s.lstrip("-") in ("_id", "_lastUpdated")]
     sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
+    type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
     return SearchRequest(
         resource_types=resource_types,
         conditions=conditions,
@@ -756,6 +811,8 @@ def parse_search(
         elements=elements,
         cursor=options.get("_cursor"),
         issues=issues,
+        type_placeholder=type_placeholder,
+        rid_sets=[rid_set(condition, type_placeholder) for condition in conditions],
     )
 
 
