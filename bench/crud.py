@@ -14,7 +14,7 @@ What it does
    ``postgresql://postgres@127.0.0.1:5432/postgres``), dropping it first, and applies
    the migrations with ``carecoord migrate``.
 2. Starts the real server as a subprocess (``carecoord serve`` on a free port: one
-   uvicorn process, access log off, the default engine pool of 10 + 10 overflow
+   uvicorn process, access log off, the default asyncpg pool of up to 10
    connections) and waits for ``GET /healthz``.
 3. Measures, through HTTP, FHIR create (``POST /fhir/Patient`` with a ~1.9 KB US
    Core-style Patient) and read (``GET /fhir/Patient/{id}``): throughput and p50/p95
@@ -25,14 +25,15 @@ What it does
    server being measured. ``--client httpx`` uses httpx all the same.
 4. Measures the raw floor in the same run: the same rows written and read with
    asyncpg directly (pool of 32), issuing exactly the statements the server issues.
-   The SQL text is compiled from ``app/fhir/repository.py`` with SQLAlchemy's asyncpg
-   dialect, so it is byte-identical to what the server prepares; a create writes the
-   ``resource`` row, its ``resource_history`` row and the search-index rows (built by
-   the server's own ``extract``/``_index_params``, once, since they depend only on the
-   payload) in one statement, with the same stored body size; and each operation
-   runs in its own transaction (BEGIN; statement; COMMIT), as SQLAlchemy's asyncpg
-   adapter does for every request (``engine.begin()`` in ``app/deps.py``). A bare
-   SELECT without the transaction is measured too, as the absolute read floor.
+   The SQL is the repository's own: ``_INSERT`` and ``_READ`` in
+   ``app/fhir/repository.py`` are ``app.fhir.sql.Statement`` objects (``.sql`` with
+   ``$n`` placeholders, ``.args(params)`` for the values), sent unchanged. A create is
+   BEGIN; the one INSERT ... CTE statement writing the ``resource`` row, its
+   ``resource_history`` row and the search-index rows; COMMIT, as the server does for
+   every writing request (``driver.transaction()`` in ``app/deps.py``). The stored body
+   comes from the server's ``stamp`` and the index rows from its own
+   ``extract``/``_index_params`` (built once, since they depend only on the payload). A
+   read is the bare SELECT without a transaction, as the server reads (autocommit).
 5. Repeats everything for several rounds, alternating which side goes first, and
    reports medians, so that machine noise hits both sides alike.
 6. Stops the server and drops the database, also on failure.
@@ -42,7 +43,7 @@ Why ratios
 Absolute requests/s depend on the machine (here a small, shared VM where the client,
 the server and PostgreSQL compete for the same cores). The ratio API/raw is the
 portable figure: the share of the database's own capacity that survives the HTTP
-stack (uvicorn, FastAPI, JSON parsing, FHIR validation, SQLAlchemy). A throughput
+stack (uvicorn, FastAPI, JSON parsing, FHIR validation, pooling). A throughput
 ratio near 1 means the database is the limit; a small ratio means the Python layer
 is. Client and server CPU time per request are printed as well, because on a machine
 with few cores a Python load generator takes CPU away from the server it measures.
@@ -76,11 +77,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import httpx
-from sqlalchemy import TextClause
-from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
 
+from app.fhir import jsonio, repository
 from app.fhir.indexing import extract
-from app.fhir.repository import _INSERT, _READ, _index_params
+from app.fhir.sql import Statement
+from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -91,7 +92,10 @@ REQUESTS = {1: 500, 32: 2000}
 """Measured operations per scenario and round, by concurrency."""
 WARMUP = 300
 RAW_POOL_SIZE = 32
-SERVER_POOL = "pool_size=10, max_overflow=10 (<= 20 connections; app/db.py defaults)"
+SERVER_POOL = (
+    f"asyncpg pool of up to {Settings.model_fields['db_pool_size'].default} connections "
+    "(CARECOORD_DB_POOL_SIZE default, app/db.py)"
+)
 CLIENTS = {
     "lean": "lean keep-alive HTTP/1.1 client (one connection per in-flight request)",
     "httpx": "one shared httpx.AsyncClient",
@@ -299,10 +303,31 @@ async def drive(
 # --------------------------------------------------------------------------- the two sides
 
 
-def asyncpg_sql(statement: TextClause) -> tuple[str, tuple[str, ...]]:
-    """The SQL text and parameter order SQLAlchemy's asyncpg dialect sends for ``statement``."""
-    compiled = statement.compile(dialect=sa_asyncpg.dialect())  # type: ignore[no-untyped-call]
-    return str(compiled), tuple(compiled.positiontup or ())
+class BenchOutOfDate(RuntimeError):
+    """The repository internals this bench replays changed shape: the bench needs updating."""
+
+
+def repository_statement(name: str, expected: set[str]) -> Statement:
+    """``app.fhir.repository.<name>``, checked to be a Statement with the expected parameters."""
+    statement = getattr(repository, name, None)
+    if not isinstance(statement, Statement):
+        raise BenchOutOfDate(
+            f"app.fhir.repository.{name} is {type(statement).__name__}, not an app.fhir.sql.Statement; "
+            "bench/crud.py replays the repository's statements and must be updated"
+        )
+    if set(statement.names) != expected:
+        raise BenchOutOfDate(
+            f"app.fhir.repository.{name} now takes parameters {sorted(statement.names)}, the bench "
+            f"knows {sorted(expected)}; update bench/crud.py"
+        )
+    return statement
+
+
+def repository_function(name: str) -> Callable[..., Any]:
+    function = getattr(repository, name, None)
+    if not callable(function):
+        raise BenchOutOfDate(f"app.fhir.repository.{name} is gone; update bench/crud.py")
+    return function
 
 
 def _now_ms() -> datetime:
@@ -428,38 +453,31 @@ class ApiSide:
 class RawSide:
     """The same statements straight through an asyncpg pool: the floor under the API."""
 
-    def __init__(self, pool: asyncpg.Pool, payload: dict[str, Any], ids: list[str], fhir_base: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, payload: bytes, ids: list[str], fhir_base: str) -> None:
         self.pool = pool
-        self.payload = payload
+        # The resource as the server sees it after parsing the request body (Decimal-preserving).
+        self.payload: dict[str, Any] = jsonio.loads(payload)
         self.ids = ids
-        self.insert_sql, self.insert_order = asyncpg_sql(_INSERT)
-        self.read_sql, read_order = asyncpg_sql(_READ)
-        if read_order != ("rtype", "fid"):
-            raise RuntimeError(f"repository read parameters changed to {read_order}; update the bench")
+        self.stamp = repository_function("stamp")
+        index_params = repository_function("_index_params")
+        self.read_sql = repository_statement("_READ", {"rtype", "fid"}).sql
         # The search-index rows the server writes with each create, built by the server's own code.
         # They depend only on the client's payload (no id, no timestamp), so they are built once here
         # and the timed operation spends its CPU on the database round trips alone.
-        index = _index_params(extract("Patient", payload, fhir_base))
+        index: dict[str, Any] = index_params(extract("Patient", self.payload, fhir_base))
         self.fixed_params = {"rtype": "Patient", "method": "POST", **index}
-        missing = set(self.insert_order) - {*self.fixed_params, "fid", "ts", "body"}
-        if missing:
-            raise RuntimeError(
-                f"repository create parameters {sorted(missing)} unknown to the bench; update it"
-            )
+        self.insert = repository_statement("_INSERT", {*self.fixed_params, "fid", "ts", "body"})
         self.index_rows = sum(len(values) for name, values in index.items() if name.endswith("_param"))
+        if not self.index_rows:
+            raise BenchOutOfDate("extract() produced no index rows for the Patient payload")
 
     def stored_body(self, fhir_id: str, moment: datetime) -> str:
-        """The row body as the server stores it: compact JSON with id and meta stamped."""
-        meta = {
-            **self.payload.get("meta", {}),
-            "versionId": "1",
-            "lastUpdated": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        }
-        stamped = {"resourceType": "Patient", "id": fhir_id, "meta": meta}
-        stamped.update((k, v) for k, v in self.payload.items() if k not in stamped)
-        return json.dumps(stamped, separators=(",", ":"), ensure_ascii=False)
+        """The row body as the server stores it (the repository's ``stamp``)."""
+        body: str = self.stamp(self.payload, fhir_id, 1, moment)
+        return body
 
     async def create(self) -> None:
+        """BEGIN; the repository's INSERT ... CTE statement; COMMIT (as the server's create)."""
         fhir_id = str(uuid.uuid4())
         moment = _now_ms()
         params = {
@@ -468,20 +486,14 @@ class RawSide:
             "ts": moment,
             "body": self.stored_body(fhir_id, moment),
         }
-        args = [params[name] for name in self.insert_order]
         async with self.pool.acquire() as conn, conn.transaction():
-            rid = await conn.fetchval(self.insert_sql, *args)
-        if rid is None:
+            row = await conn.fetchrow(self.insert.sql, *self.insert.args(params))
+        if row is None:
             raise RuntimeError("raw insert returned no row")
         self.ids.append(fhir_id)
 
     async def read(self) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(self.read_sql, "Patient", random.choice(self.ids))
-        if row is None:
-            raise RuntimeError("raw read found no row")
-
-    async def read_bare(self) -> None:
+        """The bare SELECT, no transaction (autocommit), as the server's read."""
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(self.read_sql, "Patient", random.choice(self.ids))
         if row is None:
@@ -498,7 +510,6 @@ SCENARIOS: tuple[tuple[str, int], ...] = (("create", 1), ("create", 32), ("read"
 class Results:
     api: dict[tuple[str, int], list[RunStats]] = field(default_factory=dict)
     raw: dict[tuple[str, int], list[RunStats]] = field(default_factory=dict)
-    raw_bare: dict[int, list[RunStats]] = field(default_factory=dict)
 
 
 async def run_benchmark(
@@ -523,7 +534,7 @@ async def run_benchmark(
     )
     try:
         async with pool_cm as pool:
-            raw = RawSide(pool, payload, ids, f"{base_url}/fhir")
+            raw = RawSide(pool, payload_bytes, ids, f"{base_url}/fhir")
             await measure(ApiSide(client, payload_bytes, ids), raw, results, server_pid, rounds)
     finally:
         await client.aclose()
@@ -533,7 +544,7 @@ async def run_benchmark(
 async def measure(api: ApiSide, raw: RawSide, results: Results, server_pid: int, rounds: int) -> None:
     """Warm up, then ``rounds`` rounds of every scenario, API and raw in alternating order."""
     # Warm-up: fill both connection pools, prepare statements, load the validator.
-    for op in (api.create, api.read, raw.create, raw.read, raw.read_bare):
+    for op in (api.create, api.read, raw.create, raw.read):
         await drive(op, WARMUP, 32)
     raw_row = len(raw.stored_body(str(uuid.uuid4()), _now_ms()))
     print(
@@ -554,9 +565,6 @@ async def measure(api: ApiSide, raw: RawSide, results: Results, server_pid: int,
                 )
                 target = results.api if side == "api" else results.raw
                 target.setdefault((kind, concurrency), []).append(stats)
-            if kind == "read":
-                bare = await drive(raw.read_bare, REQUESTS[concurrency], concurrency)
-                results.raw_bare.setdefault(concurrency, []).append(bare)
         print(f"round {round_no + 1}/{rounds} done ({len(api.ids)} patients stored)", flush=True)
 
 
@@ -636,7 +644,7 @@ def tail(path: Path, lines: int = 30) -> str:
 def stop_server(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is not None:
         return
-    server.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: closes the engine pool
+    server.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: closes the connection pool
     try:
         server.wait(timeout=15)
     except subprocess.TimeoutExpired:
@@ -661,7 +669,7 @@ def machine_info(pg_version: str, client_kind: str, rounds: int) -> list[str]:
         f"PostgreSQL: {pg_version}",
         f"Python {platform.python_version()}, httpx {httpx.__version__}, asyncpg {asyncpg.__version__}, "
         f"load generator: {CLIENTS[client_kind]}, {loop_name()} loop; wrk: {wrk}",
-        f"server: 1 uvicorn process, engine {SERVER_POOL}; raw: asyncpg pool of {RAW_POOL_SIZE}",
+        f"server: 1 uvicorn process, {SERVER_POOL}; raw: asyncpg pool of {RAW_POOL_SIZE}",
         f"per scenario and round: {REQUESTS[1]} ops at c=1, {REQUESTS[32]} ops at c=32; {rounds} rounds "
         f"(API/raw order alternating), medians reported; warm-up {WARMUP} ops per operation",
     ]
@@ -694,13 +702,11 @@ def report(results: Results) -> list[str]:
             f"{r_ops:>9.0f} {r50:>7.2f} {med(raw, 'p95_ms'):>7.2f} | "
             f"{a_ops / r_ops:>13.3f} {a50 / r50:>10.1f}x"
         )
-    out += ["", "read floor without the per-request transaction (bare SELECT, not BEGIN; SELECT; COMMIT):"]
-    for concurrency, runs in results.raw_bare.items():
-        ratio = med(results.api[("read", concurrency)], "ops_per_s") / med(runs, "ops_per_s")
-        out.append(
-            f"  c={concurrency:<3} {med(runs, 'ops_per_s'):>7.0f} ops/s, p50 {med(runs, 'p50_ms'):.2f} ms, "
-            f"p95 {med(runs, 'p95_ms'):.2f} ms; API/bare req/s {ratio:.3f}"
-        )
+    out += [
+        "",
+        "raw create = BEGIN; repository _INSERT (resource + history + index rows); COMMIT;",
+        "raw read = repository _READ, bare SELECT without a transaction (as the server does both).",
+    ]
     header2 = (
         f"{'scenario':<8} {'c':>3} | {'API req/s per round':>19} {'raw ops/s per round':>19} | "
         f"{'client ms':>9} {'server ms':>9} {'client':>6} {'machine':>7}"
