@@ -30,7 +30,7 @@ What it does
    ``$n`` placeholders, ``.args(params)`` for the values), sent unchanged. A create is
    BEGIN; the one INSERT ... CTE statement writing the ``resource`` row, its
    ``resource_history`` row and the search-index rows; COMMIT, as the server does for
-   every writing request (``driver.transaction()`` in ``app/deps.py``). The stored body
+   every writing request (``connection.transaction()`` in ``app/deps.py``). The stored body
    comes from the server's ``stamp`` and the index rows from its own
    ``extract``/``_index_params`` (built once, since they depend only on the payload). A
    read is the bare SELECT without a transaction, as the server reads (autocommit).
