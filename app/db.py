@@ -57,7 +57,14 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         asyncpg_dsn(database_url(settings)),
         min_size=1,
         max_size=settings.db_pool_size,
-        server_settings={"application_name": "carecoord", "timezone": "UTC"},
+        server_settings={
+            "application_name": "carecoord",
+            "timezone": "UTC",
+            # asyncpg caches prepared statements; after five runs PostgreSQL may switch a
+            # search to a generic plan that ignores the values' statistics and the LIKE
+            # prefix range (measured at 1M resources: 16 ms custom vs 1.2 s generic).
+            "plan_cache_mode": "force_custom_plan",
+        },
         reset=_keep_session,
     )
 

@@ -91,7 +91,7 @@ search_token = sa.Table(
     sa.Column("type_system", sa.Text),
     sa.Column("type_code", sa.Text),
     sa.Index(
-        "ix_search_token_lookup", "resource_type", "param", "code", "system", postgresql_include=["rid"]
+        "ix_search_token_lookup", "resource_type", "param", "code", "rid", postgresql_include=["system"]
     ),
 )
 search_string = sa.Table(
@@ -140,7 +140,8 @@ search_reference = sa.Table(
         "resource_type",
         "param",
         "target_id",
-        postgresql_include=["target_type", "rid"],
+        "rid",
+        postgresql_include=["target_type"],
     ),
     sa.Index("ix_search_reference_url", "resource_type", "param", "url"),
 )
@@ -181,5 +182,5 @@ sa.Index(
     "ix_resource_type_last_updated",
     ResourceRow.__table__.c.resource_type,  # type: ignore[attr-defined]
     ResourceRow.__table__.c.last_updated,  # type: ignore[attr-defined]
-    postgresql_include=["rid"],
+    postgresql_include=["rid", "deleted"],
 )
