@@ -167,3 +167,27 @@ async def test_method_not_allowed_on_served_type(client: httpx.AsyncClient) -> N
     response = await client.request("PATCH", "/fhir/Patient")
     assert response.status_code == 405
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_read_with_summary_and_elements(client: httpx.AsyncClient) -> None:
+    body = {
+        **SAMPLES["Patient"],
+        "text": {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Ana</div>'},
+        "birthDate": "1980-01-01",
+        "maritalStatus": {"text": "single"},
+    }
+    created = (await client.post("/fhir/Patient", json=body, headers=JSON)).json()
+    url = f"/fhir/Patient/{created['id']}"
+    summary = (await client.get(url, params={"_summary": "true"})).json()
+    assert summary["birthDate"] == "1980-01-01"
+    assert "maritalStatus" not in summary and "text" not in summary
+    assert {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+        "code": "SUBSETTED",
+    } in summary["meta"]["tag"]
+    elements = (await client.get(url, params={"_elements": "gender"})).json()
+    assert set(elements) == {"resourceType", "id", "meta", "gender"}
+    version = (await client.get(f"{url}/_history/1", params={"_summary": "data"})).json()
+    assert "text" not in version and version["maritalStatus"] == {"text": "single"}
+    full = (await client.get(url)).json()
+    assert full["text"]["status"] == "generated"

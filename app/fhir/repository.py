@@ -440,7 +440,7 @@ class SearchPage:
     previous_keys: tuple[Any, ...] | None
 
 
-def _cursor_value(value: Any) -> str:
+def cursor_value(value: Any) -> str:
     """Cursor sort values are bound as text and cast in SQL to the key's type."""
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
@@ -479,11 +479,11 @@ class SearchExecutor:
             for position, (expression, descending, sql_type) in enumerate(keys):
                 ascending = descending == backwards
                 equal = [
-                    f"{keys[j][0]} = CAST(CAST({bind(_cursor_value(after[j]))} AS text) AS {keys[j][2]})"
+                    f"{keys[j][0]} = CAST(CAST({bind(cursor_value(after[j]))} AS text) AS {keys[j][2]})"
                     for j in range(position)
                 ]
                 op = ">" if ascending else "<"
-                value = f"CAST(CAST({bind(_cursor_value(after[position]))} AS text) AS {sql_type})"
+                value = f"CAST(CAST({bind(cursor_value(after[position]))} AS text) AS {sql_type})"
                 alternatives.append("(" + " AND ".join([*equal, f"{expression} {op} {value}"]) + ")")
             keyset = " AND (" + " OR ".join(alternatives) + ")"
         order = ", ".join(
@@ -540,7 +540,7 @@ class SearchExecutor:
         first, *others = [s for s in request.rid_sets if s is not None]
         clauses = [f"d.rid IN ({rid_set})" for rid_set in others]
         if after is not None:
-            cursor_rid = request.binder(_cursor_value(after[-1]))
+            cursor_rid = request.binder(cursor_value(after[-1]))
             clauses.append(f"d.rid {'<' if backwards else '>'} CAST(CAST({cursor_rid} AS text) AS bigint)")
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         direction = "DESC" if backwards else "ASC"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -17,7 +19,7 @@ from app.fhir import jsonio
 from app.fhir.cursors import CursorCodec
 from app.fhir.errors import BadRequest, operation_outcome
 from app.fhir.models import REQUIRED_ELEMENTS, SUMMARY_ELEMENTS
-from app.fhir.repository import FhirRepository, Found, fhir_instant
+from app.fhir.repository import FhirRepository, Found, StoredVersion, cursor_value, fhir_instant
 from app.fhir.search import SearchRequest, parse_search
 from app.fhir.search_params import registry
 
@@ -57,7 +59,9 @@ async def run_search(
     def link(keys: tuple[Any, ...] | None, *, back: bool = False) -> str:
         params = [p for p in request.applied if p[0] != "_count"] + [("_count", str(request.count))]
         if keys is not None:
-            token = cursors.encode({"f": request.fingerprint, "k": [_jsonable(k) for k in keys], "b": back})
+            token = cursors.encode(
+                {"f": request.fingerprint, "k": [cursor_value(k) for k in keys], "b": back}
+            )
             params.append(("_cursor", token))
         return f"{url}?{urlencode(params)}"
 
@@ -92,20 +96,23 @@ async def run_search(
     return rendered[:-1] + ',"entry":[' + ",".join(entries) + "]}"
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (int, str)):
-        return value
-    return str(value)
-
-
 def _entry(base: str, found: Found, mode: str, request: SearchRequest | None) -> str:
     body = found.body
     if request is not None and (request.elements or request.summary in ("true", "text", "data")):
         body = subset(body, found.resource_type, summary=request.summary, elements=request.elements)
     full_url = json.dumps(f"{base}/{found.resource_type}/{found.fhir_id}")
     return '{"fullUrl":' + full_url + ',"resource":' + body + ',"search":{"mode":"' + mode + '"}}'
+
+
+def subset_version(version: StoredVersion, query: Mapping[str, str]) -> StoredVersion:
+    """``_summary`` / ``_elements`` on a read or vread (search.html#summary applies to reads too)."""
+    summary = query.get("_summary")
+    elements = tuple(e.strip() for e in query.get("_elements", "").split(",") if e.strip())
+    if version.body is None or not (elements or summary in ("true", "text", "data")):
+        return version
+    return replace(
+        version, body=subset(version.body, version.resource_type, summary=summary, elements=elements)
+    )
 
 
 def subset(body: str, resource_type: str, *, summary: str | None, elements: tuple[str, ...]) -> str:

@@ -45,7 +45,7 @@ from app.fhir.responses import (
     write_response,
 )
 from app.fhir.search_params import registry
-from app.fhir.search_service import run_search
+from app.fhir.search_service import run_search, subset_version
 from app.fhir.types import SERVED_TYPES
 from app.fhir.validation import check_id, check_resource_type, parse_body, parse_resource
 from app.settings import Settings
@@ -100,15 +100,15 @@ async def read(ctx: FhirContext, resource_type: str) -> Response:
     version = await ctx.repo.read(resource_type, fhir_id)
     if not_modified(ctx.request, version):
         return Response(status_code=304, headers=version_headers(version))
-    return resource_response(version, ctx.fmt)
+    return resource_response(subset_version(version, ctx.request.query_params), ctx.fmt)
 
 
 async def vread(ctx: FhirContext, resource_type: str) -> Response:
     """http.html#vread"""
     fhir_id = ctx.param("id")
     check_id(fhir_id)
-    version = parse_version_id(ctx.param("vid"))
-    return resource_response(await ctx.repo.vread(resource_type, fhir_id, version), ctx.fmt)
+    version = await ctx.repo.vread(resource_type, fhir_id, parse_version_id(ctx.param("vid")))
+    return resource_response(subset_version(version, ctx.request.query_params), ctx.fmt)
 
 
 async def create(ctx: FhirContext, resource_type: str) -> Response:
