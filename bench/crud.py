@@ -68,7 +68,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -330,7 +331,7 @@ def repository_function(name: str) -> Callable[..., Any]:
     return function
 
 
-def _now_ms() -> datetime:
+def now_ms() -> datetime:
     moment = datetime.now(UTC)
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
@@ -479,7 +480,7 @@ class RawSide:
     async def create(self) -> None:
         """BEGIN; the repository's INSERT ... CTE statement; COMMIT (as the server's create)."""
         fhir_id = str(uuid.uuid4())
-        moment = _now_ms()
+        moment = now_ms()
         params = {
             **self.fixed_params,
             "fid": fhir_id,
@@ -546,7 +547,7 @@ async def measure(api: ApiSide, raw: RawSide, results: Results, server_pid: int,
     # Warm-up: fill both connection pools, prepare statements, load the validator.
     for op in (api.create, api.read, raw.create, raw.read):
         await drive(op, WARMUP, 32)
-    raw_row = len(raw.stored_body(str(uuid.uuid4()), _now_ms()))
+    raw_row = len(raw.stored_body(str(uuid.uuid4()), now_ms()))
     print(
         f"payload: {len(api.payload)} bytes posted; stored row {raw_row} bytes (raw), "
         f"{api.last_read_size} bytes (API read); {raw.index_rows} search-index rows per create",
@@ -619,19 +620,26 @@ def free_port() -> int:
 
 
 def wait_healthy(
-    base_url: str, server: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0
+    base_url: str,
+    server: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout: float = 60.0,
+    *,
+    ready: bool = False,
 ) -> None:
+    """Poll ``GET /healthz`` (``/readyz`` if ``ready``) until it answers 200."""
+    path, state = ("/readyz", "ready") if ready else ("/healthz", "healthy")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"server exited with {server.returncode}:\n{tail(log_path)}")
         try:
-            if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(f"{base_url}{path}", timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{tail(log_path)}")
+    raise RuntimeError(f"server not {state} after {timeout:.0f}s:\n{tail(log_path)}")
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -652,20 +660,107 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
         server.wait(timeout=5)
 
 
+@dataclass
+class BenchDatabase:
+    """A benchmark database and the real server on it, as set up by ``bench_database``."""
+
+    admin: str
+    name: str
+    dsn: str
+    """Plain libpq URL of the database (for asyncpg)."""
+    port: int
+    base_url: str
+    env: dict[str, str]
+    """The server's (and ``carecoord migrate``'s) environment."""
+    log_path: Path
+    pg_version: str = ""
+    """PostgreSQL version and synchronous_commit, when the database was created."""
+    server: subprocess.Popen[bytes] | None = None
+
+    def migrate(self, timeout: float = 120) -> None:
+        """Apply the migrations with ``carecoord migrate``."""
+        migrated = subprocess.run(
+            carecoord_command("migrate"),
+            env=self.env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if migrated.returncode != 0:
+            raise RuntimeError(f"carecoord migrate failed:\n{migrated.stdout}\n{migrated.stderr}")
+
+    def serve(self, *, ready: bool = False) -> subprocess.Popen[bytes]:
+        """Start ``carecoord serve`` (output to the log file) and wait for ``/healthz`` (or ``/readyz``)."""
+        with self.log_path.open("wb") as log:
+            self.server = subprocess.Popen(
+                carecoord_command("serve", "--host", "127.0.0.1", "--port", str(self.port)),
+                env=self.env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_healthy(self.base_url, self.server, self.log_path, ready=ready)
+        return self.server
+
+
+@contextmanager
+def bench_database(
+    name: str, log_name: str, *, admin: str | None = None, create: bool = True, keep: bool = False
+) -> Iterator[BenchDatabase]:
+    """Database ``name`` (dropped and created afresh unless ``create`` is false) and a free port
+    for the server, whose output goes to ``log_name`` in the temp directory. Call ``migrate()``
+    and ``serve()`` inside. On the way out, also on failure, the server is stopped (its log tail
+    printed on failure) and the database dropped, unless ``keep``.
+    """
+    admin = admin or admin_url()
+    dsn = with_database(admin, name)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = server_env(dsn.replace("postgresql://", "postgresql+asyncpg://", 1), base_url)
+    bench = BenchDatabase(admin, name, dsn, port, base_url, env, Path(tempfile.gettempdir()) / log_name)
+    if create:
+        bench.pg_version = runner_run(recreate_database(admin, name, create=True))
+    try:
+        yield bench
+    except BaseException:
+        if bench.server is not None:
+            print(f"server log tail:\n{tail(bench.log_path)}", file=sys.stderr)
+        raise
+    finally:
+        if bench.server is not None:
+            stop_server(bench.server)
+        if keep:
+            print(f'database {name} kept (--keep-db); drop it with: DROP DATABASE "{name}"', flush=True)
+        else:
+            runner_run(recreate_database(admin, name, create=False))
+        bench.log_path.unlink(missing_ok=True)
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def machine_info(pg_version: str, client_kind: str, rounds: int) -> list[str]:
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def cpu_line() -> str:
+    """Cores, CPU model and load: the first line of every bench's machine info."""
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return f"nproc: {cores()} (os.cpu_count {os.cpu_count()}); CPU: {model}; loadavg at start: {loadavg()}"
+
+
+def machine_info(pg_version: str, client_kind: str, rounds: int) -> list[str]:
     wrk = "installed (not used)" if shutil.which("wrk") else "not installed"
     return [
-        f"nproc: {cores()} (os.cpu_count {os.cpu_count()}); CPU: {model}; loadavg at start: {load}",
+        cpu_line(),
         f"PostgreSQL: {pg_version}",
         f"Python {platform.python_version()}, httpx {httpx.__version__}, asyncpg {asyncpg.__version__}, "
         f"load generator: {CLIENTS[client_kind]}, {loop_name()} loop; wrk: {wrk}",
@@ -746,6 +841,13 @@ def report(results: Results) -> list[str]:
     return out
 
 
+def print_report(lines: Sequence[str], started: float) -> None:
+    """The report after a blank line, then the total run time since ``started`` and the load."""
+    print()
+    print("\n".join(lines))
+    print(f"\ntotal run time {time.perf_counter() - started:.0f} s; loadavg at end: {loadavg()}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -787,52 +889,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.client == "httpx":
         disable_failed_sniffio_import()
     started = time.perf_counter()
-    admin = admin_url()
-    bench_dsn = with_database(admin, BENCH_DB)
-    server_db_url = bench_dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = server_env(server_db_url, base_url)
-    log_path = Path(tempfile.gettempdir()) / f"carecoord-bench-server-{os.getpid()}.log"
-    server: subprocess.Popen[bytes] | None = None
-    pg_version = runner_run(recreate_database(admin, BENCH_DB, create=True))
-    try:
-        migrated = subprocess.run(
-            carecoord_command("migrate"),
-            env=env,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if migrated.returncode != 0:
-            raise RuntimeError(f"carecoord migrate failed:\n{migrated.stdout}\n{migrated.stderr}")
-        with log_path.open("wb") as log:
-            server = subprocess.Popen(
-                carecoord_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_healthy(base_url, server, log_path)
-        print("\n".join(machine_info(pg_version, args.client, args.rounds)), flush=True)
-        print(f"server pid {server.pid} at {base_url}, database {BENCH_DB}", flush=True)
-        results = runner_run(run_benchmark(base_url, bench_dsn, server.pid, args.client, args.rounds))
-    except BaseException:
-        if server is not None:
-            print(f"server log tail:\n{tail(log_path)}", file=sys.stderr)
-        raise
-    finally:
-        if server is not None:
-            stop_server(server)
-        runner_run(recreate_database(admin, BENCH_DB, create=False))
-        log_path.unlink(missing_ok=True)
-    print()
-    print("\n".join(report(results)))
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    print(f"\ntotal run time {time.perf_counter() - started:.0f} s; loadavg at end: {load}")
+    with bench_database(BENCH_DB, f"carecoord-bench-server-{os.getpid()}.log") as bench:
+        bench.migrate()
+        server = bench.serve()
+        print("\n".join(machine_info(bench.pg_version, args.client, args.rounds)), flush=True)
+        print(f"server pid {server.pid} at {bench.base_url}, database {BENCH_DB}", flush=True)
+        results = runner_run(run_benchmark(bench.base_url, bench.dsn, server.pid, args.client, args.rounds))
+    print_report(report(results), started)
     return 0
 
 

@@ -64,9 +64,7 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -74,7 +72,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -85,18 +82,12 @@ from crud import (
     REPO_ROOT,
     LeanClient,
     admin_url,
-    carecoord_command,
+    bench_database,
     cores,
-    free_port,
+    loadavg,
     loop_name,
     percentile,
-    recreate_database,
     runner_run,
-    server_env,
-    stop_server,
-    tail,
-    wait_healthy,
-    with_database,
 )
 
 from app.fhir import jsonio, repository
@@ -1225,31 +1216,6 @@ class SizeRun:
     seconds: float
 
 
-def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            carecoord_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def migrate(env: dict[str, str], timeout: float = 120) -> None:
-    migrated = subprocess.run(
-        carecoord_command("migrate"),
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if migrated.returncode != 0:
-        raise RuntimeError(f"carecoord migrate failed:\n{migrated.stdout}\n{migrated.stderr}")
-
-
 async def measure_all(
     data: DataSet,
     base_url: str,
@@ -1328,24 +1294,23 @@ async def set_plan_cache_mode(dsn: str, name: str, mode: str) -> None:
 def run_size(size: int, admin: str, options: argparse.Namespace) -> SizeRun:
     started = time.perf_counter()
     name = f"{DB_PREFIX}{size}"
-    dsn = with_database(admin, name)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    fhir_base = f"{base_url}/fhir"
-    env = server_env(dsn.replace("postgresql://", "postgresql+asyncpg://", 1), base_url)
-    log_path = Path(tempfile.gettempdir()) / f"carecoord-search-bench-{os.getpid()}-{size}.log"
-    server: subprocess.Popen[bytes] | None = None
     print(f"\n=== size {size}: database {name}", flush=True)
     marker = runner_run(database_marker(admin, name)) if options.reuse_db else None
     reuse = marker is not None and marker.get("version") == DATA_VERSION and marker.get("size") == size
-    if not reuse:
-        runner_run(recreate_database(admin, name, create=True))
-    try:
+    with bench_database(
+        name,
+        f"carecoord-search-bench-{os.getpid()}-{size}.log",
+        admin=admin,
+        create=not reuse,
+        keep=options.keep_db,
+    ) as bench:
+        dsn, base_url = bench.dsn, bench.base_url
+        fhir_base = f"{base_url}/fhir"
         planned = time.perf_counter()
         if reuse and marker is not None:
             end = datetime.fromisoformat(marker["end"])
         else:
-            migrate(env)
+            bench.migrate()
             end = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
         data = plan_dataset(size, end)
         kinds = ", ".join(f"{k} {v}" for k, v in data.counts.items())
@@ -1380,10 +1345,9 @@ def run_size(size: int, admin: str, options: argparse.Namespace) -> SizeRun:
             runner_run(set_plan_cache_mode(dsn, name, options.plan_cache_mode))
             print(f"plan_cache_mode = {options.plan_cache_mode} for database {name}", flush=True)
         migrated = time.perf_counter()
-        migrate(env, timeout=1800)
+        bench.migrate(timeout=1800)
         print(f"carecoord migrate after the load: {time.perf_counter() - migrated:.1f} s", flush=True)
-        server = start_server(env, port, log_path)
-        wait_healthy(base_url, server, log_path)
+        server = bench.serve()
         print(f"server pid {server.pid} at {base_url}", flush=True)
         explain_out = [f"# EXPLAIN (ANALYZE, BUFFERS), size {size}, {datetime.now(UTC).isoformat()}", ""]
         queries = (
@@ -1409,18 +1373,6 @@ def run_size(size: int, admin: str, options: argparse.Namespace) -> SizeRun:
                 )
             )
         return run
-    except BaseException:
-        if server is not None:
-            print(f"server log tail:\n{tail(log_path)}", file=sys.stderr)
-        raise
-    finally:
-        if server is not None:
-            stop_server(server)
-        if options.keep_db:
-            print(f'database {name} kept (--keep-db); drop it with: DROP DATABASE "{name}"', flush=True)
-        else:
-            runner_run(recreate_database(admin, name, create=False))
-        log_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -1531,9 +1483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     admin = admin_url()
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(
-        f"nproc {cores()}; loadavg {load}; {loop_name()} loop; asyncpg {asyncpg.__version__}; "
+        f"nproc {cores()}; loadavg {loadavg()}; {loop_name()} loop; asyncpg {asyncpg.__version__}; "
         f"per query and side: {REQUESTS[1]} ops at c=1, {REQUESTS[8]} at c=8 (each capped at "
         f"{RUN_SECONDS:.0f} s), {PARAM_SETS} parameter sets, {args.rounds} round(s); "
         f"plan_cache_mode {args.plan_cache_mode or 'server default'}",
@@ -1546,8 +1497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"size {run.size}: {run.seconds:.0f} s in all ({loaded})")
     print("\n".join(report(runs)))
     print(f"\nEXPLAIN output: {RESULTS_DIR}/explain-<size>.txt")
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    print(f"total run time {time.perf_counter() - started:.0f} s; loadavg at end: {load}")
+    print(f"total run time {time.perf_counter() - started:.0f} s; loadavg at end: {loadavg()}")
     return 0
 
 

@@ -68,41 +68,32 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
 
 # bench/crud.py is importable because Python puts this script's directory on sys.path.
 from crud import (
-    REPO_ROOT,
     LeanClient,
     RunStats,
-    admin_url,
-    carecoord_command,
-    cores,
+    bench_database,
+    cpu_line,
     cpu_snapshot,
     drive,
-    free_port,
     loop_name,
-    recreate_database,
+    med,
+    now_ms,
+    print_report,
     repository_function,
     repository_statement,
     runner_run,
-    server_env,
-    stop_server,
-    tail,
-    with_database,
 )
 
 from app.fhir import jsonio
@@ -284,11 +275,6 @@ async def create_targets(api_client: LeanClient) -> Refs:
 # --------------------------------------------------------------------------- the raw side
 
 
-def _now_ms() -> datetime:
-    moment = datetime.now(UTC)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-
-
 class RawSide:
     """The server's rows through asyncpg directly, built by the server's own functions."""
 
@@ -307,7 +293,7 @@ class RawSide:
         """The insert's arguments for one resource, as the server's create builds them."""
         # The resource as the server holds it after parsing the request body (Decimal-preserving).
         data: dict[str, Any] = jsonio.loads(jsonio.dumps(resource))
-        moment = _now_ms()
+        moment = now_ms()
         index: dict[str, Any] = self.index_params(extract(resource_type, data, self.fhir_base))
         params = {
             "rtype": resource_type,
@@ -483,20 +469,6 @@ async def measure(api: ApiSide, raw: RawSide, results: Results, server_pid: int,
 # --------------------------------------------------------------------------- setup and teardown
 
 
-def wait_ready(base_url: str, server: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode}:\n{tail(log_path)}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{tail(log_path)}")
-
-
 def other_benchmarks() -> list[str]:
     """Command lines of other running bench/ scripts (they would share the cores)."""
     found = []
@@ -514,15 +486,9 @@ def other_benchmarks() -> list[str]:
 
 
 def machine_info(pg_version: str, rounds: int) -> list[str]:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     others = other_benchmarks()
     return [
-        f"nproc: {cores()} (os.cpu_count {os.cpu_count()}); CPU: {model}; loadavg at start: {load}",
+        cpu_line(),
         f"PostgreSQL: {pg_version}",
         f"Python {platform.python_version()}, asyncpg {asyncpg.__version__}, {loop_name()} loop; "
         "load generator: bench/crud.py's lean keep-alive HTTP/1.1 client",
@@ -537,10 +503,6 @@ def machine_info(pg_version: str, rounds: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def med(runs: Sequence[RunStats], metric: str) -> float:
-    return float(statistics.median(getattr(run, metric) for run in runs))
 
 
 def res_per_s(kind: str, runs: Sequence[RunStats]) -> float:
@@ -630,52 +592,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds; medians are reported")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    admin = admin_url()
-    bench_dsn = with_database(admin, BENCH_DB)
-    server_db_url = bench_dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = server_env(server_db_url, base_url)
-    log_path = Path(tempfile.gettempdir()) / f"carecoord-bench-tx-server-{os.getpid()}.log"
-    server: subprocess.Popen[bytes] | None = None
-    pg_version = runner_run(recreate_database(admin, BENCH_DB, create=True))
-    try:
-        migrated = subprocess.run(
-            carecoord_command("migrate"),
-            env=env,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if migrated.returncode != 0:
-            raise RuntimeError(f"carecoord migrate failed:\n{migrated.stdout}\n{migrated.stderr}")
-        with log_path.open("wb") as log:
-            server = subprocess.Popen(
-                carecoord_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_ready(base_url, server, log_path)
-        print("\n".join(machine_info(pg_version, args.rounds)), flush=True)
-        print(f"server pid {server.pid} at {base_url}, database {BENCH_DB}", flush=True)
-        results = runner_run(run_benchmark(base_url, bench_dsn, server.pid, args.rounds))
-    except BaseException:
-        if server is not None:
-            print(f"server log tail:\n{tail(log_path)}", file=sys.stderr)
-        raise
-    finally:
-        if server is not None:
-            stop_server(server)
-        runner_run(recreate_database(admin, BENCH_DB, create=False))
-        log_path.unlink(missing_ok=True)
-    print()
-    print("\n".join(report(results)))
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    print(f"\ntotal run time {time.perf_counter() - started:.0f} s; loadavg at end: {load}")
+    with bench_database(BENCH_DB, f"carecoord-bench-tx-server-{os.getpid()}.log") as bench:
+        bench.migrate()
+        server = bench.serve(ready=True)
+        print("\n".join(machine_info(bench.pg_version, args.rounds)), flush=True)
+        print(f"server pid {server.pid} at {bench.base_url}, database {BENCH_DB}", flush=True)
+        results = runner_run(run_benchmark(bench.base_url, bench.dsn, server.pid, args.rounds))
+    print_report(report(results), started)
     return 0
 
 
