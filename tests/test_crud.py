@@ -191,3 +191,13 @@ async def test_read_with_summary_and_elements(client: httpx.AsyncClient) -> None
     assert "text" not in version and version["maritalStatus"] == {"text": "single"}
     full = (await client.get(url)).json()
     assert full["text"]["status"] == "generated"
+
+
+async def test_head_answers_like_get_without_a_body(client: httpx.AsyncClient) -> None:
+    created = (await client.post("/fhir/Patient", json=SAMPLES["Patient"], headers=JSON)).json()
+    head = await client.head(f"/fhir/Patient/{created['id']}")
+    assert head.status_code == 200
+    assert head.headers["etag"] == 'W/"1"'
+    assert head.content == b""
+    assert (await client.head("/fhir/Patient?name=rivera")).status_code == 200
+    assert (await client.head("/fhir/Patient/unknown")).status_code == 404

@@ -498,12 +498,17 @@ _UNLISTED_OPERATIONS: dict[Handler, str] = {
 }
 
 
+def _dispatch_methods(method: str) -> list[str]:
+    """HEAD is answered wherever GET is: the same headers, no body (RFC 9110 9.3.2)."""
+    return [method, "HEAD"] if method == "GET" else [method]
+
+
 def _register() -> None:
     for interaction in INTERACTION_TABLE:
         router.add_api_route(
             "/{resource_type}" + interaction.path,
             _generic_endpoint(interaction.handler),
-            methods=[interaction.method],
+            methods=_dispatch_methods(interaction.method),
             include_in_schema=False,
             response_class=Response,
         )
@@ -513,7 +518,7 @@ def _register() -> None:
     router.add_api_route(
         "/Patient/{id}/{resource_type}",
         _generic_endpoint(compartment_search),
-        methods=["GET"],
+        methods=_dispatch_methods("GET"),
         include_in_schema=False,
         response_class=Response,
     )
@@ -543,7 +548,7 @@ def _register() -> None:
                 INTERACTIONS.setdefault(resource_type, []).append(interaction.code)
 
 
-@router.get("/_history", include_in_schema=False, response_class=Response)
+@router.api_route("/_history", methods=["GET", "HEAD"], include_in_schema=False, response_class=Response)
 async def _system_history_route(ctx: ContextDep) -> Response:
     return await history(ctx, None)
 
@@ -586,7 +591,11 @@ async def _bundle_route(ctx: ContextDep) -> Response:
 
 
 router.add_api_route(
-    "", _system_search_route, methods=["GET"], include_in_schema=False, response_class=Response
+    "",
+    _system_search_route,
+    methods=_dispatch_methods("GET"),
+    include_in_schema=False,
+    response_class=Response,
 )
 router.add_api_route(
     "/_search", _system_search_route, methods=["POST"], include_in_schema=False, response_class=Response
