@@ -13,7 +13,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.fhir.access import OPEN_ACCESS, AccessContext
-from app.fhir.cursors import CursorCodec
 from app.fhir.errors import PayloadTooLarge
 from app.fhir.repository import FhirRepository
 from app.settings import Settings
@@ -52,14 +51,6 @@ async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[F
 # scope="function": the transaction ends (commit or rollback) when the handler returns,
 # before the response is sent; FastAPI's default exits after sending.
 RepositoryDep = Annotated[FhirRepository, Depends(get_repository, scope="function")]
-
-
-async def get_cursor_codec(request: Request) -> CursorCodec:
-    codec: CursorCodec = request.app.state.cursors
-    return codec
-
-
-CursorDep = Annotated[CursorCodec, Depends(get_cursor_codec)]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -108,9 +108,6 @@ async def parse_prefer(request: Request) -> Prefer:
     return Prefer(return_=return_, handling=values.get("handling", "lenient"))
 
 
-PreferDep = Annotated[Prefer, Depends(parse_prefer)]
-
-
 def not_modified(request: Request, version: StoredVersion) -> bool:
     """Conditional read (http.html#cread): If-None-Match on the ETag, If-Modified-Since on lastUpdated."""
     if_none_match = request.headers.get("if-none-match")

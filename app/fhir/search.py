@@ -52,7 +52,6 @@ RESULT_PARAMETERS = frozenset(
     }
 )
 UNSUPPORTED_PARAMETERS = frozenset({"_text", "_content", "_query", "_filter", "_list", "_has_not"})
-PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)$", re.DOTALL)
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
