@@ -6,11 +6,9 @@ import re
 from datetime import UTC, datetime
 
 from app.fhir.errors import BadRequest
+from app.fhir.fhirdate import date_range
 
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,9})"?\s*$')
-_DATETIME = re.compile(
-    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
-)
 
 
 def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
@@ -31,26 +29,10 @@ def parse_version_id(value: str) -> int:
 
 def parse_instant(value: str, parameter: str) -> datetime:
     """A FHIR date, dateTime or instant as the earliest moment it denotes (UTC when no zone)."""
-    match = _DATETIME.match(value.strip())
-    if not match:
+    span = date_range(value)
+    if span is None:
         raise BadRequest(f"{parameter}: '{value[:40]}' is not a FHIR dateTime", expression=(parameter,))
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    try:
-        moment = datetime(
-            int(year),
-            int(month or 1),
-            int(day or 1),
-            int(hour or 0),
-            int(minute or 0),
-            int(second or 0),
-            int(float(fraction) * 1_000_000) if fraction else 0,
-            tzinfo=UTC,
-        )
-        if zone and zone != "Z":
-            moment = datetime.fromisoformat(moment.replace(tzinfo=None).isoformat() + zone)
-    except ValueError as exc:
-        raise BadRequest(f"{parameter}: '{value[:40]}' is not a valid date", expression=(parameter,)) from exc
-    return moment.astimezone(UTC)
+    return span[0].astimezone(UTC)
 
 
 def parse_count(value: str | None, *, default: int, maximum: int, parameter: str = "_count") -> int:

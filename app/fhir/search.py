@@ -24,6 +24,7 @@ from typing import Any
 from app.fhir.errors import BadRequest, Issue
 from app.fhir.fhirdate import date_range
 from app.fhir.indexing import normalize, split_reference
+from app.fhir.params import parse_count
 from app.fhir.search_params import SearchParam, SearchRegistry
 from app.fhir.types import SERVED_TYPE_SET
 from app.fhir.validation import FORBIDDEN_CHARACTERS
@@ -779,7 +780,7 @@ def parse_search(
             "unknown or unsupported search parameters (Prefer: handling=strict)",
             issues=[Issue("not-supported", i.diagnostics, expression=i.expression) for i in issues],
         )
-    count = _count(options.get("_count"))
+    count = parse_count(options.get("_count"), default=DEFAULT_COUNT, maximum=MAX_COUNT)
     total = options.get("_total", "none")
     if total not in ("none", "estimate", "accurate"):
         raise BadRequest("_total: use none, estimate or accurate", expression=("_total",))
@@ -813,11 +814,3 @@ def parse_search(
         type_placeholder=type_placeholder,
         rid_sets=[rid_set(condition, type_placeholder) for condition in conditions],
     )
-
-
-def _count(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return DEFAULT_COUNT
-    if not raw.isdigit():
-        raise BadRequest(f"_count: '{raw[:20]}' is not a non-negative integer", expression=("_count",))
-    return min(int(raw), MAX_COUNT)
