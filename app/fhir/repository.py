@@ -599,21 +599,13 @@ class SearchExecutor:
         if not rids:
             return []
         params: dict[str, Any] = {"rids": rids}
-        clauses = ["i.rid = ANY(:rids)"]
-        if directive.param != "*":
-            clauses.append("i.param = :param")
-            params["param"] = directive.param
-        if directive.target_type:
-            clauses.append("i.target_type = :target")
-            params["target"] = directive.target_type
+        clauses = ["i.rid = ANY(:rids)", *_reference_filters(directive, params)]
         sql = (
             "SELECT DISTINCT t.rid, t.resource_type, t.fhir_id, t.body FROM search_reference i"
             " JOIN resource t ON t.resource_type = i.target_type AND t.fhir_id = i.target_id"
             f" WHERE {' AND '.join(clauses)} AND NOT t.deleted LIMIT {MAX_INCLUDES}"
         )
-        statement = Statement(sql)
-        rows = await self._conn.fetch(statement.sql, *statement.args(params))
-        return [Found(r["rid"], r["resource_type"], r["fhir_id"], r["body"]) for r in rows]
+        return await self._found(sql, params)
 
     async def _revinclude(self, directive: Include, targets: list[Found]) -> list[Found]:
         params: dict[str, Any] = {
@@ -624,12 +616,7 @@ class SearchExecutor:
         if directive.source_type != "*":
             clauses.append("i.resource_type = :source")
             params["source"] = directive.source_type
-        if directive.param != "*":
-            clauses.append("i.param = :param")
-            params["param"] = directive.param
-        if directive.target_type:
-            clauses.append("i.target_type = :target")
-            params["target"] = directive.target_type
+        clauses.extend(_reference_filters(directive, params))
         extra = "".join(f" AND {c}" for c in clauses)
         sql = (
             "SELECT DISTINCT s.rid, s.resource_type, s.fhir_id, s.body"
@@ -637,6 +624,21 @@ class SearchExecutor:
             " JOIN search_reference i ON i.target_type = p.target_type AND i.target_id = p.target_id"
             f" JOIN resource s ON s.rid = i.rid WHERE NOT s.deleted{extra} LIMIT {MAX_INCLUDES}"
         )
+        return await self._found(sql, params)
+
+    async def _found(self, sql: str, params: dict[str, Any]) -> list[Found]:
         statement = Statement(sql)
         rows = await self._conn.fetch(statement.sql, *statement.args(params))
         return [Found(r["rid"], r["resource_type"], r["fhir_id"], r["body"]) for r in rows]
+
+
+def _reference_filters(directive: Include, params: dict[str, Any]) -> list[str]:
+    """The reference parameter and target type an include directive names (``*`` = any)."""
+    clauses = []
+    if directive.param != "*":
+        clauses.append("i.param = :param")
+        params["param"] = directive.param
+    if directive.target_type:
+        clauses.append("i.target_type = :target")
+        params["target"] = directive.target_type
+    return clauses
