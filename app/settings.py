@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     )
     max_bundle_entries: int = Field(default=1000, ge=1, description="Most entries in a batch or transaction")
     log_level: str = "info"
+    auth_enabled: bool = Field(
+        default=True,
+        description="Require SMART bearer tokens on /fhir (false only for local development and benchmarks)",
+    )
+    audit_enabled: bool = Field(default=True, description="Record an AuditEvent for every FHIR interaction")
 
     @field_validator("base_url")
     @classmethod

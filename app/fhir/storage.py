@@ -28,7 +28,15 @@ class ResourceRow(SQLModel, table=True):
     """The current version of a resource (deleted ones keep their row, ``deleted`` set)."""
 
     __tablename__ = "resource"
-    __table_args__ = (sa.UniqueConstraint("resource_type", "fhir_id"),)
+    __table_args__ = (
+        sa.UniqueConstraint("resource_type", "fhir_id"),
+        sa.Index(
+            "ix_resource_created_org",
+            "created_org",
+            "resource_type",
+            postgresql_where=sa.text("created_org IS NOT NULL"),
+        ),
+    )
 
     rid: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(), primary_key=True))
     resource_type: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
@@ -37,6 +45,11 @@ class ResourceRow(SQLModel, table=True):
     last_updated: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
     deleted: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false()))
     body: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    created_org: str | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.Text, nullable=True),
+        description="Organization/ID of the partner client that created it (organisation access)",
+    )
 
 
 class ResourceHistoryRow(SQLModel, table=True):
