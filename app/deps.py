@@ -1,19 +1,24 @@
-"""Request dependencies: the request-owned transaction, the repository, settings.
+"""Request dependencies: authentication, the request-owned transaction, the repository.
 
 ``RepositoryDep`` opens one database transaction per writing request; it commits when
 the handler returns and rolls back when it raises, before the response is sent, so a
 client never sees a success that was not committed. Reads run without a transaction.
+The repository carries the caller's access context (auth reaches storage), and every
+interaction leaves an AuditEvent: a successful write's in its own transaction, the rest
+through the audit buffer (app/auth/audit.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from app.auth.audit import AuditTrail, build_event, interaction_of
+from app.auth.context import authenticate
 from app.fhir.access import OPEN_ACCESS, AccessContext
-from app.fhir.errors import PayloadTooLarge
+from app.fhir.errors import FHIRError, PayloadTooLarge
 from app.fhir.repository import FhirRepository
 from app.settings import Settings
 
@@ -27,7 +32,11 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
 async def get_access(request: Request) -> AccessContext:
-    return getattr(request.state, "access", OPEN_ACCESS)
+    """The caller's access context from its bearer token (OPEN_ACCESS when auth is off)."""
+    state = request.app.state
+    if not state.settings.auth_enabled:
+        return OPEN_ACCESS
+    return await authenticate(request.headers.get("authorization"), state.tokens)
 
 
 AccessDep = Annotated[AccessContext, Depends(get_access)]
@@ -36,16 +45,48 @@ AccessDep = Annotated[AccessContext, Depends(get_access)]
 READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 
 
+def _audit_event(request: Request, repo: FhirRepository, status: int) -> dict[str, Any]:
+    fhir_path = request.url.path.removeprefix("/fhir")
+    interaction = repo.interaction or interaction_of(request.method, fhir_path)
+    searching = interaction.startswith("search") or interaction.startswith("history-")
+    query = f"{fhir_path.lstrip('/')}?{request.url.query}" if searching else None
+    return build_event(
+        interaction=interaction,
+        status=status,
+        access=repo.access,
+        touched=repo.touched,
+        query=query,
+        address=request.client.host if request.client else None,
+        fhir_base=repo.fhir_base,
+    )
+
+
 async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[FhirRepository]:
-    fhir_base = request.app.state.settings.fhir_base
-    async with request.app.state.pool.acquire() as connection:
+    state = request.app.state
+    fhir_base = state.settings.fhir_base
+    audit: AuditTrail = state.audit
+    async with state.pool.acquire() as connection:
         if request.method in READ_ONLY_METHODS:
             # Reads need no transaction: each statement sees committed data, and skipping
             # BEGIN/COMMIT saves two round trips per read.
-            yield FhirRepository(connection, access, fhir_base=fhir_base)
+            repo = FhirRepository(connection, access, fhir_base=fhir_base)
+            try:
+                yield repo
+            except FHIRError as exc:
+                audit.record(_audit_event(request, repo, exc.status))
+                raise
+            audit.record(_audit_event(request, repo, 200))
             return
-        async with connection.transaction():
-            yield FhirRepository(connection, access, fhir_base=fhir_base)
+        repo = FhirRepository(connection, access, fhir_base=fhir_base)
+        try:
+            async with connection.transaction():
+                yield repo
+                # The write's record commits with it, or neither does.
+                if audit.enabled:
+                    await audit.write(connection, _audit_event(request, repo, 200))
+        except FHIRError as exc:
+            audit.record(_audit_event(request, repo, exc.status))
+            raise
 
 
 # scope="function": the transaction ends (commit or rollback) when the handler returns,

@@ -33,7 +33,44 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     )
     components = document.setdefault("components", {}).setdefault("schemas", {})
     components.update(fhir_schemas)
+    _document_security(document)
     return document
+
+
+OPEN_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration")
+
+
+def _document_security(document: dict[str, Any]) -> None:
+    """OAuth2 client credentials (SMART Backend Services) on every FHIR interaction, and the
+    401/403 OperationOutcomes they can answer (issue 4)."""
+    document["components"]["securitySchemes"] = {
+        "smart": {
+            "type": "oauth2",
+            "description": "SMART Backend Services: client_credentials with private_key_jwt or a client "
+            "secret; scopes are SMART 2.x (system|user|patient)/(Type|*).cruds",
+            "flows": {
+                "clientCredentials": {
+                    "tokenUrl": "/auth/token",
+                    "scopes": {
+                        "system/*.cruds": "everything",
+                        "system/*.rs": "read and search every type",
+                        "patient/*.rs": "read and search one patient's compartment",
+                    },
+                }
+            },
+        },
+    }
+    outcome = {
+        "content": {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}}
+    }
+    for path, operations in document.get("paths", {}).items():
+        if not path.startswith("/fhir") or path in OPEN_PATHS:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"smart": []}]
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("401", {"description": "No or invalid access token", **outcome})
+            responses.setdefault("403", {"description": "The token's scopes do not allow this", **outcome})
 
 
 _QUERY = {

@@ -466,7 +466,7 @@ class RawSide:
         # They depend only on the client's payload (no id, no timestamp), so they are built once here
         # and the timed operation spends its CPU on the database round trips alone.
         index: dict[str, Any] = index_params(extract("Patient", self.payload, fhir_base))
-        self.fixed_params = {"rtype": "Patient", "method": "POST", **index}
+        self.fixed_params = {"rtype": "Patient", "method": "POST", "org": None, **index}
         self.insert = repository_statement("_INSERT", {*self.fixed_params, "fid", "ts", "body"})
         self.index_rows = sum(len(values) for name, values in index.items() if name.endswith("_param"))
         if not self.index_rows:
@@ -604,11 +604,16 @@ def carecoord_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "app.cli", *args]
 
 
-def server_env(database_url: str, base_url: str) -> dict[str, str]:
+def server_env(database_url: str, base_url: str, *, auth: bool = False) -> dict[str, str]:
+    """The server's environment. These benchmarks measure storage and HTTP against the raw
+    database floor, so authorization and audit are off unless ``auth``; their own cost is
+    measured side by side by bench/auth.py."""
     env = dict(os.environ)
     env.pop("CARECOORD_DATABASE_URL", None)
     env["DATABASE_URL"] = database_url
     env["CARECOORD_BASE_URL"] = base_url
+    env["CARECOORD_AUTH_ENABLED"] = "true" if auth else "false"
+    env["CARECOORD_AUDIT_ENABLED"] = "true" if auth else "false"
     return env
 
 

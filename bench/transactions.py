@@ -285,7 +285,7 @@ class RawSide:
         self.stamp = repository_function("stamp")
         self.index_params = repository_function("_index_params")
         sample = self.index_params(extract("Patient", {"resourceType": "Patient"}, fhir_base))
-        statement = repository_statement("_INSERT", {"rtype", "fid", "ts", "body", "method", *sample})
+        statement = repository_statement("_INSERT", {"rtype", "fid", "ts", "body", "method", "org", *sample})
         self.insert_sql = statement.sql
         self.insert_args = statement.args
 
@@ -301,6 +301,7 @@ class RawSide:
             "ts": moment,
             "body": self.stamp(data, fhir_id, 1, moment),
             "method": "POST",
+            "org": None,
             **index,
         }
         return self.insert_args(params)

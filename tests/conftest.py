@@ -16,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -86,23 +87,45 @@ async def clean_db(engine: AsyncEngine) -> None:
 
 
 @pytest.fixture(scope="session")
-async def app_client(settings: Settings, engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
-            client.headers["accept"] = "application/fhir+json"
-            yield client
+async def app(settings: Settings, engine: AsyncEngine) -> AsyncIterator[FastAPI]:
+    """The application with its lifespan running (pool, signing keys, audit trail)."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+FULL_ACCESS = "system/*.cruds"
+
+
+async def bearer(app: FastAPI, scope: str = FULL_ACCESS, **context: str | None) -> dict[str, str]:
+    """An Authorization header with a token the server issued (as its token endpoint would)."""
+    token, _ = await app.state.tokens.issue(
+        client_id=context.pop("client_id", None) or "test-client", scope=scope, **context
+    )
+    return {"authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="session")
+async def app_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+        client.headers["accept"] = "application/fhir+json"
+        yield client
 
 
 @pytest.fixture
-async def client(app_client: httpx.AsyncClient, clean_db: None) -> httpx.AsyncClient:
+async def client(app: FastAPI, app_client: httpx.AsyncClient, clean_db: None) -> httpx.AsyncClient:
+    """A client of a system/*.cruds backend service (a fresh token per test: tokens expire)."""
+    app_client.headers.update(await bearer(app))
     return app_client
 
 
 async def count_rows(engine: AsyncEngine, table: str = "resource_history") -> int:
+    """Rows of clinical data in ``table``: AuditEvents, written for every interaction
+    (failed ones included, asynchronously), are not what these counts are about."""
     async with engine.connect() as conn:
-        return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
+        sql = f"SELECT count(*) FROM {table} WHERE resource_type <> 'AuditEvent'"
+        return int((await conn.execute(text(sql))).scalar_one())
 
 
 os.environ.setdefault("CARECOORD_LOG_LEVEL", "warning")

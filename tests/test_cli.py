@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -47,15 +48,43 @@ def test_serve_on_embedded_postgres_answers_metadata_and_writes(tmp_path: Path) 
         metadata = httpx.get(f"{base}/fhir/metadata")
         assert metadata.status_code == 200
         assert metadata.json()["fhirVersion"] == "4.0.1"
-        created = httpx.post(
-            f"{base}/fhir/Patient",
-            json={"resourceType": "Patient", "name": [{"family": "Diaz"}]},
-            headers={"content-type": "application/fhir+json"},
+        patient = {"resourceType": "Patient", "name": [{"family": "Diaz"}]}
+        fhir_json = {"content-type": "application/fhir+json"}
+        assert httpx.post(f"{base}/fhir/Patient", json=patient, headers=fhir_json).status_code == 401
+        # The README's way in: register a client with the CLI, get a token, use it.
+        registered = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "clients",
+                "add",
+                "--name",
+                "readme",
+                "--scope",
+                "system/*.cruds",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
         )
+        client = json.loads(registered.stdout.strip().splitlines()[-1])
+        token = httpx.post(
+            f"{base}/auth/token",
+            data={"grant_type": "client_credentials", "scope": "system/Patient.cruds"},
+            auth=(client["client_id"], client["client_secret"]),
+        )
+        assert token.status_code == 200, token.text
+        assert token.json()["scope"] == "system/Patient.cruds"
+        bearer = {"authorization": f"Bearer {token.json()['access_token']}"}
+        created = httpx.post(f"{base}/fhir/Patient", json=patient, headers={**fhir_json, **bearer})
         assert created.status_code == 201
         assert created.headers["location"].startswith(f"{base}/fhir/Patient/")
         # The commit happened before the 201 was sent: a new connection reads it at once.
-        assert httpx.get(created.headers["location"]).json()["name"][0]["family"] == "Diaz"
+        assert httpx.get(created.headers["location"], headers=bearer).json()["name"][0]["family"] == "Diaz"
         assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
     finally:
         server.send_signal(signal.SIGINT)

@@ -43,7 +43,7 @@ def generated_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_generated_client_round_trips_typed_models(
-    generated_client: Path, app_client: httpx.AsyncClient, clean_db: None
+    generated_client: Path, client: httpx.AsyncClient
 ) -> None:
     sys.path.insert(0, str(generated_client))
     try:
@@ -55,8 +55,8 @@ async def test_generated_client_round_trips_typed_models(
     finally:
         sys.path.remove(str(generated_client))
 
-    client = client_module.Client(base_url=str(app_client.base_url))
-    client.set_async_httpx_client(app_client)
+    api = client_module.Client(base_url=str(client.base_url))
+    api.set_async_httpx_client(client)  # carries the test's bearer token
     patient = patient_models.Patient.from_dict(
         {
             "resourceType": "Patient",
@@ -64,10 +64,10 @@ async def test_generated_client_round_trips_typed_models(
             "birthDate": "1948-02-29",
         }
     )
-    created = await create.asyncio_detailed(client=client, body=patient)
+    created = await create.asyncio_detailed(client=api, body=patient)
     assert created.status_code == 201
     assert isinstance(created.parsed, patient_models.Patient)
-    fetched = await read.asyncio(created.parsed.id, client=client)
+    fetched = await read.asyncio(created.parsed.id, client=api)
     assert isinstance(fetched, patient_models.Patient)
     assert fetched.name[0].family == "Nguyen"
     assert fetched.meta.version_id == "1"

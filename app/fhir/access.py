@@ -1,21 +1,213 @@
-"""The caller's access context, carried from the request into storage.
+"""The caller's access context, carried from the request into storage (issue 4).
 
-Authorization (SMART scopes, patient compartments, organisations) arrives with its
-own issue; the repository already receives this object so that its filters can be
-added to the SQL of every interaction rather than applied to pages afterwards.
+A request's bearer token becomes an :class:`AccessContext`: its SMART permissions, its
+patient context and the partner organisation of its client. Storage asks it for SQL
+conditions (``condition``) and adds them to the statements of read, vread, history, search,
+includes, chains, ``_has`` and every write, so a page, a total or an include can never
+contain what the token may not see; nothing is filtered after the fact.
+
+Rules (SMART App Launch 2.x scopes-and-launch-context.html; FHIR R4 security.html):
+
+- a type/interaction no permission covers is a 403 (``Forbidden``);
+- a ``patient/`` permission limits the types of the R4 Patient compartment to the token's
+  patient (CompartmentDefinition/patient); types outside the compartment (Organization,
+  Practitioner, Endpoint, Questionnaire...) are directory data and are not limited;
+- a permission's ``?param=value`` restrictions become search conditions;
+- a client registered for a partner organisation sees ServiceRequests whose performer is
+  the organisation, Tasks whose owner or requester it is, the ServiceRequests those Tasks
+  are about, whatever those referrals point to, the organisation itself and what its
+  clients created; that holds under every permission it has;
+- a resource the token may use the type of but that lies outside these limits is a 404, so
+  that its existence is not revealed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.auth.scopes import Permission
+from app.fhir.errors import FHIRError, Forbidden
+from app.fhir.search_params import registry
+
+INTERACTION_NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
+
+REFERRAL_ROOTS = (
+    ("ServiceRequest", ("performer",)),
+    ("Task", ("owner", "requester")),
+)
+"""Where a partner organisation is named by the referrals it is part of."""
+
+
+class ConditionCompiler(Protocol):
+    """What access needs from the search compiler (app/fhir/search.py SearchCompiler)."""
+
+    def bind(self, value: object) -> str: ...
+
+    def compartment(self, alias: str, resource_type: str, patient_id: str) -> str: ...
+
+    def condition(
+        self, alias: str, resource_type: str, name: str, raw: str, depth: int = 0
+    ) -> str | None: ...
+
+    def in_patient_compartment(self, resource_type: str) -> bool: ...
+
+    def bind_mark(self) -> int: ...
+
+    def bind_rollback(self, mark: int) -> None: ...
 
 
 @dataclass(frozen=True)
 class AccessContext:
-    """Who is calling. ``unrestricted`` is the open API (no authorization configured)."""
+    """Who is calling and what their token allows. ``unrestricted`` = authorization is off."""
 
     client_id: str | None = None
+    organization: str | None = None
+    """``Organization/ID`` of a partner client, or None."""
+    patient: str | None = None
+    """Patient id of the token's patient context, or None."""
+    permissions: tuple[Permission, ...] = ()
     unrestricted: bool = True
+    _cache: dict[tuple[str, str], tuple[Permission, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    @property
+    def organization_id(self) -> str | None:
+        return self.organization.split("/", 1)[1] if self.organization else None
+
+    def matching(self, resource_type: str, letter: str) -> tuple[Permission, ...]:
+        """The usable permissions covering ``letter`` on ``resource_type``."""
+        key = (resource_type, letter)
+        found = self._cache.get(key)
+        if found is None:
+            found = tuple(
+                p
+                for p in self.permissions
+                if p.covers(resource_type, letter) and (p.context != "patient" or self.patient is not None)
+            )
+            self._cache[key] = found
+        return found
+
+    def allows(self, resource_type: str, letter: str) -> bool:
+        return self.unrestricted or bool(self.matching(resource_type, letter))
+
+    def require(self, resource_type: str, letter: str) -> None:
+        """403 unless some permission covers the interaction (SMART scopes)."""
+        if not self.allows(resource_type, letter):
+            raise Forbidden(
+                f"the access token does not allow {INTERACTION_NAMES[letter]} on {resource_type}",
+            )
+
+    def is_limited(self, resource_type: str, letter: str) -> bool:
+        """Whether ``condition`` would return a condition (cheap test for the fast paths)."""
+        if self.unrestricted:
+            return False
+        if self.organization is not None:
+            return True
+        return not any(_is_open(resource_type, p) for p in self.matching(resource_type, letter))
+
+    def condition(
+        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str
+    ) -> str | None:
+        """SQL over resource rows ``alias`` of ``resource_type`` that the token may use with
+        ``letter``; None when every row is allowed. 403 when no permission covers it."""
+        if self.unrestricted:
+            return None
+        self.require(resource_type, letter)
+        permissions = self.matching(resource_type, letter)
+        open_permission = any(_is_open(resource_type, p) for p in permissions)
+        alternatives: list[str] = []
+        if not open_permission:
+            for permission in permissions:
+                parts = self._permission_parts(compiler, alias, resource_type, permission)
+                if parts is not None:  # None: a restriction this type cannot express
+                    alternatives.append("(" + " AND ".join(parts) + ")")
+            if not alternatives:
+                return "FALSE"
+        clauses = [] if open_permission else ["(" + " OR ".join(alternatives) + ")"]
+        if self.organization is not None:
+            clauses.append(self._organization_condition(compiler, alias))
+        return " AND ".join(clauses) if clauses else None
+
+    def _permission_parts(
+        self, compiler: ConditionCompiler, alias: str, resource_type: str, permission: Permission
+    ) -> list[str] | None:
+        parts: list[str] = []
+        if (
+            permission.context == "patient"
+            and self.patient is not None
+            and compiler.in_patient_compartment(resource_type)
+        ):
+            parts.append(compiler.compartment(alias, resource_type, self.patient))
+        mark = compiler.bind_mark()
+        for name, value in permission.restriction:
+            try:
+                clause = compiler.condition(alias, resource_type, name, value)
+            except FHIRError:
+                clause = None
+            if clause is None:
+                compiler.bind_rollback(mark)  # drop the values bound for the discarded parts
+                return None
+            parts.append(clause)
+        return parts
+
+    def _organization_condition(self, compiler: ConditionCompiler, alias: str) -> str:
+        """Rows a partner organisation's client may see (module docstring)."""
+        org = compiler.bind(self.organization)
+        org_id = compiler.bind(self.organization_id)
+        roots = " OR ".join(
+            f"(o.resource_type = {compiler.bind(root_type)} AND o.param = ANY({compiler.bind(list(params))}))"
+            for root_type, params in REFERRAL_ROOTS
+        )
+        referrals = (
+            "SELECT o.rid FROM search_reference o WHERE o.target_type = 'Organization'"
+            f" AND o.target_id = {org_id} AND ({roots})"
+        )
+        # The ServiceRequests that the organisation's Tasks are about (Task.focus).
+        focused = (
+            "SELECT fs.rid FROM search_reference f JOIN resource fs"
+            " ON fs.resource_type = f.target_type AND fs.fhir_id = f.target_id"
+            f" WHERE f.resource_type = 'Task' AND f.param = 'focus' AND f.rid IN ({referrals})"
+        )
+        pointed = (
+            "SELECT p.target_type, p.target_id FROM search_reference p"
+            f" WHERE p.param = '_reference' AND (p.rid IN ({referrals}) OR p.rid IN ({focused}))"
+        )
+        return (
+            f"({alias}.created_org = {org}"
+            f" OR ({alias}.resource_type = 'Organization' AND {alias}.fhir_id = {org_id})"
+            f" OR {alias}.rid IN ({referrals}) OR {alias}.rid IN ({focused})"
+            f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({pointed}))"
+        )
+
+    def row_filter(
+        self, compiler: ConditionCompiler, alias: str, letter: str, resource_types: tuple[str, ...]
+    ) -> str | None:
+        """Rows of any of ``resource_types`` the token may use with ``letter`` (types it may
+        not use at all are left out rather than refused: includes, system history)."""
+        if self.unrestricted:
+            return None
+        allowed = [t for t in resource_types if self.allows(t, letter)]
+        limited = [t for t in allowed if self.is_limited(t, letter)]
+        if len(allowed) == len(resource_types) and not limited:
+            return None
+        open_types = [t for t in allowed if t not in limited]
+        alternatives = []
+        if open_types:
+            alternatives.append(f"{alias}.resource_type = ANY({compiler.bind(open_types)})")
+        for resource_type in limited:
+            condition = self.condition(compiler, alias, resource_type, letter)
+            alternatives.append(f"({alias}.resource_type = {compiler.bind(resource_type)} AND {condition})")
+        return "(" + " OR ".join(alternatives) + ")" if alternatives else "FALSE"
+
+
+def _is_open(resource_type: str, permission: Permission) -> bool:
+    """A permission that allows every row of the type (no compartment, no restriction)."""
+    compartment = permission.context == "patient" and (
+        resource_type == "Patient" or resource_type in registry().patient_compartment
+    )
+    return not compartment and not permission.restriction
 
 
 OPEN_ACCESS = AccessContext()

@@ -259,7 +259,7 @@ class _Runner:
                     if entry.if_none_exist:
                         pairs = condition_pairs(entry.if_none_exist, "ifNoneExist")
                         await lock(self.repo, entry.resource_type, pairs)
-                        ids = await find_ids(self.repo, entry.resource_type, pairs, 2)
+                        ids = await find_ids(self.repo, entry.resource_type, pairs, 2, "c")
                         if len(ids) > 1:
                             raise PreconditionFailed(
                                 "ifNoneExist matches more than one resource", code="duplicate"
@@ -271,7 +271,7 @@ class _Runner:
                 elif entry.method == "PUT" and entry.query and not entry.fhir_id:
                     pairs = condition_pairs(entry.query)
                     await lock(self.repo, entry.resource_type, pairs)
-                    ids = await find_ids(self.repo, entry.resource_type, pairs, 2)
+                    ids = await find_ids(self.repo, entry.resource_type, pairs, 2, "u")
                     if len(ids) > 1:
                         raise PreconditionFailed(
                             "the condition matches more than one resource", code="multiple-matches"
@@ -295,7 +295,7 @@ class _Runner:
         for reference in conditional:
             resource_type, _, query = reference.partition("?")
             check_resource_type(resource_type)
-            ids = await find_ids(self.repo, resource_type, condition_pairs(query, "reference"), 2)
+            ids = await find_ids(self.repo, resource_type, condition_pairs(query, "reference"), 2, "s")
             if len(ids) != 1:
                 raise PreconditionFailed(
                     f"conditional reference {reference[:80]} matches {len(ids)} resources, not 1",

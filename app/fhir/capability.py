@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.fhir.models import FHIR_VERSION
+from app.fhir.repository import IMMUTABLE_TYPES
 from app.fhir.search_params import SearchRegistry, registry
 from app.fhir.types import SERVED_TYPES
 
@@ -16,6 +17,7 @@ RELEASE_DATE = "2026-11-25"
 def capability_statement(
     *,
     fhir_base: str,
+    base_url: str,
     interactions: dict[str, list[str]],
     system_interactions: list[str],
     conditional_delete_max: int = 1,
@@ -23,7 +25,11 @@ def capability_statement(
     resources = []
     search = registry()
     for resource_type in SERVED_TYPES:
-        routed = interactions.get(resource_type, [])
+        routed = [
+            code
+            for code in interactions.get(resource_type, [])
+            if not (resource_type in IMMUTABLE_TYPES and code in ("update", "patch", "delete"))
+        ]
         entry: dict[str, Any] = {
             "type": resource_type,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
@@ -34,7 +40,11 @@ def capability_statement(
             "conditionalCreate": "create" in routed,
             "conditionalRead": "full-support",
             "conditionalUpdate": "update" in routed,
-            "conditionalDelete": "multiple" if conditional_delete_max > 1 else "single",
+            "conditionalDelete": (
+                ("multiple" if conditional_delete_max > 1 else "single")
+                if "delete" in routed
+                else "not-supported"
+            ),
         }
         if "search-type" in routed:
             entry.update(_search_capabilities(search, resource_type))
@@ -52,6 +62,7 @@ def capability_statement(
         "rest": [
             {
                 "mode": "server",
+                "security": _security(base_url),
                 "resource": resources,
                 "interaction": [{"code": code} for code in system_interactions],
                 "searchParam": [
@@ -61,6 +72,36 @@ def capability_statement(
                 ],
             }
         ],
+    }
+
+
+def _security(base_url: str) -> dict[str, Any]:
+    """rest.security: SMART on FHIR, with the OAuth endpoints (SMART App Launch 2.x
+    conformance.html; the well-known document is the primary source, this is for clients
+    that still read the CapabilityStatement)."""
+    return {
+        "cors": True,
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ],
+                "text": "OAuth2 bearer tokens with SMART on FHIR scopes (Backend Services)",
+            }
+        ],
+        "extension": [
+            {
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [
+                    {"url": "token", "valueUri": f"{base_url}/auth/token"},
+                    {"url": "introspect", "valueUri": f"{base_url}/auth/introspect"},
+                ],
+            }
+        ],
+        "description": "Every /fhir interaction except metadata needs a bearer access token.",
     }
 
 

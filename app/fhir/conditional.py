@@ -34,15 +34,21 @@ def condition_pairs(condition: str, parameter: str = "condition") -> list[tuple[
 
 
 async def find_ids(
-    repo: FhirRepository, resource_type: str, pairs: list[tuple[str, str]], limit: int
+    repo: FhirRepository, resource_type: str, pairs: list[tuple[str, str]], limit: int, letter: str
 ) -> list[str]:
-    """Ids of up to ``limit`` current resources matching the criteria; unknown parameters are a 400."""
+    """Ids of up to ``limit`` current resources matching the criteria; unknown parameters are a 400.
+
+    Only resources the caller may use with ``letter`` (the write's own SMART letter) are
+    matched: a condition never reveals, nor acts on, what the token may not see.
+    """
     request = parse_search(
         (resource_type,),
         [*pairs, ("_count", str(limit))],
         registry=registry(),
         fhir_base=repo.fhir_base,
         strict=True,
+        access=repo.access,
+        letter=letter,
     )
     page = await repo.search(request, None, False)
     return [found.fhir_id for found in page.matches]
@@ -59,7 +65,7 @@ async def conditional_create(
     """http.html#ccreate: no match creates, one match returns it (200), several are a 412."""
     pairs = condition_pairs(condition, "If-None-Exist")
     await lock(repo, resource_type, pairs)
-    ids = await find_ids(repo, resource_type, pairs, 2)
+    ids = await find_ids(repo, resource_type, pairs, 2, "c")
     if len(ids) > 1:
         raise PreconditionFailed("If-None-Exist matches more than one resource", code="duplicate")
     if ids:
@@ -73,7 +79,7 @@ async def conditional_update(
     """http.html#cond-update: no match creates, one match updates it, several are a 412."""
     pairs = condition_pairs(condition)
     await lock(repo, resource_type, pairs)
-    ids = await find_ids(repo, resource_type, pairs, 2)
+    ids = await find_ids(repo, resource_type, pairs, 2, "u")
     if len(ids) > 1:
         raise PreconditionFailed("the condition matches more than one resource", code="multiple-matches")
     body_id = data.get("id")
@@ -95,7 +101,7 @@ async def conditional_delete(
     """http.html#cdelete: deletes the match(es); more than ``max_matches`` is a 412."""
     pairs = condition_pairs(condition)
     await lock(repo, resource_type, pairs)
-    ids = await find_ids(repo, resource_type, pairs, max_matches + 1)
+    ids = await find_ids(repo, resource_type, pairs, max_matches + 1, "d")
     if len(ids) > max_matches:
         raise PreconditionFailed(
             f"the condition matches more than {max_matches} resource(s)", code="multiple-matches"

@@ -106,7 +106,33 @@ def extract(resource_type: str, data: dict[str, Any], fhir_base: str) -> IndexRo
                 _add(rows, param, path.element_type, value, fhir_base)
     if "deceased" in registry().for_type(resource_type) and not any(r[0] == "deceased" for r in rows.token):
         rows.token.append(("deceased", None, "false", None, None, None))
+    if resource_type in ALL_REFERENCES_TYPES:
+        _all_references(rows, data, fhir_base)
     return rows
+
+
+ALL_REFERENCES_TYPES = frozenset({"Task", "ServiceRequest"})
+"""Types whose every local reference is indexed (param ``_reference``), wherever it sits.
+
+A partner organisation sees what its referrals point to (issue 4): a ServiceRequest's
+``supportingInfo`` Consent or ``reasonReference`` Condition has no R4 search parameter, so
+the ordinary index rows cannot answer "is this resource referenced by a referral".
+"""
+ALL_REFERENCES_PARAM = "_reference"
+
+
+def _all_references(rows: IndexRows, node: Any, fhir_base: str) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _all_references(rows, item, fhir_base)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                target_type, target_id, _url = split_reference(value, fhir_base)
+                if target_type and target_id:
+                    rows.reference.append((ALL_REFERENCES_PARAM, target_type, target_id, None, None, None))
+            elif key != "contained" and isinstance(value, dict | list):
+                _all_references(rows, value, fhir_base)
 
 
 def _deceased(rows: IndexRows, param: SearchParam, path: PathSpec, values: list[Any]) -> None:

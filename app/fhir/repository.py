@@ -13,14 +13,16 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from asyncpg import Connection
+from asyncpg import Connection, Record
 
 from app.fhir import jsonio
 from app.fhir.access import AccessContext
-from app.fhir.errors import BadRequest, Gone, NotFound, PreconditionFailed
+from app.fhir.errors import BadRequest, Forbidden, Gone, MethodNotAllowed, NotFound, PreconditionFailed
 from app.fhir.indexing import IndexRows, extract
-from app.fhir.search import MAX_INCLUDES, MAX_ITERATE, Include, SearchRequest
+from app.fhir.search import MAX_INCLUDES, MAX_ITERATE, Binder, Include, SearchCompiler, SearchRequest
+from app.fhir.search_params import registry
 from app.fhir.sql import Statement
+from app.fhir.types import SERVED_TYPES
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,8 @@ def _index_params(rows: IndexRows) -> dict[str, Any]:
 _INSERT = Statement(
     f"""
     WITH new_row AS (
-        INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body)
-        VALUES (:rtype, :fid, 1, :ts, false, :body)
+        INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body, created_org)
+        VALUES (:rtype, :fid, 1, :ts, false, :body, :org)
         ON CONFLICT (resource_type, fhir_id) DO NOTHING
         RETURNING rid
     ),
@@ -137,10 +139,6 @@ _INSERT = Statement(
     {_index_ctes("new_row", replace=False)}
     SELECT rid FROM new_row
     """
-)
-
-_LOCK_CURRENT = Statement(
-    "SELECT rid, version_id, deleted FROM resource WHERE resource_type = :rtype AND fhir_id = :fid FOR UPDATE"
 )
 
 _WRITE_VERSION = Statement(
@@ -159,15 +157,12 @@ _WRITE_VERSION = Statement(
     """
 )
 
+_CURRENT_COLUMNS = "r.rid, r.version_id, r.last_updated, r.deleted, r.body"
+_CURRENT_WHERE = "r.resource_type = $1 AND r.fhir_id = $2"
 _READ = Statement(
-    "SELECT version_id, last_updated, deleted, body FROM resource"
-    " WHERE resource_type = :rtype AND fhir_id = :fid"
+    f"SELECT {_CURRENT_COLUMNS} FROM resource r WHERE r.resource_type = :rtype AND r.fhir_id = :fid"
 )
-
-_READ_FOR_UPDATE = Statement(
-    "SELECT version_id, last_updated, deleted, body FROM resource"
-    " WHERE resource_type = :rtype AND fhir_id = :fid FOR UPDATE"
-)
+_READ_FOR_UPDATE = f"{_READ.sql} FOR UPDATE OF r"
 
 _VREAD = Statement(
     """
@@ -186,6 +181,10 @@ class FhirRepository:
         self._conn = connection
         self.access = access
         self.fhir_base = fhir_base
+        self.touched: list[tuple[str, str, int]] = []
+        """(type, id, version) of every resource read or written, for the interaction's AuditEvent."""
+        self.interaction: str | None = None
+        """Set by a router when the path does not tell (a Bundle is a batch or a transaction)."""
 
     def savepoint(self) -> Any:
         """A nested transaction (SAVEPOINT): batch entries fail alone."""
@@ -202,14 +201,33 @@ class FhirRepository:
         await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
 
     async def read_for_update(self, resource_type: str, fhir_id: str) -> StoredVersion:
-        """The current version, row-locked until the transaction ends (read-modify-write)."""
-        return _live(await self._current(_READ_FOR_UPDATE, resource_type, fhir_id))
+        """The current version, row-locked until the transaction ends (read-modify-write, ``u``)."""
+        _check_mutable(resource_type)
+        return _live(await self._current(resource_type, fhir_id, "u", lock=True))
+
+    def _compiler(self) -> SearchCompiler:
+        return SearchCompiler(registry(), self.fhir_base, Binder(), self.access)
+
+    async def _check_written(self, rid: int, resource_type: str, letter: str) -> None:
+        """The version just written must lie within what the token allows (patient compartment,
+        scope restrictions); otherwise the request fails and its transaction rolls back."""
+        if not self.access.is_limited(resource_type, letter):
+            return
+        compiler = self._compiler()
+        rid_placeholder = compiler.bind(rid)
+        condition = self.access.condition(compiler, "r", resource_type, letter)
+        sql = f"SELECT {condition or 'TRUE'} FROM resource r WHERE r.rid = {rid_placeholder}"
+        if not await self._conn.fetchval(sql, *compiler.bind.values):
+            raise Forbidden(
+                f"the access token does not allow this {resource_type}"
+                " (outside its patient compartment, organisation or scope restrictions)"
+            )
 
     async def search(
         self, request: SearchRequest, after: tuple[Any, ...] | None, backwards: bool
     ) -> SearchPage:
         """search.html: one page of matches, their includes and (when asked) a total."""
-        return await SearchExecutor(self._conn).search(request, after, backwards)
+        return await SearchExecutor(self._conn, self.fhir_base).search(request, after, backwards)
 
     async def create(
         self, resource_type: str, data: dict[str, Any], *, fhir_id: str | None = None
@@ -219,10 +237,11 @@ class FhirRepository:
         ``fhir_id`` is an id the server chose beforehand (a transaction assigns the ids of
         its POST entries before writing, to rewrite references to them).
         """
-        return await self._insert(resource_type, fhir_id or new_id(), data, method="POST")
+        self.access.require(resource_type, "c")
+        return await self._insert(resource_type, fhir_id or new_id(), data, method="POST", letter="c")
 
     async def _insert(
-        self, resource_type: str, fhir_id: str, data: dict[str, Any], *, method: str
+        self, resource_type: str, fhir_id: str, data: dict[str, Any], *, method: str, letter: str
     ) -> StoredVersion:
         now = _now()
         body = stamp(data, fhir_id, 1, now)
@@ -232,23 +251,32 @@ class FhirRepository:
             "ts": now,
             "body": body,
             "method": method,
+            "org": self.access.organization,
             **_index_params(extract(resource_type, data, self.fhir_base)),
         }
         inserted = await self._conn.fetchrow(_INSERT.sql, *_INSERT.args(params))
         if inserted is None:
             raise _IdTaken()
+        await self._check_written(inserted["rid"], resource_type, letter)
+        self.touched.append((resource_type, fhir_id, 1))
         return StoredVersion(resource_type, fhir_id, 1, now, False, body, method)
 
     async def read(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """http.html#read: the current version; 404 when unknown, 410 when deleted."""
-        return _live(await self._current(_READ, resource_type, fhir_id))
+        return _live(await self._current(resource_type, fhir_id, "r"))
 
     async def vread(self, resource_type: str, fhir_id: str, version_id: int) -> StoredVersion:
         """http.html#vread: one version; a deletion version answers 410."""
+        limited = self.access.is_limited(resource_type, "r")
+        if limited:
+            await self.read_any(resource_type, fhir_id)  # 404 unless the token may see it
+        else:
+            self.access.require(resource_type, "r")
         params = {"rtype": resource_type, "fid": fhir_id, "vid": version_id}
         row = await self._conn.fetchrow(_VREAD.sql, *_VREAD.args(params))
         if row is None:
-            await self.read_any(resource_type, fhir_id)
+            if not limited:
+                await self.read_any(resource_type, fhir_id)
             raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
         version = StoredVersion(
             resource_type,
@@ -259,6 +287,7 @@ class FhirRepository:
             row["body"],
             row["method"],
         )
+        self.touched.append((resource_type, fhir_id, version_id))
         if version.deleted:
             raise Gone(
                 f"version {version_id} of {resource_type}/{fhir_id} is a deletion",
@@ -267,16 +296,39 @@ class FhirRepository:
         return version
 
     async def read_any(self, resource_type: str, fhir_id: str) -> StoredVersion:
-        """The current row, deleted or not; 404 only when the id was never used."""
-        return await self._current(_READ, resource_type, fhir_id)
+        """The current row, deleted or not; 404 only when the id was never used (or the
+        token may not see it)."""
+        return await self._current(resource_type, fhir_id, "r")
 
-    async def _current(self, statement: Statement, resource_type: str, fhir_id: str) -> StoredVersion:
-        row = await self._conn.fetchrow(statement.sql, resource_type, fhir_id)
-        if row is None:
-            raise NotFound(f"{resource_type}/{fhir_id} is not known")
+    async def _current(
+        self, resource_type: str, fhir_id: str, letter: str, *, lock: bool = False
+    ) -> StoredVersion:
+        row = await self._current_row(resource_type, fhir_id, letter, lock=lock)
+        self.touched.append((resource_type, fhir_id, row["version_id"]))
         return StoredVersion(
             resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
         )
+
+    async def _current_row(
+        self, resource_type: str, fhir_id: str, letter: str, *, lock: bool = False
+    ) -> Record:
+        """The current row if the token may use it with ``letter``: 403 when its scopes do not
+        cover the interaction, 404 when the row is unknown or outside its limits."""
+        self.access.require(resource_type, letter)
+        if not self.access.is_limited(resource_type, letter):
+            row = await self._conn.fetchrow(_READ_FOR_UPDATE if lock else _READ.sql, resource_type, fhir_id)
+        else:
+            compiler = self._compiler()
+            compiler.bind(resource_type)  # $1
+            compiler.bind(fhir_id)  # $2
+            condition = self.access.condition(compiler, "r", resource_type, letter)
+            sql = f"SELECT {_CURRENT_COLUMNS}, {condition} AS visible FROM resource r WHERE {_CURRENT_WHERE}"
+            row = await self._conn.fetchrow(sql + (" FOR UPDATE OF r" if lock else ""), *compiler.bind.values)
+            if row is not None and not row["visible"]:
+                row = None
+        if row is None:
+            raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        return row
 
     async def update(
         self, resource_type: str, fhir_id: str, data: dict[str, Any], *, if_match: int | None = None
@@ -287,33 +339,45 @@ class FhirRepository:
         version the client based its change on (http.html#concurrency): any other
         current version is a 412.
         """
+        _check_mutable(resource_type)
+        self.access.require(resource_type, "u")
         while True:
-            current = await self._lock(resource_type, fhir_id)
+            current = await self._lock(resource_type, fhir_id, "u")
             if current is None:
                 if if_match is not None:
                     raise PreconditionFailed(f"{resource_type}/{fhir_id} does not exist (If-Match given)")
                 try:
-                    return await self._insert(resource_type, fhir_id, data, method="PUT"), True
+                    return await self._insert(resource_type, fhir_id, data, method="PUT", letter="u"), True
                 except _IdTaken:
                     continue  # a concurrent request created it first: update that version instead
             rid, version_id, _deleted = current
             _check_if_match(resource_type, fhir_id, version_id, if_match)
-            return await self._write(rid, resource_type, fhir_id, version_id + 1, data, method="PUT"), False
+            version = await self._write(rid, resource_type, fhir_id, version_id + 1, data, method="PUT")
+            await self._check_written(rid, resource_type, "u")
+            return version, False
 
     async def delete(self, resource_type: str, fhir_id: str, *, if_match: int | None = None) -> StoredVersion:
         """http.html#delete: a deletion version; deleting a deleted resource changes nothing."""
-        current = await self._lock(resource_type, fhir_id)
+        _check_mutable(resource_type)
+        current = await self._lock(resource_type, fhir_id, "d")
         if current is None:
             raise NotFound(f"{resource_type}/{fhir_id} is not known")
         rid, version_id, deleted = current
         _check_if_match(resource_type, fhir_id, version_id, if_match)
         if deleted:
-            return await self.read_any(resource_type, fhir_id)
+            return await self._current(resource_type, fhir_id, "d")
         return await self._write(rid, resource_type, fhir_id, version_id + 1, None, method="DELETE")
 
-    async def _lock(self, resource_type: str, fhir_id: str) -> tuple[int, int, bool] | None:
-        row = await self._conn.fetchrow(_LOCK_CURRENT.sql, resource_type, fhir_id)
-        return None if row is None else (row["rid"], row["version_id"], row["deleted"])
+    async def _lock(self, resource_type: str, fhir_id: str, letter: str) -> tuple[int, int, bool] | None:
+        """Lock the current row for a write; None when the id is unused. A row the token may
+        not use is a 404 (its existence is not revealed)."""
+        self.access.require(resource_type, letter)
+        row = await self._conn.fetchrow(_READ_FOR_UPDATE, resource_type, fhir_id)
+        if row is None:
+            return None
+        if self.access.is_limited(resource_type, letter):
+            await self._current_row(resource_type, fhir_id, letter)
+        return row["rid"], row["version_id"], row["deleted"]
 
     async def _write(
         self,
@@ -340,6 +404,7 @@ class FhirRepository:
             **_index_params(rows),
         }
         await self._conn.execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))
+        self.touched.append((resource_type, fhir_id, version_id))
         return StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)
 
     async def history(
@@ -356,27 +421,36 @@ class FhirRepository:
         Pages by keyset on the history sequence (``cursor`` = the last ``hid`` seen), so
         writes between page requests neither duplicate nor skip entries.
         """
-        if resource_type is not None and fhir_id is not None:
-            await self.read_any(resource_type, fhir_id)
+        compiler = self._compiler()
+        bind = compiler.bind
         clauses = []
-        params: dict[str, Any] = {"limit": count + 1}
+        if resource_type is not None and fhir_id is not None:
+            await self.read_any(resource_type, fhir_id)  # r: instance history is a read
+        elif resource_type is not None:
+            limit = self.access.condition(compiler, "r", resource_type, "s")
+            if limit is not None:
+                clauses.append(f"EXISTS (SELECT 1 FROM resource r WHERE r.rid = h.rid AND {limit})")
+        else:
+            if not any(self.access.allows(t, "s") for t in SERVED_TYPES):
+                raise Forbidden("the access token does not allow system history")
+            limit = self.access.row_filter(compiler, "r", "s", SERVED_TYPES)
+            if limit is not None:
+                clauses.append(f"EXISTS (SELECT 1 FROM resource r WHERE r.rid = h.rid AND {limit})")
         if resource_type is not None:
-            clauses.append("resource_type = :rtype")
-            params["rtype"] = resource_type
+            clauses.append(f"h.resource_type = {bind(resource_type)}")
         if fhir_id is not None:
-            clauses.append("fhir_id = :fid")
-            params["fid"] = fhir_id
+            clauses.append(f"h.fhir_id = {bind(fhir_id)}")
         if since is not None:
-            clauses.append("last_updated >= :since")
-            params["since"] = since
+            clauses.append(f"h.last_updated >= {bind(since)}")
         if cursor is not None:
-            clauses.append("hid < :cursor")
-            params["cursor"] = cursor
+            clauses.append(f"h.hid < {bind(cursor)}")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         # The clauses are fixed strings chosen above; values travel as bind parameters.
-        sql = f"SELECT {_HISTORY_COLUMNS} FROM resource_history {where} ORDER BY hid DESC LIMIT :limit"
-        statement = Statement(sql)
-        rows = await self._conn.fetch(statement.sql, *statement.args(params))
+        sql = (
+            f"SELECT {_HISTORY_COLUMNS} FROM resource_history h {where}"
+            f" ORDER BY h.hid DESC LIMIT {bind(count + 1)}"
+        )
+        rows = await self._conn.fetch(sql, *bind.values)
         versions = [
             StoredVersion(
                 r["resource_type"],
@@ -391,6 +465,15 @@ class FhirRepository:
         ]
         next_cursor = rows[count - 1]["hid"] if count and len(rows) > count else None
         return HistoryPage(versions, next_cursor)
+
+
+IMMUTABLE_TYPES = frozenset({"AuditEvent"})
+"""Records of what happened: created, never updated, patched or deleted through the API."""
+
+
+def _check_mutable(resource_type: str) -> None:
+    if resource_type in IMMUTABLE_TYPES:
+        raise MethodNotAllowed(f"{resource_type} resources cannot be updated, patched or deleted")
 
 
 class _IdTaken(Exception):
@@ -448,8 +531,9 @@ def cursor_value(value: Any) -> str:
 class SearchExecutor:
     """Runs a parsed search (app/fhir/search.py) as one keyset-paged statement plus includes."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, fhir_base: str) -> None:
         self._conn = connection
+        self._fhir_base = fhir_base
 
     @staticmethod
     def _where(request: SearchRequest) -> str:
@@ -580,9 +664,9 @@ class SearchExecutor:
             found: list[Found] = []
             for directive in directives:
                 rows = await (
-                    self._revinclude(directive, frontier)
+                    self._revinclude(request, directive, frontier)
                     if directive.reverse
-                    else self._include(directive, frontier)
+                    else self._include(request, directive, frontier)
                 )
                 for item in rows:
                     if (item.resource_type, item.fhir_id) not in seen and len(included) + len(
@@ -594,51 +678,64 @@ class SearchExecutor:
             frontier = found
         return included
 
-    async def _include(self, directive: Include, sources: list[Found]) -> list[Found]:
+    def _compiler(self, request: SearchRequest) -> SearchCompiler:
+        return SearchCompiler(registry(), self._fhir_base, Binder(), request.access)
+
+    async def _include(self, request: SearchRequest, directive: Include, sources: list[Found]) -> list[Found]:
         rids = [s.rid for s in sources if directive.source_type in ("*", s.resource_type)]
         if not rids:
             return []
-        params: dict[str, Any] = {"rids": rids}
-        clauses = ["i.rid = ANY(:rids)", *_reference_filters(directive, params)]
+        compiler = self._compiler(request)
+        clauses = [f"i.rid = ANY({compiler.bind(rids)})", *_reference_filters(directive, compiler)]
+        clauses.extend(_readable(request, compiler, "t", directive.target_type))
         sql = (
             "SELECT DISTINCT t.rid, t.resource_type, t.fhir_id, t.body FROM search_reference i"
             " JOIN resource t ON t.resource_type = i.target_type AND t.fhir_id = i.target_id"
             f" WHERE {' AND '.join(clauses)} AND NOT t.deleted LIMIT {MAX_INCLUDES}"
         )
-        return await self._found(sql, params)
+        return await self._found(sql, compiler)
 
-    async def _revinclude(self, directive: Include, targets: list[Found]) -> list[Found]:
-        params: dict[str, Any] = {
-            "types": [t.resource_type for t in targets],
-            "ids": [t.fhir_id for t in targets],
-        }
+    async def _revinclude(
+        self, request: SearchRequest, directive: Include, targets: list[Found]
+    ) -> list[Found]:
+        compiler = self._compiler(request)
+        types = compiler.bind([t.resource_type for t in targets])
+        ids = compiler.bind([t.fhir_id for t in targets])
         clauses = []
-        if directive.source_type != "*":
-            clauses.append("i.resource_type = :source")
-            params["source"] = directive.source_type
-        clauses.extend(_reference_filters(directive, params))
+        source_type = None if directive.source_type == "*" else directive.source_type
+        if source_type is not None:
+            clauses.append(f"i.resource_type = {compiler.bind(source_type)}")
+        clauses.extend(_reference_filters(directive, compiler))
+        clauses.extend(_readable(request, compiler, "s", source_type))
         extra = "".join(f" AND {c}" for c in clauses)
         sql = (
             "SELECT DISTINCT s.rid, s.resource_type, s.fhir_id, s.body"
-            " FROM unnest(CAST(:types AS text[]), CAST(:ids AS text[])) AS p(target_type, target_id)"
+            f" FROM unnest(CAST({types} AS text[]), CAST({ids} AS text[])) AS p(target_type, target_id)"
             " JOIN search_reference i ON i.target_type = p.target_type AND i.target_id = p.target_id"
             f" JOIN resource s ON s.rid = i.rid WHERE NOT s.deleted{extra} LIMIT {MAX_INCLUDES}"
         )
-        return await self._found(sql, params)
+        return await self._found(sql, compiler)
 
-    async def _found(self, sql: str, params: dict[str, Any]) -> list[Found]:
-        statement = Statement(sql)
-        rows = await self._conn.fetch(statement.sql, *statement.args(params))
+    async def _found(self, sql: str, compiler: SearchCompiler) -> list[Found]:
+        rows = await self._conn.fetch(sql, *compiler.bind.values)
         return [Found(r["rid"], r["resource_type"], r["fhir_id"], r["body"]) for r in rows]
 
 
-def _reference_filters(directive: Include, params: dict[str, Any]) -> list[str]:
+def _readable(
+    request: SearchRequest, compiler: SearchCompiler, alias: str, resource_type: str | None
+) -> list[str]:
+    """Included resources are the caller's only where it may read them; others are left out."""
+    access = request.access
+    types = (resource_type,) if resource_type else SERVED_TYPES
+    condition = access.row_filter(compiler, alias, "r", types)
+    return [condition] if condition else []
+
+
+def _reference_filters(directive: Include, compiler: SearchCompiler) -> list[str]:
     """The reference parameter and target type an include directive names (``*`` = any)."""
     clauses = []
     if directive.param != "*":
-        clauses.append("i.param = :param")
-        params["param"] = directive.param
+        clauses.append(f"i.param = {compiler.bind(directive.param)}")
     if directive.target_type:
-        clauses.append("i.target_type = :target")
-        params["target"] = directive.target_type
+        clauses.append(f"i.target_type = {compiler.bind(directive.target_type)}")
     return clauses

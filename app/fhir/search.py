@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from app.fhir.access import OPEN_ACCESS, AccessContext
 from app.fhir.errors import BadRequest, Issue
 from app.fhir.fhirdate import date_range
 from app.fhir.indexing import normalize, split_reference
@@ -112,6 +113,8 @@ class SearchRequest:
     """The bind placeholder of the (single) resource type searched."""
     rid_sets: list[str | None] = field(default_factory=list)
     """Per condition, the same condition as a set of matching rids, when it is one (see rid_set)."""
+    access: AccessContext = OPEN_ACCESS
+    """The caller's limits; included resources are filtered by them too."""
 
     @property
     def drivable(self) -> bool:
@@ -212,11 +215,35 @@ def _like_prefix(text: str) -> str:
 class SearchCompiler:
     """Compiles search parameters of one or more types into SQL conditions."""
 
-    def __init__(self, registry: SearchRegistry, fhir_base: str, binder: Binder) -> None:
+    def __init__(
+        self,
+        registry: SearchRegistry,
+        fhir_base: str,
+        binder: Binder,
+        access: AccessContext = OPEN_ACCESS,
+    ) -> None:
         self.registry = registry
         self.fhir_base = fhir_base
         self.bind = binder
+        self.access = access
+        """Chained and ``_has`` subqueries see only what the caller may search (issue 4)."""
         self._aliases = 0
+
+    def bind_mark(self) -> int:
+        return len(self.bind.values)
+
+    def bind_rollback(self, mark: int) -> None:
+        """Forget values bound after ``mark`` (their SQL was discarded; PostgreSQL refuses
+        parameters it cannot type because no statement text uses them)."""
+        del self.bind.values[mark:]
+
+    def in_patient_compartment(self, resource_type: str) -> bool:
+        return resource_type == "Patient" or resource_type in self.registry.patient_compartment
+
+    def _visible(self, alias: str, resource_type: str) -> str:
+        """`` AND <access condition>`` for rows of another type reached by a chain or _has."""
+        condition = self.access.condition(self, alias, resource_type, "s")
+        return f" AND {condition}" if condition else ""
 
     def _alias(self, prefix: str) -> str:
         self._aliases += 1
@@ -572,11 +599,12 @@ class SearchCompiler:
             inner = self.condition(target_alias, target, chain, raw, depth + 1)
             if inner is None:
                 raise BadRequest(f"{name}: unknown chained parameter '{chain}'", expression=(name,))
+            visible = self._visible(target_alias, target)
             alternatives.append(
                 f"({index}.target_type = {self.bind(target)}"
                 f" AND {index}.target_id IN (SELECT {target_alias}.fhir_id"
                 f" FROM resource {target_alias} WHERE {target_alias}.resource_type = {self.bind(target)}"
-                f" AND NOT {target_alias}.deleted AND {inner}))"
+                f" AND NOT {target_alias}.deleted AND {inner}{visible}))"
             )
         return self._exists(alias, resource_type, param, self._any(alternatives), index)
 
@@ -601,6 +629,7 @@ class SearchCompiler:
         inner = self.condition(source_alias, source_type, rest, raw, depth + 1)
         if inner is None:
             raise BadRequest(f"{name}: unknown parameter '{rest}' of {source_type}", expression=(name,))
+        inner += self._visible(source_alias, source_type)
         return (
             f"EXISTS (SELECT 1 FROM search_reference {link} JOIN resource {source_alias}"
             f" ON {source_alias}.rid = {link}.rid"
@@ -714,10 +743,16 @@ def parse_search(
     fhir_base: str,
     strict: bool,
     compartment: tuple[str, str] | None = None,
+    access: AccessContext = OPEN_ACCESS,
+    letter: str = "s",
 ) -> SearchRequest:
-    """Parse a search interaction's parameters (search.html#Summary) into a SearchRequest."""
+    """Parse a search interaction's parameters (search.html#Summary) into a SearchRequest.
+
+    ``access`` adds the caller's limits for ``letter`` (``s`` for a search; a conditional
+    write searches with its own letter) as one more condition (app/fhir/access.py).
+    """
     binder = Binder()
-    compiler = SearchCompiler(registry, fhir_base, binder)
+    compiler = SearchCompiler(registry, fhir_base, binder, access)
     conditions: list[str] = []
     applied: list[tuple[str, str]] = []
     unknown: list[str] = []
@@ -798,6 +833,14 @@ def parse_search(
         sort_specs = [s for s in sort_specs if s.lstrip("-") in ("_id", "_lastUpdated")]
     sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
+    rid_sets = [rid_set(condition, type_placeholder) for condition in conditions]
+    if len(resource_types) == 1:
+        limit = access.condition(compiler, "r", resource_types[0], letter)
+    else:
+        limit = access.row_filter(compiler, "r", letter, resource_types)
+    if limit is not None:
+        conditions.append(limit)
+        rid_sets.append(None)  # not a set of index rids: the page cannot be cut from the index
     return SearchRequest(
         resource_types=resource_types,
         conditions=conditions,
@@ -812,5 +855,6 @@ def parse_search(
         cursor=options.get("_cursor"),
         issues=issues,
         type_placeholder=type_placeholder,
-        rid_sets=[rid_set(condition, type_placeholder) for condition in conditions],
+        rid_sets=rid_sets,
+        access=access,
     )

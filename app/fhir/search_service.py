@@ -44,6 +44,7 @@ async def run_search(
         fhir_base=repo.fhir_base,
         strict=strict,
         compartment=compartment,
+        access=repo.access,
     )
     after: tuple[Any, ...] | None = None
     backwards = False

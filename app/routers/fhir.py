@@ -24,6 +24,7 @@ from app.fhir.conditional import conditional_create, conditional_delete, conditi
 from app.fhir.cursors import CursorCodec
 from app.fhir.errors import (
     BadRequest,
+    Forbidden,
     Issue,
     MethodNotAllowed,
     NotFound,
@@ -557,9 +558,14 @@ async def system_search(ctx: FhirContext) -> Response:
     """System-level search (search.html#Introduction): common parameters over ``_type``."""
     pairs = await _search_pairs(ctx)
     requested = [t for value in (v for k, v in pairs if k == "_type") for t in value.split(",") if t]
+    access = ctx.repo.access
     for resource_type in requested:
         check_resource_type(resource_type)
-    types = tuple(dict.fromkeys(requested)) or SERVED_TYPES
+        access.require(resource_type, "s")
+    # Without _type: every type the token may search (SMART: "s" on each).
+    types = tuple(dict.fromkeys(requested)) or tuple(t for t in SERVED_TYPES if access.allows(t, "s"))
+    if not types:
+        raise Forbidden("the access token does not allow searching any resource type")
     body = await run_search(
         ctx.repo,
         resource_types=types,
@@ -579,6 +585,8 @@ async def _bundle_route(ctx: ContextDep) -> Response:
     """http.html#transaction and #batch: ``POST [base]`` with a Bundle."""
     check_request_media_type(ctx.request)
     raw = parse_body(await read_body(ctx.request, ctx.settings.max_body_bytes))
+    if isinstance(raw, dict) and raw.get("type") in ("batch", "transaction"):
+        ctx.repo.interaction = raw["type"]
     result = await process_bundle(
         ctx.repo,
         raw,

@@ -34,6 +34,7 @@ async def metadata(request: Request, settings: SettingsDep, fmt: FormatDep) -> R
     if cached is None:
         statement = capability_statement(
             fhir_base=settings.fhir_base,
+            base_url=settings.base_url,
             interactions=INTERACTIONS,
             system_interactions=SYSTEM_INTERACTIONS,
             conditional_delete_max=settings.conditional_delete_max,

@@ -1,0 +1,79 @@
+"""SMART App Launch 2.x scopes -> permissions (scopes-and-launch-context.html).
+
+v2 grammar ``(patient|user|system)/(Type|*).[c][r][u][d][s][?param=value&...]`` and the v1
+forms ``.read`` (= ``rs``), ``.write`` (= ``cud``) and ``.*`` (= ``cruds``). Scopes that are
+not resource scopes (``launch``, ``openid``, ``fhirUser``, ``offline_access``...) grant no
+resource access and are ignored here; so are malformed ones (the SMART text allows ignoring
+undefined or out-of-order letter strings such as ``.dus``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+LETTERS = "cruds"
+"""create, read (read, vread, instance history), update (and patch), delete, search (and
+type and system history)."""
+
+V1_ACTIONS = {"read": "rs", "write": "cud", "*": "cruds"}
+
+_SCOPE = re.compile(
+    r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]{1,63})\.(?P<action>[a-z*]+)"
+    r"(?:\?(?P<query>.+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Permission:
+    """What one scope allows: a context, a type (or ``*``), letters, optional search restrictions."""
+
+    context: str
+    resource_type: str
+    letters: frozenset[str]
+    restriction: tuple[tuple[str, str], ...] = ()
+
+    def covers(self, resource_type: str, letter: str) -> bool:
+        return letter in self.letters and self.resource_type in ("*", resource_type)
+
+
+def _letters(action: str) -> str | None:
+    if action in V1_ACTIONS:
+        return V1_ACTIONS[action]
+    # v2: an in-order subset of "cruds"
+    position = 0
+    for char in action:
+        found = LETTERS.find(char, position)
+        if found < 0:
+            return None
+        position = found + 1
+    return action
+
+
+def parse_scope(scope: str) -> Permission | None:
+    """One scope string as a Permission, or None when it grants no resource access."""
+    match = _SCOPE.match(scope)
+    if match is None:
+        return None
+    letters = _letters(match["action"])
+    if not letters:
+        return None
+    restriction: tuple[tuple[str, str], ...] = ()
+    query = match["query"]
+    if query is not None:
+        if match["action"] in V1_ACTIONS:
+            return None  # restrictions are v2 syntax only
+        try:
+            restriction = tuple(parse_qsl(query, keep_blank_values=False, strict_parsing=True))
+        except ValueError:
+            return None
+        if not restriction:
+            return None
+    return Permission(match["context"], match["type"], frozenset(letters), restriction)
+
+
+def parse_scopes(scope: str) -> tuple[Permission, ...]:
+    """Every resource permission in a space-separated scope string."""
+    permissions = (parse_scope(part) for part in scope.split())
+    return tuple(p for p in permissions if p is not None)
