@@ -1,0 +1,1 @@
+"""Authorization: SMART scopes, tokens, clients, audit."""

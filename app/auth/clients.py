@@ -1,0 +1,245 @@
+"""Registered OAuth clients (``oauth_client``): registration, lookup, secrets.
+
+Two kinds (RFC 6749 §2.3, SMART Backend Services):
+
+* secret clients authenticate with ``client_secret_basic`` or ``client_secret_post``; the
+  server generates the secret (256 bits), shows it once and stores only a salted scrypt hash;
+* asymmetric clients authenticate with ``private_key_jwt``; they register a public JWK Set,
+  either inline (stored here) or as a ``jwks_url`` fetched when needed.
+
+A client may carry an organisation (``Organization/ID``: its tokens get ``organization``) or a
+patient (its tokens get ``patient`` and only ``patient/`` scopes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from app.auth.grants import looks_like_resource_scope, parse_resource_scope
+
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_ORGANIZATION = re.compile(r"Organization/[A-Za-z0-9\-.]{1,64}")
+_COLUMNS = "client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, created"
+
+
+class ClientRegistrationError(ValueError):
+    """The registration request is not acceptable (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    name: str
+    scopes: str
+    organization: str | None
+    patient: str | None
+    secret_hash: str | None
+    jwks: str | None
+    jwks_url: str | None
+    created: datetime | None = None
+
+    @property
+    def auth_method(self) -> str:
+        return "client_secret" if self.secret_hash else "private_key_jwt"
+
+    def summary(self) -> dict[str, Any]:
+        """What may be shown about a client (no secret hash, no keys)."""
+        return {
+            "client_id": self.client_id,
+            "name": self.name,
+            "scope": self.scopes,
+            "organization": self.organization,
+            "patient": self.patient,
+            "auth": self.auth_method,
+            "jwks_url": self.jwks_url,
+            "created": self.created.isoformat() if self.created else None,
+        }
+
+
+def hash_secret(secret: str) -> str:
+    """``scrypt$n$r$p$salt$hash`` (base64url), a fresh 16-byte salt each time."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
+    return "$".join(("scrypt", str(_SCRYPT_N), str(_SCRYPT_R), str(_SCRYPT_P), _b64(salt), _b64(digest)))
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    """Constant-time comparison of ``secret`` against a :func:`hash_secret` value."""
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = _unb64(digest)
+        actual = hashlib.scrypt(
+            secret.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p), dklen=len(expected)
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the client is unknown, so that timing does not tell which ids exist."""
+    return hash_secret(secrets.token_urlsafe(16))
+
+
+async def check_secret(client: Client | None, secret: str) -> bool:
+    """Whether ``secret`` is ``client``'s; scrypt runs in a thread (it takes tens of ms on purpose)."""
+    stored = client.secret_hash if client is not None and client.secret_hash else _dummy_hash()
+    matches = await asyncio.to_thread(verify_secret, secret, stored)
+    return matches and client is not None and client.secret_hash is not None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(data: str) -> bytes:
+    return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+
+
+def parse_client_jwks(value: str | Mapping[str, Any]) -> KeySet:
+    """A client's public JWK Set: RSA or EC keys, each with a ``kid``, no private parts."""
+    try:
+        data = json.loads(value) if isinstance(value, str) else dict(value)
+    except ValueError as exc:
+        raise ClientRegistrationError("the JWKS is not JSON") from exc
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ClientRegistrationError('the JWKS needs a non-empty "keys" list')
+    for jwk in keys:
+        if not isinstance(jwk, dict) or jwk.get("kty") not in ("RSA", "EC"):
+            raise ClientRegistrationError("JWKS keys must be RSA or EC keys")
+        if not isinstance(jwk.get("kid"), str) or not jwk["kid"]:
+            raise ClientRegistrationError('every JWKS key needs a "kid"')
+        if "d" in jwk:
+            raise ClientRegistrationError(
+                "the JWKS holds private key material: register the public keys only"
+            )
+    try:
+        return KeySet.import_key_set({"keys": keys})
+    except (JoseError, ValueError, TypeError, KeyError) as exc:
+        raise ClientRegistrationError("the JWKS keys cannot be read") from exc
+
+
+def _validate(
+    *,
+    name: str,
+    scope: str,
+    organization: str | None,
+    patient: str | None,
+    jwks: str | Mapping[str, Any] | None,
+    jwks_url: str | None,
+) -> None:
+    if not name.strip():
+        raise ClientRegistrationError("a client needs a name")
+    scopes = scope.split()
+    if not scopes:
+        raise ClientRegistrationError("a client needs at least one scope")
+    for item in scopes:
+        if looks_like_resource_scope(item) and parse_resource_scope(item) is None:
+            raise ClientRegistrationError(f"not a SMART resource scope: {item}")
+        if patient is None and item.startswith("patient/"):
+            raise ClientRegistrationError("patient/ scopes need a patient context (--patient)")
+        if patient is not None and looks_like_resource_scope(item) and not item.startswith("patient/"):
+            raise ClientRegistrationError("a client registered for a patient gets patient/ scopes only")
+    if organization is not None and not _ORGANIZATION.fullmatch(organization):
+        raise ClientRegistrationError("organization must look like Organization/ID")
+    if patient is not None and not _FHIR_ID.fullmatch(patient):
+        raise ClientRegistrationError("patient must be a Patient id")
+    if jwks is not None and jwks_url is not None:
+        raise ClientRegistrationError("give a JWKS or a JWKS URL, not both")
+    if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
+        raise ClientRegistrationError("the JWKS URL must be an http(s) URL")
+
+
+async def register_client(
+    db: asyncpg.Pool | asyncpg.Connection,
+    *,
+    name: str,
+    scope: str,
+    organization: str | None = None,
+    patient: str | None = None,
+    jwks: str | Mapping[str, Any] | None = None,
+    jwks_url: str | None = None,
+) -> tuple[str, str | None]:
+    """Register a client; returns ``(client_id, client_secret)``, the secret None for JWKS clients.
+
+    ``patient`` may be given as ``ID`` or ``Patient/ID``. Raises :class:`ClientRegistrationError`.
+    """
+    if patient is not None and patient.startswith("Patient/"):
+        patient = patient.removeprefix("Patient/")
+    _validate(
+        name=name, scope=scope, organization=organization, patient=patient, jwks=jwks, jwks_url=jwks_url
+    )
+    jwks_text: str | None = None
+    if jwks is not None:
+        jwks_text = json.dumps(parse_client_jwks(jwks).as_dict(private=False))
+    secret: str | None = None
+    secret_hash: str | None = None
+    if jwks is None and jwks_url is None:
+        secret = secrets.token_urlsafe(32)
+        secret_hash = await asyncio.to_thread(hash_secret, secret)
+    client_id = str(uuid.uuid4())
+    await db.execute(
+        "INSERT INTO oauth_client"
+        " (client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        client_id,
+        name.strip(),
+        secret_hash,
+        " ".join(scope.split()),
+        organization,
+        patient,
+        jwks_text,
+        jwks_url,
+    )
+    return client_id, secret
+
+
+def _client(row: Mapping[str, Any]) -> Client:
+    return Client(
+        client_id=row["client_id"],
+        name=row["name"],
+        scopes=row["scopes"],
+        organization=row["organization"],
+        patient=row["patient"],
+        secret_hash=row["secret_hash"],
+        jwks=row["jwks"],
+        jwks_url=row["jwks_url"],
+        created=row["created"],
+    )
+
+
+async def get_client(db: asyncpg.Pool | asyncpg.Connection, client_id: str) -> Client | None:
+    row = await db.fetchrow(f"SELECT {_COLUMNS} FROM oauth_client WHERE client_id = $1", client_id)  # noqa: S608
+    return _client(row) if row is not None else None
+
+
+async def list_clients(db: asyncpg.Pool | asyncpg.Connection) -> list[Client]:
+    rows = await db.fetch(f"SELECT {_COLUMNS} FROM oauth_client ORDER BY created, client_id")  # noqa: S608
+    return [_client(row) for row in rows]
+
+
+async def remove_client(db: asyncpg.Pool | asyncpg.Connection, client_id: str) -> bool:
+    """Delete a client; tokens it already holds stay valid until they expire (at most the TTL)."""
+    status: str = await db.execute("DELETE FROM oauth_client WHERE client_id = $1", client_id)
+    return status.endswith(" 1")

@@ -1,0 +1,189 @@
+"""The server's access-token signing keys: created once, rotated, published (RFC 7517 JWK Set).
+
+Keys live in ``auth_signing_key`` so that every process signs and verifies with the same set.
+One ES256 (P-256) key signs at a time, the newest unretired one. Rotation without downtime:
+
+* a key older than ``signing_key_max_age`` gets a successor; the predecessor is marked
+  ``retired_at`` and stops signing, but stays in the set (and in ``/auth/jwks``) until every
+  token it can have signed has expired: ``retired_at + token_ttl`` plus the interval at which
+  other processes notice the rotation plus clock leeway. Then it is deleted.
+* maintenance (create / rotate / prune) runs under a transaction-level advisory lock, so
+  processes starting or rotating together create exactly one key.
+* each process re-reads the table every ``KEY_REFRESH_INTERVAL`` seconds before signing, and at
+  once (rate-limited) when it meets a token whose ``kid`` it does not know: a key another
+  process created is accepted as soon as that process uses it.
+
+Private keys are stored as JWK JSON in the database, like the cursor HMAC secret in
+``server_key``: whoever reads the database can mint tokens, so protect it accordingly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+from joserfc.jwk import ECKey
+
+SIGNING_ALG = "ES256"
+SIGNING_CURVE = "P-256"
+KEY_REFRESH_INTERVAL = 60.0
+"""Seconds between a process's re-reads of the key table before signing."""
+UNKNOWN_KID_RELOAD_INTERVAL = 1.0
+"""Least seconds between re-reads caused by tokens with an unknown ``kid`` (bounds the database
+work a stream of forged kids can cause)."""
+CLOCK_LEEWAY = 30
+_LOCK = "carecoord:auth_signing_key"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    key: ECKey
+    created: datetime
+    retired_at: datetime | None
+
+
+def retention(token_ttl: int) -> timedelta:
+    """How long a retired key stays published: its last tokens' lifetime, plus slack for processes
+    that have not noticed the rotation yet and for clock skew."""
+    return timedelta(seconds=token_ttl + KEY_REFRESH_INTERVAL + CLOCK_LEEWAY)
+
+
+def _new_key() -> ECKey:
+    return ECKey.generate_key(
+        SIGNING_CURVE, parameters={"alg": SIGNING_ALG, "use": "sig"}, private=True, auto_kid=True
+    )
+
+
+async def maintain_signing_keys(
+    conn: asyncpg.Connection, *, max_age: int, token_ttl: int, force: bool = False
+) -> str | None:
+    """Create the first key, rotate an old one (or any, with ``force``), drop expired retired keys.
+
+    Returns the kid of a key created now, else None. Serialised across processes by an
+    advisory lock held until the transaction ends.
+    """
+    created_kid: str | None = None
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _LOCK)
+        now: datetime = await conn.fetchval("SELECT now()")
+        newest = await conn.fetchrow(
+            "SELECT kid, created FROM auth_signing_key WHERE retired_at IS NULL"
+            " ORDER BY created DESC, kid LIMIT 1"
+        )
+        if force or newest is None or newest["created"] <= now - timedelta(seconds=max_age):
+            key = _new_key()
+            created_kid = str(key.kid)
+            await conn.execute(
+                "INSERT INTO auth_signing_key (kid, private_jwk, created) VALUES ($1, $2, $3)",
+                created_kid,
+                json.dumps(key.as_dict(private=True)),
+                now,
+            )
+            # The predecessor stops signing now; it is still published for its tokens' lifetime.
+            await conn.execute(
+                "UPDATE auth_signing_key SET retired_at = $1 WHERE retired_at IS NULL AND kid <> $2",
+                now,
+                created_kid,
+            )
+        await conn.execute("DELETE FROM auth_signing_key WHERE retired_at < $1", now - retention(token_ttl))
+    return created_kid
+
+
+async def load_signing_keys(conn: asyncpg.Connection | asyncpg.Pool, *, token_ttl: int) -> list[SigningKey]:
+    """The published keys, newest first (retired keys past their retention left out)."""
+    rows = await conn.fetch(
+        "SELECT kid, private_jwk, created, retired_at FROM auth_signing_key"
+        " WHERE retired_at IS NULL OR retired_at >= now() - $1::interval"
+        " ORDER BY created DESC, kid",
+        retention(token_ttl),
+    )
+    return [
+        SigningKey(
+            kid=row["kid"],
+            key=ECKey.import_key(json.loads(row["private_jwk"])),
+            created=row["created"],
+            retired_at=row["retired_at"],
+        )
+        for row in rows
+    ]
+
+
+class SigningKeys:
+    """This process's view of ``auth_signing_key``: the key that signs and the keys that verify."""
+
+    def __init__(self, pool: asyncpg.Pool, *, max_age: int, token_ttl: int) -> None:
+        self._pool = pool
+        self._max_age = max_age
+        self._token_ttl = token_ttl
+        self._keys: dict[str, SigningKey] = {}
+        self._current: SigningKey | None = None
+        self._maintained_at = float("-inf")
+        self._reloaded_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def maintain(self, *, force: bool = False) -> str | None:
+        """Run :func:`maintain_signing_keys` and reload; returns the kid of a key created now."""
+        async with self._lock:
+            return await self._maintain(force=force)
+
+    async def _maintain(self, *, force: bool) -> str | None:
+        async with self._pool.acquire() as conn:
+            created = await maintain_signing_keys(
+                conn, max_age=self._max_age, token_ttl=self._token_ttl, force=force
+            )
+        await self._reload()
+        self._maintained_at = time.monotonic()
+        return created
+
+    def _stale(self) -> bool:
+        return self._current is None or time.monotonic() - self._maintained_at > KEY_REFRESH_INTERVAL
+
+    async def _reload(self) -> None:
+        keys = await load_signing_keys(self._pool, token_ttl=self._token_ttl)
+        self._keys = {key.kid: key for key in keys}
+        self._current = next((key for key in keys if key.retired_at is None), None)
+        self._reloaded_at = time.monotonic()
+
+    async def signing_key(self) -> SigningKey:
+        """The key to sign with now (rotating first when the last look at the table is stale)."""
+        if self._stale():
+            async with self._lock:
+                if self._stale():  # not done meanwhile by a concurrent request
+                    await self._maintain(force=False)
+        if self._current is None:  # pragma: no cover - maintain() always leaves one
+            raise RuntimeError("no signing key")
+        return self._current
+
+    async def verification_key(self, kid: str) -> ECKey | None:
+        """The public side of key ``kid``, re-reading the table (at most once a second) when unknown."""
+        known = self._keys.get(kid)
+        if known is None and time.monotonic() - self._reloaded_at >= UNKNOWN_KID_RELOAD_INTERVAL:
+            async with self._lock:
+                if (
+                    kid not in self._keys
+                    and time.monotonic() - self._reloaded_at >= UNKNOWN_KID_RELOAD_INTERVAL
+                ):
+                    await self._reload()
+            known = self._keys.get(kid)
+        return known.key if known is not None else None
+
+    async def public_jwks(self, *, max_staleness: float = 5.0) -> dict[str, Any]:
+        """The JWK Set to publish: every key still valid for verification, public parts only."""
+        if time.monotonic() - self._reloaded_at > max_staleness:
+            async with self._lock:
+                if time.monotonic() - self._reloaded_at > max_staleness:
+                    await self._reload()
+        return {"keys": [public_jwk(key.key) for key in self._keys.values()]}
+
+
+def public_jwk(key: ECKey) -> dict[str, Any]:
+    public = dict(key.as_dict(private=False))
+    public.setdefault("alg", SIGNING_ALG)
+    public.setdefault("use", "sig")
+    return public
