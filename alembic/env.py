@@ -8,7 +8,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
+from app.auth import storage as auth_storage  # noqa: F401  (registers the auth tables)
 from app.fhir import storage
+from app.referrals import jobs as referral_jobs  # noqa: F401  (registers the referral job table)
+from app.referrals import storage as referral_storage  # noqa: F401  (registers partner_credentials)
 from app.settings import get_settings
 
 target_metadata = storage.SQLModel.metadata

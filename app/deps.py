@@ -69,7 +69,7 @@ async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[F
         if request.method in READ_ONLY_METHODS:
             # Reads need no transaction: each statement sees committed data, and skipping
             # BEGIN/COMMIT saves two round trips per read.
-            repo = FhirRepository(connection, access, fhir_base=fhir_base)
+            repo = FhirRepository(connection, access, fhir_base=fhir_base, hooks=state.write_hooks)
             try:
                 yield repo
             except FHIRError as exc:
@@ -77,7 +77,7 @@ async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[F
                 raise
             audit.record(_audit_event(request, repo, 200))
             return
-        repo = FhirRepository(connection, access, fhir_base=fhir_base)
+        repo = FhirRepository(connection, access, fhir_base=fhir_base, hooks=state.write_hooks)
         try:
             async with connection.transaction():
                 yield repo

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
+from app.auth.audit import AuditTrail
+from app.auth.server import AuthorizationServer
+from app.auth.tokens import build_token_service
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
 from app.openapi import install_openapi
-from app.routers import fhir, health, metadata
+from app.referrals.hooks import ReferralHooks
+from app.referrals.worker import Worker
+from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("carecoord")
@@ -60,9 +67,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await db.create_pool(settings)
         app.state.cursors = await load_cursor_codec(app.state.pool)
+        # One outgoing HTTP client per process (JWKS fetches; later partner calls).
+        app.state.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, connect=5.0),
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+            follow_redirects=False,
+        )
         try:
+            app.state.tokens = await build_token_service(settings, app.state.pool, app.state.http)
+            app.state.oauth = AuthorizationServer(
+                settings=settings, pool=app.state.pool, tokens=app.state.tokens
+            )
+            app.state.audit = AuditTrail(app.state.pool, settings.fhir_base, enabled=settings.audit_enabled)
+            app.state.write_hooks = (ReferralHooks(settings),)
+            app.state.audit.start()
+            stop_worker = asyncio.Event()
+            worker_task = None
+            if settings.run_worker:
+                worker = Worker(app.state.pool, app.state.http, settings)
+                worker_task = asyncio.create_task(worker.run(stop_worker), name="referral-worker")
             yield
+            stop_worker.set()
+            if worker_task is not None:
+                await worker_task
+            await app.state.audit.close()
         finally:
+            await app.state.http.aclose()
             await app.state.pool.close()
 
     app = FastAPI(
@@ -73,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(UnexpectedErrorMiddleware)
     app.include_router(health.router)
     app.include_router(metadata.router)
+    # Before the FHIR routes: their /fhir/{type}/{id} would take /fhir/.well-known/smart-configuration.
+    app.include_router(auth.router)
     app.include_router(fhir.router)
     app.include_router(fhir.unsupported_routes())
     install_openapi(app)

@@ -42,6 +42,49 @@ class Settings(BaseSettings):
         description="Require SMART bearer tokens on /fhir (false only for local development and benchmarks)",
     )
     audit_enabled: bool = Field(default=True, description="Record an AuditEvent for every FHIR interaction")
+    token_ttl: int = Field(
+        default=300, ge=30, le=86400, description="Lifetime of the access tokens /auth/token issues, seconds"
+    )
+    signing_key_max_age: int = Field(
+        default=30 * 86400,
+        ge=300,
+        description="Age (seconds) after which the token signing key gets a successor (key rotation)",
+    )
+    trusted_issuers: list[dict[str, str]] = Field(
+        default_factory=list,
+        description=(
+            'JSON list of external token issuers, each {"issuer": ..., "jwks_url": ..., "audience": ...}'
+            " (audience defaults to the FHIR base)"
+        ),
+    )
+    auth_failure_limit: int = Field(
+        default=10, ge=1, description="Failed /auth requests per client or address before 429"
+    )
+    auth_failure_window: int = Field(default=60, ge=1, description="Window of auth_failure_limit, seconds")
+    organization: str | None = Field(
+        default=None,
+        description="Organization/ID of the case-management organisation running this server: the role"
+        " that clients without a partner organisation act in (referral Task state machine)",
+    )
+    secret_key: str | None = Field(
+        default=None,
+        description="Key for partner secrets at rest; unset = a key file in the data directory",
+    )
+    referral_poll_interval: float = Field(
+        default=300, gt=0, description="Seconds between status polls of a partner's referral Task"
+    )
+    delivery_timeout: float = Field(default=30, gt=0, description="Seconds per partner request")
+    delivery_backoff: float = Field(
+        default=5, gt=0, description="First retry delay of a failed delivery, seconds (doubling)"
+    )
+    delivery_deadline: float = Field(
+        default=259200, gt=0, description="Seconds after which an undelivered referral is marked failed"
+    )
+    worker_lease: float = Field(default=60, gt=0, description="Seconds a claimed referral job stays leased")
+    worker_concurrency: int = Field(default=8, ge=1, description="Referral jobs one worker runs at once")
+    run_worker: bool = Field(
+        default=True, description="Run the referral worker inside each API process (serve --no-worker: false)"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -57,6 +100,16 @@ class Settings(BaseSettings):
         for prefix in ("postgresql://", "postgres://"):
             if value.startswith(prefix):
                 return "postgresql+asyncpg://" + value[len(prefix) :]
+        return value
+
+    @field_validator("trusted_issuers")
+    @classmethod
+    def _issuer_entries(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
+        for entry in value:
+            if not entry.get("issuer") or not entry.get("jwks_url"):
+                raise ValueError('each trusted issuer needs "issuer" and "jwks_url"')
+            if not entry["jwks_url"].startswith(("https://", "http://")):
+                raise ValueError("a trusted issuer's jwks_url must be an http(s) URL")
         return value
 
     @property

@@ -25,6 +25,7 @@ from app.main import create_app
 from app.settings import Settings
 
 BASE_URL = "http://cc.test"
+TEST_SECRET_KEY = "carecoord-tests-partner-secrets"
 FHIR = f"{BASE_URL}/fhir"
 
 
@@ -64,7 +65,18 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, base_url=BASE_URL, max_body_bytes=64 * 1024)
+    return Settings(
+        database_url=database_url,
+        base_url=BASE_URL,
+        max_body_bytes=64 * 1024,
+        # Referral tests run their workers themselves (tests/test_referrals.py), with short delays.
+        run_worker=False,
+        referral_poll_interval=0.5,
+        delivery_backoff=0.2,
+        delivery_timeout=3,
+        worker_lease=3,
+        secret_key=TEST_SECRET_KEY,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +93,7 @@ async def clean_db(engine: AsyncEngine) -> None:
         await conn.execute(
             text(
                 "TRUNCATE resource, resource_history, search_token, search_string, search_date,"
-                " search_reference, search_quantity, search_uri RESTART IDENTITY CASCADE"
+                " search_reference, search_quantity, search_uri, referral_job RESTART IDENTITY CASCADE"
             )
         )
 

@@ -8,10 +8,11 @@ execute statements; they never commit. Each cites the R4 section it implements.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Protocol
 
 from asyncpg import Connection, Record
 
@@ -174,17 +175,59 @@ _VREAD = Statement(
 _HISTORY_COLUMNS = "hid, resource_type, fhir_id, version_id, last_updated, method, body"
 
 
+class WriteHook(Protocol):
+    """Domain rules that run inside a write's transaction (the referral workflow's state
+    machine and outbox): ``before_write`` may refuse the write, ``after_write`` may add rows."""
+
+    types: frozenset[str]
+
+    async def before_write(
+        self,
+        repo: FhirRepository,
+        resource_type: str,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None: ...
+
+    async def after_write(
+        self,
+        repo: FhirRepository,
+        version: StoredVersion,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None: ...
+
+
 class FhirRepository:
     """Storage interactions of FHIR R4 http.html for every served type."""
 
-    def __init__(self, connection: Connection, access: AccessContext, *, fhir_base: str) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        access: AccessContext,
+        *,
+        fhir_base: str,
+        hooks: Sequence[WriteHook] = (),
+        system: bool = False,
+    ) -> None:
         self._conn = connection
         self.access = access
         self.fhir_base = fhir_base
+        self.hooks = hooks
+        self.system = system
+        """Writes made by carecoord itself (mirroring a partner's Task), not by a client."""
         self.touched: list[tuple[str, str, int]] = []
         """(type, id, version) of every resource read or written, for the interaction's AuditEvent."""
         self.interaction: str | None = None
         """Set by a router when the path does not tell (a Bundle is a batch or a transaction)."""
+
+    @property
+    def connection(self) -> Connection:
+        """The request's connection (write hooks add their rows to the same transaction)."""
+        return self._conn
+
+    def _hooks_for(self, resource_type: str) -> list[WriteHook]:
+        return [hook for hook in self.hooks if resource_type in hook.types]
 
     def savepoint(self) -> Any:
         """A nested transaction (SAVEPOINT): batch entries fail alone."""
@@ -243,6 +286,9 @@ class FhirRepository:
     async def _insert(
         self, resource_type: str, fhir_id: str, data: dict[str, Any], *, method: str, letter: str
     ) -> StoredVersion:
+        hooks = self._hooks_for(resource_type)
+        for hook in hooks:
+            await hook.before_write(self, resource_type, None, data)
         now = _now()
         body = stamp(data, fhir_id, 1, now)
         params = {
@@ -259,7 +305,10 @@ class FhirRepository:
             raise _IdTaken()
         await self._check_written(inserted["rid"], resource_type, letter)
         self.touched.append((resource_type, fhir_id, 1))
-        return StoredVersion(resource_type, fhir_id, 1, now, False, body, method)
+        version = StoredVersion(resource_type, fhir_id, 1, now, False, body, method)
+        for hook in hooks:
+            await hook.after_write(self, version, None, data)
+        return version
 
     async def read(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """http.html#read: the current version; 404 when unknown, 410 when deleted."""
@@ -389,6 +438,13 @@ class FhirRepository:
         *,
         method: str,
     ) -> StoredVersion:
+        hooks = self._hooks_for(resource_type)
+        previous: dict[str, Any] | None = None
+        if hooks:
+            previous_body = await self._conn.fetchval("SELECT body FROM resource WHERE rid = $1", rid)
+            previous = jsonio.loads(previous_body) if previous_body else None
+            for hook in hooks:
+                await hook.before_write(self, resource_type, previous, data)
         now = _now()
         body = None if data is None else stamp(data, fhir_id, version_id, now)
         rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
@@ -405,7 +461,10 @@ class FhirRepository:
         }
         await self._conn.execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))
         self.touched.append((resource_type, fhir_id, version_id))
-        return StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)
+        version = StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)
+        for hook in hooks:
+            await hook.after_write(self, version, previous, data)
+        return version
 
     async def history(
         self,

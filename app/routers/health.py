@@ -1,9 +1,11 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and the Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+
+from app.referrals import metrics
 
 router = APIRouter(tags=["health"])
 
@@ -25,3 +27,15 @@ async def readyz(request: Request) -> JSONResponse:
     except Exception:
         return JSONResponse({"status": "unavailable"}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics (referral delivery)",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}},
+)
+async def prometheus_metrics(request: Request) -> Response:
+    body, content_type = await metrics.render(request.app.state.pool)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,1 @@
+"""Closed-loop referrals: Task state machine, outbox, partner delivery and status tracking."""

@@ -1,0 +1,118 @@
+"""The referral workflow inside every Task write's transaction (issue 6).
+
+``before_write`` enforces the Task state machine (state_machine.py). ``after_write`` is the
+transactional outbox: a referral Task that becomes ``requested`` with an owner that is a
+partner with a FHIR endpoint gets a ``deliver`` job in the same transaction; a delivered
+referral that the source cancels gets a ``cancel`` job; a partner's own update of a Task it
+owns makes its status tracking poll at once. ``NOTIFY referral_jobs`` wakes the workers when
+the transaction commits.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from asyncpg import Connection
+
+from app.fhir.access import AccessContext
+from app.fhir.repository import FhirRepository, StoredVersion
+from app.referrals.directory import find_partner
+from app.referrals.state_machine import Actor, check_transition, is_referral, reference_of
+from app.settings import Settings
+
+NOTIFY_CHANNEL = "referral_jobs"
+
+_SCHEDULE = """
+INSERT INTO referral_job (kind, task_id, partner_org, partner_endpoint, deadline, partner_task)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (kind, task_id) WHERE state IN ('pending', 'leased') DO NOTHING
+"""
+
+
+def _patient_app(access: AccessContext) -> bool:
+    return access.patient is not None and all(p.context == "patient" for p in access.permissions)
+
+
+def _local_organization(reference: str | None, fhir_base: str) -> str | None:
+    if reference and reference.startswith(fhir_base + "/"):
+        reference = reference[len(fhir_base) + 1 :]
+    if reference and reference.startswith("Organization/"):
+        return reference.split("/", 1)[1]
+    return None
+
+
+async def schedule(
+    conn: Connection,
+    kind: str,
+    task_id: str,
+    partner_org: str,
+    partner_endpoint: str,
+    deadline: datetime,
+    partner_task: str | None = None,
+) -> None:
+    """Add a job (once per kind and Task while one is active) and wake the workers on commit."""
+    await conn.execute(_SCHEDULE, kind, task_id, partner_org, partner_endpoint, deadline, partner_task)
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, kind)
+
+
+class ReferralHooks:
+    types = frozenset({"Task"})
+
+    def __init__(self, settings: Settings) -> None:
+        self.home_organization = settings.organization
+        self.deadline = timedelta(seconds=settings.delivery_deadline)
+
+    async def before_write(
+        self,
+        repo: FhirRepository,
+        resource_type: str,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        if data is None or repo.system:
+            return
+        actor = Actor(repo.access.organization, patient_app=_patient_app(repo.access))
+        check_transition(
+            previous, data, actor, home_organization=self.home_organization, fhir_base=repo.fhir_base
+        )
+
+    async def after_write(
+        self,
+        repo: FhirRepository,
+        version: StoredVersion,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        if data is None or repo.system or not is_referral(data):
+            return
+        conn = repo.connection
+        status = data.get("status")
+        old_status = previous.get("status") if previous else None
+        task_id = version.fhir_id
+        if status == "requested" and old_status != "requested":
+            owner = _local_organization(reference_of(data, "owner"), repo.fhir_base)
+            partner = await find_partner(conn, owner) if owner else None
+            if partner is not None:
+                deadline = datetime.now(UTC) + self.deadline
+                await schedule(
+                    conn, "deliver", task_id, partner.organization_id, partner.endpoint_id, deadline
+                )
+        elif status == "cancelled" and old_status != "cancelled":
+            delivery = await conn.fetchrow(
+                "SELECT partner_org, partner_endpoint FROM referral_job"
+                " WHERE kind = 'deliver' AND task_id = $1 ORDER BY id DESC LIMIT 1",
+                task_id,
+            )
+            if delivery is not None:
+                deadline = datetime.now(UTC) + self.deadline
+                await schedule(
+                    conn, "cancel", task_id, delivery["partner_org"], delivery["partner_endpoint"], deadline
+                )
+        elif repo.access.organization is not None:
+            # The partner updated the Task on carecoord itself: look at its copy now.
+            await conn.execute(
+                "UPDATE referral_job SET not_before = now()"
+                " WHERE kind = 'track' AND task_id = $1 AND state = 'pending'",
+                task_id,
+            )

@@ -1,0 +1,173 @@
+"""Task status transitions (FHIR R4 task.html#statemachine; SDOHCC referral workflow).
+
+Referral Tasks (``intent`` order, ``code`` task-code#fulfill, ``focus`` a ServiceRequest)
+follow the SDOH Clinical Care IG's table (SDOHCC-TaskForReferralManagement and its state
+diagram): ``received`` and ``ready`` are never used; only the owner (the referral target)
+accepts, rejects, starts, holds, completes or fails; the requester or the owner cancels; only
+the requester marks the Task entered-in-error; a patient app never changes the status.
+Other Tasks follow the base R4 state machine. An illegal change is a 422 ``business-rule``
+OperationOutcome and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.fhir.errors import BusinessRule
+
+TASK_CODE_SYSTEM = "http://hl7.org/fhir/CodeSystem/task-code"
+
+REQUESTER = "requester"
+OWNER = "owner"
+
+# (from, to) -> who may make the change (SDOHCC table, standards.md 1.1).
+_SDOHCC: dict[tuple[str | None, str], frozenset[str]] = {}
+
+
+def _allow(sources: tuple[str | None, ...], targets: tuple[str, ...], *roles: str) -> None:
+    for source in sources:
+        for target in targets:
+            _SDOHCC[(source, target)] = frozenset(roles)
+
+
+_allow((None,), ("draft", "requested"), REQUESTER)
+_allow(("draft",), ("requested",), REQUESTER)
+_allow(("draft",), ("cancelled",), REQUESTER)
+_allow(("requested",), ("accepted", "rejected"), OWNER)
+_allow(("accepted",), ("in-progress", "on-hold", "completed", "failed"), OWNER)
+_allow(("in-progress",), ("on-hold", "completed", "failed"), OWNER)
+_allow(("on-hold",), ("in-progress", "completed", "failed"), OWNER)
+_allow(("requested", "accepted", "in-progress", "on-hold"), ("cancelled",), REQUESTER, OWNER)
+
+REFERRAL_STATUSES = frozenset(
+    {
+        "draft",
+        "requested",
+        "accepted",
+        "rejected",
+        "cancelled",
+        "in-progress",
+        "on-hold",
+        "failed",
+        "completed",
+        "entered-in-error",
+    }
+)
+"""SDOHCC-ValueSetReferralTaskStatus: task-status without ``received`` and ``ready``."""
+
+TERMINAL = frozenset({"completed", "failed", "rejected", "cancelled", "entered-in-error"})
+
+# The base R4 graph (task.html#statemachine), for every other Task.
+_BASE: dict[str, frozenset[str]] = {
+    "draft": frozenset({"requested", "ready", "cancelled"}),
+    "requested": frozenset({"received", "accepted", "rejected", "cancelled"}),
+    "received": frozenset({"accepted", "rejected", "cancelled"}),
+    "ready": frozenset({"in-progress", "cancelled"}),
+    "accepted": frozenset({"in-progress", "cancelled"}),
+    "in-progress": frozenset({"on-hold", "completed", "failed", "ready", "cancelled"}),
+    "on-hold": frozenset({"in-progress", "cancelled"}),
+}
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who changes the Task: the organisation a partner client acts for (``Organization/ID``),
+    or None for the server's own organisation's clients; ``patient_app`` for a client that
+    holds patient scopes only."""
+
+    organization: str | None
+    patient_app: bool = False
+
+
+def is_referral(task: dict[str, Any]) -> bool:
+    """A referral Task (SDOHCC-TaskForReferralManagement): order to fulfil a ServiceRequest."""
+    if task.get("intent") != "order":
+        return False
+    codings = (task.get("code") or {}).get("coding") or []
+    fulfil = any(c.get("system") == TASK_CODE_SYSTEM and c.get("code") == "fulfill" for c in codings)
+    focus = (task.get("focus") or {}).get("reference")
+    return fulfil and isinstance(focus, str) and "ServiceRequest/" in focus
+
+
+def reference_of(task: dict[str, Any], element: str) -> str | None:
+    value = (task.get(element) or {}).get("reference")
+    return value if isinstance(value, str) else None
+
+
+def _local(reference: str | None, fhir_base: str) -> str | None:
+    if reference and reference.startswith(fhir_base + "/"):
+        return reference[len(fhir_base) + 1 :]
+    return reference
+
+
+def roles(task: dict[str, Any], actor: Actor, home_organization: str | None, fhir_base: str) -> set[str]:
+    """The roles ``actor`` holds on ``task``: requester and/or owner."""
+    organization = actor.organization or home_organization
+    if organization is None:
+        return {REQUESTER, OWNER}  # the server's own clients, with no home organisation configured
+    held = set()
+    if _local(reference_of(task, "requester"), fhir_base) == organization:
+        held.add(REQUESTER)
+    if _local(reference_of(task, "owner"), fhir_base) == organization:
+        held.add(OWNER)
+    if actor.organization is None and not held:
+        # The home organisation's clients may act for its practitioners (requester
+        # PractitionerRole) when the Task's requester is not an Organization.
+        requester = _local(reference_of(task, "requester"), fhir_base) or ""
+        if not requester.startswith("Organization/"):
+            held.add(REQUESTER)
+    return held
+
+
+def check_transition(
+    previous: dict[str, Any] | None,
+    new: dict[str, Any],
+    actor: Actor,
+    *,
+    home_organization: str | None,
+    fhir_base: str,
+) -> None:
+    """Refuse (422 business-rule) a status change the Task's state machine does not allow."""
+    old_status = previous.get("status") if previous else None
+    status = new.get("status")
+    if not isinstance(status, str) or old_status == status:
+        return
+    referral = is_referral(new) or (previous is not None and is_referral(previous))
+    if not referral:
+        _check_base(old_status, status)
+        return
+    if status not in REFERRAL_STATUSES:
+        raise BusinessRule(
+            f"a referral Task never takes status '{status}' (SDOHCC referral Task status value set)",
+            expression=("Task.status",),
+        )
+    if actor.patient_app:
+        raise BusinessRule("a patient application may not change a referral Task's status")
+    # Roles are judged on the Task as it was (an owner cannot hand itself the role by the same write).
+    held = roles(previous or new, actor, home_organization, fhir_base)
+    if status == "entered-in-error":
+        if REQUESTER not in held:
+            raise BusinessRule("only the referral's requester may mark it entered-in-error")
+        return
+    allowed = _SDOHCC.get((old_status, status))
+    if allowed is None:
+        raise BusinessRule(
+            f"a referral Task cannot go from '{old_status or '(new)'}' to '{status}'",
+            expression=("Task.status",),
+        )
+    if not allowed & held:
+        who = " or ".join(sorted(allowed))
+        raise BusinessRule(
+            f"only the referral's {who} may set status '{status}'", expression=("Task.status",)
+        )
+
+
+def _check_base(old_status: str | None, status: str) -> None:
+    if old_status is None or status == "entered-in-error":
+        return
+    if status not in _BASE.get(old_status, frozenset()):
+        raise BusinessRule(
+            f"a Task cannot go from '{old_status}' to '{status}' (R4 Task state machine)",
+            expression=("Task.status",),
+        )

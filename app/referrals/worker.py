@@ -1,0 +1,552 @@
+"""Referral workers: delivery, status tracking and cancellation (issue 6; FHIR Workflow
+option G, SDOHCC Direct referrals, standards.md 1.1-1.2).
+
+Any number of workers, in any number of processes and machines, share the ``referral_job``
+table: a worker claims due jobs with ``FOR UPDATE SKIP LOCKED`` and leases them for
+``CARECOORD_WORKER_LEASE`` seconds; a job whose lease runs out (its worker was killed) is
+claimed again by another. Each job's result is written with a fence on (worker, attempt), so
+a worker that lost its lease cannot overwrite a newer attempt. Partner calls never happen
+inside a database transaction.
+
+Exactly once at the partner: the delivery Bundle creates every resource conditionally on an
+identifier carecoord assigns (bundle.py), so a retry after a lost response, or a second
+worker re-running a job whose first worker died after posting, finds what the first attempt
+created instead of creating it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from asyncpg import Connection, Pool, Record
+
+from app.auth.audit import build_event
+from app.fhir import jsonio
+from app.fhir.access import OPEN_ACCESS, AccessContext
+from app.fhir.conditional import conditional_create
+from app.fhir.errors import FHIRError, PreconditionFailed
+from app.fhir.repository import FhirRepository
+from app.referrals import metrics
+from app.referrals.bundle import referral_bundle
+from app.referrals.directory import find_partner
+from app.referrals.hooks import NOTIFY_CHANNEL, schedule
+from app.referrals.partner import DeliveryError, Partner, PartnerClient
+from app.referrals.state_machine import TERMINAL
+from app.settings import Settings
+
+logger = logging.getLogger("carecoord.referrals")
+
+IDLE_POLL = 1.0
+"""Seconds between looks at the job table when no notification arrives."""
+MAX_BACKOFF = 3600.0
+DELIVERY_EXTENSION = "referral-delivery"
+MIRRORED = ("status", "statusReason", "businessStatus", "output")
+
+_CLAIM = """
+UPDATE referral_job SET state = 'leased', leased_by = $1, attempts = attempts + 1,
+    lease_until = now() + make_interval(secs => $2)
+WHERE id IN (
+    SELECT id FROM referral_job
+    WHERE (state = 'pending' AND not_before <= now()) OR (state = 'leased' AND lease_until < now())
+    ORDER BY not_before
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING *
+"""
+
+_FINISH = """
+UPDATE referral_job SET state = $4, not_before = COALESCE($5, not_before), lease_until = NULL,
+    leased_by = NULL, last_status = $6, last_error = $7, partner_task = COALESCE($8, partner_task),
+    finished_at = CASE WHEN $4 IN ('done', 'failed') THEN now() ELSE NULL END
+WHERE id = $1 AND leased_by = $2 AND attempts = $3
+RETURNING id
+"""
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (this worker's lease ran out)."""
+
+
+class Worker:
+    """Runs referral jobs until ``stop`` is set."""
+
+    def __init__(
+        self, pool: Pool, http: httpx.AsyncClient, settings: Settings, *, name: str | None = None
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.partners = PartnerClient(http, pool, settings)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.fhir_base = settings.fhir_base
+        self._wake = asyncio.Event()
+        self._access = AccessContext(client_id=f"carecoord-worker {self.name}", unrestricted=False)
+
+    # -- loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        listener: Connection | None = None
+        try:
+            listener = await self.pool.acquire()
+            await listener.add_listener(NOTIFY_CHANNEL, self._notified)
+        except Exception as exc:  # the worker still polls without notifications
+            logger.warning("referral worker: no notifications (%s)", type(exc).__name__)
+        try:
+            while not stop.is_set():
+                try:
+                    ran = await self.run_once()
+                except Exception as exc:
+                    logger.error("referral worker: %s", type(exc).__name__)
+                    ran = 0
+                if ran:
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL)
+        finally:
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.remove_listener(NOTIFY_CHANNEL, self._notified)
+                await self.pool.release(listener)
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Claim the due jobs (at most ``worker_concurrency``) and run them; returns how many."""
+        async with self.pool.acquire() as conn:
+            jobs = await conn.fetch(
+                _CLAIM, self.name, self.settings.worker_lease, self.settings.worker_concurrency
+            )
+        await asyncio.gather(*(self.run_job(job) for job in jobs))
+        return len(jobs)
+
+    async def run_job(self, job: Record) -> None:
+        handlers: dict[str, Callable[[Record], Awaitable[None]]] = {
+            "deliver": self.deliver,
+            "track": self.track,
+            "cancel": self.cancel,
+        }
+        handler = handlers.get(job["kind"])
+        try:
+            if handler is None:
+                await self._finish(job, "failed", error=f"unknown job kind {job['kind']!r}")
+                return
+            await handler(job)
+        except LeaseLost:
+            logger.info("referral job %s: lease lost to another worker", job["id"])
+        except DeliveryError as exc:
+            await self._failed_attempt(job, exc)
+        except Exception as exc:  # an unexpected error retries like a transport fault
+            logger.error("referral job %s (%s): %s", job["id"], job["kind"], type(exc).__name__)
+            error = DeliveryError(f"internal error {type(exc).__name__}", retryable=True)
+            with contextlib.suppress(LeaseLost):
+                await self._failed_attempt(job, error)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def deliver(self, job: Record) -> None:
+        """Send the referral as one transaction Bundle of conditional creates."""
+        partner_org = job["partner_org"]
+        metrics.DELIVERIES_ATTEMPTED.labels(partner=partner_org).inc()
+        async with self.pool.acquire() as conn:
+            repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base)
+            task = await _read(repo, "Task", job["task_id"])
+            if task is None or task.get("status") != "requested":
+                # Cancelled (or deleted) before it went out: nothing to deliver.
+                await self._finish(job, "done", error="not delivered: the Task is no longer requested")
+                return
+            contents = await _referral_contents(repo, task)
+            partner = await self._partner(conn, job)
+        if contents is None:
+            raise DeliveryError("the Task's ServiceRequest or Patient is missing", retryable=False)
+        service_request, patient, supporting = contents
+        bundle = referral_bundle(
+            task=self._without_delivery_state(task),
+            service_request=service_request,
+            patient=patient,
+            supporting=supporting,
+            source_base=self.fhir_base,
+        )
+        started = time.monotonic()
+        response = await self.partners.transaction(partner, bundle)
+        partner_task = _partner_task_url(partner, bundle, response)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._finish(job, "done", status=200, partner_task=partner_task, conn=conn)
+            await self._mark_task(
+                conn, job["task_id"], "delivered", attempts=job["attempts"], partner_task=partner_task
+            )
+            await schedule(
+                conn,
+                "track",
+                job["task_id"],
+                partner_org,
+                job["partner_endpoint"],
+                datetime.now(UTC) + timedelta(seconds=self.settings.delivery_deadline),
+                partner_task,
+            )
+            await conn.execute(
+                "UPDATE referral_job SET not_before = now() + make_interval(secs => $2)"
+                " WHERE kind = 'track' AND task_id = $1 AND state = 'pending'",
+                job["task_id"],
+                self.settings.referral_poll_interval,
+            )
+            await self._audit(conn, job, 200, "transaction")
+        metrics.DELIVERIES_SUCCEEDED.labels(partner=partner_org).inc()
+        metrics.DELIVERY_LATENCY.observe((datetime.now(UTC) - job["created_at"]).total_seconds())
+        logger.info(
+            "referral Task/%s delivered to Organization/%s in %.0f ms (attempt %s)",
+            job["task_id"],
+            partner_org,
+            (time.monotonic() - started) * 1000,
+            job["attempts"],
+        )
+
+    async def track(self, job: Record) -> None:
+        """Mirror the partner's Task into the local one; stop at a terminal status."""
+        async with self.pool.acquire() as conn:
+            partner = await self._partner(conn, job)
+        remote = await self.partners.read(partner, job["partner_task"])
+        outputs = await self._fetch_outputs(partner, remote)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._mirror(conn, job["task_id"], remote, outputs)
+            if remote.get("status") in TERMINAL:
+                await self._finish(job, "done", status=200, conn=conn)
+            else:
+                due = datetime.now(UTC) + timedelta(seconds=self.settings.referral_poll_interval)
+                await self._finish(job, "pending", status=200, not_before=due, conn=conn)
+
+    async def cancel(self, job: Record) -> None:
+        """Propagate a cancellation by the referral's source to the partner's Task."""
+        async with self.pool.acquire() as conn:
+            partner_task = await conn.fetchval(
+                "SELECT partner_task FROM referral_job WHERE task_id = $1 AND partner_task IS NOT NULL"
+                " ORDER BY id DESC LIMIT 1",
+                job["task_id"],
+            )
+            delivering = await conn.fetchval(
+                "SELECT count(*) FROM referral_job WHERE task_id = $1 AND kind = 'deliver'"
+                " AND state IN ('pending', 'leased')",
+                job["task_id"],
+            )
+            partner = await self._partner(conn, job)
+        if partner_task is None:
+            if delivering:
+                raise DeliveryError("the referral is still being delivered", retryable=True)
+            await self._finish(job, "done", error="never delivered: nothing to cancel at the partner")
+            return
+        remote = await self.partners.read(partner, partner_task)
+        if remote.get("status") not in TERMINAL:
+            cancelled = {
+                **remote,
+                "status": "cancelled",
+                "statusReason": {"text": "Cancelled by the referral's source"},
+            }
+            version = (remote.get("meta") or {}).get("versionId")
+            path = f"Task/{remote.get('id')}"
+            await self.partners.update(
+                partner, path, cancelled, if_match=f'W/"{version}"' if version else None
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._finish(job, "done", status=200, conn=conn)
+            await conn.execute(
+                "UPDATE referral_job SET not_before = now() WHERE kind = 'track' AND task_id = $1"
+                " AND state = 'pending'",
+                job["task_id"],
+            )
+            await self._audit(conn, job, 200, "update")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _without_delivery_state(self, task: dict[str, Any]) -> dict[str, Any]:
+        """The Task as the partner should see it: carecoord's own delivery bookkeeping (the
+        delivery extension and businessStatus) stays local, so every attempt sends the same."""
+        ours = f"{self.fhir_base}/StructureDefinition/{DELIVERY_EXTENSION}"
+        sent = dict(task)
+        extensions = [e for e in task.get("extension") or [] if e.get("url") != ours]
+        if extensions:
+            sent["extension"] = extensions
+        else:
+            sent.pop("extension", None)
+        codings = (task.get("businessStatus") or {}).get("coding") or []
+        if any(c.get("system") == f"{self.fhir_base}/CodeSystem/{DELIVERY_EXTENSION}" for c in codings):
+            sent.pop("businessStatus", None)
+        return sent
+
+    async def _partner(self, conn: Connection, job: Record) -> Partner:
+        found = await find_partner(conn, job["partner_org"])
+        if found is None or found.endpoint_id != job["partner_endpoint"]:
+            raise DeliveryError("the partner no longer has this active FHIR endpoint", retryable=False)
+        return Partner(found.organization_id, found.endpoint_id, found.base_url)
+
+    async def _fetch_outputs(self, partner: Partner, remote: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The resources the partner's Task.output names (Procedures, Observations...)."""
+        fetched: dict[str, dict[str, Any]] = {}
+        for output in remote.get("output") or []:
+            reference = (output.get("valueReference") or {}).get("reference")
+            if isinstance(reference, str) and reference not in fetched and not reference.startswith("#"):
+                fetched[reference] = await self.partners.read(partner, reference)
+        return fetched
+
+    async def _mirror(
+        self, conn: Connection, task_id: str, remote: dict[str, Any], outputs: dict[str, dict[str, Any]]
+    ) -> None:
+        repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base, system=True)
+        current = await repo.read_for_update("Task", task_id)
+        local = jsonio.loads(current.body or "{}")
+        local_ids: dict[str, str] = {}
+        for reference, resource in outputs.items():
+            local_ids[reference] = await self._keep_copy(repo, reference, resource)
+        mirrored = dict(local)
+        for element in MIRRORED:
+            value = remote.get(element)
+            if element == "output" and value is not None:
+                value = _rewrite_outputs(value, local_ids)
+            if element == "status" and local.get("status") in TERMINAL and value not in TERMINAL:
+                continue  # a local cancellation is on its way to the partner
+            if value is None:
+                mirrored.pop(element, None)
+            else:
+                mirrored[element] = value
+        if element_changes(local, mirrored):
+            await repo.update("Task", task_id, mirrored, if_match=current.version_id)
+
+    async def _keep_copy(self, repo: FhirRepository, reference: str, resource: dict[str, Any]) -> str:
+        """A local copy of a partner's resource (conditional create on its partner URL)."""
+        resource_type = resource.get("resourceType")
+        if not isinstance(resource_type, str):
+            raise DeliveryError("a Task output is not a FHIR resource", retryable=False)
+        system = f"{self.fhir_base}/partner-resource"
+        value = f"{resource_type}/{resource.get('id')}@{reference}"
+        copy = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+        copy["identifier"] = [*(copy.get("identifier") or []), {"system": system, "value": value}]
+        condition = httpx.QueryParams({"identifier": f"{system}|{_escape(value)}"})
+        try:
+            version, _ = await conditional_create(repo, resource_type, copy, str(condition))
+        except FHIRError as exc:
+            raise DeliveryError(
+                f"the partner's {resource_type} could not be kept: {exc.diagnostics}", retryable=False
+            ) from exc
+        return f"{resource_type}/{version.fhir_id}"
+
+    async def _mark_task(
+        self,
+        conn: Connection,
+        task_id: str,
+        state: str,
+        *,
+        attempts: int,
+        error: str | None = None,
+        partner_task: str | None = None,
+    ) -> None:
+        """Show the delivery state on the local Task: businessStatus and an extension."""
+        repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base, system=True)
+        for _ in range(3):
+            try:
+                current = await repo.read_for_update("Task", task_id)
+            except FHIRError:
+                return  # deleted meanwhile: nothing to show it on
+            task = jsonio.loads(current.body or "{}")
+            url = f"{self.fhir_base}/StructureDefinition/{DELIVERY_EXTENSION}"
+            parts: list[dict[str, Any]] = [
+                {"url": "state", "valueCode": state},
+                {"url": "attempts", "valueInteger": attempts},
+            ]
+            if error:
+                parts.append({"url": "lastError", "valueString": error[:1000]})
+            if partner_task:
+                parts.append({"url": "partnerTask", "valueUrl": partner_task})
+            extensions = [e for e in task.get("extension") or [] if e.get("url") != url]
+            task["extension"] = [*extensions, {"url": url, "extension": parts}]
+            task["businessStatus"] = {
+                "coding": [{"system": f"{self.fhir_base}/CodeSystem/{DELIVERY_EXTENSION}", "code": state}],
+                "text": {
+                    "delivered": "Delivered to the partner",
+                    "failed": "Delivery failed",
+                    "retrying": "Delivery being retried",
+                }.get(state, state),
+            }
+            try:
+                await repo.update("Task", task_id, task, if_match=current.version_id)
+                return
+            except PreconditionFailed:
+                continue
+
+    async def _failed_attempt(self, job: Record, error: DeliveryError) -> None:
+        partner_org = job["partner_org"]
+        now = datetime.now(UTC)
+        retry = error.retryable and now < job["deadline"]
+        detail = error.message
+        if error.outcome is not None:
+            detail = f"{detail}: {jsonio.dumps(error.outcome).decode('utf-8')}"
+        async with self.pool.acquire() as conn, conn.transaction():
+            if retry:
+                delay = error.retry_after or _backoff(self.settings.delivery_backoff, job["attempts"])
+                due = min(now + timedelta(seconds=delay), job["deadline"])
+                await self._finish(
+                    job, "pending", status=error.status, error=detail, not_before=due, conn=conn
+                )
+                if job["kind"] == "deliver" and job["attempts"] == 1:
+                    await self._mark_task(
+                        conn, job["task_id"], "retrying", attempts=job["attempts"], error=detail
+                    )
+            else:
+                await self._finish(job, "failed", status=error.status, error=detail, conn=conn)
+                if job["kind"] == "deliver":
+                    await self._mark_task(
+                        conn, job["task_id"], "failed", attempts=job["attempts"], error=detail
+                    )
+            await self._audit(
+                conn, job, error.status or 0, "transaction" if job["kind"] == "deliver" else "read"
+            )
+        if job["kind"] == "deliver" and not retry:
+            metrics.DELIVERIES_FAILED.labels(partner=partner_org).inc()
+        logger.info(
+            "referral job %s (%s, Task/%s): attempt %s failed (%s)%s",
+            job["id"],
+            job["kind"],
+            job["task_id"],
+            job["attempts"],
+            error.status or "transport",
+            "; will retry" if retry else "; given up",
+        )
+
+    async def _finish(
+        self,
+        job: Record,
+        state: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        not_before: datetime | None = None,
+        partner_task: str | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        """Record a job's outcome, only if this worker still holds its lease (the fence)."""
+        args = (job["id"], self.name, job["attempts"], state, not_before, status, error, partner_task)
+        if conn is None:
+            async with self.pool.acquire() as own:
+                finished = await own.fetchval(_FINISH, *args)
+        else:
+            finished = await conn.fetchval(_FINISH, *args)
+        if finished is None:
+            raise LeaseLost()
+
+    async def _audit(self, conn: Connection, job: Record, status: int, interaction: str) -> None:
+        """Each attempt at a partner is an AuditEvent (issue 6)."""
+        event = build_event(
+            interaction=interaction,
+            status=status if status else 503,
+            access=self._access,
+            touched=[("Task", job["task_id"], 0)],
+            query=None,
+            address=None,
+            fhir_base=self.fhir_base,
+        )
+        event["entity"][0]["what"] = {"reference": f"Task/{job['task_id']}"}
+        event["entity"][0]["description"] = f"referral {job['kind']} to Organization/{job['partner_org']}"
+        await FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base).create("AuditEvent", event)
+
+
+def element_changes(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    return any(before.get(element) != after.get(element) for element in MIRRORED)
+
+
+def _backoff(first: float, attempt: int) -> float:
+    """Exponential backoff with full jitter: between half and all of first * 2^(attempt-1)."""
+    ceiling = min(first * 2 ** max(attempt - 1, 0), MAX_BACKOFF)
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _escape(value: str) -> str:
+    """Escape a token value for a search (search.html#escaping)."""
+    for char in ("\\", ",", "$", "|"):
+        value = value.replace(char, "\\" + char)
+    return value
+
+
+def _rewrite_outputs(outputs: list[dict[str, Any]], local_ids: dict[str, str]) -> list[dict[str, Any]]:
+    rewritten = []
+    for output in outputs:
+        reference = (output.get("valueReference") or {}).get("reference")
+        if isinstance(reference, str) and reference in local_ids:
+            output = {
+                **output,
+                "valueReference": {**output["valueReference"], "reference": local_ids[reference]},
+            }
+        rewritten.append(output)
+    return rewritten
+
+
+async def _read(repo: FhirRepository, resource_type: str, fhir_id: str) -> dict[str, Any] | None:
+    try:
+        version = await repo.read(resource_type, fhir_id)
+    except FHIRError:
+        return None
+    loaded: dict[str, Any] = jsonio.loads(version.body or "{}")
+    return loaded
+
+
+def _local_reference(reference: object, fhir_base: str) -> tuple[str, str] | None:
+    if not isinstance(reference, str):
+        return None
+    if reference.startswith(fhir_base + "/"):
+        reference = reference[len(fhir_base) + 1 :]
+    parts = reference.split("/")
+    if len(parts) != 2 or not parts[0][:1].isupper():
+        return None
+    return parts[0], parts[1]
+
+
+async def _referral_contents(
+    repo: FhirRepository, task: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
+    """The ServiceRequest, the Patient and what the ServiceRequest points to (Consent,
+    Conditions, Observations, the requester) that this server holds."""
+    focus = _local_reference((task.get("focus") or {}).get("reference"), repo.fhir_base)
+    subject = _local_reference((task.get("for") or {}).get("reference"), repo.fhir_base)
+    if focus is None or subject is None:
+        return None
+    service_request = await _read(repo, *focus)
+    patient = await _read(repo, *subject)
+    if service_request is None or patient is None:
+        return None
+    wanted: list[tuple[str, str]] = []
+    references = [
+        *(service_request.get("supportingInfo") or []),
+        *(service_request.get("reasonReference") or []),
+        service_request.get("requester") or {},
+        task.get("requester") or {},
+    ]
+    for reference in references:
+        target = _local_reference(reference.get("reference"), repo.fhir_base)
+        if target is not None and target not in wanted and target not in (focus, subject):
+            wanted.append(target)
+    supporting = [resource for target in wanted if (resource := await _read(repo, *target)) is not None]
+    return service_request, patient, supporting
+
+
+def _partner_task_url(partner: Partner, bundle: dict[str, Any], response: dict[str, Any]) -> str:
+    """The absolute URL of the partner's copy of the Task, from the transaction-response."""
+    entries = bundle.get("entry") or []
+    answers = response.get("entry") or []
+    for sent, answer in zip(entries, answers, strict=False):
+        if (sent.get("resource") or {}).get("resourceType") == "Task":
+            location = (answer.get("response") or {}).get("location") or ""
+            location = location.split("/_history", 1)[0]
+            if location.startswith(("http://", "https://")):
+                return location
+            if location:
+                return f"{partner.base_url}/{location.lstrip('/')}"
+    raise DeliveryError("the partner's transaction-response has no location for the Task", retryable=True)

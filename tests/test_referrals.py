@@ -1,0 +1,351 @@
+"""Closed-loop referrals end to end (issue 6): carecoord A (the app under test) refers a client
+to partner B, a second real carecoord on a loopback port; B accepts and completes the
+referral with a Procedure; A's Task follows. A misbehaving partner (a loopback server of the
+tests) gets every referral exactly once in the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.referrals.bundle import identifier_system
+from app.referrals.credentials import set_credentials
+from app.referrals.worker import Worker
+from tests.partner_support import (  # noqa: F401  (fixtures)
+    Close,
+    Hang,
+    MisbehavingServer,
+    PartnerServer,
+    Reply,
+    misbehaving_server_fixture,
+    operation_outcome,
+    partner_server_fixture,
+)
+from tests.test_search_support import JSON, put
+
+FULFILL = {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]}
+DELIVERY_EXTENSION = "http://cc.test/fhir/StructureDefinition/referral-delivery"
+
+
+@pytest.fixture
+async def worker(app: FastAPI) -> AsyncIterator[Worker]:
+    """One referral worker of A, running in the test's event loop."""
+    running = Worker(app.state.pool, app.state.http, app.state.settings, name="test-worker")
+    stop = asyncio.Event()
+    task = asyncio.create_task(running.run(stop))
+    yield running
+    stop.set()
+    await task
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30, what: str = "") -> Any:
+    """Poll ``check`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+async def add_partner(client: httpx.AsyncClient, org: str, address: str) -> None:
+    await put(
+        client,
+        "Endpoint",
+        f"ep-{org}",
+        {
+            "status": "active",
+            "connectionType": {
+                "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                "code": "hl7-fhir-rest",
+            },
+            "payloadType": [{"text": "FHIR R4"}],
+            "address": address,
+        },
+    )
+    await put(client, "Organization", org, {"name": org, "endpoint": [{"reference": f"Endpoint/ep-{org}"}]})
+
+
+async def make_referral(client: httpx.AsyncClient, owner: str, suffix: str = "") -> str:
+    """Patient, Consent, Condition, ServiceRequest and a requested Task owned by ``owner``."""
+    await put(client, "Organization", "cm", {"name": "Case management"})
+    patient = f"pat{suffix}"
+    await put(
+        client, "Patient", patient, {"name": [{"family": "Okafor", "given": ["Ada"]}], "gender": "female"}
+    )
+    await put(
+        client,
+        "Consent",
+        f"consent{suffix}",
+        {
+            "status": "active",
+            "scope": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                        "code": "patient-privacy",
+                    }
+                ]
+            },
+            "category": [
+                {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IDSCL"}]}
+            ],
+            "patient": {"reference": f"Patient/{patient}"},
+        },
+    )
+    await put(
+        client,
+        "Condition",
+        f"cond{suffix}",
+        {
+            "code": {"text": "Housing instability"},
+            "subject": {"reference": f"Patient/{patient}"},
+        },
+    )
+    await put(
+        client,
+        "ServiceRequest",
+        f"sr{suffix}",
+        {
+            "status": "active",
+            "intent": "order",
+            "code": {"text": "Housing navigation"},
+            "subject": {"reference": f"Patient/{patient}"},
+            "requester": {"reference": "Organization/cm"},
+            "performer": [{"reference": f"Organization/{owner}"}],
+            "supportingInfo": [{"reference": f"Consent/consent{suffix}"}],
+            "reasonReference": [{"reference": f"Condition/cond{suffix}"}],
+        },
+    )
+    task = {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "code": FULFILL,
+        "authoredOn": "2026-11-25",
+        "focus": {"reference": f"ServiceRequest/sr{suffix}"},
+        "for": {"reference": f"Patient/{patient}"},
+        "requester": {"reference": "Organization/cm"},
+        "owner": {"reference": f"Organization/{owner}"},
+    }
+    created = await client.post("/fhir/Task", json=task, headers=JSON)
+    assert created.status_code == 201, created.text
+    task_id: str = created.json()["id"]
+    return task_id
+
+
+def delivery_state(task: dict[str, Any]) -> str | None:
+    for extension in task.get("extension", []):
+        if extension["url"] == DELIVERY_EXTENSION:
+            return next(e["valueCode"] for e in extension["extension"] if e["url"] == "state")
+    return None
+
+
+async def partner_token(partner: PartnerServer) -> dict[str, str]:
+    client_id, secret = partner.secret_client
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            partner.token_url, data={"grant_type": "client_credentials"}, auth=(client_id, secret)
+        )
+    assert response.status_code == 200, response.text
+    return {"authorization": f"Bearer {response.json()['access_token']}"}
+
+
+async def at_partner(
+    partner: PartnerServer, headers: dict[str, str], path: str, **params: str
+) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{partner.fhir_base}/{path}", params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    return [
+        e["resource"] for e in response.json().get("entry", []) if e.get("search", {}).get("mode") == "match"
+    ]
+
+
+@pytest.fixture
+async def partner_b(app: FastAPI, client: httpx.AsyncClient, partner_server: PartnerServer) -> PartnerServer:
+    await add_partner(client, "partnerB", partner_server.fhir_base)
+    client_id, secret = partner_server.secret_client
+    async with app.state.pool.acquire() as conn:
+        await set_credentials(
+            conn,
+            app.state.settings,
+            endpoint_id="ep-partnerB",
+            token_url=partner_server.token_url,
+            client_id=client_id,
+            client_secret=secret,
+        )
+    return partner_server
+
+
+async def test_referral_reaches_the_partner_once_and_the_loop_closes(
+    client: httpx.AsyncClient, partner_b: PartnerServer, worker: Worker
+) -> None:
+    suffix = f"-{time.time_ns()}"
+    task_id = await make_referral(client, "partnerB", suffix=suffix)
+
+    async def delivered() -> dict[str, Any] | None:
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        return task if delivery_state(task) == "delivered" else None
+
+    await eventually(delivered, what="delivery")
+    b = await partner_token(partner_b)
+    system = identifier_system("http://cc.test/fhir")
+    copies = await at_partner(partner_b, b, "Task", identifier=f"{system}|Task/{task_id}")
+    assert len(copies) == 1
+    remote = copies[0]
+    # What the Task points to arrived with it, once each, and references resolve at B.
+    service_request_id = remote["focus"]["reference"].split("/")[-1]
+    service_request = (await at_partner(partner_b, b, "ServiceRequest", _id=service_request_id))[0]
+    consent_ref = service_request["supportingInfo"][0]["reference"]
+    assert consent_ref.startswith("Consent/")
+    assert len(await at_partner(partner_b, b, "Consent", _id=consent_ref.split("/")[1])) == 1
+    patients = await at_partner(partner_b, b, "Patient", identifier=f"{system}|Patient/pat{suffix}")
+    assert [f"Patient/{p['id']}" for p in patients] == [remote["for"]["reference"]]
+
+    # B accepts, works and completes the referral with a Procedure.
+    async with httpx.AsyncClient(base_url=partner_b.fhir_base, headers={**b, **JSON}) as http:
+        procedure = await http.post(
+            "/Procedure",
+            json={
+                "resourceType": "Procedure",
+                "status": "completed",
+                "code": {"text": "Housing navigation session"},
+                "subject": remote["for"],
+            },
+        )
+        assert procedure.status_code == 201, procedure.text
+        for status in ("accepted", "in-progress", "completed"):
+            current = (await http.get(f"/Task/{remote['id']}")).json()
+            current["status"] = status
+            if status == "completed":
+                current["output"] = [
+                    {
+                        "type": {"text": "resulting-activity"},
+                        "valueReference": {"reference": f"Procedure/{procedure.json()['id']}"},
+                    }
+                ]
+            updated = await http.put(f"/Task/{remote['id']}", json=current)
+            assert updated.status_code == 200, updated.text
+
+    async def completed() -> dict[str, Any] | None:
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        return task if task["status"] == "completed" else None
+
+    local = await eventually(completed, what="the partner's completion to reach A")
+    output = local["output"][0]["valueReference"]["reference"]
+    assert output.startswith("Procedure/")
+    kept = (await client.get(f"/fhir/{output}")).json()
+    assert kept["code"]["text"] == "Housing navigation session"
+
+
+async def test_cancelling_a_delivered_referral_cancels_it_at_the_partner(
+    client: httpx.AsyncClient, partner_b: PartnerServer, worker: Worker
+) -> None:
+    task_id = await make_referral(client, "partnerB", suffix=f"-c{time.time_ns()}")
+
+    async def delivered() -> dict[str, Any] | None:
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        return task if delivery_state(task) == "delivered" else None
+
+    task = await eventually(delivered, what="delivery")
+    task["status"] = "cancelled"
+    task["statusReason"] = {"text": "Client moved away"}
+    assert (await client.put(f"/fhir/Task/{task_id}", json=task, headers=JSON)).status_code == 200
+    b = await partner_token(partner_b)
+    system = identifier_system("http://cc.test/fhir")
+
+    async def cancelled_at_b() -> bool:
+        copies = await at_partner(partner_b, b, "Task", identifier=f"{system}|Task/{task_id}")
+        return bool(copies) and copies[0]["status"] == "cancelled"
+
+    await eventually(cancelled_at_b, what="the cancellation to reach the partner")
+
+
+def _transaction_response(task_location: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction-response",
+        "entry": [{"response": {"status": "201 Created", "location": task_location}} for _ in range(6)],
+    }
+
+
+async def test_a_misbehaving_partner_gets_the_referral_in_the_end(
+    client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, worker: Worker
+) -> None:
+    """500, 429 with Retry-After, a hang past the timeout, a closed connection: retried, then
+    delivered; the delivery state on the Task says what happened."""
+    await add_partner(client, "flaky", misbehaving_server.url("/fhir"))
+    misbehaving_server.script(
+        "/fhir",
+        Reply(500, operation_outcome("exception", "boom")),
+        Reply(429, operation_outcome("throttled", "slow down"), {"retry-after": "1"}),
+        Hang(5),
+        Close(),
+        Reply(200, _transaction_response("Task/remote-1/_history/1")),
+    )
+    misbehaving_server.script(
+        "/fhir/Task/remote-1",
+        Reply(200, {"resourceType": "Task", "id": "remote-1", "status": "requested", "intent": "order"}),
+    )
+    task_id = await make_referral(client, "flaky", suffix=f"-f{time.time_ns()}")
+
+    async def delivered() -> dict[str, Any] | None:
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        return task if delivery_state(task) == "delivered" else None
+
+    await eventually(delivered, timeout=60, what="delivery through the failures")
+    posts = [r for r in misbehaving_server.requests_to("/fhir") if r.method == "POST"]
+    assert len(posts) == 5
+    bodies = {p.body for p in posts}
+    assert len(bodies) == 1  # every retry sends the same conditional-create Bundle
+
+
+async def test_a_partner_rejecting_the_bundle_fails_the_delivery_at_once(
+    client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, worker: Worker
+) -> None:
+    await add_partner(client, "strict", misbehaving_server.url("/fhir"))
+    misbehaving_server.script(
+        "/fhir", Reply(400, operation_outcome("invalid", "ServiceRequest.code is required"))
+    )
+    task_id = await make_referral(client, "strict", suffix=f"-s{time.time_ns()}")
+
+    async def failed() -> dict[str, Any] | None:
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        return task if delivery_state(task) == "failed" else None
+
+    task = await eventually(failed, what="the delivery to fail")
+    details = next(e for e in task["extension"] if e["url"] == DELIVERY_EXTENSION)["extension"]
+    error = next(e["valueString"] for e in details if e["url"] == "lastError")
+    assert "ServiceRequest.code is required" in error  # the partner's OperationOutcome is kept
+    assert len(misbehaving_server.requests_to("/fhir")) == 1
+    assert task["businessStatus"]["coding"][0]["code"] == "failed"
+
+
+async def test_referral_to_a_partner_without_endpoint_is_a_worklist_item(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """Light mode: nothing is delivered; the partner's client finds it in its worklist."""
+    await put(client, "Organization", "light", {"name": "Light partner"})
+    task_id = await make_referral(client, "light", suffix=f"-l{time.time_ns()}")
+    async with app.state.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM referral_job WHERE task_id = $1", task_id) == 0
+    from tests.conftest import bearer
+
+    light = await bearer(
+        app, "system/Task.rs system/Task.u", organization="Organization/light", client_id="l"
+    )
+    worklist = (
+        await client.get(
+            "/fhir/Task", params={"owner": "Organization/light", "status": "requested"}, headers=light
+        )
+    ).json()
+    assert [e["resource"]["id"] for e in worklist["entry"]] == [task_id]

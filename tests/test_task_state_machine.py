@@ -1,0 +1,180 @@
+"""The Task state machine (issue 6, item 8): SDOHCC rules for referral Tasks, the base R4
+graph for other Tasks. An illegal change is a 422 business-rule OperationOutcome and changes
+nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.conftest import bearer
+from tests.test_search_support import JSON, put
+
+FULFILL = {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]}
+
+
+def referral(status: str, owner: str = "partnerA", requester: str = "cm") -> dict[str, Any]:
+    return {
+        "resourceType": "Task",
+        "status": status,
+        "intent": "order",
+        "code": FULFILL,
+        "focus": {"reference": "ServiceRequest/sr1"},
+        "for": {"reference": "Patient/p1"},
+        "requester": {"reference": f"Organization/{requester}"},
+        "owner": {"reference": f"Organization/{owner}"},
+    }
+
+
+@pytest.fixture
+async def parties(app: FastAPI, client: httpx.AsyncClient) -> dict[str, dict[str, str]]:
+    for org in ("cm", "partnerA", "partnerB"):
+        await put(client, "Organization", org, {"name": org})
+    await put(client, "Patient", "p1", {"gender": "other"})
+    await put(
+        client,
+        "ServiceRequest",
+        "sr1",
+        {
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/p1"},
+            "performer": [{"reference": "Organization/partnerA"}],
+        },
+    )
+    return {
+        "owner": await bearer(app, "system/*.cruds", organization="Organization/partnerA", client_id="a"),
+        "requester": await bearer(app, "system/*.cruds", organization="Organization/cm", client_id="cm"),
+        "stranger": await bearer(app, "system/*.cruds", organization="Organization/partnerB", client_id="b"),
+    }
+
+
+async def _create(client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+    return await client.post("/fhir/Task", json=body, headers={**JSON, **headers})
+
+
+async def _move(
+    client: httpx.AsyncClient, task_id: str, status: str, headers: dict[str, str]
+) -> httpx.Response:
+    current = (await client.get(f"/fhir/Task/{task_id}")).json()
+    changed = {**current, "status": status}
+    return await client.put(f"/fhir/Task/{task_id}", json=changed, headers={**JSON, **headers})
+
+
+def _business_rule(response: httpx.Response) -> None:
+    assert response.status_code == 422, response.text
+    issue = response.json()["issue"][0]
+    assert issue["code"] == "business-rule"
+
+
+async def test_referral_happy_path_by_the_right_parties(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    created = await _create(client, referral("requested"), parties["requester"])
+    assert created.status_code == 201, created.text
+    task_id = created.json()["id"]
+    for status in ("accepted", "in-progress", "on-hold", "in-progress", "completed"):
+        response = await _move(client, task_id, status, parties["owner"])
+        assert response.status_code == 200, f"{status}: {response.text}"
+
+
+@pytest.mark.parametrize(
+    ("path", "actor", "status"),
+    [
+        ((), "requester", "accepted"),  # only the owner accepts
+        ((), "owner", "entered-in-error"),  # only the requester
+        ((), "owner", "received"),  # never used for referrals
+        ((), "owner", "ready"),
+        ((), "owner", "completed"),  # requested -> completed skips acceptance
+        (("accepted",), "requester", "completed"),
+        (("rejected",), "owner", "accepted"),  # terminal
+        (("accepted", "completed"), "owner", "in-progress"),
+    ],
+)
+async def test_illegal_referral_transitions_are_422_and_change_nothing(
+    client: httpx.AsyncClient,
+    parties: dict[str, dict[str, str]],
+    path: tuple[str, ...],
+    actor: str,
+    status: str,
+) -> None:
+    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    for step in path:
+        assert (await _move(client, task_id, step, parties["owner"])).status_code == 200
+    before = (await client.get(f"/fhir/Task/{task_id}")).json()
+    _business_rule(await _move(client, task_id, status, parties[actor]))
+    assert (await client.get(f"/fhir/Task/{task_id}")).json() == before
+
+
+async def test_cancel_by_requester_or_owner_and_entered_in_error_by_requester(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    first = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    assert (await _move(client, first, "cancelled", parties["requester"])).status_code == 200
+    second = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    assert (await _move(client, second, "accepted", parties["owner"])).status_code == 200
+    assert (await _move(client, second, "cancelled", parties["owner"])).status_code == 200
+    third = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    assert (await _move(client, third, "entered-in-error", parties["requester"])).status_code == 200
+
+
+async def test_a_partner_cannot_touch_a_task_it_does_not_own(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    response = await _move(client, task_id, "accepted", parties["stranger"])
+    assert response.status_code == 404  # not its referral: not even visible
+    assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "requested"
+
+
+async def test_a_referral_cannot_be_created_in_a_later_state(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    _business_rule(await _create(client, referral("accepted"), parties["requester"]))
+    _business_rule(await _create(client, referral("received"), parties["requester"]))
+
+
+async def test_patient_apps_never_change_a_referral_status(
+    app: FastAPI, client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    patient_app = await bearer(app, "patient/Task.rs patient/Task.u", patient="p1", client_id="app")
+    _business_rule(await _move(client, task_id, "cancelled", patient_app))
+
+
+async def test_other_tasks_follow_the_base_state_machine(client: httpx.AsyncClient) -> None:
+    plain = {"resourceType": "Task", "status": "ready", "intent": "plan"}
+    task_id = (await client.post("/fhir/Task", json=plain, headers=JSON)).json()["id"]
+    _business_rule(await _move(client, task_id, "completed", {}))  # ready -> completed skips in-progress
+    assert (await _move(client, task_id, "in-progress", {})).status_code == 200
+    assert (await _move(client, task_id, "ready", {})).status_code == 200  # stopped: back to ready
+    assert (await _move(client, task_id, "in-progress", {})).status_code == 200
+    assert (await _move(client, task_id, "completed", {})).status_code == 200
+    _business_rule(await _move(client, task_id, "in-progress", {}))
+
+
+async def test_illegal_transition_in_a_transaction_rolls_it_back(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    current = (await client.get(f"/fhir/Task/{task_id}")).json()
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {"resourceType": "Patient", "gender": "male"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "resource": {**current, "status": "completed"},
+                "request": {"method": "PUT", "url": f"Task/{task_id}"},
+            },
+        ],
+    }
+    response = await client.post("/fhir", json=bundle, headers={**JSON, **parties["owner"]})
+    assert response.status_code == 422, response.text
+    assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "requested"
