@@ -217,10 +217,9 @@ class AuditTrail:
             return
         batch, self._buffer = self._buffer, []
         try:
-            async with self._pool.acquire() as connection, connection.transaction():
+            async with self._pool.acquire() as connection:
                 repo = FhirRepository(connection, OPEN_ACCESS, fhir_base=self._fhir_base)
-                for event in batch:
-                    await repo.create("AuditEvent", event)
+                await repo.create_records("AuditEvent", batch)  # one statement, one commit
         except BaseException:
             self._buffer[:0] = batch
             raise
