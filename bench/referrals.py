@@ -400,8 +400,7 @@ def main() -> int:
             f"{b.base}/auth/token",
             "--client-id",
             partner["client_id"],
-            "--client-secret",
-            partner["client_secret"],
+            f"--client-secret={partner['client_secret']}",
         )
 
         report: list[str] = []

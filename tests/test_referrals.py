@@ -24,6 +24,7 @@ from tests.partner_support import (  # noqa: F401  (fixtures)
     MisbehavingServer,
     PartnerServer,
     Reply,
+    Reset,
     misbehaving_server_fixture,
     operation_outcome,
     partner_server_fixture,
@@ -279,10 +280,10 @@ def _transaction_response(task_location: str) -> dict[str, Any]:
 
 
 async def test_a_misbehaving_partner_gets_the_referral_in_the_end(
-    client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, worker: Worker
+    app: FastAPI, client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, worker: Worker
 ) -> None:
-    """500, 429 with Retry-After, a hang past the timeout, a closed connection: retried, then
-    delivered; the delivery state on the Task says what happened."""
+    """500, 429 with Retry-After, a hang past the timeout, a closed connection, a reset one:
+    retried, then delivered; the delivery state on the Task and the metrics say what happened."""
     await add_partner(client, "flaky", misbehaving_server.url("/fhir"))
     misbehaving_server.script(
         "/fhir",
@@ -290,6 +291,7 @@ async def test_a_misbehaving_partner_gets_the_referral_in_the_end(
         Reply(429, operation_outcome("throttled", "slow down"), {"retry-after": "1"}),
         Hang(5),
         Close(),
+        Reset(),  # as if the partner's server were down
         Reply(200, _transaction_response("Task/remote-1/_history/1")),
     )
     misbehaving_server.script(
@@ -304,9 +306,17 @@ async def test_a_misbehaving_partner_gets_the_referral_in_the_end(
 
     await eventually(delivered, timeout=60, what="delivery through the failures")
     posts = [r for r in misbehaving_server.requests_to("/fhir") if r.method == "POST"]
-    assert len(posts) == 5
+    assert len(posts) == 6
     bodies = {p.body for p in posts}
     assert len(bodies) == 1  # every retry sends the same conditional-create Bundle
+    metrics = (await client.get("/metrics")).text
+    assert 'carecoord_referral_deliveries_succeeded_total{partner="flaky"} 1.0' in metrics
+    assert 'carecoord_referral_deliveries_attempted_total{partner="flaky"} 6.0' in metrics
+    async with app.state.pool.acquire() as conn:
+        attempts = await conn.fetchval(
+            "SELECT attempts FROM referral_job WHERE task_id = $1 AND kind = 'deliver'", task_id
+        )
+    assert attempts == 6
 
 
 async def test_a_partner_rejecting_the_bundle_fails_the_delivery_at_once(
@@ -349,3 +359,74 @@ async def test_referral_to_a_partner_without_endpoint_is_a_worklist_item(
         )
     ).json()
     assert [e["resource"]["id"] for e in worklist["entry"]] == [task_id]
+
+
+async def test_inbound_referral_from_a_partner_lands_in_the_worklist(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """A partner (an organisation's client) submits a referral to the case-management
+    organisation as a transaction; the owner sees it in its worklist; the partner follows and
+    updates only its own; another partner sees nothing."""
+    from tests.conftest import bearer
+
+    for org in ("cm", "inA", "inB"):
+        await put(client, "Organization", org, {"name": org})
+    partner_a = await bearer(app, "system/*.cruds", organization="Organization/inA", client_id="in-a")
+    partner_b = await bearer(app, "system/*.cruds", organization="Organization/inB", client_id="in-b")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:p",
+                "resource": {"resourceType": "Patient", "name": [{"family": "Inbound"}]},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "fullUrl": "urn:uuid:s",
+                "resource": {
+                    "resourceType": "ServiceRequest",
+                    "status": "active",
+                    "intent": "order",
+                    "subject": {"reference": "urn:uuid:p"},
+                    "performer": [{"reference": "Organization/cm"}],
+                },
+                "request": {"method": "POST", "url": "ServiceRequest"},
+            },
+            {
+                "fullUrl": "urn:uuid:t",
+                "resource": {
+                    "resourceType": "Task",
+                    "status": "requested",
+                    "intent": "order",
+                    "code": FULFILL,
+                    "focus": {"reference": "urn:uuid:s"},
+                    "for": {"reference": "urn:uuid:p"},
+                    "requester": {"reference": "Organization/inA"},
+                    "owner": {"reference": "Organization/cm"},
+                },
+                "request": {"method": "POST", "url": "Task"},
+            },
+        ],
+    }
+    response = await client.post("/fhir", json=bundle, headers={**JSON, **partner_a})
+    assert response.status_code == 200, response.text
+    task_id = response.json()["entry"][2]["response"]["location"].split("/")[1]
+    worklist = (
+        await client.get("/fhir/Task", params={"owner": "Organization/cm", "status": "requested"})
+    ).json()
+    assert task_id in [e["resource"]["id"] for e in worklist["entry"]]
+    assert (await client.get(f"/fhir/Task/{task_id}", headers=partner_a)).status_code == 200
+    assert (await client.get(f"/fhir/Task/{task_id}", headers=partner_b)).status_code == 404
+    theirs = (await client.get("/fhir/Task", params={"status": "requested"}, headers=partner_b)).json()
+    assert task_id not in [e["resource"]["id"] for e in theirs.get("entry", [])]
+    # The submitting partner is the requester: it may not accept its own referral, but it may cancel it.
+    task = (await client.get(f"/fhir/Task/{task_id}", headers=partner_a)).json()
+    accepted = await client.put(
+        f"/fhir/Task/{task_id}", json={**task, "status": "accepted"}, headers={**JSON, **partner_a}
+    )
+    assert accepted.status_code == 422, accepted.text
+    cancelled = await client.put(
+        f"/fhir/Task/{task_id}", json={**task, "status": "cancelled"}, headers={**JSON, **partner_a}
+    )
+    assert cancelled.status_code == 200, cancelled.text

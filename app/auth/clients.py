@@ -196,7 +196,8 @@ async def register_client(
     secret: str | None = None
     secret_hash: str | None = None
     if jwks is None and jwks_url is None:
-        secret = secrets.token_urlsafe(32)
+        # Never a leading '-': a secret pasted into a command line must not read as an option.
+        secret = "s" + secrets.token_urlsafe(32)
         secret_hash = await asyncio.to_thread(hash_secret, secret)
     client_id = str(uuid.uuid4())
     await db.execute(
