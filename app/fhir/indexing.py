@@ -98,6 +98,9 @@ def extract(resource_type: str, data: dict[str, Any], fhir_base: str) -> IndexRo
         if param.column or param.components:
             continue
         for path in param.paths:
+            first = path.steps[0] if path.steps else None
+            if first is not None and first[0] == "key" and first[1] not in data:
+                continue  # most parameters' elements are absent: skip the walk
             values = _walk([data], path.steps, fhir_base)
             if path.special == "deceased":
                 _deceased(rows, param, path, values)
