@@ -11,8 +11,8 @@
   a connection closed without an answer, or a reset.
 * :class:`RequestLog`: an httpx request event hook that records what a client sent.
 
-The real-server tests need ``DATABASE_URL`` (a PostgreSQL server to create the partner's
-database on); without it they are skipped.
+The partner's database is created on the tests' PostgreSQL: the ``DATABASE_URL`` server, or
+the embedded one when it is unset.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -40,7 +41,6 @@ import pytest
 from joserfc.jwk import ECKey, RSAKey
 
 from app.db import REPO_ROOT
-from app.settings import Settings
 
 PARTNER_SCOPE = "system/*.cruds"
 
@@ -88,7 +88,7 @@ class PartnerServer:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        database_url = f"{self.admin_dsn.rpartition('/')[0]}/{self.database}"
+        database_url = with_database(self.admin_dsn, self.database)
         env.update(
             {
                 "DATABASE_URL": database_url,
@@ -201,17 +201,21 @@ async def _admin_sql(dsn: str, sql: str) -> None:
 _shared: dict[str, Any] = {"server": None, "users": 0}
 
 
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` (keeps a unix-socket ``?host=`` of the embedded server)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
 @pytest.fixture(scope="session", name="partner_server")
-def partner_server_fixture() -> Iterator[PartnerServer]:
-    """A real carecoord partner server (one per test session, however many modules use it)."""
-    server_url = Settings().database_url
-    if server_url is None:
-        pytest.skip("the partner server tests need DATABASE_URL (a PostgreSQL server)")
+def partner_server_fixture(database_url: str) -> Iterator[PartnerServer]:
+    """A real carecoord partner server (one per test session, however many modules use it), with
+    its own database on the tests' PostgreSQL (DATABASE_URL's server, or the embedded one)."""
     if _shared["server"] is None:
         server = PartnerServer(
             root=f"http://127.0.0.1:{free_port()}",
             database=f"carecoord_partner_{uuid.uuid4().hex[:8]}",
-            admin_dsn=_plain(server_url),
+            admin_dsn=_plain(database_url),
             workdir=Path(tempfile.mkdtemp(prefix="carecoord-partner-")),
         )
         try:
