@@ -7,9 +7,10 @@ import email.utils
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from app.fhir.types import SERVED_TYPES
-from tests.conftest import FHIR
+from tests.conftest import FHIR, bearer
 from tests.samples import SAMPLES
 
 JSON = {"content-type": "application/fhir+json"}
@@ -65,24 +66,29 @@ async def test_lifecycle_of_every_type(client: httpx.AsyncClient, resource_type:
     assert entries[2]["resource"]["meta"]["versionId"] == "1"
 
 
-async def test_audit_events_are_created_and_read_but_never_changed(client: httpx.AsyncClient) -> None:
-    created = await client.post("/fhir/AuditEvent", json=SAMPLES["AuditEvent"], headers=JSON)
-    assert created.status_code == 201, created.text
-    body = created.json()
-    assert (await client.get(f"/fhir/AuditEvent/{body['id']}")).json() == body
-    changed = {**body, "outcome": "8"}
+async def test_clients_cannot_write_audit_events(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """AuditEvents are the server's records: a client may not create, change or delete one."""
+    await client.get("/fhir/Patient")
+    await app.state.audit.flush()
+    auditor = await bearer(app, "system/AuditEvent.cruds")
+    event = (await client.get("/fhir/AuditEvent", headers=auditor)).json()["entry"][0]["resource"]
+    forged = {**event, "outcome": "8"}
+    forged.pop("id")
     for response in (
-        await client.put(f"/fhir/AuditEvent/{body['id']}", json=changed, headers=JSON),
-        await client.patch(
-            f"/fhir/AuditEvent/{body['id']}",
-            json=[{"op": "replace", "path": "/outcome", "value": "8"}],
-            headers={"content-type": "application/json-patch+json"},
+        await client.post("/fhir/AuditEvent", json=forged, headers={**JSON, **auditor}),
+        await client.put(
+            f"/fhir/AuditEvent/{event['id']}", json={**event, "outcome": "8"}, headers={**JSON, **auditor}
         ),
-        await client.delete(f"/fhir/AuditEvent/{body['id']}"),
+        await client.patch(
+            f"/fhir/AuditEvent/{event['id']}",
+            json=[{"op": "replace", "path": "/outcome", "value": "8"}],
+            headers={"content-type": "application/json-patch+json", **auditor},
+        ),
+        await client.delete(f"/fhir/AuditEvent/{event['id']}", headers=auditor),
     ):
         assert response.status_code == 405, response.text
         assert response.json()["resourceType"] == "OperationOutcome"
-    assert (await client.get(f"/fhir/AuditEvent/{body['id']}")).json() == body
+    assert (await client.get(f"/fhir/AuditEvent/{event['id']}", headers=auditor)).json() == event
 
 
 async def test_create_ignores_client_id_and_meta(client: httpx.AsyncClient) -> None:

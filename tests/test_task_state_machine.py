@@ -31,25 +31,30 @@ def referral(status: str, owner: str = "partnerA", requester: str = "cm") -> dic
 
 @pytest.fixture
 async def parties(app: FastAPI, client: httpx.AsyncClient) -> dict[str, dict[str, str]]:
+    """The requester (the case-management organisation's client), the owner (a partner) and a
+    stranger (another partner). The requester records the patient and the ServiceRequest itself,
+    as it would: a client limited to an organisation may only point a Task at what it can read."""
     for org in ("cm", "partnerA", "partnerB"):
         await put(client, "Organization", org, {"name": org})
-    await put(client, "Patient", "p1", {"gender": "other"})
-    await put(
-        client,
-        "ServiceRequest",
-        "sr1",
-        {
-            "status": "active",
-            "intent": "order",
-            "subject": {"reference": "Patient/p1"},
-            "performer": [{"reference": "Organization/partnerA"}],
-        },
-    )
-    return {
+    tokens = {
         "owner": await bearer(app, "system/*.cruds", organization="Organization/partnerA", client_id="a"),
         "requester": await bearer(app, "system/*.cruds", organization="Organization/cm", client_id="cm"),
         "stranger": await bearer(app, "system/*.cruds", organization="Organization/partnerB", client_id="b"),
     }
+    as_requester = {**JSON, **tokens["requester"]}
+    patient = {"resourceType": "Patient", "id": "p1", "gender": "other"}
+    assert (await client.put("/fhir/Patient/p1", json=patient, headers=as_requester)).status_code == 201
+    service_request = {
+        "resourceType": "ServiceRequest",
+        "id": "sr1",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "performer": [{"reference": "Organization/partnerA"}],
+    }
+    response = await client.put("/fhir/ServiceRequest/sr1", json=service_request, headers=as_requester)
+    assert response.status_code == 201, response.text
+    return tokens
 
 
 async def _create(client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:

@@ -19,6 +19,10 @@ type and system history)."""
 
 V1_ACTIONS = {"read": "rs", "write": "cud", "*": "cruds"}
 
+EXPLICIT_ONLY_TYPES = frozenset({"AuditEvent"})
+"""Types a ``*`` scope does not cover: the audit trail is readable with AuditEvent scopes only
+(issue 4), so that ``patient/*.rs`` or ``system/*.rs`` never reveal who accessed what."""
+
 _SCOPE = re.compile(
     r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]{1,63})\.(?P<action>[a-z*]+)"
     r"(?:\?(?P<query>.+))?$"
@@ -35,6 +39,8 @@ class Permission:
     restriction: tuple[tuple[str, str], ...] = ()
 
     def covers(self, resource_type: str, letter: str) -> bool:
+        if resource_type in EXPLICIT_ONLY_TYPES and self.resource_type == "*":
+            return False
         return letter in self.letters and self.resource_type in ("*", resource_type)
 
 

@@ -56,6 +56,8 @@ class ConditionCompiler(Protocol):
 
     def bind_rollback(self, mark: int) -> None: ...
 
+    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> str | None: ...
+
 
 @dataclass(frozen=True)
 class AccessContext:
@@ -134,16 +136,16 @@ class AccessContext:
         self, compiler: ConditionCompiler, alias: str, resource_type: str, permission: Permission
     ) -> list[str] | None:
         parts: list[str] = []
+        mark = compiler.bind_mark()
         if (
             permission.context == "patient"
             and self.patient is not None
             and compiler.in_patient_compartment(resource_type)
         ):
             parts.append(compiler.compartment(alias, resource_type, self.patient))
-        mark = compiler.bind_mark()
         for name, value in permission.restriction:
             try:
-                clause = compiler.condition(alias, resource_type, name, value)
+                clause = compiler.restriction(alias, resource_type, name, value)
             except FHIRError:
                 clause = None
             if clause is None:
@@ -168,7 +170,8 @@ class AccessContext:
         focused = (
             "SELECT fs.rid FROM search_reference f JOIN resource fs"
             " ON fs.resource_type = f.target_type AND fs.fhir_id = f.target_id"
-            f" WHERE f.resource_type = 'Task' AND f.param = 'focus' AND f.rid IN ({referrals})"
+            " WHERE f.resource_type = 'Task' AND f.param = 'focus' AND f.target_type = 'ServiceRequest'"
+            f" AND f.rid IN ({referrals})"
         )
         pointed = (
             "SELECT p.target_type, p.target_id FROM search_reference p"
@@ -180,6 +183,40 @@ class AccessContext:
             f" OR {alias}.rid IN ({referrals}) OR {alias}.rid IN ({focused})"
             f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({pointed}))"
         )
+
+    def version_allowed(
+        self,
+        resource_type: str,
+        fhir_id: str,
+        references: list[tuple[str, str | None, str | None]],
+        created_org: str | None,
+        letter: str,
+    ) -> bool:
+        """Whether one stored version (an older one: history, vread) lies within the token's
+        patient compartment and referral limits, judged from that version's own references
+        ``(param, target type, target id)``. The SQL conditions judge the current version;
+        an older version may have belonged to someone else."""
+        if self.unrestricted:
+            return True
+        permissions = self.matching(resource_type, letter)
+        if not any(_is_open(resource_type, p) for p in permissions):
+            # Only patient permissions cover it: the version must be in the patient's compartment.
+            compartment = registry().patient_compartment.get(resource_type, ())
+            in_compartment = (resource_type == "Patient" and fhir_id == self.patient) or any(
+                param in compartment and target_type == "Patient" and target_id == self.patient
+                for param, target_type, target_id in references
+            )
+            if not in_compartment:
+                return False
+        if self.organization is not None and resource_type in dict(REFERRAL_ROOTS):
+            roots = dict(REFERRAL_ROOTS)[resource_type]
+            own = created_org == self.organization
+            named = any(
+                param in roots and (target_type, target_id) == ("Organization", self.organization_id)
+                for param, target_type, target_id in references
+            )
+            return own or named
+        return True
 
     def row_filter(
         self, compiler: ConditionCompiler, alias: str, letter: str, resource_types: tuple[str, ...]

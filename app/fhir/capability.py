@@ -28,7 +28,7 @@ def capability_statement(
         routed = [
             code
             for code in interactions.get(resource_type, [])
-            if not (resource_type in IMMUTABLE_TYPES and code in ("update", "patch", "delete"))
+            if not (resource_type in IMMUTABLE_TYPES and code in ("create", "update", "patch", "delete"))
         ]
         entry: dict[str, Any] = {
             "type": resource_type,

@@ -38,8 +38,9 @@ async def find_ids(
 ) -> list[str]:
     """Ids of up to ``limit`` current resources matching the criteria; unknown parameters are a 400.
 
-    Only resources the caller may use with ``letter`` (the write's own SMART letter) are
-    matched: a condition never reveals, nor acts on, what the token may not see.
+    A condition is a search: the token needs ``s`` on the type, and only resources it may
+    both search and use with ``letter`` (the write's own SMART letter) are matched, so a
+    condition never reveals, nor acts on, what the token may not see.
     """
     request = parse_search(
         (resource_type,),
@@ -48,7 +49,7 @@ async def find_ids(
         fhir_base=repo.fhir_base,
         strict=True,
         access=repo.access,
-        letter=letter,
+        letters=tuple(dict.fromkeys(("s", letter))),
     )
     page = await repo.search(request, None, False)
     return [found.fhir_id for found in page.matches]

@@ -33,7 +33,9 @@ def apply_json_patch(current: dict[str, Any], operations: Any) -> dict[str, Any]
     try:
         patched = jsonpatch.apply_patch(copy.deepcopy(current), operations)
     except jsonpatch.JsonPatchTestFailed as exc:
-        raise BusinessRule(f"JSON Patch test failed: {exc}"[:300], code="conflict") from exc
+        # The library's message quotes the stored value: never echo it (a token may update without
+        # reading, and a failed test must not become a way to read).
+        raise BusinessRule("JSON Patch test operation failed", code="conflict") from exc
     except (
         jsonpatch.JsonPatchException,
         jsonpatch.JsonPointerException,

@@ -280,12 +280,58 @@ class FhirRepository:
         await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
 
     async def read_for_update(self, resource_type: str, fhir_id: str) -> StoredVersion:
-        """The current version, row-locked until the transaction ends (read-modify-write, ``u``)."""
+        """The current version, row-locked until the transaction ends (read-modify-write: a
+        PATCH shows and changes it, so it needs both ``r`` and ``u``)."""
         _check_mutable(resource_type)
+        self.access.require(resource_type, "r")
+        if self.access.is_limited(resource_type, "r"):
+            await self._current_row(resource_type, fhir_id, "r")
         return _live(await self._current(resource_type, fhir_id, "u", lock=True))
 
     def _compiler(self) -> SearchCompiler:
         return SearchCompiler(registry(), self.fhir_base, Binder(), self.access)
+
+    async def _check_references(self, rows: IndexRows) -> None:
+        """A limited token may only point a resource at what it can read (403 otherwise).
+
+        Visibility follows references (a patient's compartment, what a partner's referrals
+        point to), so without this check a write could widen what its own token sees: a
+        partner adding an ``input`` to its referral Task, a patient app naming itself as
+        performer of another patient's Observation. Checked before the write, against the
+        current state; a target that does not exist (yet: a later entry of the same
+        transaction) is allowed, and so are directory resources outside the Patient
+        compartment (Organization, Practitioner...), which hold no one's health data.
+        """
+        if self.access.unrestricted or (self.access.organization is None and self.access.patient is None):
+            return
+        compartment = registry().patient_compartment
+        targets = sorted(
+            {
+                (row[1], row[2])
+                for row in rows.reference
+                if row[1] and row[2] and (row[1] == "Patient" or row[1] in compartment)
+            }
+        )
+        if not targets:
+            return
+        compiler = self._compiler()
+        types = compiler.bind([t for t, _ in targets])
+        ids = compiler.bind([i for _, i in targets])
+        readable = self.access.row_filter(compiler, "r", "r", SERVED_TYPES)
+        if readable is None:
+            return
+        sql = (
+            f"SELECT r.resource_type, r.fhir_id FROM resource r"
+            f" JOIN unnest(CAST({types} AS text[]), CAST({ids} AS text[])) AS t(resource_type, fhir_id)"
+            " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id"
+            f" WHERE NOT COALESCE(({readable}), false) LIMIT 1"  # NULL (an IN over NULLs) is not readable
+        )
+        hidden = await self._conn.fetchrow(sql, *compiler.bind.values)
+        if hidden is not None:
+            raise Forbidden(
+                "the resource refers to a resource the access token may not read",
+                expression=(f"{hidden['resource_type']}",),
+            )
 
     async def _check_written(self, rid: int, resource_type: str, letter: str) -> None:
         """The version just written must lie within what the token allows (patient compartment,
@@ -316,6 +362,8 @@ class FhirRepository:
         ``fhir_id`` is an id the server chose beforehand (a transaction assigns the ids of
         its POST entries before writing, to rewrite references to them).
         """
+        if resource_type in IMMUTABLE_TYPES and not self.access.unrestricted:
+            raise MethodNotAllowed(f"{resource_type} resources are written by the server, not by clients")
         self.access.require(resource_type, "c")
         return await self._insert(resource_type, fhir_id or new_id(), data, method="POST", letter="c")
 
@@ -325,6 +373,8 @@ class FhirRepository:
         hooks = self._hooks_for(resource_type)
         for hook in hooks:
             await hook.before_write(self, resource_type, None, data)
+        rows = extract(resource_type, data, self.fhir_base)
+        await self._check_references(rows)
         now = _now()
         body = stamp(data, fhir_id, 1, now)
         params = {
@@ -334,7 +384,7 @@ class FhirRepository:
             "body": body,
             "method": method,
             "org": self.access.organization,
-            **_index_params(extract(resource_type, data, self.fhir_base)),
+            **_index_params(rows),
         }
         inserted = await self._conn.fetchrow(_INSERT.sql, *_INSERT.args(params))
         if inserted is None:
@@ -392,6 +442,8 @@ class FhirRepository:
             if not limited:
                 await self.read_any(resource_type, fhir_id)
             raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
+        if limited and not await self._versions_allowed(resource_type, [(fhir_id, row["body"])], "r"):
+            raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id} this token may read")
         version = StoredVersion(
             resource_type,
             fhir_id,
@@ -510,9 +562,10 @@ class FhirRepository:
             previous = jsonio.loads(previous_body) if previous_body else None
             for hook in hooks:
                 await hook.before_write(self, resource_type, previous, data)
+        rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
+        await self._check_references(rows)
         now = _now()
         body = None if data is None else stamp(data, fhir_id, version_id, now)
-        rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
         params = {
             "rid": rid,
             "vid": version_id,
@@ -588,11 +641,39 @@ class FhirRepository:
             for r in rows[:count]
         ]
         next_cursor = rows[count - 1]["hid"] if count and len(rows) > count else None
-        return HistoryPage(versions, next_cursor)
+        letter = "r" if fhir_id is not None else "s"
+        kept = []
+        for version in versions:
+            if not self.access.is_limited(version.resource_type, letter) or await self._versions_allowed(
+                version.resource_type, [(version.fhir_id, version.body)], letter
+            ):
+                kept.append(version)
+        # A page may come out shorter than _count; the cursor still moves past what was judged.
+        return HistoryPage(kept, next_cursor)
+
+    async def _versions_allowed(
+        self, resource_type: str, versions: list[tuple[str, str | None]], letter: str
+    ) -> bool:
+        """Every one of these stored versions lies within the token's limits (see
+        AccessContext.version_allowed); a deletion (no body) shows nothing and is allowed."""
+        for fhir_id, body in versions:
+            if body is None:
+                continue
+            created_org = await self._conn.fetchval(
+                "SELECT created_org FROM resource WHERE resource_type = $1 AND fhir_id = $2",
+                resource_type,
+                fhir_id,
+            )
+            rows = extract(resource_type, jsonio.loads(body), self.fhir_base)
+            references = [(r[0], r[1], r[2]) for r in rows.reference]
+            if not self.access.version_allowed(resource_type, fhir_id, references, created_org, letter):
+                return False
+        return True
 
 
 IMMUTABLE_TYPES = frozenset({"AuditEvent"})
-"""Records of what happened: created, never updated, patched or deleted through the API."""
+"""Records of what happened: written by the server, never created (by an authorized client),
+updated, patched or deleted through the API."""
 
 
 def _check_mutable(resource_type: str) -> None:

@@ -229,6 +229,15 @@ class SearchCompiler:
         """Chained and ``_has`` subqueries see only what the caller may search (issue 4)."""
         self._aliases = 0
 
+    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> str | None:
+        """A scope's ``?param=value`` restriction as SQL. Compiled without the caller's limits:
+        they are what is being built (a chained restriction would otherwise recurse)."""
+        access, self.access = self.access, OPEN_ACCESS
+        try:
+            return self.condition(alias, resource_type, name, raw)
+        finally:
+            self.access = access
+
     def bind_mark(self) -> int:
         return len(self.bind.values)
 
@@ -744,12 +753,12 @@ def parse_search(
     strict: bool,
     compartment: tuple[str, str] | None = None,
     access: AccessContext = OPEN_ACCESS,
-    letter: str = "s",
+    letters: tuple[str, ...] = ("s",),
 ) -> SearchRequest:
     """Parse a search interaction's parameters (search.html#Summary) into a SearchRequest.
 
-    ``access`` adds the caller's limits for ``letter`` (``s`` for a search; a conditional
-    write searches with its own letter) as one more condition (app/fhir/access.py).
+    ``access`` adds the caller's limits for each of ``letters`` (``s`` for a search; a
+    conditional write searches with ``s`` and its own letter) as conditions (app/fhir/access.py).
     """
     binder = Binder()
     compiler = SearchCompiler(registry, fhir_base, binder, access)
@@ -834,13 +843,14 @@ def parse_search(
     sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
     rid_sets = [rid_set(condition, type_placeholder) for condition in conditions]
-    if len(resource_types) == 1:
-        limit = access.condition(compiler, "r", resource_types[0], letter)
-    else:
-        limit = access.row_filter(compiler, "r", letter, resource_types)
-    if limit is not None:
-        conditions.append(limit)
-        rid_sets.append(None)  # not a set of index rids: the page cannot be cut from the index
+    for letter in letters:
+        if len(resource_types) == 1:
+            limit = access.condition(compiler, "r", resource_types[0], letter)
+        else:
+            limit = access.row_filter(compiler, "r", letter, resource_types)
+        if limit is not None:
+            conditions.append(limit)
+            rid_sets.append(None)  # not a set of index rids: the page cannot be cut from the index
     return SearchRequest(
         resource_types=resource_types,
         conditions=conditions,
