@@ -119,7 +119,7 @@ def _rewrite_references(value: Any, full_urls: dict[str, str], source_base: str)
             _rewrite_references(item, full_urls, source_base)
 
 
-def _add_identifier(resource: dict[str, Any], identifier: dict[str, str]) -> dict[str, str]:
+def add_identifier(resource: dict[str, Any], identifier: dict[str, str]) -> dict[str, str]:
     """Put carecoord's identifier on the copy (keeping the others); the one to condition on."""
     resource_type = resource["resourceType"]
     if resource_type in _SINGLE_IDENTIFIER:
@@ -185,7 +185,7 @@ def referral_bundle(
     for key, resource in resources.items():
         resource_type, fhir_id = key.split("/", 1)
         body = _copy(resource)
-        condition = _add_identifier(body, identifier_for(resource_type, fhir_id, source_base))
+        condition = add_identifier(body, identifier_for(resource_type, fhir_id, source_base))
         _rewrite_references(body, full_urls, source_base)
         entries.append(
             {

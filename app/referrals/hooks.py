@@ -98,7 +98,10 @@ class ReferralHooks:
                 await schedule(
                     conn, "deliver", task_id, partner.organization_id, partner.endpoint_id, deadline
                 )
-        elif status == "cancelled" and old_status != "cancelled":
+        elif status in ("cancelled", "entered-in-error") and old_status not in (
+            "cancelled",
+            "entered-in-error",
+        ):
             delivery = await conn.fetchrow(
                 "SELECT partner_org, partner_endpoint FROM referral_job"
                 " WHERE kind = 'deliver' AND task_id = $1 ORDER BY id DESC LIMIT 1",

@@ -131,9 +131,11 @@ def check_transition(
     """Refuse (422 business-rule) a status change the Task's state machine does not allow."""
     old_status = previous.get("status") if previous else None
     status = new.get("status")
+    referral = is_referral(new) or (previous is not None and is_referral(previous))
+    if referral and previous is not None:
+        _check_parties(previous, new, actor, home_organization, fhir_base)
     if not isinstance(status, str) or old_status == status:
         return
-    referral = is_referral(new) or (previous is not None and is_referral(previous))
     if not referral:
         _check_base(old_status, status)
         return
@@ -160,6 +162,23 @@ def check_transition(
         who = " or ".join(sorted(allowed))
         raise BusinessRule(
             f"only the referral's {who} may set status '{status}'", expression=("Task.status",)
+        )
+
+
+PARTIES = ("requester", "owner", "focus", "for")
+"""What a referral is and between whom: only its requester may change them."""
+
+
+def _check_parties(
+    previous: dict[str, Any], new: dict[str, Any], actor: Actor, home_organization: str | None, fhir_base: str
+) -> None:
+    changed = [element for element in PARTIES if previous.get(element) != new.get(element)]
+    if not changed:
+        return
+    if actor.patient_app or REQUESTER not in roles(previous, actor, home_organization, fhir_base):
+        raise BusinessRule(
+            f"only the referral's requester may change {', '.join(changed)}",
+            expression=tuple(f"Task.{element}" for element in changed),
         )
 
 
