@@ -7,6 +7,7 @@ are parsed with simplejson's ``use_decimal`` and written back the same way.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import simplejson
@@ -26,6 +27,12 @@ def loads(raw: bytes | str) -> Any:
         return simplejson.loads(text, use_decimal=True)
     except RecursionError as exc:
         raise JSONDepthError("JSON nests too deeply") from exc
+
+
+def dumps_plain(value: Any) -> str:
+    """Compact JSON text of a document the server built itself (no Decimal values): the
+    standard library's C encoder, twice as fast as simplejson's (AuditEvents, per read)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps(value: Any, *, pretty: bool = False) -> bytes:

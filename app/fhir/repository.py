@@ -60,7 +60,9 @@ def _now() -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-def stamp(data: dict[str, Any], fhir_id: str, version_id: int, last_updated: datetime) -> str:
+def stamp(
+    data: dict[str, Any], fhir_id: str, version_id: int, last_updated: datetime, *, plain: bool = False
+) -> str:
     """The stored JSON: the client's resource with the server-owned id and meta.
 
     resourceType, id and meta lead, as FHIR JSON is conventionally written; every
@@ -73,6 +75,8 @@ def stamp(data: dict[str, Any], fhir_id: str, version_id: int, last_updated: dat
     for key, value in data.items():
         if key not in stamped:
             stamped[key] = value
+    if plain:  # a server-built record: no decimals to keep
+        return jsonio.dumps_plain(stamped)
     return jsonio.dumps(stamped).decode("utf-8")
 
 
@@ -396,19 +400,27 @@ class FhirRepository:
             await hook.after_write(self, version, None, data)
         return version
 
-    async def create_records(self, resource_type: str, items: Sequence[dict[str, Any]]) -> int:
+    async def create_records(
+        self,
+        resource_type: str,
+        items: Sequence[dict[str, Any]],
+        index_rows: Sequence[IndexRows] | None = None,
+    ) -> int:
         """Create many server-written resources of one type in one statement (AuditEvents).
 
         No access checks and no write hooks: these are carecoord's own records, not a
-        client's writes. Returns how many were stored.
+        client's writes. ``index_rows``, when given, are the items' search-index rows (as
+        ``extract`` would make them). Returns how many were stored.
         """
         if not items:
             return 0
         now = _now()
         fids = [new_id() for _ in items]
         index: dict[str, list[Any]] = {}
-        for fid, data in zip(fids, items, strict=True):
-            rows = extract(resource_type, data, self.fhir_base)
+        for number, (fid, data) in enumerate(zip(fids, items, strict=True)):
+            rows = (
+                index_rows[number] if index_rows is not None else extract(resource_type, data, self.fhir_base)
+            )
             for table, columns in _INDEX_TABLES.items():
                 names = ("param", *(name for name, _ in columns))
                 values = rows.columns(table, len(names))
@@ -419,7 +431,7 @@ class FhirRepository:
             "rtype": resource_type,
             "fids": fids,
             "stamps": [now] * len(items),
-            "bodies": [stamp(data, fid, 1, now) for fid, data in zip(fids, items, strict=True)],
+            "bodies": [stamp(data, fid, 1, now, plain=True) for fid, data in zip(fids, items, strict=True)],
             **index,
         }
         stored = await self._conn.fetchval(_INSERT_MANY.sql, *_INSERT_MANY.args(params))
