@@ -36,13 +36,29 @@ async def get_access(request: Request) -> AccessContext:
     state = request.app.state
     if not state.settings.auth_enabled:
         return OPEN_ACCESS
-    return await authenticate(request.headers.get("authorization"), state.tokens)
+    try:
+        return await authenticate(request.headers.get("authorization"), state.tokens)
+    except FHIRError as exc:
+        # A refused attempt is security-relevant: record it (no client is known).
+        state.audit.record(
+            build_event(
+                interaction=interaction_of(request.method, request.url.path.removeprefix("/fhir")),
+                status=exc.status,
+                access=UNAUTHENTICATED,
+                touched=(),
+                query=None,
+                address=request.client.host if request.client else None,
+                fhir_base=state.settings.fhir_base,
+            )
+        )
+        raise
 
 
 AccessDep = Annotated[AccessContext, Depends(get_access)]
 
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
+UNAUTHENTICATED = AccessContext(client_id="unauthenticated", unrestricted=False)
 
 
 def _audit_event(request: Request, repo: FhirRepository, status: int) -> dict[str, Any]:

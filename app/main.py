@@ -86,11 +86,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.run_worker:
                 worker = Worker(app.state.pool, app.state.http, settings)
                 worker_task = asyncio.create_task(worker.run(stop_worker), name="referral-worker")
-            yield
-            stop_worker.set()
-            if worker_task is not None:
-                await worker_task
-            await app.state.audit.close()
+            try:
+                yield
+            finally:
+                stop_worker.set()
+                if worker_task is not None:
+                    await worker_task
+                await app.state.audit.close()
         finally:
             await app.state.http.aclose()
             await app.state.pool.close()

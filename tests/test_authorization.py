@@ -671,3 +671,20 @@ async def test_audit_events_are_readable_only_with_audit_scopes(
         system_wide = (await client.get("/fhir/_history", headers=wildcard)).json()
         assert not [e for e in system_wide.get("entry", []) if "/AuditEvent/" in e["fullUrl"]]
     assert (await client.get(f"/fhir/AuditEvent/{event['id']}", headers=auditor)).json() == event
+
+
+async def test_refused_requests_are_audited_too(app: FastAPI, client: httpx.AsyncClient) -> None:
+    assert (await client.get("/fhir/Patient", headers=NO_TOKEN)).status_code == 401
+    await app.state.audit.flush()
+    auditor = await bearer(app, "system/AuditEvent.rs")
+    events = (
+        await client.get(
+            "/fhir/AuditEvent",
+            params={"agent:identifier": "urn:carecoord:oauth-client|unauthenticated"},
+            headers=auditor,
+        )
+    ).json()
+    found = [e["resource"] for e in entries(events)]
+    assert [(e["outcome"], e["subtype"][0]["code"], e["outcomeDesc"]) for e in found] == [
+        ("4", "search-type", "HTTP 401")
+    ]

@@ -430,3 +430,33 @@ async def test_inbound_referral_from_a_partner_lands_in_the_worklist(
         f"/fhir/Task/{task_id}", json={**task, "status": "cancelled"}, headers={**JSON, **partner_a}
     )
     assert cancelled.status_code == 200, cancelled.text
+
+
+async def test_a_referral_handed_to_another_partner_before_delivery_goes_to_the_new_one(
+    client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, worker: Worker
+) -> None:
+    await add_partner(client, "down", misbehaving_server.url("/down/fhir"))
+    await add_partner(client, "up", misbehaving_server.url("/up/fhir"))
+    misbehaving_server.script("/down/fhir", Reply(503, operation_outcome("transient", "down")))
+    misbehaving_server.script("/up/fhir", Reply(200, _transaction_response("Task/remote-up/_history/1")))
+    misbehaving_server.script(
+        "/up/fhir/Task/remote-up",
+        Reply(200, {"resourceType": "Task", "id": "remote-up", "status": "requested", "intent": "order"}),
+    )
+    task_id = await make_referral(client, "down", suffix=f"-h{time.time_ns()}")
+
+    async def retrying() -> bool:
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        return delivery_state(task) == "retrying"
+
+    await eventually(retrying, what="the first partner to fail")
+    task = (await client.get(f"/fhir/Task/{task_id}")).json()
+    task["owner"] = {"reference": "Organization/up"}
+    assert (await client.put(f"/fhir/Task/{task_id}", json=task, headers=JSON)).status_code == 200
+
+    async def delivered() -> bool:
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        return delivery_state(task) == "delivered"
+
+    await eventually(delivered, what="delivery to the new owner")
+    assert len([r for r in misbehaving_server.requests_to("/up/fhir") if r.method == "POST"]) == 1

@@ -90,9 +90,20 @@ class ReferralHooks:
         status = data.get("status")
         old_status = previous.get("status") if previous else None
         task_id = version.fhir_id
-        if status == "requested" and old_status != "requested":
+        owner_changed = previous is not None and reference_of(previous, "owner") != reference_of(
+            data, "owner"
+        )
+        if status == "requested" and (old_status != "requested" or owner_changed):
             owner = _local_organization(reference_of(data, "owner"), repo.fhir_base)
             partner = await find_partner(conn, owner) if owner else None
+            if owner_changed:
+                # Handed to another organisation before it went out: the old delivery is void.
+                await conn.execute(
+                    "UPDATE referral_job SET state = 'done', finished_at = now(),"
+                    " last_error = 'not delivered: the Task was handed to another owner'"
+                    " WHERE kind = 'deliver' AND task_id = $1 AND state = 'pending'",
+                    task_id,
+                )
             if partner is not None:
                 deadline = datetime.now(UTC) + self.deadline
                 await schedule(

@@ -184,10 +184,20 @@ class Worker:
     async def deliver(self, job: Record) -> None:
         """Send the referral as one transaction Bundle of conditional creates."""
         partner_org = job["partner_org"]
-        metrics.DELIVERIES_ATTEMPTED.labels(partner=partner_org).inc()
         async with self.pool.acquire() as conn:
             repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base)
             task = await _read(repo, "Task", job["task_id"])
+            owner = (task or {}).get("owner", {}).get("reference", "")
+            if owner.startswith(self.fhir_base + "/"):
+                owner = owner[len(self.fhir_base) + 1 :]
+            if (
+                task is not None
+                and task.get("status") == "requested"
+                and owner != f"Organization/{partner_org}"
+            ):
+                # Handed to another organisation before it went out: the new owner's job delivers it.
+                await self._finish(job, "done", error="not delivered: the Task's owner changed", conn=conn)
+                return
             if task is None or task.get("status") != "requested":
                 # Cancelled (or deleted) before it went out: nothing to deliver.
                 await self._finish(
@@ -210,6 +220,7 @@ class Worker:
         except ValueError as exc:  # the referral cannot be expressed: retrying will not help
             raise DeliveryError(f"the referral cannot be sent: {exc}"[:300], retryable=False) from exc
         started = time.monotonic()
+        metrics.DELIVERIES_ATTEMPTED.labels(partner=partner_org).inc()
         response = await self.partners.transaction(partner, bundle)
         partner_task = _partner_task_url(partner, bundle, response) or await self._find_partner_task(
             partner, job["task_id"]
