@@ -188,6 +188,23 @@ def test_bundle_keeps_other_references_resolvable_at_the_source() -> None:
     assert condition["contained"][0]["id"] == "asserter"
 
 
+def test_bundle_lets_the_partner_recognise_itself_as_owner() -> None:
+    """The owner is not sent; the reference to it carries its identifier and name."""
+    owner = {
+        "resourceType": "Organization",
+        "id": "partner-org",
+        "name": "Food bank",
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
+    }
+    bundle = referral_bundle(**referral(), source_base=SOURCE, directory={"Organization/partner-org": owner})
+    task = entries_by_type(bundle)["Task"]["resource"]
+    assert task["owner"] == {
+        "reference": f"{SOURCE}/Organization/partner-org",
+        "display": "Food bank",
+        "identifier": {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"},
+    }
+
+
 def test_bundle_entries_are_conditional_creates_on_carecoord_identifiers() -> None:
     bundle = referral_bundle(**referral(), source_base=SOURCE)
     system = identifier_system(SOURCE)

@@ -97,14 +97,24 @@ def _full_url(key: str, source_base: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
 
 
-def _rewrite_references(value: Any, full_urls: dict[str, str], source_base: str) -> None:
-    """Point references to bundled resources at their fullUrls, others absolutely at the source."""
+def _rewrite_references(
+    value: Any,
+    full_urls: dict[str, str],
+    source_base: str,
+    directory: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Point references to bundled resources at their fullUrls, others absolutely at the source.
+
+    A reference to a ``directory`` resource (the owner Organization, say) also gets its first
+    identifier and its name, so that a partner can recognise itself (``Task?owner:identifier=``)
+    though it knows the source's URL of it no better than any other."""
     if isinstance(value, list):
         for item in value:
-            _rewrite_references(item, full_urls, source_base)
+            _rewrite_references(item, full_urls, source_base, directory)
         return
     if not isinstance(value, dict):
         return
+    extra: dict[str, Any] = {}
     for name, item in value.items():
         if name == "reference" and isinstance(item, str):
             target = _local_target(item, source_base)
@@ -113,10 +123,22 @@ def _rewrite_references(value: Any, full_urls: dict[str, str], source_base: str)
             key, relative = target
             if key in full_urls:
                 value[name] = full_urls[key]
-            elif relative:
+                continue
+            if relative:
                 value[name] = f"{source_base.rstrip('/')}/{item}"
+            known = (directory or {}).get(key)
+            if known is not None:
+                identifiers = [i for i in known.get("identifier") or [] if i.get("system") and i.get("value")]
+                if identifiers and "identifier" not in value:
+                    extra["identifier"] = {
+                        "system": identifiers[0]["system"],
+                        "value": identifiers[0]["value"],
+                    }
+                if isinstance(known.get("name"), str) and "display" not in value:
+                    extra["display"] = known["name"]
         else:
-            _rewrite_references(item, full_urls, source_base)
+            _rewrite_references(item, full_urls, source_base, directory)
+    value.update(extra)
 
 
 def add_identifier(resource: dict[str, Any], identifier: dict[str, str]) -> dict[str, str]:
@@ -163,11 +185,14 @@ def referral_bundle(
     patient: dict[str, Any],
     supporting: list[dict[str, Any]],
     source_base: str,
+    directory: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The transaction Bundle that creates the referral at the partner (see the module docstring).
 
     ``task.for`` must reference ``patient`` and ``task.focus`` ``service_request`` (local or
-    absolute at ``source_base``). The inputs are not modified.
+    absolute at ``source_base``). ``directory``: resources that are referenced but not sent
+    (``Type/id`` -> resource), whose identifier and name go with the references to them.
+    The inputs are not modified.
     """
     task_key, request_key, patient_key = _key(task), _key(service_request), _key(patient)
     _expect_reference(task.get("for"), patient_key, source_base, "Task.for")
@@ -186,7 +211,7 @@ def referral_bundle(
         resource_type, fhir_id = key.split("/", 1)
         body = _copy(resource)
         condition = add_identifier(body, identifier_for(resource_type, fhir_id, source_base))
-        _rewrite_references(body, full_urls, source_base)
+        _rewrite_references(body, full_urls, source_base, directory)
         entries.append(
             {
                 "fullUrl": full_urls[key],

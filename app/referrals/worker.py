@@ -206,6 +206,7 @@ class Worker:
                 return
             contents = await _referral_contents(repo, task)
             partner = await self._partner(conn, job)
+            owner_organization = await _read(repo, "Organization", partner_org)
         if contents is None:
             raise DeliveryError("the Task's ServiceRequest or Patient is missing", retryable=False)
         service_request, patient, supporting = contents
@@ -216,6 +217,7 @@ class Worker:
                 patient=patient,
                 supporting=supporting,
                 source_base=self.fhir_base,
+                directory={f"Organization/{partner_org}": owner_organization} if owner_organization else None,
             )
         except ValueError as exc:  # the referral cannot be expressed: retrying will not help
             raise DeliveryError(f"the referral cannot be sent: {exc}"[:300], retryable=False) from exc
