@@ -31,7 +31,7 @@ import asyncpg
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from app.auth.grants import looks_like_resource_scope, parse_resource_scope
+from app.auth.scopes import looks_like_resource_scope, parse_resource_scope
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")

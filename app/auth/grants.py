@@ -1,62 +1,12 @@
 """Which requested scopes a client may be granted (SMART App Launch 2.x, scopes-and-launch-context).
 
-Only "does the registered scope set cover this requested scope"; turning granted scopes into
-permissions on /fhir is app/auth/scopes.py's job.
-
-A resource scope is ``context/Type.letters[?query]``: context ``patient``, ``user`` or
-``system``; ``Type`` a resource type or ``*``; letters an in-order subset of ``cruds`` (v2)
-or the v1 forms ``read`` (= ``rs``), ``write`` (= ``cud``) and ``*`` (= ``cruds``).
+Only "does the registered scope set cover this requested scope"; the scope grammar, and
+turning granted scopes into permissions on /fhir, are app/auth/scopes.py's.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
-LETTERS = "cruds"
-V1_LETTERS = {"read": "rs", "write": "cud", "*": "cruds"}
-
-_RESOURCE_SCOPE = re.compile(
-    r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]{1,63})\.(?P<action>[a-z*]+)"
-    r"(?:\?(?P<query>\S+))?$"
-)
-
-
-@dataclass(frozen=True)
-class ResourceScope:
-    context: str
-    resource_type: str
-    letters: frozenset[str]
-    query: str | None
-
-
-def _letters(action: str) -> frozenset[str] | None:
-    if action in V1_LETTERS:
-        return frozenset(V1_LETTERS[action])
-    # v2: a non-empty, in-order subset of "cruds" (".rs", never ".sr").
-    position = 0
-    for char in action:
-        found = LETTERS.find(char, position)
-        if found < 0:
-            return None
-        position = found + 1
-    return frozenset(action)
-
-
-def parse_resource_scope(scope: str) -> ResourceScope | None:
-    """The parts of a SMART resource scope, or None for any other scope (``launch``, ``openid``...)."""
-    match = _RESOURCE_SCOPE.match(scope)
-    if match is None:
-        return None
-    letters = _letters(match["action"])
-    if not letters:
-        return None
-    return ResourceScope(match["context"], match["type"], letters, match["query"])
-
-
-def looks_like_resource_scope(scope: str) -> bool:
-    """True for anything shaped ``patient/...``, ``user/...`` or ``system/...`` (valid or not)."""
-    return scope.split("/", 1)[0] in ("patient", "user", "system") and "/" in scope
+from app.auth.scopes import looks_like_resource_scope, parse_resource_scope
 
 
 def covers(registered: str, requested: str) -> bool:

@@ -23,10 +23,22 @@ EXPLICIT_ONLY_TYPES = frozenset({"AuditEvent"})
 """Types a ``*`` scope does not cover: the audit trail is readable with AuditEvent scopes only
 (issue 4), so that ``patient/*.rs`` or ``system/*.rs`` never reveal who accessed what."""
 
-_SCOPE = re.compile(
+_RESOURCE_SCOPE = re.compile(
     r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]{1,63})\.(?P<action>[a-z*]+)"
-    r"(?:\?(?P<query>.+))?$"
+    r"(?:\?(?P<query>\S+))?$"
 )
+
+
+@dataclass(frozen=True)
+class ResourceScope:
+    """The parts of a SMART resource scope, as written (the one grammar of this module)."""
+
+    context: str
+    resource_type: str
+    letters: frozenset[str]
+    query: str | None
+    v1: bool
+    """Written in the v1 form (``.read``, ``.write``, ``.*``)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,7 @@ class Permission:
 def _letters(action: str) -> str | None:
     if action in V1_ACTIONS:
         return V1_ACTIONS[action]
-    # v2: an in-order subset of "cruds"
+    # v2: a non-empty, in-order subset of "cruds" (".rs", never ".sr")
     position = 0
     for char in action:
         found = LETTERS.find(char, position)
@@ -57,26 +69,40 @@ def _letters(action: str) -> str | None:
     return action
 
 
-def parse_scope(scope: str) -> Permission | None:
-    """One scope string as a Permission, or None when it grants no resource access."""
-    match = _SCOPE.match(scope)
+def parse_resource_scope(scope: str) -> ResourceScope | None:
+    """The parts of a SMART resource scope, or None for any other scope (``launch``, ``openid``...)."""
+    match = _RESOURCE_SCOPE.match(scope)
     if match is None:
         return None
     letters = _letters(match["action"])
     if not letters:
         return None
+    return ResourceScope(
+        match["context"], match["type"], frozenset(letters), match["query"], match["action"] in V1_ACTIONS
+    )
+
+
+def looks_like_resource_scope(scope: str) -> bool:
+    """True for anything shaped ``patient/...``, ``user/...`` or ``system/...`` (valid or not)."""
+    return scope.split("/", 1)[0] in ("patient", "user", "system") and "/" in scope
+
+
+def parse_scope(scope: str) -> Permission | None:
+    """One scope string as a Permission, or None when it grants no resource access."""
+    parsed = parse_resource_scope(scope)
+    if parsed is None:
+        return None
     restriction: tuple[tuple[str, str], ...] = ()
-    query = match["query"]
-    if query is not None:
-        if match["action"] in V1_ACTIONS:
+    if parsed.query is not None:
+        if parsed.v1:
             return None  # restrictions are v2 syntax only
         try:
-            restriction = tuple(parse_qsl(query, keep_blank_values=False, strict_parsing=True))
+            restriction = tuple(parse_qsl(parsed.query, keep_blank_values=False, strict_parsing=True))
         except ValueError:
             return None
         if not restriction:
             return None
-    return Permission(match["context"], match["type"], frozenset(letters), restriction)
+    return Permission(parsed.context, parsed.resource_type, parsed.letters, restriction)
 
 
 def parse_scopes(scope: str) -> tuple[Permission, ...]:
