@@ -46,7 +46,8 @@ from app.referrals.credentials import (
     load_credentials,
     set_credentials,
 )
-from app.referrals.partner import SCOPE, DeliveryError, Partner, PartnerClient, parse_retry_after
+from app.referrals.directory import Partner
+from app.referrals.partner import SCOPE, DeliveryError, PartnerClient, parse_retry_after
 from app.settings import Settings, get_settings
 from tests.partner_support import (
     Close,

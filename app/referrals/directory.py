@@ -20,10 +20,13 @@ _BODY = "SELECT body FROM resource WHERE resource_type = $1 AND fhir_id = $2 AND
 
 
 @dataclass(frozen=True)
-class PartnerEndpoint:
+class Partner:
+    """A delivery target: a local Organization and its FHIR REST Endpoint."""
+
     organization_id: str
     endpoint_id: str
     base_url: str
+    """Endpoint.address: the partner's FHIR base, without a trailing slash."""
 
 
 def _is_fhir_rest(endpoint: dict[str, Any]) -> bool:
@@ -37,7 +40,7 @@ def _is_fhir_rest(endpoint: dict[str, Any]) -> bool:
     )
 
 
-async def find_partner(conn: Connection, organization_id: str) -> PartnerEndpoint | None:
+async def find_partner(conn: Connection, organization_id: str) -> Partner | None:
     """The FHIR REST endpoint of a partner Organization, or None (light mode, or not a partner)."""
     body = await conn.fetchval(_BODY, "Organization", organization_id)
     if body is None:
@@ -53,5 +56,5 @@ async def find_partner(conn: Connection, organization_id: str) -> PartnerEndpoin
             continue
         endpoint = jsonio.loads(endpoint_body)
         if _is_fhir_rest(endpoint):
-            return PartnerEndpoint(organization_id, endpoint_id, endpoint["address"].rstrip("/"))
+            return Partner(organization_id, endpoint_id, endpoint["address"].rstrip("/"))
     return None

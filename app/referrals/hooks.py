@@ -18,7 +18,7 @@ from asyncpg import Connection
 from app.fhir.access import AccessContext
 from app.fhir.repository import FhirRepository, StoredVersion
 from app.referrals.directory import find_partner
-from app.referrals.state_machine import Actor, check_transition, is_referral, reference_of
+from app.referrals.state_machine import Actor, check_transition, is_referral, local_reference, reference_of
 from app.settings import Settings
 
 NOTIFY_CHANNEL = "referral_jobs"
@@ -35,11 +35,9 @@ def _patient_app(access: AccessContext) -> bool:
 
 
 def _local_organization(reference: str | None, fhir_base: str) -> str | None:
-    if reference and reference.startswith(fhir_base + "/"):
-        reference = reference[len(fhir_base) + 1 :]
-    if reference and reference.startswith("Organization/"):
-        return reference.split("/", 1)[1]
-    return None
+    """The id of the Organization on this server that ``reference`` names, or None."""
+    local = local_reference(reference, fhir_base)
+    return local.split("/", 1)[1] if local and local.startswith("Organization/") else None
 
 
 async def schedule(

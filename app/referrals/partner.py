@@ -45,7 +45,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from app.fhir import jsonio
 from app.referrals.credentials import CredentialsError, PartnerCredentials, load_credentials
-from app.referrals.directory import find_partner
+from app.referrals.directory import Partner, find_partner
 from app.settings import Settings
 
 logger = logging.getLogger("carecoord.referrals.partner")
@@ -66,16 +66,6 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 """Largest partner answer read; a partner must not be able to exhaust carecoord's memory."""
 
 _OAUTH_ERROR_CODE = re.compile(r"[a-z_]{1,64}")
-
-
-@dataclass(frozen=True)
-class Partner:
-    """A delivery target: a local Organization and its FHIR REST Endpoint."""
-
-    organization_id: str
-    endpoint_id: str
-    base_url: str
-    """Endpoint.address: the partner's FHIR base, without a trailing slash."""
 
 
 class DeliveryError(Exception):
@@ -183,10 +173,7 @@ class PartnerClient:
     async def resolve(self, conn: asyncpg.Connection, organization_id: str) -> Partner | None:
         """The partner behind a local Organization: its first active Endpoint with connectionType
         ``hl7-fhir-rest`` (app/referrals/directory.py); None when it has none (light mode)."""
-        found = await find_partner(conn, organization_id.removeprefix("Organization/"))
-        if found is None:
-            return None
-        return Partner(found.organization_id, found.endpoint_id, found.base_url.rstrip("/"))
+        return await find_partner(conn, organization_id.removeprefix("Organization/"))
 
     # --- FHIR interactions -------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.fhir.errors import BusinessRule
+from app.fhir.indexing import split_reference
 
 TASK_CODE_SYSTEM = "http://hl7.org/fhir/CodeSystem/task-code"
 
@@ -95,10 +96,13 @@ def reference_of(task: dict[str, Any], element: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _local(reference: str | None, fhir_base: str) -> str | None:
-    if reference and reference.startswith(fhir_base + "/"):
-        return reference[len(fhir_base) + 1 :]
-    return reference
+def local_reference(reference: str | None, fhir_base: str) -> str | None:
+    """``Type/id`` of a reference to this server (relative, or absolute under its FHIR base);
+    any other reference as it is."""
+    if not reference:
+        return reference
+    target_type, target_id, _ = split_reference(reference, fhir_base)
+    return f"{target_type}/{target_id}" if target_type and target_id else reference
 
 
 def roles(task: dict[str, Any], actor: Actor, home_organization: str | None, fhir_base: str) -> set[str]:
@@ -107,14 +111,14 @@ def roles(task: dict[str, Any], actor: Actor, home_organization: str | None, fhi
     if organization is None:
         return {REQUESTER, OWNER}  # the server's own clients, with no home organisation configured
     held = set()
-    if _local(reference_of(task, "requester"), fhir_base) == organization:
+    if local_reference(reference_of(task, "requester"), fhir_base) == organization:
         held.add(REQUESTER)
-    if _local(reference_of(task, "owner"), fhir_base) == organization:
+    if local_reference(reference_of(task, "owner"), fhir_base) == organization:
         held.add(OWNER)
     if actor.organization is None and not held:
         # The home organisation's clients may act for its practitioners (requester
         # PractitionerRole) when the Task's requester is not an Organization.
-        requester = _local(reference_of(task, "requester"), fhir_base) or ""
+        requester = local_reference(reference_of(task, "requester"), fhir_base) or ""
         if not requester.startswith("Organization/"):
             held.add(REQUESTER)
     return held

@@ -38,13 +38,14 @@ from app.fhir import jsonio
 from app.fhir.access import OPEN_ACCESS, AccessContext
 from app.fhir.conditional import conditional_create
 from app.fhir.errors import FHIRError, PreconditionFailed
+from app.fhir.indexing import split_reference
 from app.fhir.repository import FhirRepository
 from app.referrals import metrics
-from app.referrals.bundle import add_identifier, identifier_for, referral_bundle
-from app.referrals.directory import find_partner
+from app.referrals.bundle import add_identifier, identifier_condition, identifier_for, referral_bundle
+from app.referrals.directory import Partner, find_partner
 from app.referrals.hooks import NOTIFY_CHANNEL, schedule
-from app.referrals.partner import DeliveryError, Partner, PartnerClient
-from app.referrals.state_machine import REFERRAL_STATUSES, TERMINAL
+from app.referrals.partner import DeliveryError, PartnerClient
+from app.referrals.state_machine import REFERRAL_STATUSES, TERMINAL, local_reference, reference_of
 from app.settings import Settings
 
 logger = logging.getLogger("carecoord.referrals")
@@ -187,9 +188,7 @@ class Worker:
         async with self.pool.acquire() as conn:
             repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base)
             task = await _read(repo, "Task", job["task_id"])
-            owner = (task or {}).get("owner", {}).get("reference", "")
-            if owner.startswith(self.fhir_base + "/"):
-                owner = owner[len(self.fhir_base) + 1 :]
+            owner = local_reference(reference_of(task or {}, "owner"), self.fhir_base)
             if (
                 task is not None
                 and task.get("status") == "requested"
@@ -333,9 +332,8 @@ class Worker:
 
     async def _find_partner_task(self, partner: Partner, task_id: str) -> str | None:
         """The partner's copy of a Task, found by the identifier carecoord gave it."""
-        identifier = identifier_for("Task", task_id, self.fhir_base)
-        query = httpx.QueryParams({"identifier": f"{identifier['system']}|{_escape(identifier['value'])}"})
-        found = await self.partners.read(partner, f"Task?{query}")
+        condition = identifier_condition(identifier_for("Task", task_id, self.fhir_base))
+        found = await self.partners.read(partner, f"Task?{condition}")
         for entry in found.get("entry") or []:
             resource = entry.get("resource") or {}
             if resource.get("resourceType") == "Task" and resource.get("id"):
@@ -361,7 +359,7 @@ class Worker:
         found = await find_partner(conn, job["partner_org"])
         if found is None or found.endpoint_id != job["partner_endpoint"]:
             raise DeliveryError("the partner no longer has this active FHIR endpoint", retryable=False)
-        return Partner(found.organization_id, found.endpoint_id, found.base_url)
+        return found
 
     async def _fetch_outputs(self, partner: Partner, remote: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The resources the partner's Task.output names (Procedures, Observations...). One the
@@ -451,14 +449,14 @@ class Worker:
         copy = {k: v for k, v in resource.items() if k not in ("id", "meta")}
         _localize_references(copy, partner, translations)
         try:
-            add_identifier(copy, {"system": system, "value": value})
+            # The identifier to condition on (a type with a single identifier may keep its own).
+            condition = identifier_condition(add_identifier(copy, {"system": system, "value": value}))
         except ValueError as exc:
             raise DeliveryError(
                 f"the partner's {resource_type} could not be kept: {exc}", retryable=False
             ) from exc
-        condition = httpx.QueryParams({"identifier": f"{system}|{_escape(value)}"})
         try:
-            version, _ = await conditional_create(repo, resource_type, copy, str(condition))
+            version, _ = await conditional_create(repo, resource_type, copy, condition)
         except FHIRError as exc:
             raise DeliveryError(
                 f"the partner's {resource_type} could not be kept: {exc.diagnostics}", retryable=False
@@ -600,13 +598,6 @@ def _backoff(first: float, attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def _escape(value: str) -> str:
-    """Escape a token value for a search (search.html#escaping)."""
-    for char in ("\\", ",", "$", "|"):
-        value = value.replace(char, "\\" + char)
-    return value
-
-
 def _absolute(partner: Partner, reference: object) -> str | None:
     """A partner's reference as an absolute URL under its base (None when not a Type/id one)."""
     if not isinstance(reference, str) or reference.startswith(("#", "urn:")):
@@ -663,14 +654,11 @@ async def _read(repo: FhirRepository, resource_type: str, fhir_id: str) -> dict[
 
 
 def _local_reference(reference: object, fhir_base: str) -> tuple[str, str] | None:
+    """(type, id) of a reference to a resource on this server, or None."""
     if not isinstance(reference, str):
         return None
-    if reference.startswith(fhir_base + "/"):
-        reference = reference[len(fhir_base) + 1 :]
-    parts = reference.split("/")
-    if len(parts) != 2 or not parts[0][:1].isupper():
-        return None
-    return parts[0], parts[1]
+    target_type, target_id, _ = split_reference(reference, fhir_base)
+    return (target_type, target_id) if target_type and target_id else None
 
 
 async def _referral_contents(
