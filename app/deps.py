@@ -40,17 +40,7 @@ async def get_access(request: Request) -> AccessContext:
         return await authenticate(request.headers.get("authorization"), state.tokens)
     except FHIRError as exc:
         # A refused attempt is security-relevant: record it (no client is known).
-        state.audit.record(
-            build_event(
-                interaction=interaction_of(request.method, request.url.path.removeprefix("/fhir")),
-                status=exc.status,
-                access=UNAUTHENTICATED,
-                touched=(),
-                query=None,
-                address=request.client.host if request.client else None,
-                fhir_base=state.settings.fhir_base,
-            )
-        )
+        state.audit.record(_audit_event(request, exc.status, UNAUTHENTICATED))
         raise
 
 
@@ -61,19 +51,23 @@ READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 UNAUTHENTICATED = AccessContext(client_id="unauthenticated", unrestricted=False)
 
 
-def _audit_event(request: Request, repo: FhirRepository, status: int) -> dict[str, Any]:
+def _audit_event(
+    request: Request, status: int, access: AccessContext, repo: FhirRepository | None = None
+) -> dict[str, Any]:
+    """The AuditEvent of this request: what ``repo`` touched, or (refused before any storage
+    work) just the interaction and the query."""
     fhir_path = request.url.path.removeprefix("/fhir")
-    interaction = repo.interaction or interaction_of(request.method, fhir_path)
+    interaction = (repo.interaction if repo else None) or interaction_of(request.method, fhir_path)
     searching = interaction.startswith("search") or interaction.startswith("history-")
     query = f"{fhir_path.lstrip('/')}?{request.url.query}" if searching else None
     return build_event(
         interaction=interaction,
         status=status,
-        access=repo.access,
-        touched=repo.touched,
+        access=access,
+        touched=repo.touched if repo else (),
         query=query,
         address=request.client.host if request.client else None,
-        fhir_base=repo.fhir_base,
+        fhir_base=request.app.state.settings.fhir_base,
     )
 
 
@@ -89,9 +83,9 @@ async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[F
             try:
                 yield repo
             except FHIRError as exc:
-                audit.record(_audit_event(request, repo, exc.status))
+                audit.record(_audit_event(request, exc.status, repo.access, repo))
                 raise
-            audit.record(_audit_event(request, repo, 200))
+            audit.record(_audit_event(request, 200, repo.access, repo))
             return
         repo = FhirRepository(connection, access, fhir_base=fhir_base, hooks=state.write_hooks)
         try:
@@ -99,9 +93,9 @@ async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[F
                 yield repo
                 # The write's record commits with it, or neither does.
                 if audit.enabled:
-                    await audit.write(connection, _audit_event(request, repo, 200))
+                    await audit.write(connection, _audit_event(request, 200, repo.access, repo))
         except FHIRError as exc:
-            audit.record(_audit_event(request, repo, exc.status))
+            audit.record(_audit_event(request, exc.status, repo.access, repo))
             raise
 
 
