@@ -454,8 +454,6 @@ class FhirRepository:
             if not limited:
                 await self.read_any(resource_type, fhir_id)
             raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
-        if limited and not await self._versions_allowed(resource_type, [(fhir_id, row["body"])], "r"):
-            raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id} this token may read")
         version = StoredVersion(
             resource_type,
             fhir_id,
@@ -465,6 +463,8 @@ class FhirRepository:
             row["body"],
             row["method"],
         )
+        if limited and not await self._allowed_versions([version], "r"):
+            raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id} this token may read")
         self.touched.append((resource_type, fhir_id, version_id))
         if version.deleted:
             raise Gone(
@@ -654,33 +654,38 @@ class FhirRepository:
         ]
         next_cursor = rows[count - 1]["hid"] if count and len(rows) > count else None
         letter = "r" if fhir_id is not None else "s"
-        kept = []
-        for version in versions:
-            if not self.access.is_limited(version.resource_type, letter) or await self._versions_allowed(
-                version.resource_type, [(version.fhir_id, version.body)], letter
-            ):
-                kept.append(version)
+        kept = await self._allowed_versions(versions, letter)
         # A page may come out shorter than _count; the cursor still moves past what was judged.
         return HistoryPage(kept, next_cursor)
 
-    async def _versions_allowed(
-        self, resource_type: str, versions: list[tuple[str, str | None]], letter: str
-    ) -> bool:
-        """Every one of these stored versions lies within the token's limits (see
-        AccessContext.version_allowed); a deletion (no body) shows nothing and is allowed."""
-        for fhir_id, body in versions:
-            if body is None:
-                continue
-            created_org = await self._conn.fetchval(
-                "SELECT created_org FROM resource WHERE resource_type = $1 AND fhir_id = $2",
-                resource_type,
-                fhir_id,
+    async def _allowed_versions(self, versions: list[StoredVersion], letter: str) -> list[StoredVersion]:
+        """The stored versions that lie within the token's limits, judged by their own
+        references (AccessContext.version_allowed); a deletion (no body) shows nothing."""
+        judged = [
+            v for v in versions if v.body is not None and self.access.is_limited(v.resource_type, letter)
+        ]
+        if not judged:
+            return versions
+        creators: dict[tuple[str, str], str | None] = {}
+        if self.access.organization is not None:  # only an organisation's limits look at the creator
+            rows = await self._conn.fetch(
+                "SELECT r.resource_type, r.fhir_id, r.created_org FROM resource r"
+                " JOIN unnest(CAST($1 AS text[]), CAST($2 AS text[])) AS t(resource_type, fhir_id)"
+                " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id",
+                [v.resource_type for v in judged],
+                [v.fhir_id for v in judged],
             )
-            rows = extract(resource_type, jsonio.loads(body), self.fhir_base)
-            references = [(r[0], r[1], r[2]) for r in rows.reference]
-            if not self.access.version_allowed(resource_type, fhir_id, references, created_org, letter):
-                return False
-        return True
+            creators = {(row["resource_type"], row["fhir_id"]): row["created_org"] for row in rows}
+        refused = set()
+        for version in judged:
+            rows_of = extract(version.resource_type, jsonio.loads(version.body or "{}"), self.fhir_base)
+            references = [(r[0], r[1], r[2]) for r in rows_of.reference]
+            creator = creators.get((version.resource_type, version.fhir_id))
+            if not self.access.version_allowed(
+                version.resource_type, version.fhir_id, references, creator, letter
+            ):
+                refused.add(id(version))
+        return [v for v in versions if id(v) not in refused]
 
 
 IMMUTABLE_TYPES = frozenset({"AuditEvent"})
