@@ -15,9 +15,9 @@ def test_models_and_migrations_agree(database_url: str) -> None:
     command.check(config)  # raises when an autogenerate diff exists
 
 
-def test_backfill_indexes_the_references_of_referrals_stored_before_0006(database_url: str) -> None:
-    """Revision 0010 gives Tasks and ServiceRequests written before every reference was indexed
-    their ``_reference`` rows (partner visibility depends on them)."""
+def test_backfill_indexes_the_grants_of_referrals_stored_before_0006(database_url: str) -> None:
+    """Revisions 0010 and 0011 give Tasks and ServiceRequests written before their references
+    were indexed the ``_grant`` rows a partner's read access depends on, and only those."""
     import asyncio
     import json
     import uuid
@@ -35,6 +35,7 @@ def test_backfill_indexes_the_references_of_referrals_stored_before_0006(databas
         "status": "requested",
         "intent": "order",
         "for": {"reference": "Patient/p-old"},
+        "focus": {"reference": "ServiceRequest/sr-old"},
         "input": [{"type": {"text": "consent"}, "valueReference": {"reference": "Consent/c-old"}}],
         "owner": {"reference": "https://elsewhere.example/Organization/x"},
     }
@@ -61,7 +62,7 @@ def test_backfill_indexes_the_references_of_referrals_stored_before_0006(databas
         conn = await asyncpg.connect(target)
         try:
             rows = await conn.fetch(
-                "SELECT target_type, target_id FROM search_reference WHERE param = '_reference'"
+                "SELECT target_type, target_id FROM search_reference WHERE param = '_grant'"
             )
             return {(row["target_type"], row["target_id"]) for row in rows}
         finally:
@@ -75,6 +76,7 @@ def test_backfill_indexes_the_references_of_referrals_stored_before_0006(databas
         command.upgrade(config, "0009")
         asyncio.run(store_old_task())
         command.upgrade(config, "head")
-        assert asyncio.run(indexed()) == {("Patient", "p-old"), ("Consent", "c-old")}
+        # The elements a referral grants through (Task.for, Task.focus), not Task.input (issue 15).
+        assert asyncio.run(indexed()) == {("Patient", "p-old"), ("ServiceRequest", "sr-old")}
     finally:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

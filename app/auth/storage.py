@@ -32,6 +32,11 @@ class OAuthClientRow(SQLModel, table=True):
     patient: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     jwks: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     jwks_url: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    introspection: bool = Field(
+        default=False,
+        sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false()),
+        description="May introspect tokens issued to other clients (RFC 7662 section 4)",
+    )
     created: datetime = Field(
         sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
     )

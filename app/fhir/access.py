@@ -175,10 +175,10 @@ class AccessContext:
         )
         pointed = (
             "SELECT p.target_type, p.target_id FROM search_reference p"
-            f" WHERE p.param = '_reference' AND (p.rid IN ({referrals}) OR p.rid IN ({focused}))"
+            f" WHERE p.param = '_grant' AND (p.rid IN ({referrals}) OR p.rid IN ({focused}))"
         )
         return (
-            f"({alias}.created_org = {org}"
+            f"({alias}.writer_org = {org}"
             f" OR ({alias}.resource_type = 'Organization' AND {alias}.fhir_id = {org_id})"
             f" OR {alias}.rid IN ({referrals}) OR {alias}.rid IN ({focused})"
             f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({pointed}))"
@@ -189,7 +189,7 @@ class AccessContext:
         resource_type: str,
         fhir_id: str,
         references: list[tuple[str, str | None, str | None]],
-        created_org: str | None,
+        writer_org: str | None,
         letter: str,
     ) -> bool:
         """Whether one stored version (an older one: history, vread) lies within the token's
@@ -210,7 +210,7 @@ class AccessContext:
                 return False
         if self.organization is not None and resource_type in dict(REFERRAL_ROOTS):
             roots = dict(REFERRAL_ROOTS)[resource_type]
-            own = created_org == self.organization
+            own = writer_org == self.organization
             named = any(
                 param in roots and (target_type, target_id) == ("Organization", self.organization_id)
                 for param, target_type, target_id in references

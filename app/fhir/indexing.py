@@ -109,33 +109,33 @@ def extract(resource_type: str, data: dict[str, Any], fhir_base: str) -> IndexRo
                 _add(rows, param, path.element_type, value, fhir_base)
     if "deceased" in registry().for_type(resource_type) and not any(r[0] == "deceased" for r in rows.token):
         rows.token.append(("deceased", None, "false", None, None, None))
-    if resource_type in ALL_REFERENCES_TYPES:
-        _all_references(rows, data, fhir_base)
+    for element in REFERRAL_GRANTS.get(resource_type, ()):
+        _grant_references(rows, data.get(element), fhir_base)
     return rows
 
 
-ALL_REFERENCES_TYPES = frozenset({"Task", "ServiceRequest"})
-"""Types whose every local reference is indexed (param ``_reference``), wherever it sits.
-
-A partner organisation sees what its referrals point to (issue 4): a ServiceRequest's
-``supportingInfo`` Consent or ``reasonReference`` Condition has no R4 search parameter, so
-the ordinary index rows cannot answer "is this resource referenced by a referral".
+REFERRAL_GRANTS: dict[str, tuple[str, ...]] = {
+    "Task": ("focus", "for", "requester"),
+    "ServiceRequest": ("subject", "requester", "supportingInfo", "reasonReference"),
+}
+"""The elements through which a referral lets its partner organisation read what it points to
+(app/fhir/access.py): the ServiceRequest, the Patient, the Consent, the Conditions and
+Observations that are its reasons, and the requester (what a delivery Bundle carries,
+app/referrals/bundle.py). Indexed as ``search_reference`` rows with param ``_grant``; no other
+reference of a Task or ServiceRequest grants anything (a partner's ``Task.input`` pointing at
+another partner's Endpoint must not make it readable). ``supportingInfo`` and
+``reasonReference`` have no R4 search parameter, hence rows of their own.
 """
-ALL_REFERENCES_PARAM = "_reference"
+GRANT_PARAM = "_grant"
 
 
-def _all_references(rows: IndexRows, node: Any, fhir_base: str) -> None:
-    if isinstance(node, list):
-        for item in node:
-            _all_references(rows, item, fhir_base)
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                target_type, target_id, _url = split_reference(value, fhir_base)
-                if target_type and target_id:
-                    rows.reference.append((ALL_REFERENCES_PARAM, target_type, target_id, None, None, None))
-            elif key != "contained" and isinstance(value, dict | list):
-                _all_references(rows, value, fhir_base)
+def _grant_references(rows: IndexRows, value: Any, fhir_base: str) -> None:
+    for item in value if isinstance(value, list) else [value]:
+        reference = item.get("reference") if isinstance(item, dict) else None
+        if isinstance(reference, str):
+            target_type, target_id, _url = split_reference(reference, fhir_base)
+            if target_type and target_id:
+                rows.reference.append((GRANT_PARAM, target_type, target_id, None, None, None))
 
 
 def _deceased(rows: IndexRows, param: SearchParam, path: PathSpec, values: list[Any]) -> None:

@@ -132,7 +132,7 @@ def _index_params(rows: IndexRows) -> dict[str, Any]:
 _INSERT = Statement(
     f"""
     WITH new_row AS (
-        INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body, created_org)
+        INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body, writer_org)
         VALUES (:rtype, :fid, 1, :ts, false, :body, :org)
         ON CONFLICT (resource_type, fhir_id) DO NOTHING
         RETURNING rid
@@ -149,7 +149,8 @@ _INSERT = Statement(
 _WRITE_VERSION = Statement(
     f"""
     WITH changed AS (
-        UPDATE resource SET version_id = :vid, last_updated = :ts, deleted = :deleted, body = :body
+        UPDATE resource SET version_id = :vid, last_updated = :ts, deleted = :deleted, body = :body,
+            writer_org = :org
         WHERE rid = :rid
         RETURNING rid
     ),
@@ -587,6 +588,7 @@ class FhirRepository:
             "rtype": resource_type,
             "fid": fhir_id,
             "method": method,
+            "org": self.access.organization,
             **_index_params(rows),
         }
         await self._conn.execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))
@@ -669,13 +671,13 @@ class FhirRepository:
         creators: dict[tuple[str, str], str | None] = {}
         if self.access.organization is not None:  # only an organisation's limits look at the creator
             rows = await self._conn.fetch(
-                "SELECT r.resource_type, r.fhir_id, r.created_org FROM resource r"
+                "SELECT r.resource_type, r.fhir_id, r.writer_org FROM resource r"
                 " JOIN unnest(CAST($1 AS text[]), CAST($2 AS text[])) AS t(resource_type, fhir_id)"
                 " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id",
                 [v.resource_type for v in judged],
                 [v.fhir_id for v in judged],
             )
-            creators = {(row["resource_type"], row["fhir_id"]): row["created_org"] for row in rows}
+            creators = {(row["resource_type"], row["fhir_id"]): row["writer_org"] for row in rows}
         refused = set()
         for version in judged:
             rows_of = extract(version.resource_type, jsonio.loads(version.body or "{}"), self.fhir_base)

@@ -31,10 +31,10 @@ class ResourceRow(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("resource_type", "fhir_id"),
         sa.Index(
-            "ix_resource_created_org",
-            "created_org",
+            "ix_resource_writer_org",
+            "writer_org",
             "resource_type",
-            postgresql_where=sa.text("created_org IS NOT NULL"),
+            postgresql_where=sa.text("writer_org IS NOT NULL"),
         ),
     )
 
@@ -45,10 +45,11 @@ class ResourceRow(SQLModel, table=True):
     last_updated: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
     deleted: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false()))
     body: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
-    created_org: str | None = Field(
+    writer_org: str | None = Field(
         default=None,
         sa_column=sa.Column(sa.Text, nullable=True),
-        description="Organization/ID of the partner client that created it (organisation access)",
+        description="Organization/ID of the partner client that wrote the current version"
+        " (organisation access); NULL when another principal wrote it",
     )
 
 

@@ -36,6 +36,11 @@ class PartnerCredentialsRow(SQLModel, table=True):
     private_key_encrypted: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     kid: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     alg: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    address: str | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.Text, nullable=True),
+        description="The Endpoint address these credentials were confirmed for (tokens go nowhere else)",
+    )
     updated: datetime = Field(
         sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
     )
