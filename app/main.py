@@ -19,7 +19,7 @@ from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
 from app.openapi import install_openapi
-from app.referrals.hooks import ReferralHooks
+from app.referrals.hooks import DirectoryHooks, ReferralHooks
 from app.referrals.worker import Worker
 from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings=settings, pool=app.state.pool, tokens=app.state.tokens
             )
             app.state.audit = AuditTrail(app.state.pool, settings.fhir_base, enabled=settings.audit_enabled)
-            app.state.write_hooks = (ReferralHooks(settings),)
+            app.state.write_hooks = (ReferralHooks(settings), DirectoryHooks())
             app.state.audit.start()
             stop_worker = asyncio.Event()
             worker_task = None

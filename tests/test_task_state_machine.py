@@ -16,14 +16,16 @@ from tests.test_search_support import JSON, put
 FULFILL = {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]}
 
 
-def referral(status: str, owner: str = "partnerA", requester: str = "cm") -> dict[str, Any]:
+def referral(
+    status: str, ids: dict[str, str], owner: str = "partnerA", requester: str = "cm"
+) -> dict[str, Any]:
     return {
         "resourceType": "Task",
         "status": status,
         "intent": "order",
         "code": FULFILL,
-        "focus": {"reference": "ServiceRequest/sr1"},
-        "for": {"reference": "Patient/p1"},
+        "focus": {"reference": f"ServiceRequest/{ids['sr']}"},
+        "for": {"reference": f"Patient/{ids['patient']}"},
         "requester": {"reference": f"Organization/{requester}"},
         "owner": {"reference": f"Organization/{owner}"},
     }
@@ -33,7 +35,8 @@ def referral(status: str, owner: str = "partnerA", requester: str = "cm") -> dic
 async def parties(app: FastAPI, client: httpx.AsyncClient) -> dict[str, dict[str, str]]:
     """The requester (the case-management organisation's client), the owner (a partner) and a
     stranger (another partner). The requester records the patient and the ServiceRequest itself,
-    as it would: a client limited to an organisation may only point a Task at what it can read."""
+    as it would: a client limited to an organisation may only point a Task at what it can read
+    (and may not choose ids: ``ids`` holds the ones the server assigned)."""
     for org in ("cm", "partnerA", "partnerB"):
         await put(client, "Organization", org, {"name": org})
     tokens = {
@@ -42,19 +45,20 @@ async def parties(app: FastAPI, client: httpx.AsyncClient) -> dict[str, dict[str
         "stranger": await bearer(app, "system/*.cruds", organization="Organization/partnerB", client_id="b"),
     }
     as_requester = {**JSON, **tokens["requester"]}
-    patient = {"resourceType": "Patient", "id": "p1", "gender": "other"}
-    assert (await client.put("/fhir/Patient/p1", json=patient, headers=as_requester)).status_code == 201
+    patient = {"resourceType": "Patient", "gender": "other"}
+    created = await client.post("/fhir/Patient", json=patient, headers=as_requester)
+    assert created.status_code == 201, created.text
+    patient_id = created.json()["id"]
     service_request = {
         "resourceType": "ServiceRequest",
-        "id": "sr1",
         "status": "active",
         "intent": "order",
-        "subject": {"reference": "Patient/p1"},
+        "subject": {"reference": f"Patient/{patient_id}"},
         "performer": [{"reference": "Organization/partnerA"}],
     }
-    response = await client.put("/fhir/ServiceRequest/sr1", json=service_request, headers=as_requester)
+    response = await client.post("/fhir/ServiceRequest", json=service_request, headers=as_requester)
     assert response.status_code == 201, response.text
-    return tokens
+    return {**tokens, "ids": {"patient": patient_id, "sr": response.json()["id"]}}
 
 
 async def _create(client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
@@ -78,7 +82,7 @@ def _business_rule(response: httpx.Response) -> None:
 async def test_referral_happy_path_by_the_right_parties(
     client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    created = await _create(client, referral("requested"), parties["requester"])
+    created = await _create(client, referral("requested", parties["ids"]), parties["requester"])
     assert created.status_code == 201, created.text
     task_id = created.json()["id"]
     for status in ("accepted", "in-progress", "on-hold", "in-progress", "completed"):
@@ -106,7 +110,7 @@ async def test_illegal_referral_transitions_are_422_and_change_nothing(
     actor: str,
     status: str,
 ) -> None:
-    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
     for step in path:
         assert (await _move(client, task_id, step, parties["owner"])).status_code == 200
     before = (await client.get(f"/fhir/Task/{task_id}")).json()
@@ -117,19 +121,19 @@ async def test_illegal_referral_transitions_are_422_and_change_nothing(
 async def test_cancel_by_requester_or_owner_and_entered_in_error_by_requester(
     client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    first = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    first = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
     assert (await _move(client, first, "cancelled", parties["requester"])).status_code == 200
-    second = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    second = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
     assert (await _move(client, second, "accepted", parties["owner"])).status_code == 200
     assert (await _move(client, second, "cancelled", parties["owner"])).status_code == 200
-    third = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    third = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
     assert (await _move(client, third, "entered-in-error", parties["requester"])).status_code == 200
 
 
 async def test_a_partner_cannot_touch_a_task_it_does_not_own(
     client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
     response = await _move(client, task_id, "accepted", parties["stranger"])
     assert response.status_code == 404  # not its referral: not even visible
     assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "requested"
@@ -138,15 +142,15 @@ async def test_a_partner_cannot_touch_a_task_it_does_not_own(
 async def test_a_referral_cannot_be_created_in_a_later_state(
     client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    _business_rule(await _create(client, referral("accepted"), parties["requester"]))
-    _business_rule(await _create(client, referral("received"), parties["requester"]))
+    _business_rule(await _create(client, referral("accepted", parties["ids"]), parties["requester"]))
+    _business_rule(await _create(client, referral("received", parties["ids"]), parties["requester"]))
 
 
 async def test_patient_apps_never_change_a_referral_status(
     app: FastAPI, client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
-    patient_app = await bearer(app, "patient/Task.rs patient/Task.u", patient="p1", client_id="app")
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
+    patient_app = await bearer(app, "patient/Task.rs patient/Task.u", patient=parties["ids"]["patient"], client_id="app")
     _business_rule(await _move(client, task_id, "cancelled", patient_app))
 
 
@@ -164,7 +168,7 @@ async def test_other_tasks_follow_the_base_state_machine(client: httpx.AsyncClie
 async def test_illegal_transition_in_a_transaction_rolls_it_back(
     client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    task_id = (await _create(client, referral("requested"), parties["requester"])).json()["id"]
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
     current = (await client.get(f"/fhir/Task/{task_id}")).json()
     bundle = {
         "resourceType": "Bundle",

@@ -12,11 +12,19 @@ Rules (SMART App Launch 2.x scopes-and-launch-context.html; FHIR R4 security.htm
 - a ``patient/`` permission limits the types of the R4 Patient compartment to the token's
   patient (CompartmentDefinition/patient); types outside the compartment (Organization,
   Practitioner, Endpoint, Questionnaire...) are directory data and are not limited;
-- a permission's ``?param=value`` restrictions become search conditions;
-- a client registered for a partner organisation sees ServiceRequests whose performer is
-  the organisation, Tasks whose owner or requester it is, the ServiceRequests those Tasks
-  are about, whatever those referrals point to, the organisation itself and what its
-  clients created; that holds under every permission it has;
+- a permission's ``?param=value`` restrictions become search conditions; only plain
+  parameters of the scoped type are honoured (app/auth/scopes.py ``restriction_problem``), so
+  a restriction never looks at rows of another type (no chains, ``_has``);
+- a client registered for a partner organisation (issue 15, "partners get only what their
+  referrals need"):
+    * reads and searches the ServiceRequests whose performer is the organisation, the Tasks
+      whose owner or requester it is, the ServiceRequests those Tasks are about, what those
+      referrals grant through the elements of indexing.REFERRAL_GRANTS (Patient, Consent,
+      Conditions, requester; nothing else a referral happens to mention), the organisation
+      itself, and what its clients wrote last;
+    * updates and deletes only what its clients wrote last and its own Tasks (owner or
+      requester; the Task state machine decides what may change);
+  that holds under every permission it has;
 - a resource the token may use the type of but that lies outside these limits is a 404, so
   that its existence is not revealed.
 """
@@ -28,7 +36,9 @@ from typing import Protocol
 
 from app.auth.scopes import Permission
 from app.fhir.errors import FHIRError, Forbidden
+from app.fhir.indexing import GRANT_PARAM
 from app.fhir.search_params import registry
+from app.fhir.types import SERVED_TYPES
 
 INTERACTION_NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
@@ -37,6 +47,13 @@ REFERRAL_ROOTS = (
     ("Task", ("owner", "requester")),
 )
 """Where a partner organisation is named by the referrals it is part of."""
+
+REFERENCEABLE_DIRECTORY = frozenset(
+    t for t in SERVED_TYPES if t != "Patient" and t not in registry().patient_compartment and t != "Endpoint"
+)
+"""Directory types (outside the Patient compartment: Organization, Practitioner...) whose existing
+entries a limited token may name in a write without being able to read them (repository.py
+``_check_references``); not Endpoint, the address referrals are delivered to."""
 
 
 class ConditionCompiler(Protocol):
@@ -94,6 +111,22 @@ class AccessContext:
     def allows(self, resource_type: str, letter: str) -> bool:
         return self.unrestricted or bool(self.matching(resource_type, letter))
 
+    @property
+    def limited_writer(self) -> bool:
+        """A token whose writes are judged against its limits (a patient or an organisation):
+        what it points at, and whether it may choose ids (repository.py)."""
+        return not self.unrestricted and (self.organization is not None or self.patient is not None)
+
+    def system_level(self, resource_type: str, letter: str) -> bool:
+        """A backend service acting for the server's own organisation: a ``system/`` permission
+        covers the interaction and the token is limited to no patient and no partner
+        organisation (partner endpoints are changed only by such clients, issue 15)."""
+        if self.unrestricted:
+            return True
+        if self.organization is not None or self.patient is not None:
+            return False
+        return any(p.context == "system" for p in self.matching(resource_type, letter))
+
     def require(self, resource_type: str, letter: str) -> None:
         """403 unless some permission covers the interaction (SMART scopes)."""
         if not self.allows(resource_type, letter):
@@ -129,7 +162,7 @@ class AccessContext:
                 return "FALSE"
         clauses = [] if open_permission else ["(" + " OR ".join(alternatives) + ")"]
         if self.organization is not None:
-            clauses.append(self._organization_condition(compiler, alias))
+            clauses.append(self._organization_condition(compiler, alias, letter))
         return " AND ".join(clauses) if clauses else None
 
     def _permission_parts(
@@ -154,10 +187,19 @@ class AccessContext:
             parts.append(clause)
         return parts
 
-    def _organization_condition(self, compiler: ConditionCompiler, alias: str) -> str:
-        """Rows a partner organisation's client may see (module docstring)."""
-        org = compiler.bind(self.organization)
-        org_id = compiler.bind(self.organization_id)
+    def _organization_condition(self, compiler: ConditionCompiler, alias: str, letter: str) -> str:
+        """Rows a partner organisation's client may use with ``letter`` (module docstring)."""
+        own = f"{alias}.writer_org = {compiler.bind(self.organization)}"
+        if letter == "c":
+            return own  # a new row carries its writer's organisation
+        org_id = compiler.bind(self.organization_id)  # bound only when used: asyncpg types every one
+        # Its Tasks: the organisation is their owner or requester.
+        tasks = (
+            "SELECT o.rid FROM search_reference o WHERE o.target_type = 'Organization'"
+            f" AND o.target_id = {org_id} AND o.resource_type = 'Task' AND o.param IN ('owner', 'requester')"
+        )
+        if letter in ("u", "d"):
+            return f"({own} OR ({alias}.resource_type = 'Task' AND {alias}.rid IN ({tasks})))"
         roots = " OR ".join(
             f"(o.resource_type = {compiler.bind(root_type)} AND o.param = ANY({compiler.bind(list(params))}))"
             for root_type, params in REFERRAL_ROOTS
@@ -173,15 +215,15 @@ class AccessContext:
             " WHERE f.resource_type = 'Task' AND f.param = 'focus' AND f.target_type = 'ServiceRequest'"
             f" AND f.rid IN ({referrals})"
         )
-        pointed = (
+        granted = (
             "SELECT p.target_type, p.target_id FROM search_reference p"
-            f" WHERE p.param = '_grant' AND (p.rid IN ({referrals}) OR p.rid IN ({focused}))"
+            f" WHERE p.param = '{GRANT_PARAM}' AND (p.rid IN ({referrals}) OR p.rid IN ({focused}))"
         )
         return (
-            f"({alias}.writer_org = {org}"
+            f"({own}"
             f" OR ({alias}.resource_type = 'Organization' AND {alias}.fhir_id = {org_id})"
             f" OR {alias}.rid IN ({referrals}) OR {alias}.rid IN ({focused})"
-            f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({pointed}))"
+            f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({granted}))"
         )
 
     def version_allowed(

@@ -225,6 +225,9 @@ class _Runner:
                 raise _entry_error(index, exc) from exc
         self._check_overlaps(entries)
         mapping = await self._plan_ids(entries)
+        self.repo.expect_creates(
+            [(e.resource_type, e.planned_id) for e in entries if e.method == "POST" and e.planned_id]
+        )
         for entry in entries:
             try:
                 await self._resolve_references(entry, mapping)

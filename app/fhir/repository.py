@@ -17,13 +17,13 @@ from typing import Any, Protocol
 from asyncpg import Connection, Record
 
 from app.fhir import jsonio
-from app.fhir.access import AccessContext
+from app.fhir.access import REFERENCEABLE_DIRECTORY, AccessContext
 from app.fhir.errors import BadRequest, Forbidden, Gone, MethodNotAllowed, NotFound, PreconditionFailed
 from app.fhir.indexing import IndexRows, extract
 from app.fhir.search import MAX_INCLUDES, MAX_ITERATE, Binder, Include, SearchCompiler, SearchRequest
 from app.fhir.search_params import registry
 from app.fhir.sql import Statement
-from app.fhir.types import SERVED_TYPES
+from app.fhir.types import SERVED_TYPE_SET, SERVED_TYPES
 
 
 @dataclass(frozen=True)
@@ -261,6 +261,7 @@ class FhirRepository:
         """(type, id, version) of every resource read or written, for the interaction's AuditEvent."""
         self.interaction: str | None = None
         """Set by a router when the path does not tell (a Bundle is a batch or a transaction)."""
+        self._pending_creates: set[tuple[str, str]] = set()
 
     @property
     def connection(self) -> Connection:
@@ -296,46 +297,60 @@ class FhirRepository:
     def _compiler(self) -> SearchCompiler:
         return SearchCompiler(registry(), self.fhir_base, Binder(), self.access)
 
-    async def _check_references(self, rows: IndexRows) -> None:
+    def expect_creates(self, keys: Sequence[tuple[str, str]]) -> None:
+        """(type, id) of resources this transaction is about to create (a transaction's POST
+        entries): references to them are not references to missing resources."""
+        self._pending_creates.update(keys)
+
+    async def _check_references(self, rows: IndexRows, rid: int | None = None) -> None:
         """A limited token may only point a resource at what it can read (403 otherwise).
 
         Visibility follows references (a patient's compartment, what a partner's referrals
-        point to), so without this check a write could widen what its own token sees: a
-        partner adding an ``input`` to its referral Task, a patient app naming itself as
-        performer of another patient's Observation. Checked before the write, against the
-        current state; a target that does not exist (yet: a later entry of the same
-        transaction) is allowed, and so are directory resources outside the Patient
-        compartment (Organization, Practitioner...), which hold no one's health data.
+        grant), so without this check a write could widen what its own token sees: a partner
+        adding a reference to its referral, a patient app naming itself as performer of
+        another patient's Observation. Every newly added reference to a served type counts
+        (references the previous version already had were placed by someone allowed to), and
+        so does a reference to a resource that does not exist (yet): written by a limited
+        token it would squat the id, granting access to whatever is later stored there. The
+        two are refused alike, so that the answer does not reveal which it was. Resources that
+        a later entry of the same transaction creates are not missing. Existing directory
+        entries (access.REFERENCEABLE_DIRECTORY: Organizations, Practitioners... holding no
+        one's health data) may be named though the token cannot read them: a partner names
+        the organisation it refers a client on to.
         """
-        if self.access.unrestricted or (self.access.organization is None and self.access.patient is None):
+        if not self.access.limited_writer:
             return
-        compartment = registry().patient_compartment
-        targets = sorted(
-            {
-                (row[1], row[2])
-                for row in rows.reference
-                if row[1] and row[2] and (row[1] == "Patient" or row[1] in compartment)
-            }
-        )
+        targets = {(row[1], row[2]) for row in rows.reference if row[1] in SERVED_TYPE_SET and row[2]}
+        if targets and rid is not None:
+            known = await self._conn.fetch(
+                "SELECT DISTINCT target_type, target_id FROM search_reference"
+                " WHERE rid = $1 AND target_id IS NOT NULL",
+                rid,
+            )
+            targets -= {(row["target_type"], row["target_id"]) for row in known}
+        targets -= self._pending_creates
         if not targets:
             return
+        ordered = sorted(targets)
         compiler = self._compiler()
-        types = compiler.bind([t for t, _ in targets])
-        ids = compiler.bind([i for _, i in targets])
-        readable = self.access.row_filter(compiler, "r", "r", SERVED_TYPES)
-        if readable is None:
-            return
+        types = compiler.bind([t for t, _ in ordered])
+        ids = compiler.bind([i for _, i in ordered])
+        readable = self.access.row_filter(compiler, "r", "r", SERVED_TYPES) or "TRUE"
+        directory = compiler.bind(sorted(REFERENCEABLE_DIRECTORY))
         sql = (
-            f"SELECT r.resource_type, r.fhir_id FROM resource r"
-            f" JOIN unnest(CAST({types} AS text[]), CAST({ids} AS text[])) AS t(resource_type, fhir_id)"
-            " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id"
-            f" WHERE NOT COALESCE(({readable}), false) LIMIT 1"  # NULL (an IN over NULLs) is not readable
+            f"SELECT t.resource_type FROM unnest(CAST({types} AS text[]), CAST({ids} AS text[]))"
+            " AS t(resource_type, fhir_id)"
+            " LEFT JOIN resource r ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id"
+            # NULL (no row, or an IN over NULLs) is not readable.
+            f" WHERE r.rid IS NULL OR r.deleted OR NOT (COALESCE(({readable}), false)"
+            f" OR r.resource_type = ANY(CAST({directory} AS text[]))) LIMIT 1"
         )
-        hidden = await self._conn.fetchrow(sql, *compiler.bind.values)
-        if hidden is not None:
+        refused = await self._conn.fetchval(sql, *compiler.bind.values)
+        if refused is not None:
             raise Forbidden(
-                "the resource refers to a resource the access token may not read",
-                expression=(f"{hidden['resource_type']}",),
+                "the resource refers to a resource that the access token may not read or that does not"
+                " exist",
+                expression=(refused,),
             )
 
     async def _check_written(self, rid: int, resource_type: str, letter: str) -> None:
@@ -523,6 +538,10 @@ class FhirRepository:
         while True:
             current = await self._lock(resource_type, fhir_id, "u")
             if current is None:
+                if self.access.limited_writer:
+                    # A limited token may not choose ids (it would squat them), and a new id must
+                    # answer as a hidden one does, or the answer reveals which ids exist.
+                    raise NotFound(f"{resource_type}/{fhir_id} is not known")
                 if if_match is not None:
                     raise PreconditionFailed(f"{resource_type}/{fhir_id} does not exist (If-Match given)")
                 try:
@@ -576,7 +595,7 @@ class FhirRepository:
             for hook in hooks:
                 await hook.before_write(self, resource_type, previous, data)
         rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
-        await self._check_references(rows)
+        await self._check_references(rows, rid)
         now = _now()
         body = None if data is None else stamp(data, fhir_id, version_id, now)
         params = {

@@ -16,6 +16,7 @@ from typing import Any
 from asyncpg import Connection
 
 from app.fhir.access import AccessContext
+from app.fhir.errors import Forbidden
 from app.fhir.repository import FhirRepository, StoredVersion
 from app.referrals.directory import find_partner
 from app.referrals.state_machine import Actor, check_transition, is_referral, local_reference, reference_of
@@ -26,12 +27,15 @@ NOTIFY_CHANNEL = "referral_jobs"
 _SCHEDULE = """
 INSERT INTO referral_job (kind, task_id, partner_org, partner_endpoint, deadline, partner_task)
 VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (kind, task_id) WHERE state IN ('pending', 'leased') DO NOTHING
+ON CONFLICT (kind, task_id) WHERE state IN ('pending', 'leased', 'paused') DO NOTHING
 """
 
 
-def _patient_app(access: AccessContext) -> bool:
-    return access.patient is not None and all(p.context == "patient" for p in access.permissions)
+def _patient_app(access: AccessContext) -> str | None:
+    """The Patient id a patient app acts for (a token with patient scopes only), else None."""
+    if access.patient is not None and all(p.context == "patient" for p in access.permissions):
+        return access.patient
+    return None
 
 
 def _local_organization(reference: str | None, fhir_base: str) -> str | None:
@@ -70,7 +74,7 @@ class ReferralHooks:
     ) -> None:
         if data is None or repo.system:
             return
-        actor = Actor(repo.access.organization, patient_app=_patient_app(repo.access))
+        actor = Actor(repo.access.organization, patient=_patient_app(repo.access))
         check_transition(
             previous, data, actor, home_organization=self.home_organization, fhir_base=repo.fhir_base
         )
@@ -99,7 +103,7 @@ class ReferralHooks:
                 await conn.execute(
                     "UPDATE referral_job SET state = 'done', finished_at = now(),"
                     " last_error = 'not delivered: the Task was handed to another owner'"
-                    " WHERE kind = 'deliver' AND task_id = $1 AND state = 'pending'",
+                    " WHERE kind = 'deliver' AND task_id = $1 AND state IN ('pending', 'paused')",
                     task_id,
                 )
             if partner is not None:
@@ -128,3 +132,44 @@ class ReferralHooks:
                 " WHERE kind = 'track' AND task_id = $1 AND state = 'pending'",
                 task_id,
             )
+
+
+class DirectoryHooks:
+    """Partner endpoints are changed by the server's operators only (issue 15).
+
+    Referrals are delivered, with the partner's access token and the patient's data, to the
+    ``address`` of the Endpoint that the owner Organization's ``endpoint`` names
+    (directory.py). Whoever can change either chooses where that goes, so creating, changing
+    or deleting an Endpoint, and changing an Organization's ``endpoint`` list, needs a
+    system-level client (AccessContext.system_level): never a partner organisation's client
+    or a patient app, whatever its scopes.
+    """
+
+    types = frozenset({"Endpoint", "Organization"})
+
+    async def before_write(
+        self,
+        repo: FhirRepository,
+        resource_type: str,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        letter = "c" if previous is None else "d" if data is None else "u"
+        if repo.system or repo.access.system_level(resource_type, letter):
+            return
+        if resource_type == "Endpoint":
+            raise Forbidden("Endpoints are created and changed by system-level clients only")
+        if (previous or {}).get("endpoint") != (data or {}).get("endpoint"):
+            raise Forbidden(
+                "Organization.endpoint is changed by system-level clients only",
+                expression=("Organization.endpoint",),
+            )
+
+    async def after_write(
+        self,
+        repo: FhirRepository,
+        version: StoredVersion,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        return None

@@ -59,6 +59,25 @@ REFERRAL_STATUSES = frozenset(
 
 TERMINAL = frozenset({"completed", "failed", "rejected", "cancelled", "entered-in-error"})
 
+
+def owner_can_reach(old_status: str | None, status: str) -> bool:
+    """Whether the referral's owner could take its Task from ``old_status`` to ``status`` by
+    the SDOHCC table (in any number of steps): what a partner's status may become here when
+    carecoord mirrors the partner's copy (an unchanged status is always fine)."""
+    if status == old_status:
+        return True
+    seen: set[str | None] = {old_status}
+    frontier: list[str | None] = [old_status]
+    while frontier:
+        current = frontier.pop()
+        for (source, target), parties in _SDOHCC.items():
+            if source == current and OWNER in parties and target not in seen:
+                if target == status:
+                    return True
+                seen.add(target)
+                frontier.append(target)
+    return False
+
 # The base R4 graph (task.html#statemachine), for every other Task.
 _BASE: dict[str, frozenset[str]] = {
     "draft": frozenset({"requested", "ready", "cancelled"}),
@@ -74,11 +93,15 @@ _BASE: dict[str, frozenset[str]] = {
 @dataclass(frozen=True)
 class Actor:
     """Who changes the Task: the organisation a partner client acts for (``Organization/ID``),
-    or None for the server's own organisation's clients; ``patient_app`` for a client that
-    holds patient scopes only."""
+    or None for the server's own organisation's clients; ``patient`` is the Patient id of a
+    client that holds patient scopes only (a patient app)."""
 
     organization: str | None
-    patient_app: bool = False
+    patient: str | None = None
+
+    @property
+    def patient_app(self) -> bool:
+        return self.patient is not None
 
 
 def is_referral(task: dict[str, Any]) -> bool:
@@ -107,6 +130,15 @@ def local_reference(reference: str | None, fhir_base: str) -> str | None:
 
 def roles(task: dict[str, Any], actor: Actor, home_organization: str | None, fhir_base: str) -> set[str]:
     """The roles ``actor`` holds on ``task``: requester and/or owner."""
+    if actor.patient is not None:
+        # A patient app acts for its patient only: the owner of a Task assigned to the patient
+        # (SDOHCC TaskForPatient), the requester of one the patient asked for.
+        me = f"Patient/{actor.patient}"
+        return {
+            role
+            for role, element in ((REQUESTER, "requester"), (OWNER, "owner"))
+            if local_reference(reference_of(task, element), fhir_base) == me
+        }
     organization = actor.organization or home_organization
     if organization is None:
         return {REQUESTER, OWNER}  # the server's own clients, with no home organisation configured
@@ -132,15 +164,30 @@ def check_transition(
     home_organization: str | None,
     fhir_base: str,
 ) -> None:
-    """Refuse (422 business-rule) a status change the Task's state machine does not allow."""
+    """Refuse (422 business-rule) a change the Task's state machine does not allow.
+
+    For every Task, what it is and between whom (PARTIES) only its requester changes, and a
+    referral stays a referral: otherwise changing ``intent`` would take a referral out of the
+    SDOHCC rules and let anyone move its status (issue 15). Status changes follow the SDOHCC
+    table for referrals and the base R4 graph for other Tasks, made by one of their parties.
+    """
     old_status = previous.get("status") if previous else None
     status = new.get("status")
     referral = is_referral(new) or (previous is not None and is_referral(previous))
-    if referral and previous is not None:
+    if previous is not None:
         _check_parties(previous, new, actor, home_organization, fhir_base)
+        if is_referral(previous) and not is_referral(new):
+            raise BusinessRule(
+                "a referral Task stays a referral (intent order, code fulfill, focus a ServiceRequest)",
+                expression=("Task.intent", "Task.code", "Task.focus"),
+            )
     if not isinstance(status, str) or old_status == status:
         return
     if not referral:
+        if previous is not None and not roles(previous, actor, home_organization, fhir_base):
+            raise BusinessRule(
+                "only the Task's requester or owner may change its status", expression=("Task.status",)
+            )
         _check_base(old_status, status)
         return
     if status not in REFERRAL_STATUSES:
@@ -169,8 +216,8 @@ def check_transition(
         )
 
 
-PARTIES = ("requester", "owner", "focus", "for")
-"""What a referral is and between whom: only its requester may change them."""
+PARTIES = ("intent", "code", "focus", "for", "requester", "owner")
+"""What a Task is and between whom: only its requester changes them (every Task)."""
 
 
 def _check_parties(
@@ -181,7 +228,7 @@ def _check_parties(
         return
     if actor.patient_app or REQUESTER not in roles(previous, actor, home_organization, fhir_base):
         raise BusinessRule(
-            f"only the referral's requester may change {', '.join(changed)}",
+            f"only the Task's requester may change {', '.join(changed)}",
             expression=tuple(f"Task.{element}" for element in changed),
         )
 
