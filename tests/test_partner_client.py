@@ -587,6 +587,7 @@ async def partner_with_credentials(
             token_url=server.token_url,
             client_id=client_id,
             client_secret=secret,
+            address=server.fhir_base,
         )
     else:
         jwt_client = server.jwt_clients[method]
@@ -599,6 +600,7 @@ async def partner_with_credentials(
             private_key_pem=jwt_client.private_key_pem,
             kid=jwt_client.kid,
             alg=method,
+            address=server.fhir_base,
         )
     return Partner("partner-org", endpoint, server.fhir_base)
 
@@ -633,6 +635,7 @@ async def test_a_refused_client_is_a_final_failure(
         token_url=partner_server.token_url,
         client_id=partner_server.secret_client[0],
         client_secret="wrong",
+        address=partner_server.fhir_base,
     )
     async with httpx.AsyncClient() as client:
         partners = PartnerClient(client, app.state.pool, secret_settings)
@@ -733,6 +736,7 @@ async def misbehaving_partner(
             token_url=server.url("/token"),
             client_id="cc id",
             client_secret="s&cret",
+            address=server.url("/fhir"),
         )
     elif method is not None:
         await set_credentials(
@@ -744,6 +748,7 @@ async def misbehaving_partner(
             private_key_pem=ec_pem(),
             kid="kid-1",
             alg="ES384",
+            address=server.url("/fhir"),
         )
     server.script("/token", token_reply())
     return Partner("o", endpoint, server.url("/fhir"))
@@ -810,11 +815,12 @@ async def test_failure_classification(
         server.script("/fhir/Task/1", Reset())
         assert (await failure_of(partners, partner)).retryable
 
-        refused = Partner("o", partner.endpoint_id, f"http://127.0.0.1:{free_port()}/fhir")
+        # (an Endpoint without credentials: with them, another address is refused before sending)
+        refused = Partner("o", new_endpoint_id(), f"http://127.0.0.1:{free_port()}/fhir")
         error = await failure_of(partners, refused)
         assert error.retryable and "connection failed" in error.message
 
-        bad_scheme = Partner("o", partner.endpoint_id, "ftp://127.0.0.1/fhir")
+        bad_scheme = Partner("o", new_endpoint_id(), "ftp://127.0.0.1/fhir")
         assert not (await failure_of(partners, bad_scheme)).retryable
 
 

@@ -15,6 +15,8 @@
   partner's token is only ever sent to that address; when the Endpoint's address changes,
   delivery pauses until an operator confirms the new one (``carecoord partners confirm``).
   Existing credentials are bound to their Endpoint's current address.
+* ``referral_job`` state ``paused`` (waiting for that confirmation) counts as active: at most one
+  active job per kind and Task, as before.
 * ``oauth_client.introspection``: clients registered to introspect tokens other than their own.
 
 Revision ID: 0011
@@ -74,6 +76,15 @@ def upgrade() -> None:
         """
     )
 
+    op.drop_index("uq_referral_job_active", table_name="referral_job")
+    op.create_index(
+        "uq_referral_job_active",
+        "referral_job",
+        ["kind", "task_id"],
+        unique=True,
+        postgresql_where=sa.text("state IN ('pending', 'leased', 'paused')"),
+    )
+
     op.add_column(
         "oauth_client",
         sa.Column("introspection", sa.Boolean(), server_default=sa.false(), nullable=False),
@@ -82,6 +93,15 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_column("oauth_client", "introspection")
+    op.execute("UPDATE referral_job SET state = 'pending' WHERE state = 'paused'")
+    op.drop_index("uq_referral_job_active", table_name="referral_job")
+    op.create_index(
+        "uq_referral_job_active",
+        "referral_job",
+        ["kind", "task_id"],
+        unique=True,
+        postgresql_where=sa.text("state IN ('pending', 'leased')"),
+    )
     op.drop_column("partner_credentials", "address")
     op.execute("DELETE FROM search_reference WHERE param = '_grant'")
     op.execute("ALTER INDEX ix_resource_writer_org RENAME TO ix_resource_created_org")

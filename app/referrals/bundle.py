@@ -161,6 +161,21 @@ def add_identifier(resource: dict[str, Any], identifier: dict[str, str]) -> dict
     return identifier
 
 
+def set_identifier(resource: dict[str, Any], identifier: dict[str, str]) -> None:
+    """Make ``identifier`` the one of carecoord's system on ``resource``, replacing any of that
+    system; a type with a single identifier loses the one it had (the resource is then found by
+    carecoord's identifier alone, never by one its sender chose)."""
+    if resource["resourceType"] in _SINGLE_IDENTIFIER:
+        resource["identifier"] = dict(identifier)
+        return
+    others = [
+        item
+        for item in resource.get("identifier") or []
+        if not (isinstance(item, dict) and item.get("system") == identifier["system"])
+    ]
+    resource["identifier"] = [*others, dict(identifier)]
+
+
 def _copy(resource: dict[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(resource)
     result.pop("id", None)

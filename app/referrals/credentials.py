@@ -45,11 +45,11 @@ SECRET_KEY_FILE = "secret.key"  # noqa: S105  (a file name, not a secret)
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _COLUMNS = (
     "endpoint_id, token_url, client_id, auth_method, secret_encrypted, private_key_encrypted,"
-    " kid, alg, updated"
+    " kid, alg, address, updated"
 )
 _UPSERT = f"""
 INSERT INTO partner_credentials ({_COLUMNS})
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())
 ON CONFLICT (endpoint_id) DO UPDATE SET
     token_url = EXCLUDED.token_url,
     client_id = EXCLUDED.client_id,
@@ -58,13 +58,19 @@ ON CONFLICT (endpoint_id) DO UPDATE SET
     private_key_encrypted = EXCLUDED.private_key_encrypted,
     kid = EXCLUDED.kid,
     alg = EXCLUDED.alg,
+    address = EXCLUDED.address,
     updated = now()
 """  # noqa: S608  (fixed column list; every value is a bind parameter)
+_ENDPOINT_ADDRESS = (
+    "SELECT rtrim(body::jsonb ->> 'address', '/') FROM resource"
+    " WHERE resource_type = 'Endpoint' AND fhir_id = $1 AND NOT deleted"
+)
 
 # referral_job states (app/referrals/jobs.py) -> the delivery-health column they count in.
 _HEALTH_COLUMNS = {
     "pending": "pending",
     "leased": "pending",
+    "paused": "paused",
     "failed": "failed",
     "delivered": "delivered",
     "done": "delivered",
@@ -87,6 +93,9 @@ class PartnerCredentials:
     private_key_pem: str | None = field(default=None, repr=False)
     kid: str | None = None
     alg: str | None = None
+    address: str | None = None
+    """The Endpoint address these credentials were set or confirmed for: they are used for no
+    other (a token must not follow an Endpoint whose address someone changed, issue 15)."""
     updated: datetime | None = None
 
 
@@ -103,9 +112,18 @@ class PartnerSummary:
     endpoint_id: str
     address: str
     credentials: AuthMethod | None
+    confirmed_address: str | None = None
+    """The address the credentials are bound to (None without credentials)."""
     pending: int | None = None
     failed: int | None = None
     delivered: int | None = None
+    paused: int | None = None
+
+    @property
+    def address_changed(self) -> bool:
+        """Credentials exist, but the Endpoint's address is not the one they were confirmed for:
+        deliveries wait for ``carecoord partners confirm``."""
+        return self.credentials is not None and self.confirmed_address != self.address
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -114,7 +132,10 @@ class PartnerSummary:
             "endpoint": f"Endpoint/{self.endpoint_id}",
             "address": self.address,
             "credentials": self.credentials,
+            "confirmed_address": self.confirmed_address,
+            "address_changed": self.address_changed,
             "pending": self.pending,
+            "paused": self.paused,
             "failed": self.failed,
             "delivered": self.delivered,
         }
@@ -221,10 +242,18 @@ async def set_credentials(
     private_key_pem: str | None = None,
     kid: str | None = None,
     alg: str = "ES384",
+    address: str | None = None,
 ) -> PartnerCredentials:
     """Store (replace) the credentials of a partner Endpoint: exactly one of a client secret
-    (``client_secret_basic``) or a private key with its ``kid`` (``private_key_jwt``)."""
+    (``client_secret_basic``) or a private key with its ``kid`` (``private_key_jwt``).
+
+    They are bound to ``address`` (default: the Endpoint's address now) and used for no other.
+    """
     endpoint_id = endpoint_id_of(endpoint_id)
+    if address is None:
+        address = await conn.fetchval(_ENDPOINT_ADDRESS, endpoint_id)
+    else:
+        address = address.rstrip("/")
     _check_token_url(token_url)
     if not client_id.strip():
         raise CredentialsError("a client id is required")
@@ -237,7 +266,7 @@ async def set_credentials(
         if kid is not None:
             raise CredentialsError("a kid goes with a private key, not with a client secret")
         credentials = PartnerCredentials(
-            endpoint_id, token_url, client_id, "client_secret", client_secret=client_secret
+            endpoint_id, token_url, client_id, "client_secret", client_secret=client_secret, address=address
         )
         secret_encrypted: str | None = box.encrypt(client_secret.encode("utf-8")).decode("ascii")
         key_encrypted: str | None = None
@@ -248,7 +277,14 @@ async def set_credentials(
             raise CredentialsError("a private key needs the kid the partner registered it under")
         pem = normalize_private_key(private_key_pem, alg)
         credentials = PartnerCredentials(
-            endpoint_id, token_url, client_id, "private_key_jwt", private_key_pem=pem, kid=kid, alg=alg
+            endpoint_id,
+            token_url,
+            client_id,
+            "private_key_jwt",
+            private_key_pem=pem,
+            kid=kid,
+            alg=alg,
+            address=address,
         )
         secret_encrypted = None
         key_encrypted = box.encrypt(pem.encode("ascii")).decode("ascii")
@@ -263,8 +299,36 @@ async def set_credentials(
         key_encrypted,
         credentials.kid,
         stored_alg,
+        address,
     )
+    await resume_paused(conn, endpoint_id)
     return credentials
+
+
+async def confirm_address(conn: asyncpg.Connection, endpoint_id: str) -> str | None:
+    """Bind a partner Endpoint's credentials to the Endpoint's current address (an operator has
+    checked the change) and resume the deliveries that waited for it; the address, or None
+    when the Endpoint has no credentials (or no longer exists)."""
+    endpoint_id = endpoint_id_of(endpoint_id)
+    address: str | None = await conn.fetchval(
+        f"UPDATE partner_credentials SET address = ({_ENDPOINT_ADDRESS}), updated = now()"  # noqa: S608
+        " WHERE endpoint_id = $1 RETURNING address",
+        endpoint_id,
+    )
+    if address is not None:
+        await resume_paused(conn, endpoint_id)
+    return address
+
+
+async def resume_paused(conn: asyncpg.Connection, endpoint_id: str) -> None:
+    """Referral jobs paused because the Endpoint's address changed become due again."""
+    if await conn.fetchval("SELECT to_regclass('referral_job')") is None:
+        return
+    await conn.execute(
+        "UPDATE referral_job SET state = 'pending', not_before = now()"
+        " WHERE state = 'paused' AND partner_endpoint = $1",
+        endpoint_id,
+    )
 
 
 async def load_credentials(
@@ -293,6 +357,7 @@ async def load_credentials(
         ),
         kid=row["kid"],
         alg=row["alg"],
+        address=row["address"],
         updated=row["updated"],
     )
 
@@ -307,14 +372,15 @@ async def delete_credentials(conn: asyncpg.Connection, endpoint_id: str) -> bool
 
 async def list_partners(conn: asyncpg.Connection) -> list[PartnerSummary]:
     """Every Organization with an active FHIR REST Endpoint (a delivery target, see
-    app/referrals/directory.py), whether credentials are set, and its referral jobs' health."""
+    app/referrals/directory.py), whether credentials are set (and for which address), and the
+    health of its deliveries."""
     organizations = await conn.fetch(
         "SELECT fhir_id, body FROM resource WHERE resource_type = 'Organization' AND NOT deleted"
         " AND body::jsonb ? 'endpoint' ORDER BY fhir_id"
     )
-    methods: dict[str, AuthMethod] = {
-        row["endpoint_id"]: row["auth_method"]
-        for row in await conn.fetch("SELECT endpoint_id, auth_method FROM partner_credentials")
+    credentials = {
+        row["endpoint_id"]: (row["auth_method"], row["address"])
+        for row in await conn.fetch("SELECT endpoint_id, auth_method, address FROM partner_credentials")
     }
     health = await _job_health(conn)
     partners: list[PartnerSummary] = []
@@ -324,14 +390,17 @@ async def list_partners(conn: asyncpg.Connection) -> list[PartnerSummary]:
             continue
         name = json.loads(row["body"]).get("name")
         counts = health.get(found.endpoint_id, {}) if health is not None else None
+        method, confirmed = credentials.get(found.endpoint_id, (None, None))
         partners.append(
             PartnerSummary(
                 organization_id=found.organization_id,
                 name=name if isinstance(name, str) else None,
                 endpoint_id=found.endpoint_id,
                 address=found.base_url,
-                credentials=methods.get(found.endpoint_id),
+                credentials=method,
+                confirmed_address=confirmed,
                 pending=None if counts is None else counts.get("pending", 0),
+                paused=None if counts is None else counts.get("paused", 0),
                 failed=None if counts is None else counts.get("failed", 0),
                 delivered=None if counts is None else counts.get("delivered", 0),
             )
@@ -344,7 +413,9 @@ async def _job_health(conn: asyncpg.Connection) -> dict[str, dict[str, int]] | N
     if await conn.fetchval("SELECT to_regclass('referral_job')") is None:
         return None
     rows = await conn.fetch(
-        "SELECT partner_endpoint, state, count(*) AS n FROM referral_job GROUP BY partner_endpoint, state"
+        # Deliveries only: each referral also has tracking (and maybe cancellation) jobs.
+        "SELECT partner_endpoint, state, count(*) AS n FROM referral_job WHERE kind = 'deliver'"
+        " GROUP BY partner_endpoint, state"
     )
     health: dict[str, dict[str, int]] = {}
     for row in rows:

@@ -12,7 +12,9 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-ACTIVE = ("pending", "leased")
+ACTIVE = ("pending", "leased", "paused")
+"""Job states that still have work to do (``paused``: waiting for an operator to confirm a
+partner's changed Endpoint address, ``carecoord partners confirm``)."""
 
 
 class ReferralJob(SQLModel, table=True):
@@ -25,7 +27,7 @@ class ReferralJob(SQLModel, table=True):
             "kind",
             "task_id",
             unique=True,
-            postgresql_where=sa.text("state IN ('pending', 'leased')"),
+            postgresql_where=sa.text("state IN ('pending', 'leased', 'paused')"),
         ),
         sa.Index("ix_referral_job_due", "not_before", postgresql_where=sa.text("state = 'pending'")),
         sa.Index("ix_referral_job_lease", "lease_until", postgresql_where=sa.text("state = 'leased'")),

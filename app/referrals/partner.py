@@ -10,8 +10,10 @@ that HTTP conversation, for app/referrals/worker.py:
 * partner authentication from app/referrals/credentials.py: none, OAuth 2.0
   ``client_credentials`` with ``client_secret_basic`` (RFC 6749 §4.4, §2.3.1), or SMART Backend
   Services ``private_key_jwt`` (RFC 7523 §2.2, ES384/RS384, ``kid``, ``exp`` at most five
-  minutes ahead, a fresh ``jti``); access tokens are cached per Endpoint until shortly before
-  they expire, and a 401 from the partner gets one retry with a new token;
+  minutes ahead, a fresh ``jti``); access tokens are cached per (Endpoint, address) until
+  shortly before they expire, and a 401 from the partner gets one retry with a new token.
+  Credentials are bound to the address they were set for: once the Endpoint's address differs,
+  nothing is sent (:class:`AddressUnconfirmed`) until an operator confirms the new one;
 * every failure is a :class:`DeliveryError` that says whether retrying can help: a timeout, a
   transport failure, 408, 429 and 5xx can (with the partner's ``Retry-After``, RFC 9110 §10.2.3);
   any other answer cannot, and keeps the partner's OperationOutcome for the referral's record.
@@ -95,6 +97,18 @@ class DeliveryError(Exception):
         self.outcome = outcome
 
 
+class AddressUnconfirmed(DeliveryError):
+    """The partner's Endpoint address is not the one its credentials were confirmed for: the
+    job waits (paused) for ``carecoord partners confirm``; its token goes nowhere else."""
+
+    def __init__(self, endpoint_id: str) -> None:
+        super().__init__(
+            f"the address of Endpoint/{endpoint_id} changed since its credentials were set;"
+            f" confirm it with: carecoord partners confirm --endpoint Endpoint/{endpoint_id}",
+            retryable=False,
+        )
+
+
 def is_retryable_status(status: int) -> bool:
     """408, 429 and 5xx say "not now" (RFC 9110 §15.5.9, RFC 6585 §4, RFC 9110 §15.6)."""
     return status in (408, 429) or status >= 500
@@ -165,8 +179,8 @@ class PartnerClient:
         self._pool = pool
         self._settings = settings
         self._timeout = settings.delivery_timeout
-        self._tokens: dict[str, _CachedToken] = {}
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._tokens: dict[tuple[str, str], _CachedToken] = {}
+        self._token_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # --- directory -----------------------------------------------------------------------------
 
@@ -201,8 +215,9 @@ class PartnerClient:
         return await self._fhir(partner, "PUT", self._url(partner, path), resource, headers)
 
     def forget_token(self, endpoint_id: str) -> None:
-        """Drop the cached access token of a partner (e.g. after its credentials changed)."""
-        self._tokens.pop(endpoint_id, None)
+        """Drop the cached access tokens of a partner Endpoint (e.g. after its credentials changed)."""
+        for key in [key for key in self._tokens if key[0] == endpoint_id]:
+            del self._tokens[key]
 
     @staticmethod
     def _url(partner: Partner, url_or_path: str) -> str:
@@ -227,7 +242,7 @@ class PartnerClient:
             request_headers["content-type"] = FHIR_JSON
         retried = False
         while True:
-            token = await self._access_token(partner.endpoint_id)
+            token = await self._access_token(partner)
             if token is not None:
                 request_headers["authorization"] = f"Bearer {token}"
             status, response_headers, body = await self._exchange(
@@ -301,28 +316,42 @@ class PartnerClient:
 
     # --- partner authentication --------------------------------------------------------------------
 
-    async def _access_token(self, endpoint_id: str) -> str | None:
-        """The bearer token for a partner (cached), or None when it has no credentials."""
-        cached = self._tokens.get(endpoint_id)
+    async def _access_token(self, partner: Partner) -> str | None:
+        """The bearer token for a partner (cached), or None when it has no credentials.
+
+        Cached per (Endpoint, address), and only issued for the address the credentials are
+        bound to: a changed address neither reuses the old token nor gets a new one."""
+        key = (partner.endpoint_id, partner.base_url)
+        cached = self._tokens.get(key)
         if cached is not None and time.monotonic() < cached.refresh_at:
             return cached.value
-        lock = self._token_locks.setdefault(endpoint_id, asyncio.Lock())
+        lock = self._token_locks.setdefault(key, asyncio.Lock())
         async with lock:
             # Concurrent deliveries to one partner wait for one token request, then share its token.
-            cached = self._tokens.get(endpoint_id)
+            cached = self._tokens.get(key)
             if cached is not None and time.monotonic() < cached.refresh_at:
                 return cached.value
             try:
-                credentials = await load_credentials(self._pool, self._settings, endpoint_id)
+                credentials = await load_credentials(self._pool, self._settings, partner.endpoint_id)
             except CredentialsError as exc:
                 raise DeliveryError(str(exc), retryable=False) from exc
             if credentials is None:
                 return None
+            if credentials.address != partner.base_url:
+                self.forget_token(partner.endpoint_id)
+                logger.warning(
+                    "partner endpoint %s: address differs from the one its credentials were set for;"
+                    " nothing sent until an operator confirms it",
+                    partner.endpoint_id,
+                )
+                raise AddressUnconfirmed(partner.endpoint_id)
             token, lifetime = await self._request_token(credentials)
             margin = min(TOKEN_REFRESH_MARGIN, lifetime / 5)
-            self._tokens[endpoint_id] = _CachedToken(token, time.monotonic() + lifetime - margin)
+            self._tokens[key] = _CachedToken(token, time.monotonic() + lifetime - margin)
             logger.info(
-                "partner endpoint %s: access token obtained (%s)", endpoint_id, credentials.auth_method
+                "partner endpoint %s: access token obtained (%s)",
+                partner.endpoint_id,
+                credentials.auth_method,
             )
             return token
 

@@ -34,18 +34,20 @@ from asyncpg import Connection, Pool, Record
 
 from app import db
 from app.auth.audit import build_event
+from app.auth.scopes import Permission
 from app.fhir import jsonio
 from app.fhir.access import OPEN_ACCESS, AccessContext
 from app.fhir.conditional import conditional_create
 from app.fhir.errors import FHIRError, PreconditionFailed
 from app.fhir.indexing import split_reference
 from app.fhir.repository import FhirRepository
+from app.fhir.validation import validate_resource
 from app.referrals import metrics
-from app.referrals.bundle import add_identifier, identifier_condition, identifier_for, referral_bundle
+from app.referrals.bundle import identifier_condition, identifier_for, referral_bundle, set_identifier
 from app.referrals.directory import Partner, find_partner
 from app.referrals.hooks import NOTIFY_CHANNEL, schedule
-from app.referrals.partner import DeliveryError, PartnerClient
-from app.referrals.state_machine import REFERRAL_STATUSES, TERMINAL, local_reference, reference_of
+from app.referrals.partner import AddressUnconfirmed, DeliveryError, PartnerClient
+from app.referrals.state_machine import TERMINAL, local_reference, owner_can_reach, reference_of
 from app.settings import Settings
 
 logger = logging.getLogger("carecoord.referrals")
@@ -151,6 +153,9 @@ class Worker:
             await handler(job)
         except LeaseLost:
             logger.info("referral job %s: lease lost to another worker", job["id"])
+        except AddressUnconfirmed as exc:
+            with contextlib.suppress(LeaseLost):
+                await self._paused(job, exc)
         except DeliveryError as exc:
             with contextlib.suppress(LeaseLost):
                 await self._failed_attempt(job, exc)
@@ -203,9 +208,10 @@ class Worker:
                     job, "done", error="not delivered: the Task is no longer requested", conn=conn
                 )
                 return
-            contents = await _referral_contents(repo, task)
+            as_partner = FhirRepository(conn, partner_access(partner_org), fhir_base=self.fhir_base)
+            contents = await _referral_contents(as_partner, task)
             partner = await self._partner(conn, job)
-            owner_organization = await _read(repo, "Organization", partner_org)
+            owner_organization = await _read(as_partner, "Organization", partner_org)
         if contents is None:
             raise DeliveryError("the Task's ServiceRequest or Patient is missing", retryable=False)
         service_request, patient, supporting = contents
@@ -276,6 +282,13 @@ class Worker:
     async def cancel(self, job: Record) -> None:
         """Propagate a cancellation by the referral's source to the partner's Task."""
         async with self.pool.acquire() as conn:
+            # A delivery paused for an address confirmation never went out: it never will.
+            await conn.execute(
+                "UPDATE referral_job SET state = 'done', finished_at = now(),"
+                " last_error = 'not delivered: the referral was cancelled'"
+                " WHERE kind = 'deliver' AND task_id = $1 AND state = 'paused'",
+                job["task_id"],
+            )
             # One statement, one snapshot: a delivery finishing between two reads must not
             # look like a referral that was never delivered.
             state = await conn.fetchrow(
@@ -362,13 +375,16 @@ class Worker:
         return found
 
     async def _fetch_outputs(self, partner: Partner, remote: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """The resources the partner's Task.output names (Procedures, Observations...). One the
-        partner will not show (403/404, or not under its base) is left out: the status is still
-        mirrored, and the output keeps pointing at the partner."""
+        """The resources of COPIED_TYPES that the partner's Task.output names at the partner. One
+        the partner will not show (403/404) is left out: the status is still mirrored, and the
+        output keeps pointing at the partner."""
         fetched: dict[str, dict[str, Any]] = {}
         for output in remote.get("output") or []:
             reference = (output.get("valueReference") or {}).get("reference")
-            if isinstance(reference, str) and reference not in fetched and not reference.startswith("#"):
+            at_partner = _at_partner(partner, reference)
+            if at_partner is None or at_partner.rsplit("/", 2)[-2] not in COPIED_TYPES:
+                continue  # not kept here: stays a reference to the partner (_rewrite_outputs)
+            if isinstance(reference, str) and reference not in fetched:
                 try:
                     fetched[reference] = await self.partners.read(partner, reference)
                 except DeliveryError as exc:
@@ -390,35 +406,42 @@ class Worker:
         outputs: dict[str, dict[str, Any]],
     ) -> str | None:
         """Copy the partner's status, statusReason, businessStatus and output into the local
-        Task; returns the local status. Once the source has ended the referral (cancelled,
-        entered-in-error), its status and reason are not overwritten; a partner status that a
-        referral never takes (``received``, ``ready``) is not copied."""
-        repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base, system=True)
+        Task; returns the local status.
+
+        The partner's data is written with the partner organisation's access (partner_access),
+        never with open access: what it names must be what the partner itself may read. A
+        status is copied only if the referral's owner could have reached it from the local one
+        (state_machine.owner_can_reach: never ``received``/``ready``, never back, never
+        ``entered-in-error``, which is the requester's); once the source has ended the referral
+        (cancelled, entered-in-error), its status and reason stay."""
+        repo = FhirRepository(
+            conn, partner_access(partner.organization_id), fhir_base=self.fhir_base, system=True
+        )
         current = await repo.read_for_update("Task", task_id)
         local = jsonio.loads(current.body or "{}")
         local_ids: dict[str, str] = {}
-        translations = {
-            _absolute(partner, (remote.get("for") or {}).get("reference")): (local.get("for") or {}).get(
-                "reference"
-            ),
-            _absolute(partner, (remote.get("focus") or {}).get("reference")): (local.get("focus") or {}).get(
-                "reference"
-            ),
-        }
+        translations: dict[str, str] = {}
+        for element in ("for", "focus"):
+            theirs = _at_partner(partner, (remote.get(element) or {}).get("reference"))
+            ours = (local.get(element) or {}).get("reference")
+            if theirs is not None and isinstance(ours, str):
+                translations[theirs] = ours
         for reference, resource in outputs.items():
-            local_ids[reference] = await self._keep_copy(repo, partner, reference, resource, translations)
+            kept = await self._keep_copy(repo, partner, reference, resource, translations)
+            if kept is not None:
+                local_ids[reference] = kept
         mirrored = dict(local)
         ended_here = local.get("status") in ("cancelled", "entered-in-error")
         for element in MIRRORED:
             value = remote.get(element)
             if element in ("status", "statusReason") and ended_here:
                 continue  # the source ended it; the cancellation is on its way to the partner
-            if element == "status" and (
-                value not in REFERRAL_STATUSES or (local.get("status") in TERMINAL and value not in TERMINAL)
+            if element == "status" and not (
+                isinstance(value, str) and owner_can_reach(local.get("status"), value)
             ):
                 continue
             if element == "output" and value is not None:
-                value = _rewrite_outputs(value, local_ids, partner)
+                value = _rewrite_outputs(value, local_ids, partner, self.fhir_base)
             if value is None:
                 mirrored.pop(element, None)
             else:
@@ -434,33 +457,39 @@ class Worker:
         partner: Partner,
         reference: str,
         resource: dict[str, Any],
-        translations: dict[str | None, str | None],
-    ) -> str:
+        translations: dict[str, str],
+    ) -> str | None:
         """A local copy of a partner's resource, identified by its absolute URL at the partner
-        (two partners' ``Procedure/1`` are different resources). Its references are made
-        absolute to the partner, except those to the partner's copies of the referral's own
-        Patient and ServiceRequest, which point back at the local ones: a partner's relative
-        ``Patient/9`` must never be read as this server's Patient/9."""
+        (two partners' ``Procedure/1`` are different resources); None when it is not kept.
+
+        Kept only if it is a type the referral workflow returns (COPIED_TYPES), valid FHIR, and
+        names nothing on this server except the referral's own Patient and ServiceRequest: its
+        references are made absolute to the partner, those to the partner's copies of the
+        referral's Patient and ServiceRequest point back at the local ones (a partner's relative
+        ``Patient/9`` must never be read as this server's Patient/9), and one that points at
+        this server by itself (another patient's record, say) refuses the copy. It is matched
+        only by carecoord's own partner-resource identifier, among the copies this partner's
+        access reaches, so a partner cannot claim a local resource by copying its identifier."""
         resource_type = resource.get("resourceType")
-        if not isinstance(resource_type, str):
-            raise DeliveryError("a Task output is not a FHIR resource", retryable=False)
-        system = f"{self.fhir_base}/partner-resource"
-        value = _absolute(partner, f"{resource_type}/{resource.get('id')}") or reference
-        copy = {k: v for k, v in resource.items() if k not in ("id", "meta")}
-        _localize_references(copy, partner, translations)
         try:
-            # The identifier to condition on (a type with a single identifier may keep its own).
-            condition = identifier_condition(add_identifier(copy, {"system": system, "value": value}))
-        except ValueError as exc:
-            raise DeliveryError(
-                f"the partner's {resource_type} could not be kept: {exc}", retryable=False
-            ) from exc
-        try:
-            version, _ = await conditional_create(repo, resource_type, copy, condition)
-        except FHIRError as exc:
-            raise DeliveryError(
-                f"the partner's {resource_type} could not be kept: {exc.diagnostics}", retryable=False
-            ) from exc
+            if resource_type not in COPIED_TYPES:
+                raise _NotKept(f"type {resource_type!s:.40} is not copied")
+            assert isinstance(resource_type, str)
+            system = f"{self.fhir_base}/partner-resource"
+            value = _at_partner(partner, f"{resource_type}/{resource.get('id')}") or reference
+            copy = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+            _localize_references(copy, partner, translations, self.fhir_base)
+            identifier = {"system": system, "value": value}
+            set_identifier(copy, identifier)
+            data = validate_resource(copy, resource_type)
+            condition = identifier_condition(identifier)
+            version, _ = await conditional_create(repo, resource_type, data, condition)
+        except (_NotKept, FHIRError) as exc:
+            reason = exc.diagnostics if isinstance(exc, FHIRError) else str(exc)
+            logger.info(
+                "referral output at Organization/%s not kept: %s", partner.organization_id, reason[:200]
+            )
+            return None
         return f"{resource_type}/{version.fhir_id}"
 
     async def _mark_task(
@@ -498,6 +527,7 @@ class Worker:
                     "delivered": "Delivered to the partner",
                     "failed": "Delivery failed",
                     "retrying": "Delivery being retried",
+                    "paused": "Delivery waiting for an operator to confirm the partner's address",
                 }.get(state, state),
             }
             try:
@@ -505,6 +535,21 @@ class Worker:
                 return
             except PreconditionFailed:
                 continue
+
+    async def _paused(self, job: Record, error: AddressUnconfirmed) -> None:
+        """The partner's address changed under its credentials: nothing was sent; the job waits
+        (not due, not failed) until an operator confirms the address (credentials.confirm_address)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._finish(job, "paused", error=error.message, conn=conn)
+            if job["kind"] == "deliver":
+                await self._mark_task(conn, job["task_id"], "paused", attempts=job["attempts"])
+        logger.warning(
+            "referral job %s (%s, Task/%s): paused until the address of Endpoint/%s is confirmed",
+            job["id"],
+            job["kind"],
+            job["task_id"],
+            job["partner_endpoint"],
+        )
 
     async def _failed_attempt(self, job: Record, error: DeliveryError) -> None:
         partner_org = job["partner_org"]
@@ -528,13 +573,13 @@ class Worker:
                 )
                 if job["kind"] == "deliver" and job["attempts"] == 1:
                     await self._mark_task(
-                        conn, job["task_id"], "retrying", attempts=job["attempts"], error=detail
+                        conn, job["task_id"], "retrying", attempts=job["attempts"], error=_shown(error)
                     )
             else:
                 await self._finish(job, "failed", status=error.status, error=detail, conn=conn)
                 if job["kind"] == "deliver":
                     await self._mark_task(
-                        conn, job["task_id"], "failed", attempts=job["attempts"], error=detail
+                        conn, job["task_id"], "failed", attempts=job["attempts"], error=_shown(error)
                     )
             await self._audit(
                 conn, job, error.status or 0, "transaction" if job["kind"] == "deliver" else "read"
@@ -588,6 +633,19 @@ class Worker:
         await FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base).create("AuditEvent", event)
 
 
+def _shown(error: DeliveryError) -> str:
+    """What the referral's Task (readable by API clients) says about a failed attempt: the
+    partner's answer when there was one (its status and OperationOutcome explain a refusal),
+    never transport details (which address was refused, reset or timed out: a port scanner's
+    readout); those are in the job's ``last_error`` (``carecoord referrals status``) and the logs."""
+    if error.status is None:
+        return "the partner could not be reached"
+    shown = f"the partner answered {error.status}"
+    if error.outcome is not None:
+        shown = f"{shown}: {jsonio.dumps(error.outcome).decode('utf-8')}"
+    return shown
+
+
 def element_changes(before: dict[str, Any], after: dict[str, Any]) -> bool:
     return any(before.get(element) != after.get(element) for element in MIRRORED)
 
@@ -598,48 +656,83 @@ def _backoff(first: float, attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def _absolute(partner: Partner, reference: object) -> str | None:
-    """A partner's reference as an absolute URL under its base (None when not a Type/id one)."""
+COPIED_TYPES = frozenset({"Procedure", "Observation", "QuestionnaireResponse"})
+"""The partner resources a referral's ``Task.output`` names that carecoord keeps a copy of
+(SDOHCC TaskForReferralManagement outputs): the closed-loop result (resulting-activity
+Procedure), an enrollment-status Observation, an assessment's QuestionnaireResponse. Any other
+output stays a reference to the partner's server."""
+
+
+class _NotKept(Exception):
+    """A partner resource that is not copied here (the message says why; no PHI)."""
+
+
+def partner_access(organization_id: str) -> AccessContext:
+    """The access the partner's own client would have. What the worker sends a partner is read
+    with it (a delivery carries what the referral grants its partner, nothing else), and what it
+    writes from a partner's data (its Task's status and outputs) is judged as if the partner
+    wrote it (issue 15)."""
+    return AccessContext(
+        client_id="carecoord-worker",
+        organization=f"Organization/{organization_id}",
+        permissions=(Permission("system", "*", frozenset("cruds")),),
+        unrestricted=False,
+    )
+
+
+def _at_partner(partner: Partner, reference: object) -> str | None:
+    """A partner's reference as an absolute URL under its base; None when it is not a
+    ``Type/id`` one or points anywhere but the partner (contained, urn:, another server)."""
     if not isinstance(reference, str) or reference.startswith(("#", "urn:")):
         return None
     if reference.startswith(("http://", "https://")):
-        return reference
+        return reference if reference.startswith(partner.base_url + "/") else None
     return f"{partner.base_url}/{reference.lstrip('/')}"
 
 
-def _localize_references(node: Any, partner: Partner, translations: dict[str | None, str | None]) -> None:
+def _localize_references(
+    node: Any, partner: Partner, translations: dict[str, str], fhir_base: str
+) -> None:
     """Make a partner resource's references safe to store here (see _keep_copy)."""
     if isinstance(node, list):
         for item in node:
-            _localize_references(item, partner, translations)
+            _localize_references(item, partner, translations, fhir_base)
     elif isinstance(node, dict):
         for key, value in node.items():
             if key == "reference" and isinstance(value, str):
-                absolute = _absolute(partner, value)
-                if absolute is not None:
-                    node[key] = translations.get(absolute) or absolute
+                at_partner = _at_partner(partner, value)
+                if at_partner is not None:
+                    node[key] = translations.get(at_partner, at_partner)
+                elif value.startswith(("http://", "https://")) and value.startswith(fhir_base + "/"):
+                    if value.removeprefix(fhir_base + "/") not in translations.values():
+                        raise _NotKept("it points at a resource of this server")
+                    node[key] = value.removeprefix(fhir_base + "/")
             elif key != "contained":
-                _localize_references(value, partner, translations)
+                _localize_references(value, partner, translations, fhir_base)
 
 
 def _rewrite_outputs(
-    outputs: list[dict[str, Any]], local_ids: dict[str, str], partner: Partner
+    outputs: list[dict[str, Any]], local_ids: dict[str, str], partner: Partner, fhir_base: str
 ) -> list[dict[str, Any]]:
-    """Outputs that were kept point at the local copies; the others at the partner (absolute)."""
+    """Outputs that were kept point at the local copies, the others at the partner (absolute);
+    one that names this server is the partner's claim on a local resource: its reference is
+    dropped (a Reference with only a display is valid FHIR)."""
     rewritten = []
     for output in outputs:
-        reference = (output.get("valueReference") or {}).get("reference")
-        if (
-            isinstance(reference, str)
-            and reference not in local_ids
-            and (absolute := _absolute(partner, reference))
-        ):
-            output = {**output, "valueReference": {**output["valueReference"], "reference": absolute}}
-        elif isinstance(reference, str) and reference in local_ids:
-            output = {
-                **output,
-                "valueReference": {**output["valueReference"], "reference": local_ids[reference]},
-            }
+        value = output.get("valueReference")
+        reference = value.get("reference") if isinstance(value, dict) else None
+        if isinstance(reference, str):
+            assert isinstance(value, dict)
+            if reference in local_ids:
+                value = {**value, "reference": local_ids[reference]}
+            elif (absolute := _at_partner(partner, reference)) is not None:
+                value = {**value, "reference": absolute}
+            elif reference.startswith(("urn:", "#")):
+                pass
+            else:
+                value = {k: v for k, v in value.items() if k != "reference"}
+                value.setdefault("display", "a resource the partner named on another server")
+            output = {**output, "valueReference": value}
         rewritten.append(output)
     return rewritten
 
