@@ -115,6 +115,7 @@ def cmd_clients_add(args: argparse.Namespace) -> int:
                 patient=args.patient,
                 jwks=jwks,
                 jwks_url=args.jwks_url,
+                introspection=args.introspection,
             ),
         )
     except ClientRegistrationError as exc:
@@ -144,6 +145,8 @@ def cmd_clients_list(args: argparse.Namespace) -> int:
             for label, value in (("organization", client.organization), ("patient", client.patient))
             if value
         )
+        if client.introspection:
+            extra += " introspection"
         line = f"{client.client_id}  {client.name!r}  {client.auth_method}  scope={client.scopes!r} {extra}"
         print(line.rstrip())
     return 0
@@ -179,8 +182,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run referral delivery and status tracking only (no API), until SIGINT/SIGTERM."""
     import signal
 
-    import httpx
-
+    from app.outbound import outbound_client
     from app.referrals.worker import Worker
 
     settings = _settings_with_database(get_settings())
@@ -191,8 +193,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        timeout = httpx.Timeout(settings.delivery_timeout, connect=min(settings.delivery_timeout, 10.0))
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+        # Partner URLs are chosen by others: the outbound address policy applies (app/outbound.py);
+        # PartnerClient bounds each exchange with CARECOORD_DELIVERY_TIMEOUT itself.
+        async with outbound_client(settings) as http:
             worker = Worker(pool, http, settings)
             logger.info("referral worker %s started", worker.name)
             try:
@@ -253,18 +256,31 @@ def build_parser() -> argparse.ArgumentParser:
     client_commands = clients.add_subparsers(dest="clients_command", required=True)
     add = client_commands.add_parser("add", help="register a client (a secret client unless a JWKS is given)")
     add.add_argument("--name", required=True)
-    add.add_argument("--scope", required=True, help='space-separated SMART scopes, e.g. "system/*.rs"')
+    add.add_argument(
+        "--scope",
+        required=True,
+        help='space-separated SMART scopes, e.g. "system/*.rs"; a ?param=value restriction may use only'
+        " plain search parameters of the scope's type (no chains, _has, _include, _count...)",
+    )
     add.add_argument("--organization", help="Organization/ID the client acts for")
     add.add_argument("--patient", help="Patient id: patient/ scopes in that patient's context")
     keys_source = add.add_mutually_exclusive_group()
     keys_source.add_argument("--jwks-file", help="public JWK Set file (private_key_jwt client)")
     keys_source.add_argument("--jwks-url", help="URL of the public JWK Set (private_key_jwt client)")
+    add.add_argument(
+        "--introspection",
+        action="store_true",
+        help="may introspect tokens issued to other clients (POST /auth/introspect, RFC 7662); without"
+        ' it a client learns only about its own tokens, others are {"active": false}',
+    )
     add.add_argument("--json", action="store_true", help='print {"client_id": ..., "client_secret": ...}')
     add.set_defaults(func=cmd_clients_add)
     listing = client_commands.add_parser("list", help="list registered clients (no secrets)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_clients_list)
-    remove = client_commands.add_parser("remove", help="remove a client")
+    remove = client_commands.add_parser(
+        "remove", help="remove a client; its access tokens stop working within seconds"
+    )
     remove.add_argument("client_id")
     remove.set_defaults(func=cmd_clients_remove)
 

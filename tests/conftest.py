@@ -27,6 +27,8 @@ from app.settings import Settings
 BASE_URL = "http://cc.test"
 TEST_SECRET_KEY = "carecoord-tests-partner-secrets"
 FHIR = f"{BASE_URL}/fhir"
+LOOPBACK_ALLOWLIST = "127.0.0.0/8,::1/128,localhost"
+"""CARECOORD_OUTBOUND_ALLOWLIST of the tests' servers (and of the partner subprocesses)."""
 
 
 def _plain(url: str) -> str:
@@ -76,6 +78,9 @@ def settings(database_url: str) -> Settings:
         delivery_timeout=3,
         worker_lease=3,
         secret_key=TEST_SECRET_KEY,
+        # The partner, JWKS and misbehaving servers of the tests listen on loopback, which the
+        # production default refuses (app/outbound.py); tests of that default build their own.
+        outbound_allowlist=LOOPBACK_ALLOWLIST,
     )
 
 
@@ -109,11 +114,36 @@ async def app(settings: Settings, engine: AsyncEngine) -> AsyncIterator[FastAPI]
 FULL_ACCESS = "system/*.cruds"
 
 
-async def bearer(app: FastAPI, scope: str = FULL_ACCESS, **context: str | None) -> dict[str, str]:
-    """An Authorization header with a token the server issued (as its token endpoint would)."""
-    token, _ = await app.state.tokens.issue(
-        client_id=context.pop("client_id", None) or "test-client", scope=scope, **context
+async def register_test_client(
+    app: FastAPI,
+    client_id: str,
+    scope: str = FULL_ACCESS,
+    *,
+    organization: str | None = None,
+    patient: str | None = None,
+) -> None:
+    """Make ``client_id`` a registered client (idempotent: an existing row is kept), so that the
+    tokens tests issue it directly verify (our tokens verify only while their client is
+    registered). No secret and no keys: it cannot authenticate at /auth/token."""
+    await app.state.pool.execute(
+        "INSERT INTO oauth_client (client_id, name, scopes, organization, patient)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (client_id) DO NOTHING",
+        client_id,
+        f"test client {client_id}",
+        scope,
+        organization,
+        patient,
     )
+
+
+async def bearer(app: FastAPI, scope: str = FULL_ACCESS, **context: str | None) -> dict[str, str]:
+    """An Authorization header with a token the server issued (as its token endpoint would)
+    to ``client_id`` (default "test-client"), registered first."""
+    client_id = context.pop("client_id", None) or "test-client"
+    await register_test_client(
+        app, client_id, scope, organization=context.get("organization"), patient=context.get("patient")
+    )
+    token, _ = await app.state.tokens.issue(client_id=client_id, scope=scope, **context)
     return {"authorization": f"Bearer {token}"}
 
 

@@ -43,6 +43,7 @@ from tests.auth_support import (
     public_jwks,
     sign_assertion,
 )
+from tests.conftest import register_test_client
 
 BASE = "http://cc.test"
 FHIR_BASE = f"{BASE}/fhir"
@@ -437,6 +438,8 @@ async def test_jwks_endpoint_publishes_the_signing_key(http: httpx.AsyncClient, 
 async def test_key_rotation_keeps_old_tokens_valid(
     http: httpx.AsyncClient, auth_app: FastAPI, settings: Settings, tokens: TokenService
 ) -> None:
+    await register_test_client(auth_app, "rotating")
+    await register_test_client(auth_app, "other-process")
     old_token, _ = await tokens.issue(client_id="rotating", scope="system/*.rs")
     old_kid = _decode_parts(old_token)[0]["kid"]
     new_kid = await tokens.keys.maintain(force=True)
@@ -489,7 +492,8 @@ async def test_processes_starting_together_create_one_key(auth_app: FastAPI, set
     assert await pool.fetchval("SELECT kid FROM auth_signing_key WHERE retired_at IS NULL") == created[0]
 
 
-async def test_verify_rejects_bad_tokens(tokens: TokenService, idp_key: Any) -> None:
+async def test_verify_rejects_bad_tokens(auth_app: FastAPI, tokens: TokenService, idp_key: Any) -> None:
+    await register_test_client(auth_app, "c1")
     signing = await tokens.keys.signing_key()
     now = int(time.time())
     good_claims = {
@@ -540,7 +544,8 @@ async def test_verify_rejects_bad_tokens(tokens: TokenService, idp_key: Any) -> 
         assert len(str(raised.value)) < 60
 
 
-async def test_verified_tokens_are_cached(tokens: TokenService) -> None:
+async def test_verified_tokens_are_cached(auth_app: FastAPI, tokens: TokenService) -> None:
+    await register_test_client(auth_app, "hot")
     token, _ = await tokens.issue(client_id="hot", scope="system/*.rs")
     first = await tokens.verify(token)
     started = time.perf_counter()
@@ -590,15 +595,20 @@ async def test_trusted_external_issuer(
     with pytest.raises(InvalidToken):
         await tokens.verify(forged)
     assert jwks_server.hits["/idp/jwks"] == 1  # max-age=600: fetched once
-    # Introspection reports a trusted issuer's token too.
-    client_id, secret = await _secret_client(auth_app)
+    # Introspection reports a trusted issuer's token too, to a client registered for introspection.
+    client_id, secret = await _secret_client(auth_app, introspection=True)
     response = await http.post("/auth/introspect", data={"token": token}, auth=(client_id, secret))
     assert response.json()["active"] is True
     assert response.json()["iss"] == IDP
+    # Any other client learns nothing about it (its client is not that client).
+    other_id, other_secret = await _secret_client(auth_app)
+    hidden = await http.post("/auth/introspect", data={"token": token}, auth=(other_id, other_secret))
+    assert hidden.json() == {"active": False}
 
 
 async def test_introspection(http: httpx.AsyncClient, auth_app: FastAPI, tokens: TokenService) -> None:
-    resource_server, secret = await _secret_client(auth_app)
+    resource_server, secret = await _secret_client(auth_app, introspection=True)
+    await register_test_client(auth_app, "someone", "patient/*.rs", patient="p-1")
     token, _ = await tokens.issue(
         client_id="someone", scope="patient/*.rs", patient="p-1", organization="Organization/o-1"
     )
@@ -621,14 +631,22 @@ async def test_introspection(http: httpx.AsyncClient, auth_app: FastAPI, tokens:
     assert inactive.json() == {"active": False}
     garbage = await http.post("/auth/introspect", data={"token": "garbage"}, auth=(resource_server, secret))
     assert garbage.json() == {"active": False}
-    # private_key_jwt callers may address the introspection endpoint.
+    # private_key_jwt callers may address the introspection endpoint (here about their own token;
+    # another client's token is {"active": false} to a client not registered for introspection).
     jwks_client, key = await _jwks_client(auth_app, "ES384")
-    assertion = sign_assertion(key, jwks_client, INTROSPECT_URL, alg="ES384")
-    by_key = await http.post(
-        "/auth/introspect",
-        data={"token": token, "client_assertion_type": ASSERTION_TYPE, "client_assertion": assertion},
-    )
-    assert by_key.json()["active"] is True
+    own_token, _ = await tokens.issue(client_id=jwks_client, scope="system/Patient.rs")
+    for introspected, active in ((own_token, True), (token, False)):
+        assertion = sign_assertion(key, jwks_client, INTROSPECT_URL, alg="ES384")
+        by_key = await http.post(
+            "/auth/introspect",
+            data={
+                "token": introspected,
+                "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": assertion,
+            },
+        )
+        assert by_key.status_code == 200, by_key.text
+        assert by_key.json()["active"] is active
     unauthenticated = await http.post("/auth/introspect", data={"token": token})
     _assert_oauth_error(unauthenticated, 401, "invalid_client")
     missing = await http.post("/auth/introspect", data={}, auth=(resource_server, secret))
@@ -648,12 +666,13 @@ async def test_failed_requests_are_rate_limited(settings: Settings) -> None:
             for _ in range(3):
                 wrong = await attacker.post("/auth/token", data=_token_form(), auth=(client_id, "guess"))
                 _assert_oauth_error(wrong, 401, "invalid_client")
-            # Limited now: even the right secret gets 429, from that address and for that client.
+            # Limited now: even the right secret gets 429 from that address...
             blocked = await attacker.post("/auth/token", data=_token_form(), auth=(client_id, secret))
             _assert_oauth_error(blocked, 429, "slow_down")
             assert 1 <= int(blocked.headers["retry-after"]) <= 60
+            # ...but not from elsewhere: another address's failures never lock the client out.
             same_client = await elsewhere.post("/auth/token", data=_token_form(), auth=(client_id, secret))
-            _assert_oauth_error(same_client, 429, "slow_down")
+            assert same_client.status_code == 200, same_client.text
             other_id, other_secret = await _secret_client(limited)
             from_attacker = await attacker.post(
                 "/auth/introspect", data={"token": "x"}, auth=(other_id, other_secret)
@@ -787,6 +806,7 @@ async def test_cli_clients_add_list_remove(
 
 
 async def test_cli_keys_rotate(database_url: str, auth_app: FastAPI, tokens: TokenService) -> None:
+    await register_test_client(auth_app, "pre-rotation")
     before, _ = await tokens.issue(client_id="pre-rotation", scope="system/*.rs")
     rotated = await asyncio.to_thread(_cli, database_url, "keys", "rotate")
     assert rotated.returncode == 0, rotated.stderr

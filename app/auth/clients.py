@@ -8,7 +8,12 @@ Two kinds (RFC 6749 §2.3, SMART Backend Services):
   either inline (stored here) or as a ``jwks_url`` fetched when needed.
 
 A client may carry an organisation (``Organization/ID``: its tokens get ``organization``) or a
-patient (its tokens get ``patient`` and only ``patient/`` scopes).
+patient (its tokens get ``patient`` and only ``patient/`` scopes). A client registered with
+``introspection`` may introspect tokens issued to other clients (RFC 7662 §4; a resource server);
+any other client learns about its own tokens only.
+
+Removing a client revokes its access tokens: app/auth/tokens.py checks, on every verification,
+that the token's client is still registered (the answer cached for a few seconds per process).
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import asyncpg
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from app.auth.scopes import looks_like_resource_scope, parse_resource_scope
+from app.auth.scopes import looks_like_resource_scope, parse_resource_scope, parse_scope, restriction_problem
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _ORGANIZATION = re.compile(r"Organization/[A-Za-z0-9\-.]{1,64}")
-_COLUMNS = "client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, created"
+_COLUMNS = (
+    "client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, introspection, created"
+)
 
 
 class ClientRegistrationError(ValueError):
@@ -54,6 +61,8 @@ class Client:
     jwks: str | None
     jwks_url: str | None
     created: datetime | None = None
+    introspection: bool = False
+    """May introspect tokens issued to other clients (RFC 7662 §4)."""
 
     @property
     def auth_method(self) -> str:
@@ -69,6 +78,7 @@ class Client:
             "patient": self.patient,
             "auth": self.auth_method,
             "jwks_url": self.jwks_url,
+            "introspection": self.introspection,
             "created": self.created.isoformat() if self.created else None,
         }
 
@@ -157,6 +167,16 @@ def _validate(
     for item in scopes:
         if looks_like_resource_scope(item) and parse_resource_scope(item) is None:
             raise ClientRegistrationError(f"not a SMART resource scope: {item}")
+        parsed = parse_resource_scope(item)
+        if parsed is not None and parsed.query is not None:
+            permission = parse_scope(item)
+            if permission is None:
+                raise ClientRegistrationError(
+                    f"malformed scope restriction (v2 scopes only, ?param=value&...): {item}"
+                )
+            problem = restriction_problem(parsed.resource_type, permission.restriction)
+            if problem is not None:
+                raise ClientRegistrationError(f"scope restriction not allowed in {item}: {problem}")
         if patient is None and item.startswith("patient/"):
             raise ClientRegistrationError("patient/ scopes need a patient context (--patient)")
         if patient is not None and looks_like_resource_scope(item) and not item.startswith("patient/"):
@@ -180,10 +200,12 @@ async def register_client(
     patient: str | None = None,
     jwks: str | Mapping[str, Any] | None = None,
     jwks_url: str | None = None,
+    introspection: bool = False,
 ) -> tuple[str, str | None]:
     """Register a client; returns ``(client_id, client_secret)``, the secret None for JWKS clients.
 
-    ``patient`` may be given as ``ID`` or ``Patient/ID``. Raises :class:`ClientRegistrationError`.
+    ``patient`` may be given as ``ID`` or ``Patient/ID``; ``introspection`` lets the client
+    introspect other clients' tokens. Raises :class:`ClientRegistrationError`.
     """
     if patient is not None and patient.startswith("Patient/"):
         patient = patient.removeprefix("Patient/")
@@ -202,8 +224,8 @@ async def register_client(
     client_id = str(uuid.uuid4())
     await db.execute(
         "INSERT INTO oauth_client"
-        " (client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        " (client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, introspection)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         client_id,
         name.strip(),
         secret_hash,
@@ -212,6 +234,7 @@ async def register_client(
         patient,
         jwks_text,
         jwks_url,
+        introspection,
     )
     return client_id, secret
 
@@ -227,6 +250,7 @@ def _client(row: Mapping[str, Any]) -> Client:
         jwks=row["jwks"],
         jwks_url=row["jwks_url"],
         created=row["created"],
+        introspection=bool(row["introspection"]),
     )
 
 
@@ -241,6 +265,8 @@ async def list_clients(db: asyncpg.Pool | asyncpg.Connection) -> list[Client]:
 
 
 async def remove_client(db: asyncpg.Pool | asyncpg.Connection, client_id: str) -> bool:
-    """Delete a client; tokens it already holds stay valid until they expire (at most the TTL)."""
+    """Delete a client. Its access tokens stop verifying within
+    tokens.CLIENT_CHECK_INTERVAL seconds in every process (the registration check of
+    TokenService.verify), long before they expire."""
     status: str = await db.execute("DELETE FROM oauth_client WHERE client_id = $1", client_id)
     return status.endswith(" 1")

@@ -1,13 +1,25 @@
 """Failed-authentication limits for /auth/token and /auth/introspect (RFC 6819 §4.3.2, §5.1.4.2.3).
 
-After ``limit`` failed requests within ``window`` seconds from one source address, or naming
-one client_id, further requests from that address or for that client are refused with 429
-until the oldest failure leaves the window, correct credentials included: that is what stops
-online guessing of a secret.
+What is limited: failed requests (an attempt counts until it succeeds) per key, two keys per
+request (server.py ``_limited``):
+
+* the source address (``address:A``): after ``limit`` failures within ``window`` seconds from
+  one address, every request from it is refused with 429 until the oldest failure leaves the
+  window, correct credentials included. That stops online guessing of secrets from one place,
+  whichever client ids it names (and a malformed request counts here too);
+* the claimed client at that address (``client:C@A``, :func:`pair_key`): the same limit for
+  one client_id from one address. (With one limit for both keys the address count is never
+  the smaller; the pair count keeps a client's own failures apart, so that the address limit
+  can be raised for addresses many clients share without raising the per-client one.)
+
+There is deliberately no key for a client_id alone: a client id is no secret, and such a key
+would let anyone lock a known client out everywhere, its own correct credentials from its own
+address included (issue 12). So an attacker's failures block the attacker's address only; the
+price is that guesses spread over many addresses are limited per address, which still makes
+guessing a 256-bit secret (or forging a private_key_jwt assertion) hopeless.
 
 The counts are in memory, per process: with N processes an attacker gets up to N x ``limit``
-attempts per window, which still makes guessing a 256-bit secret hopeless; a restart forgets
-them. A client_id named by an attacker can be locked out this way for at most one window.
+attempts per window and address; a restart forgets them.
 """
 
 from __future__ import annotations
@@ -17,7 +29,12 @@ import time
 from collections import deque
 
 MAX_TRACKED = 100_000
-"""Most addresses/clients remembered at once (memory bound under a spray of addresses)."""
+"""Most keys (addresses, client/address pairs) remembered at once (memory bound under a spray)."""
+
+
+def pair_key(client_id: str, address: str | None) -> str:
+    """The key of one claimed client at one source address."""
+    return f"client:{client_id}@{address or '-'}"
 
 
 class FailureLimiter:

@@ -5,11 +5,17 @@ forms ``.read`` (= ``rs``), ``.write`` (= ``cud``) and ``.*`` (= ``cruds``). Sco
 not resource scopes (``launch``, ``openid``, ``fhirUser``, ``offline_access``...) grant no
 resource access and are ignored here; so are malformed ones (the SMART text allows ignoring
 undefined or out-of-order letter strings such as ``.dus``).
+
+A restriction is acceptable only when it is *plain* (:func:`restriction_problem`): search
+parameters of the scoped type itself, so that what a restricted scope lets through never depends
+on rows of another type (no chains, no ``_has``) nor on result parameters. Registration, the
+token endpoint and the compilation of restrictions into SQL (app/fhir/access.py) all apply it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -22,6 +28,17 @@ V1_ACTIONS = {"read": "rs", "write": "cud", "*": "cruds"}
 EXPLICIT_ONLY_TYPES = frozenset({"AuditEvent"})
 """Types a ``*`` scope does not cover: the audit trail is readable with AuditEvent scopes only
 (issue 4), so that ``patient/*.rs`` or ``system/*.rs`` never reveal who accessed what."""
+
+COMMON_SEARCH_PARAMS = frozenset({"_id", "_lastUpdated", "_tag", "_profile", "_security", "_source"})
+"""The search parameters of every type: the only ones a ``*`` scope may be restricted by."""
+
+MODIFIERS = frozenset(
+    {"missing", "exact", "contains", "text", "not", "above", "below", "in", "not-in", "of-type", "identifier"}
+)
+"""Search modifiers (R4 search.html#modifiers) a restriction may use; a resource type name is
+allowed too, as the type modifier of a reference parameter (``subject:Patient=Patient/1``)."""
+
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
 
 _RESOURCE_SCOPE = re.compile(
     r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]{1,63})\.(?P<action>[a-z*]+)"
@@ -103,6 +120,53 @@ def parse_scope(scope: str) -> Permission | None:
         if not restriction:
             return None
     return Permission(parsed.context, parsed.resource_type, parsed.letters, restriction)
+
+
+def restriction_problem(resource_type: str, pairs: Iterable[tuple[str, str]]) -> str | None:
+    """Why the ``?param=value`` restriction ``pairs`` of a scope on ``resource_type`` (or ``*``)
+    is not acceptable, or None when it is.
+
+    Acceptable: every name is a search parameter of that type (app/fhir/search_params.py; for
+    ``*`` only the common ``_id``, ``_lastUpdated``, ``_tag``, ``_profile``, ``_security``,
+    ``_source``), optionally with one modifier from :data:`MODIFIERS` or, on a reference
+    parameter, a resource type it may point to. Never a chain (a ``.`` in the name), ``_has``,
+    ``_include``/``_revinclude`` or a result parameter (``_count``, ``_sort``...): those are not
+    search parameters of the type, so they are refused by the same rule.
+    """
+    from app.fhir.search_params import registry  # lazily: app/fhir/access.py imports this module
+
+    pairs = list(pairs)
+    if not pairs:
+        return "empty restriction"
+    params = registry()
+    for name, _value in pairs:
+        base, colon, modifier = name.partition(":")
+        shown = name[:80]
+        if "." in name:
+            return f"chained parameter {shown!r}: restrictions may not look at other types"
+        if base == "_has":
+            return f"{shown!r}: _has may not be used in a restriction"
+        if resource_type == "*":
+            known = base in COMMON_SEARCH_PARAMS
+        else:
+            known = params.get(resource_type, base) is not None
+        if not known:
+            where = "every type" if resource_type == "*" else resource_type
+            return f"{base[:80]!r} is not a search parameter of {where}"
+        if not colon:
+            continue
+        if modifier in MODIFIERS:
+            continue
+        param = params.get(resource_type, base) if resource_type != "*" else None
+        if (
+            param is not None
+            and param.type == "reference"
+            and _TYPE_NAME.fullmatch(modifier)
+            and (not param.targets or modifier in param.targets)
+        ):
+            continue
+        return f"modifier {modifier[:80]!r} of {base[:80]!r} may not be used in a restriction"
+    return None
 
 
 def parse_scopes(scope: str) -> tuple[Permission, ...]:

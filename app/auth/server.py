@@ -4,7 +4,10 @@
   authenticate with ``client_secret_basic``, ``client_secret_post`` (§2.3.1) or
   ``private_key_jwt`` (RFC 7523 §2.2 as profiled by SMART Backend Services: RS384 or ES384,
   ``kid`` required, ``exp`` at most five minutes ahead, ``jti`` never reused).
-* ``POST /auth/introspect``: RFC 7662 for an authenticated client.
+* ``POST /auth/introspect``: RFC 7662 for an authenticated client. Only the client a token was
+  issued to, or a client registered with ``introspection``, learns about it; any other caller
+  gets ``{"active": false}`` (RFC 7662 §2.2 and §4: the server may answer so to protect
+  information).
 
 Errors are :class:`OAuthError` (RFC 6749 §5.2), rendered by app/routers/auth.py; failed
 requests count towards app/auth/ratelimit.py's limits. Nothing here logs a secret, an
@@ -30,7 +33,7 @@ from joserfc.errors import JoseError
 from app.auth.clients import Client, ClientRegistrationError, check_secret, get_client, parse_client_jwks
 from app.auth.grants import narrow_scopes
 from app.auth.jwks import JwksUnavailable, select_key
-from app.auth.ratelimit import FailureLimiter
+from app.auth.ratelimit import FailureLimiter, pair_key
 from app.auth.tokens import InvalidToken, TokenService, peek
 from app.settings import Settings
 
@@ -172,12 +175,15 @@ class AuthorizationServer:
         return await self._limited(request, self._token)
 
     async def introspect(self, request: OAuthRequest) -> dict[str, Any]:
-        """RFC 7662 §2: ``{"active": false}`` for any token that is not valid here."""
+        """RFC 7662 §2: ``{"active": false}`` for any token that is not valid here, and for
+        another client's token unless the caller is registered with ``introspection``."""
         return await self._limited(request, self._introspect)
 
     async def _limited(
         self, request: OAuthRequest, handler: Callable[[OAuthRequest], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any]:
+        # ratelimit.py: per address, and per (claimed client, address); never per client alone,
+        # so that failures from one address cannot lock a client out at its own.
         address = f"address:{request.address}" if request.address else None
         retry_after = self.limiter.retry_after(address)
         if retry_after is not None:
@@ -188,7 +194,7 @@ class AuthorizationServer:
             self.limiter.record_failure(address)
             raise
         claimed = request.claimed_client_id()
-        client_key = f"client:{claimed}" if claimed else None
+        client_key = pair_key(claimed, request.address) if claimed else None
         retry_after = self.limiter.retry_after(address, client_key)
         if retry_after is not None:
             raise RateLimited(retry_after)
@@ -231,13 +237,16 @@ class AuthorizationServer:
         return body
 
     async def _introspect(self, request: OAuthRequest) -> dict[str, Any]:
-        await self.authenticate(request, audiences=(self.introspection_url, self.token_url))
+        caller = await self.authenticate(request, audiences=(self.introspection_url, self.token_url))
         token = request.form.get("token")
         if not token:
             raise OAuthError("invalid_request", "token is required")
         try:
             claims = await self.tokens.verify(token)
         except InvalidToken:
+            return {"active": False}
+        own = claims.issuer == self.tokens.issuer and claims.client_id == caller.client_id
+        if not (own or caller.introspection):
             return {"active": False}
         body: dict[str, Any] = {
             "active": True,

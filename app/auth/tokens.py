@@ -14,10 +14,18 @@ Verification checks, in order: shape and size, issuer known, ``alg`` the one exp
 issuer (never ``none``, never HMAC), ``kid`` known, signature, ``iss``, ``aud``, ``exp``/``nbf``
 (``CLOCK_LEEWAY`` seconds of skew). A verified token is cached by its exact text until it
 expires, so the request path pays a dict lookup per request, not a signature check.
+
+Revocation: every verification of one of our tokens, cache hits included, also checks that
+the token's client is still in ``oauth_client`` (:class:`RegisteredClients`). The answer is
+cached per client for ``CLIENT_CHECK_INTERVAL`` seconds, so the request path almost always
+pays a dict lookup, and ``carecoord clients remove`` takes effect in every process within
+those seconds without any signalling between processes. Tokens of trusted external issuers
+are not ours and their clients are not registered here: they are not checked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -42,6 +50,9 @@ EXTERNAL_ALGS = frozenset({"RS256", "RS384", "ES256", "ES384"})
 CLOCK_LEEWAY = 15
 MAX_TOKEN_LENGTH = 8192
 CACHE_SIZE = 10_000
+CLIENT_CHECK_INTERVAL = 5.0
+"""Seconds a process trusts its last answer to "is this client still registered?": the longest a
+removed client's tokens keep working (issue 15)."""
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _REFERENCE = re.compile(r"(?:.*/)?(?P<type>Patient|Organization)/(?P<id>[A-Za-z0-9\-.]{1,64})")
 
@@ -142,6 +153,59 @@ def _external_scope(claims: Mapping[str, Any]) -> str:
     raise InvalidToken("invalid scope claim")
 
 
+class RegisteredClients:
+    """Whether a client id is (still) in ``oauth_client``, each answer cached for ``interval``
+    seconds; concurrent misses for one client share one query."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, interval: float = CLIENT_CHECK_INTERVAL, max_size: int = CACHE_SIZE
+    ) -> None:
+        self._pool = pool
+        self._interval = interval
+        self._max_size = max_size
+        self._answers: dict[str, tuple[bool, float]] = {}  # client_id -> (registered, valid until)
+        self._pending: dict[str, asyncio.Future[bool]] = {}
+
+    def cached(self, client_id: str) -> bool | None:
+        """The cached answer, or None when there is none younger than the interval."""
+        answer = self._answers.get(client_id)
+        if answer is None or time.monotonic() >= answer[1]:
+            return None
+        return answer[0]
+
+    async def is_registered(self, client_id: str) -> bool:
+        answer = self.cached(client_id)
+        if answer is not None:
+            return answer
+        pending = self._pending.get(client_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(client_id))
+            self._pending[client_id] = pending
+
+            def done(future: asyncio.Future[bool], client_id: str = client_id) -> None:
+                if self._pending.get(client_id) is future:
+                    del self._pending[client_id]
+                if not future.cancelled():
+                    future.exception()  # retrieved: raised to every waiter, never logged as lost
+
+            pending.add_done_callback(done)
+        # Shielded: a cancelled request must not cancel the query the others wait for.
+        return await asyncio.shield(pending)
+
+    async def _load(self, client_id: str) -> bool:
+        valid_until = time.monotonic() + self._interval  # from before the query: never too long
+        found = await self._pool.fetchval("SELECT true FROM oauth_client WHERE client_id = $1", client_id)
+        if len(self._answers) >= self._max_size:
+            now = time.monotonic()
+            for stale in [key for key, (_, until) in self._answers.items() if until <= now]:
+                del self._answers[stale]
+            if len(self._answers) >= self._max_size:
+                self._answers.clear()
+        registered = found is not None
+        self._answers[client_id] = (registered, valid_until)
+        return registered
+
+
 class TokenService:
     """Issues our access tokens and verifies ours and trusted issuers'. Built once per process."""
 
@@ -153,6 +217,7 @@ class TokenService:
         ttl: int,
         keys: SigningKeys,
         jwks: JwksCache,
+        clients: RegisteredClients,
         trusted: Sequence[TrustedIssuer] = (),
         cache_size: int = CACHE_SIZE,
     ) -> None:
@@ -161,6 +226,7 @@ class TokenService:
         self.ttl = ttl
         self.keys = keys
         self.jwks = jwks
+        self.clients = clients
         self._trusted = {entry.issuer: entry for entry in trusted if entry.issuer != issuer}
         self._cache: dict[str, TokenClaims] = {}
         self._cache_size = cache_size
@@ -175,7 +241,8 @@ class TokenService:
     ) -> tuple[str, int]:
         """Sign an access token for ``client_id``; returns (jwt, expires_in seconds).
 
-        No checks: the caller (the token endpoint, or a test) has decided what to grant.
+        No checks: the caller (the token endpoint, or a test) has decided what to grant. The
+        token verifies only while ``client_id`` is a registered client.
         """
         signing = await self.keys.signing_key()
         now = int(time.time())
@@ -198,17 +265,24 @@ class TokenService:
         return token, self.ttl
 
     async def verify(self, token: str) -> TokenClaims:
-        """The claims of a valid token; raises :class:`InvalidToken` otherwise."""
-        cached = self._cache.get(token)
-        if cached is not None:
-            if time.time() < cached.expires_at + CLOCK_LEEWAY:
-                return cached
-            del self._cache[token]
-            raise InvalidToken("token expired")
-        claims = await self._verify(token)
-        if len(self._cache) >= self._cache_size:
-            self._evict()
-        self._cache[token] = claims
+        """The claims of a valid token; raises :class:`InvalidToken` otherwise (also when the
+        token is ours and its client has been removed)."""
+        claims = self._cache.get(token)
+        if claims is not None:
+            if time.time() >= claims.expires_at + CLOCK_LEEWAY:
+                del self._cache[token]
+                raise InvalidToken("token expired")
+        else:
+            claims = await self._verify(token)
+            if len(self._cache) >= self._cache_size:
+                self._evict()
+            self._cache[token] = claims
+        if claims.issuer == self.issuer:
+            registered = self.clients.cached(claims.client_id)
+            if registered is None:
+                registered = await self.clients.is_registered(claims.client_id)
+            if not registered:
+                raise InvalidToken("the token's client is not registered")
         return claims
 
     def _evict(self) -> None:
@@ -329,5 +403,6 @@ async def build_token_service(
         ttl=settings.token_ttl,
         keys=keys,
         jwks=JwksCache(http_client),
+        clients=RegisteredClients(pool),
         trusted=trusted_issuers(settings),
     )
