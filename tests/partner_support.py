@@ -41,6 +41,7 @@ import pytest
 from joserfc.jwk import ECKey, RSAKey
 
 from app.db import REPO_ROOT
+from tests.conftest import LOOPBACK_ALLOWLIST
 
 PARTNER_SCOPE = "system/*.cruds"
 
@@ -98,6 +99,8 @@ class PartnerServer:
                 "CARECOORD_LOG_LEVEL": "warning",
                 # Tests provoke refused token requests on purpose; they must not lock out the others.
                 "CARECOORD_AUTH_FAILURE_LIMIT": "100000",
+                # The partner fetches clients' JWKS from loopback servers of the tests.
+                "CARECOORD_OUTBOUND_ALLOWLIST": LOOPBACK_ALLOWLIST,
             }
         )
         return env

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from app.db import REPO_ROOT
 from app.referrals.bundle import identifier_system
-from tests.conftest import BASE_URL, TEST_SECRET_KEY
+from tests.conftest import BASE_URL, LOOPBACK_ALLOWLIST, TEST_SECRET_KEY
 from tests.partner_support import PartnerServer, partner_server_fixture  # noqa: F401  (fixture)
 from tests.test_referrals import add_partner, delivery_state, make_referral, partner_token
 
@@ -48,6 +48,7 @@ class WorkerProcesses:
                 "CARECOORD_DELIVERY_TIMEOUT": "20",
                 "CARECOORD_REFERRAL_POLL_INTERVAL": "3600",
                 "CARECOORD_LOG_LEVEL": "warning",
+                "CARECOORD_OUTBOUND_ALLOWLIST": LOOPBACK_ALLOWLIST,
             }
         )
         log = (self.workdir / f"worker-{len(self.processes)}.log").open("wb")

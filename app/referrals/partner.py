@@ -46,6 +46,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
 from app.fhir import jsonio
+from app.outbound import OutboundRefused
 from app.referrals.credentials import CredentialsError, PartnerCredentials, load_credentials
 from app.referrals.directory import Partner, find_partner
 from app.settings import Settings
@@ -119,7 +120,7 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -301,6 +302,11 @@ class PartnerClient:
                             )
                         chunks.append(chunk)
                     return response.status_code, response.headers, b"".join(chunks)
+        except OutboundRefused as exc:
+            # The address is loopback/private/... and not allowlisted: no retry will change that.
+            raise DeliveryError(
+                f"{what} address is not allowed by the outbound address policy", retryable=False
+            ) from exc
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise DeliveryError(f"{what} did not answer within {self._timeout:g}s", retryable=True) from exc
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
