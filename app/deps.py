@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+from asyncpg.exceptions import QueryCanceledError
 from fastapi import Depends, Request
 
 from app.auth.audit import AuditTrail, build_event, interaction_of
 from app.auth.context import authenticate
 from app.fhir.access import OPEN_ACCESS, AccessContext
-from app.fhir.errors import FHIRError, PayloadTooLarge
+from app.fhir.errors import FHIRError, PayloadTooLarge, Timeout
+from app.fhir.params import declared_length
 from app.fhir.repository import FhirRepository
 from app.settings import Settings
 
@@ -73,30 +75,32 @@ def _audit_event(
 
 async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[FhirRepository]:
     state = request.app.state
-    fhir_base = state.settings.fhir_base
     audit: AuditTrail = state.audit
     async with state.pool.acquire() as connection:
-        if request.method in READ_ONLY_METHODS:
-            # Reads need no transaction: each statement sees committed data, and skipping
-            # BEGIN/COMMIT saves two round trips per read.
-            repo = FhirRepository(connection, access, fhir_base=fhir_base, hooks=state.write_hooks)
-            try:
-                yield repo
-            except FHIRError as exc:
-                audit.record(_audit_event(request, exc.status, repo.access, repo))
-                raise
-            audit.record(_audit_event(request, 200, repo.access, repo))
-            return
-        repo = FhirRepository(connection, access, fhir_base=fhir_base, hooks=state.write_hooks)
+        repo = state.repositories.for_client(connection, access)
         try:
-            async with connection.transaction():
+            if request.method in READ_ONLY_METHODS:
+                # Reads need no transaction: each statement sees committed data, and skipping
+                # BEGIN/COMMIT saves two round trips per read.
                 yield repo
-                # The write's record commits with it, or neither does.
-                if audit.enabled:
-                    await audit.write(connection, _audit_event(request, 200, repo.access, repo))
+            else:
+                async with connection.transaction():
+                    yield repo
+                    # The write's record commits with it, or neither does.
+                    if audit.enabled:
+                        await audit.write(connection, _audit_event(request, 200, repo.access, repo))
+        except QueryCanceledError as exc:
+            timeout = Timeout(
+                "the database took longer than this server allows for one statement"
+                " (CARECOORD_DB_STATEMENT_TIMEOUT); nothing was changed"
+            )
+            audit.record(_audit_event(request, timeout.status, repo.access, repo))
+            raise timeout from exc
         except FHIRError as exc:
             audit.record(_audit_event(request, exc.status, repo.access, repo))
             raise
+        if request.method in READ_ONLY_METHODS:
+            audit.record(_audit_event(request, 200, repo.access, repo))
 
 
 # scope="function": the transaction ends (commit or rollback) when the handler returns,
@@ -106,8 +110,8 @@ RepositoryDep = Annotated[FhirRepository, Depends(get_repository, scope="functio
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes with 413 before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    declared = declared_length(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0

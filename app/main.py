@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,11 +14,15 @@ from app import db
 from app.auth.audit import AuditTrail
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
+from app.cancellation import CancelOnDisconnect
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
+from app.fhir.repository import RepositoryFactory
+from app.fhir.search import SearchLimits
 from app.openapi import install_openapi
-from app.referrals.hooks import DirectoryHooks, ReferralHooks
+from app.outbound import outbound_client
+from app.referrals.hooks import write_hooks
 from app.referrals.worker import Worker
 from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
@@ -67,24 +70,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await db.create_pool(settings)
         app.state.cursors = await load_cursor_codec(app.state.pool)
-        # One outgoing HTTP client per process (JWKS fetches; later partner calls).
-        app.state.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, connect=5.0),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
-            follow_redirects=False,
-        )
+        # One outgoing HTTP client per process (JWKS fetches, partner calls), under the outbound
+        # address policy: those URLs come from clients and partners (SSRF, app/outbound.py).
+        app.state.http = outbound_client(settings)
         try:
             app.state.tokens = await build_token_service(settings, app.state.pool, app.state.http)
             app.state.oauth = AuthorizationServer(
                 settings=settings, pool=app.state.pool, tokens=app.state.tokens
             )
             app.state.audit = AuditTrail(app.state.pool, settings.fhir_base, enabled=settings.audit_enabled)
-            app.state.write_hooks = (ReferralHooks(settings), DirectoryHooks())
+            app.state.repositories = RepositoryFactory(
+                settings.fhir_base, write_hooks(settings), SearchLimits.from_settings(settings)
+            )
             app.state.audit.start()
             stop_worker = asyncio.Event()
             worker_task = None
             if settings.run_worker:
-                worker = Worker(app.state.pool, app.state.http, settings)
+                worker = Worker(app.state.pool, app.state.http, settings, repositories=app.state.repositories)
                 worker_task = asyncio.create_task(worker.run(stop_worker), name="referral-worker")
             try:
                 yield
@@ -103,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(CancelOnDisconnect)
     app.include_router(health.router)
     app.include_router(metadata.router)
     # Before the FHIR routes: their /fhir/{type}/{id} would take /fhir/.well-known/smart-configuration.

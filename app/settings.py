@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.outbound import parse_allowlist
+
 
 class Settings(BaseSettings):
     """carecoord configuration, from environment variables (prefix ``CARECOORD_``)."""
@@ -36,6 +38,38 @@ class Settings(BaseSettings):
         default=10, ge=1, description="Most resources one conditional delete may remove (1 = single only)"
     )
     max_bundle_entries: int = Field(default=1000, ge=1, description="Most entries in a batch or transaction")
+    max_bundle_resources: int = Field(
+        default=10000,
+        ge=1,
+        description="Most resources one batch or transaction response carries (reads and search results"
+        " together); entries beyond it are refused with 400 too-costly",
+    )
+    search_max_parameters: int = Field(
+        default=30, ge=1, description="Most search parameters (each repetition counts) and _sort keys"
+    )
+    search_max_values: int = Field(
+        default=1000, ge=1, description="Most values (comma-separated OR values count one each) per search"
+    )
+    search_max_chain_depth: int = Field(
+        default=3, ge=1, description="Most hops of one chain or _has nesting"
+    )
+    search_max_has: int = Field(default=3, ge=0, description="Most _has conditions per search")
+    search_max_includes: int = Field(
+        default=10, ge=0, description="Most _include/_revinclude directives per search"
+    )
+    search_max_bind_values: int = Field(
+        default=5000, ge=100, le=30000, description="Most bind values of one compiled search statement"
+    )
+    db_statement_timeout: float = Field(
+        default=30,
+        gt=0,
+        description="Seconds one SQL statement may run before PostgreSQL cancels it (statement_timeout)",
+    )
+    db_idle_in_transaction_timeout: float = Field(
+        default=60,
+        gt=0,
+        description="Seconds a connection may sit idle inside a transaction before PostgreSQL ends it",
+    )
     log_level: str = "info"
     auth_enabled: bool = Field(
         default=True,
@@ -85,6 +119,11 @@ class Settings(BaseSettings):
     run_worker: bool = Field(
         default=True, description="Run the referral worker inside each API process (serve --no-worker: false)"
     )
+    outbound_allowlist: str = Field(
+        default="",
+        description="Comma list of what outgoing requests may reach besides global addresses:"
+        " host names (any port), host:port ([v6]:port) or CIDR networks (app/outbound.py)",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -111,6 +150,13 @@ class Settings(BaseSettings):
             if not entry["jwks_url"].startswith(("https://", "http://")):
                 raise ValueError("a trusted issuer's jwks_url must be an http(s) URL")
         return value
+
+    @field_validator("outbound_allowlist")
+    @classmethod
+    def _outbound_entries(cls, value: str) -> str:
+        """Refuse a malformed allowlist at startup, not at the first outgoing request."""
+        parse_allowlist(value)
+        return value.strip()
 
     @property
     def fhir_base(self) -> str:

@@ -178,8 +178,14 @@ async def process_bundle(
     conditional_delete_max: int,
     prefer: Prefer,
     cursors: Any,
+    max_resources: int = 10000,
 ) -> dict[str, Any]:
-    """Run a ``batch`` or ``transaction`` Bundle; returns the response Bundle."""
+    """Run a ``batch`` or ``transaction`` Bundle; returns the response Bundle.
+
+    Its reads and searches return at most ``max_resources`` resources together: a small
+    Bundle of many large searches must not build a response of hundreds of megabytes (issue
+    15). An entry that would pass the limit is refused (400 ``too-costly``): in a batch that
+    entry alone, a transaction as a whole."""
     if not isinstance(raw, dict) or raw.get("resourceType") != "Bundle":
         raise BadRequest(
             "POST to the base takes a Bundle of type batch or transaction",
@@ -193,7 +199,7 @@ async def process_bundle(
         raise BadRequest("Bundle.entry must be an array", expression=("Bundle.entry",))
     if len(entries) > max_entries:
         raise PayloadTooLarge(f"the Bundle has {len(entries)} entries; the limit is {max_entries}")
-    runner = _Runner(repo, conditional_delete_max, prefer, cursors)
+    runner = _Runner(repo, conditional_delete_max, prefer, cursors, max_resources)
     if kind == "transaction":
         responses = await runner.transaction(entries)
     else:
@@ -207,12 +213,29 @@ async def process_bundle(
 
 class _Runner:
     def __init__(
-        self, repo: FhirRepository, conditional_delete_max: int, prefer: Prefer, cursors: Any
+        self,
+        repo: FhirRepository,
+        conditional_delete_max: int,
+        prefer: Prefer,
+        cursors: Any,
+        max_resources: int,
     ) -> None:
         self.repo = repo
         self.conditional_delete_max = conditional_delete_max
         self.prefer = prefer
         self.cursors = cursors
+        self.resources_left = max_resources
+        """How many more resources the response may carry (reads and search results)."""
+
+    def _spend(self, resources: int) -> None:
+        if resources > self.resources_left:
+            self.resources_left = 0  # what is left is not enough for anything but reads
+            raise BadRequest(
+                "the Bundle's reads and searches return more resources than this server puts in one"
+                " response (CARECOORD_MAX_BUNDLE_RESOURCES); page through the search instead",
+                code="too-costly",
+            )
+        self.resources_left -= resources
 
     # -- transaction ---------------------------------------------------------------------
 
@@ -401,7 +424,10 @@ class _Runner:
             if entry.if_none_match and parse_etag(entry.if_none_match, "ifNoneMatch") == version.version_id:
                 return {"response": {"status": "304 Not Modified", "etag": f'W/"{version.version_id}"'}}
             assert version.body is not None
+            self._spend(1)
             return {"resource": jsonio.loads(version.body), "response": _response_meta(version, "200 OK")}
+        if self.resources_left <= 0:
+            self._spend(1)
         pairs = parse_qsl(entry.query, keep_blank_values=True)
         body = await run_search(
             repo,
@@ -411,7 +437,10 @@ class _Runner:
             strict=self.prefer.handling == "strict",
             path=entry.resource_type,
         )
-        return {"resource": jsonio.loads(body), "response": {"status": "200 OK"}}
+        result = jsonio.loads(body)
+        found = result.get("entry") or []
+        self._spend(sum(1 for e in found if (e.get("search") or {}).get("mode") != "outcome"))
+        return {"resource": result, "response": {"status": "200 OK"}}
 
     def _write_response(self, version: StoredVersion, status: str) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -50,6 +50,7 @@ async def find_ids(
         strict=True,
         access=repo.access,
         letters=tuple(dict.fromkeys(("s", letter))),
+        limits=repo.search_limits,
     )
     page = await repo.search(request, None, False)
     return [found.fhir_id for found in page.matches]

@@ -148,6 +148,15 @@ class UnsupportedMediaType(FHIRError):
 
 
 @dataclass
+class Timeout(FHIRError):
+    """The database cancelled a statement that ran longer than the server allows
+    (``CARECOORD_DB_STATEMENT_TIMEOUT``): the request changed nothing."""
+
+    status: int = 503
+    code: str = "timeout"
+
+
+@dataclass
 class BusinessRule(FHIRError):
     status: int = 422
     code: str = "business-rule"

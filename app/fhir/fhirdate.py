@@ -19,8 +19,33 @@ LOWEST = datetime(1, 1, 2, tzinfo=UTC)
 HIGHEST = datetime(9999, 12, 30, tzinfo=UTC)
 
 
+def is_date_text(value: str) -> bool:
+    """Whether ``value`` is written as a FHIR date, dateTime or instant (in range or not)."""
+    return _PATTERN.match(value.strip()) is not None
+
+
 def date_range(value: str) -> tuple[datetime, datetime] | None:
-    """The range a FHIR date/dateTime/instant denotes, or None when it is not one."""
+    """The range a FHIR date/dateTime/instant denotes, in UTC, or None when it is not one or
+    its start cannot be represented in UTC (``0001-01-01T00:00:00+14:00`` lies in year 0).
+
+    An end past the last representable day (``9999-12-31`` runs to year 10000) is HIGHEST.
+    """
+    span = _local_range(value)
+    if span is None:
+        return None
+    low, high = span
+    try:
+        low = low.astimezone(UTC)
+    except OverflowError:
+        return None
+    try:
+        high = min(high.astimezone(UTC), HIGHEST)
+    except OverflowError:
+        high = HIGHEST
+    return low, max(low, high)
+
+
+def _local_range(value: str) -> tuple[datetime, datetime] | None:
     match = _PATTERN.match(value.strip())
     if not match:
         return None
@@ -33,27 +58,34 @@ def date_range(value: str) -> tuple[datetime, datetime] | None:
     try:
         year = int(parts["y"])
         if parts["m"] is None:
-            return datetime(year, 1, 1, tzinfo=tz), datetime(
-                year + 1, 1, 1, tzinfo=tz
-            ) if year < 9999 else HIGHEST
+            return datetime(year, 1, 1, tzinfo=tz), (
+                datetime(year + 1, 1, 1, tzinfo=tz) if year < 9999 else HIGHEST
+            )
         month = int(parts["m"])
         if parts["d"] is None:
             low = datetime(year, month, 1, tzinfo=tz)
-            high = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=tz)
+            high = datetime(year + 1, 1, 1, tzinfo=tz) if month == 12 and year < 9999 else (
+                HIGHEST if month == 12 else datetime(year, month + 1, 1, tzinfo=tz)
+            )
             return low, high
         day = datetime(year, month, int(parts["d"]), tzinfo=tz)
         if parts["H"] is None:
-            return day, day + timedelta(days=1)
+            return day, _later(day, timedelta(days=1))
         low = day.replace(hour=int(parts["H"]), minute=int(parts["M"]))
         if parts["S"] is None:
-            return low, low + timedelta(minutes=1)
+            return low, _later(low, timedelta(minutes=1))
         low = low.replace(second=int(parts["S"]))
         if parts["f"]:
             micros = int((parts["f"][1:] + "000000")[:6])
             low = low.replace(microsecond=micros)
-            return low, low + timedelta(microseconds=1) if len(parts["f"]) > 4 else low + timedelta(
-                milliseconds=1
-            )
-        return low, low + timedelta(seconds=1)
+            return low, _later(low, timedelta(microseconds=1 if len(parts["f"]) > 4 else 1000))
+        return low, _later(low, timedelta(seconds=1))
     except (ValueError, OverflowError):
         return None
+
+
+def _later(moment: datetime, step: timedelta) -> datetime:
+    try:
+        return moment + step
+    except OverflowError:
+        return HIGHEST

@@ -15,7 +15,8 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from app.fhir.fhirdate import HIGHEST, LOWEST, date_range
+from app.fhir.errors import InvalidResource
+from app.fhir.fhirdate import HIGHEST, LOWEST, date_range, is_date_text
 from app.fhir.search_params import PathSpec, SearchParam, registry
 
 # Index values are cut so a btree key (type, param, value, system) stays under PostgreSQL's
@@ -239,19 +240,34 @@ def _add_string(rows: IndexRows, name: str, element_type: str, value: Any) -> No
         rows.string.append((name, normalize(text), text[:MAX_TOKEN]))
 
 
+def _indexable_date(value: Any, name: str) -> tuple[datetime, datetime] | None:
+    """A date value's range; a FHIR date whose start cannot be represented in UTC (year 0 once
+    its offset is applied) is refused (400) rather than stored unsearchable."""
+    if not isinstance(value, str):
+        return None
+    span = date_range(value)
+    if span is None and is_date_text(value):
+        raise InvalidResource(
+            f"{name}: '{value[:40]}' lies outside the dates this server supports"
+            " (0001-01-01 to 9999-12-31 in UTC)",
+            code="value",
+        )
+    return span
+
+
 def _add_date(rows: IndexRows, name: str, element_type: str, value: Any) -> None:
     if isinstance(value, str):
-        span = date_range(value)
+        span = _indexable_date(value, name)
         if span:
             rows.date.append((name, *span))
     elif element_type == "Period" and isinstance(value, dict):
-        start = date_range(value["start"]) if isinstance(value.get("start"), str) else None
-        end = date_range(value["end"]) if isinstance(value.get("end"), str) else None
+        start = _indexable_date(value.get("start"), name)
+        end = _indexable_date(value.get("end"), name)
         if start or end:
             rows.date.append((name, start[0] if start else LOWEST, end[1] if end else HIGHEST))
     elif element_type == "Timing" and isinstance(value, dict):
         for event in value.get("event") or []:
-            span = date_range(event) if isinstance(event, str) else None
+            span = _indexable_date(event, name)
             if span:
                 rows.date.append((name, *span))
         bounds = (value.get("repeat") or {}).get("boundsPeriod")

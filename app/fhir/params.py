@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 from app.fhir.errors import BadRequest
 from app.fhir.fhirdate import date_range
 
-_ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,9})"?\s*$')
+_ETAG = re.compile(r'^\s*(?:W/)?"?([0-9]{1,9})"?\s*$')
+_NUMBER = re.compile(r"[0-9]{1,9}")
+"""ASCII digits only (``str.isdigit`` alone admits ``²``, which ``int`` refuses)."""
 
 
 def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
@@ -22,7 +24,7 @@ def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
 
 
 def parse_version_id(value: str) -> int:
-    if not value.isdigit() or len(value) > 9:
+    if not _NUMBER.fullmatch(value):
         raise BadRequest(f"'{value[:40]}' is not a version id of this server")
     return int(value)
 
@@ -39,8 +41,15 @@ def parse_count(value: str | None, *, default: int, maximum: int, parameter: str
     """``_count``: a page size; the server may return fewer (search.html#count)."""
     if value is None or value == "":
         return default
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest(
             f"{parameter}: '{value[:20]}' is not a non-negative integer", expression=(parameter,)
         )
-    return min(int(value), maximum)
+    return maximum if len(value) > 9 else min(int(value), maximum)
+
+
+def declared_length(value: str | None) -> int | None:
+    """A Content-Length header's value, or None when it is absent or not a plain number."""
+    if not value or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= 18 else 1 << 62

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Protocol
@@ -17,10 +17,18 @@ from typing import Any, Protocol
 from asyncpg import Connection, Record
 
 from app.fhir import jsonio
-from app.fhir.access import REFERENCEABLE_DIRECTORY, AccessContext
+from app.fhir.access import OPEN_ACCESS, REFERENCEABLE_DIRECTORY, AccessContext
 from app.fhir.errors import BadRequest, Forbidden, Gone, MethodNotAllowed, NotFound, PreconditionFailed
 from app.fhir.indexing import IndexRows, extract
-from app.fhir.search import MAX_INCLUDES, MAX_ITERATE, Binder, Include, SearchCompiler, SearchRequest
+from app.fhir.search import (
+    MAX_INCLUDES,
+    MAX_ITERATE,
+    Binder,
+    Include,
+    SearchCompiler,
+    SearchLimits,
+    SearchRequest,
+)
 from app.fhir.search_params import registry
 from app.fhir.sql import Statement
 from app.fhir.types import SERVED_TYPE_SET, SERVED_TYPES
@@ -239,6 +247,36 @@ class WriteHook(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True)
+class RepositoryFactory:
+    """Where every FhirRepository of the API and the workers comes from: the same write hooks
+    and search limits for all, and an explicit actor.
+
+    ``for_client`` acts for a caller (its token's access; the Task state machine judges its
+    changes); ``for_system`` is carecoord itself (delivery bookkeeping, copies of a partner's
+    data), with the access it is given: open, or a partner's when it acts on that partner's data.
+    """
+
+    fhir_base: str
+    hooks: Sequence[WriteHook] = ()
+    search_limits: SearchLimits = field(default_factory=SearchLimits)
+
+    def for_client(self, connection: Connection, access: AccessContext) -> FhirRepository:
+        return FhirRepository(
+            connection, access, fhir_base=self.fhir_base, hooks=self.hooks, search_limits=self.search_limits
+        )
+
+    def for_system(self, connection: Connection, access: AccessContext = OPEN_ACCESS) -> FhirRepository:
+        return FhirRepository(
+            connection,
+            access,
+            fhir_base=self.fhir_base,
+            hooks=self.hooks,
+            system=True,
+            search_limits=self.search_limits,
+        )
+
+
 class FhirRepository:
     """Storage interactions of FHIR R4 http.html for every served type."""
 
@@ -250,11 +288,14 @@ class FhirRepository:
         fhir_base: str,
         hooks: Sequence[WriteHook] = (),
         system: bool = False,
+        search_limits: SearchLimits = SearchLimits(),
     ) -> None:
         self._conn = connection
         self.access = access
         self.fhir_base = fhir_base
         self.hooks = hooks
+        self.search_limits = search_limits
+        """The complexity budget of every search this repository runs (conditions included)."""
         self.system = system
         """Writes made by carecoord itself (mirroring a partner's Task), not by a client."""
         self.touched: list[tuple[str, str, int]] = []

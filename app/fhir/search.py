@@ -19,22 +19,25 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from app.auth.scopes import restriction_problem
 from app.fhir.access import OPEN_ACCESS, AccessContext
 from app.fhir.errors import BadRequest, Issue
-from app.fhir.fhirdate import date_range
+from app.fhir.fhirdate import HIGHEST, LOWEST, date_range
 from app.fhir.indexing import normalize, split_reference
 from app.fhir.params import parse_count
 from app.fhir.search_params import SearchParam, SearchRegistry
 from app.fhir.types import SERVED_TYPE_SET
 from app.fhir.validation import FORBIDDEN_CHARACTERS
 
+if TYPE_CHECKING:
+    from app.settings import Settings
+
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
 MAX_INCLUDES = 1000
 MAX_ITERATE = 3
-MAX_CHAIN_DEPTH = 4
 
 RESULT_PARAMETERS = frozenset(
     {
@@ -58,6 +61,81 @@ _PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)$", re.DOTALL)
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """The complexity budget of one search (issue 15: one search must not exhaust the database).
+
+    PostgreSQL plans every condition of a search together: 150 repeated ``name=`` parameters
+    grew one backend past 2.5 GB, 5,000 killed the server. Each dimension has a setting
+    (``CARECOORD_SEARCH_MAX_*``); a search over budget is a 400 ``too-costly`` naming the
+    limit before anything is compiled or sent to the database.
+    """
+
+    parameters: int = 30
+    """Search parameters (each repetition counts) and _sort keys."""
+    values: int = 1000
+    """Values over all parameters (comma-separated OR values count one each)."""
+    chain_depth: int = 3
+    """Hops of one chain or ``_has`` nesting (``subject:Patient.organization.name``: 2)."""
+    has: int = 3
+    """``_has`` conditions (nested ones included)."""
+    includes: int = 10
+    """``_include`` and ``_revinclude`` directives."""
+    bind_values: int = 5000
+    """Bind parameters of the compiled statement (what the other limits let through, as a backstop)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SearchLimits:
+        return cls(
+            parameters=settings.search_max_parameters,
+            values=settings.search_max_values,
+            chain_depth=settings.search_max_chain_depth,
+            has=settings.search_max_has,
+            includes=settings.search_max_includes,
+            bind_values=settings.search_max_bind_values,
+        )
+
+
+SETTING_NAMES = {
+    "parameters": "CARECOORD_SEARCH_MAX_PARAMETERS",
+    "values": "CARECOORD_SEARCH_MAX_VALUES",
+    "chain_depth": "CARECOORD_SEARCH_MAX_CHAIN_DEPTH",
+    "has": "CARECOORD_SEARCH_MAX_HAS",
+    "includes": "CARECOORD_SEARCH_MAX_INCLUDES",
+    "bind_values": "CARECOORD_SEARCH_MAX_BIND_VALUES",
+}
+
+
+def too_costly(
+    limits: SearchLimits, dimension: str, found: int, what: str, name: str | None = None
+) -> BadRequest:
+    """The 400 for a search over one dimension of its budget."""
+    limit = getattr(limits, dimension)
+    return BadRequest(
+        f"{name + ': ' if name else ''}this search has {found} {what}; the limit is {limit}"
+        f" ({SETTING_NAMES[dimension]})",
+        expression=(name,) if name else (),
+        code="too-costly",
+    )
+
+
+def _check_budget(
+    limits: SearchLimits, pairs: list[tuple[str, str]], sort_keys: int, include_directives: int
+) -> None:
+    """The parts of the budget that the parameters alone tell (before any compiling)."""
+    filters = [(n, v) for n, v in pairs if n.split(":", 1)[0].split(".", 1)[0] not in RESULT_PARAMETERS]
+    if len(filters) + sort_keys > limits.parameters:
+        raise too_costly(limits, "parameters", len(filters) + sort_keys, "parameters and sort keys")
+    values = sum(len(split_values(raw)) for _, raw in filters)
+    if values > limits.values:
+        raise too_costly(limits, "values", values, "values")
+    has = sum(name.count("_has:") for name, _ in filters)
+    if has > limits.has:
+        raise too_costly(limits, "has", has, "_has conditions")
+    if include_directives > limits.includes:
+        raise too_costly(limits, "includes", include_directives, "_include/_revinclude directives")
 
 
 class Binder:
@@ -221,22 +299,24 @@ class SearchCompiler:
         fhir_base: str,
         binder: Binder,
         access: AccessContext = OPEN_ACCESS,
+        limits: SearchLimits = SearchLimits(),
     ) -> None:
         self.registry = registry
         self.fhir_base = fhir_base
         self.bind = binder
         self.access = access
+        self.limits = limits
         """Chained and ``_has`` subqueries see only what the caller may search (issue 4)."""
         self._aliases = 0
 
     def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> str | None:
-        """A scope's ``?param=value`` restriction as SQL. Compiled without the caller's limits:
-        they are what is being built (a chained restriction would otherwise recurse)."""
-        access, self.access = self.access, OPEN_ACCESS
-        try:
-            return self.condition(alias, resource_type, name, raw)
-        finally:
-            self.access = access
+        """A scope's ``?param=value`` restriction as SQL; None when it is not a plain search
+        parameter of the type (app/auth/scopes.py ``restriction_problem``: no chain, no ``_has``),
+        so that it only ever looks at the row itself: compiled with open access, a chain or
+        ``_has`` in a restriction was an oracle over rows the caller may not see (issue 15)."""
+        if restriction_problem(resource_type, [(name, raw)]) is not None:
+            return None
+        return self.condition(alias, resource_type, name, raw)
 
     def bind_mark(self) -> int:
         return len(self.bind.values)
@@ -262,10 +342,8 @@ class SearchCompiler:
 
     def condition(self, alias: str, resource_type: str, name: str, raw: str, depth: int = 0) -> str | None:
         """SQL for one ``name=raw`` on rows ``alias`` of ``resource_type``; None if unknown."""
-        if depth > MAX_CHAIN_DEPTH:
-            raise BadRequest(
-                f"{name}: chains and _has nest at most {MAX_CHAIN_DEPTH} levels", expression=(name,)
-            )
+        if depth > self.limits.chain_depth:
+            raise too_costly(self.limits, "chain_depth", depth, "levels of chaining and _has", name)
         if name.startswith("_has:"):
             return self._has(alias, resource_type, name, raw, depth)
         head, dot, chain = name.partition(".")
@@ -405,11 +483,20 @@ class SearchCompiler:
         prefix, text = _prefix(unescape(value))
         span = date_range(text)
         if span is None:
-            raise BadRequest(f"{name}: '{value[:40]}' is not a valid date", expression=(name,))
+            raise BadRequest(
+                f"{name}: '{value[:40]}' is not a valid date (0001-01-01 to 9999-12-31 in UTC)",
+                expression=(name,),
+            )
         if prefix == "ap":
             # the search range widened by 10% of its distance from now (search.html#prefix)
             now = datetime.now(UTC)
             gap = max(abs(now - span[0]), abs(now - span[1]), timedelta(days=10)) / 10
+            if HIGHEST - span[1] < gap or span[0] - LOWEST < gap:
+                raise BadRequest(
+                    f"{name}: the approximate range of '{value[:40]}' leaves the supported dates"
+                    " (0001-01-01 to 9999-12-31)",
+                    expression=(name,),
+                )
             return f"({low} < {self.bind(span[1] + gap)} AND {high} > {self.bind(span[0] - gap)})"
         # Bind only what the prefix uses: asyncpg cannot type an unused parameter.
         if prefix in ("eq", "ne", "ge", "le"):
@@ -439,7 +526,10 @@ class SearchCompiler:
         prefix, text = _prefix(unescape(value))
         span = date_range(text)
         if span is None:
-            raise BadRequest(f"{name}: '{value[:40]}' is not a valid date", expression=(name,))
+            raise BadRequest(
+                f"{name}: '{value[:40]}' is not a valid date (0001-01-01 to 9999-12-31 in UTC)",
+                expression=(name,),
+            )
         if prefix == "ap":
             return self._date(column, column, value, name)
         start, end = span
@@ -754,14 +844,24 @@ def parse_search(
     compartment: tuple[str, str] | None = None,
     access: AccessContext = OPEN_ACCESS,
     letters: tuple[str, ...] = ("s",),
+    limits: SearchLimits = SearchLimits(),
 ) -> SearchRequest:
     """Parse a search interaction's parameters (search.html#Summary) into a SearchRequest.
 
     ``access`` adds the caller's limits for each of ``letters`` (``s`` for a search; a
     conditional write searches with ``s`` and its own letter) as conditions (app/fhir/access.py).
+    A search over ``limits`` is a 400 ``too-costly``.
     """
+    _check_budget(
+        limits,
+        pairs,
+        sort_keys=sum(len([v for v in raw.split(",") if v]) for name, raw in pairs if name == "_sort"),
+        include_directives=sum(
+            len(split_values(raw)) for name, raw in pairs if name.startswith(("_include", "_revinclude"))
+        ),
+    )
     binder = Binder()
-    compiler = SearchCompiler(registry, fhir_base, binder, access)
+    compiler = SearchCompiler(registry, fhir_base, binder, access, limits)
     conditions: list[str] = []
     applied: list[tuple[str, str]] = []
     unknown: list[str] = []
@@ -843,14 +943,22 @@ def parse_search(
     sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
     rid_sets = [rid_set(condition, type_placeholder) for condition in conditions]
+    limited = False
     for letter in letters:
         if len(resource_types) == 1:
             limit = access.condition(compiler, "r", resource_types[0], letter)
         else:
             limit = access.row_filter(compiler, "r", letter, resource_types)
         if limit is not None:
+            limited = True
             conditions.append(limit)
             rid_sets.append(None)  # not a set of index rids: the page cannot be cut from the index
+    if len(binder.values) > limits.bind_values:
+        raise too_costly(limits, "bind_values", len(binder.values), "values to bind")
+    if total == "estimate" and limited:
+        # The planner's estimate counts rows the caller may not see: database-wide statistics
+        # are not for a limited token (issue 15). It gets the accurate count of its own rows.
+        total = "accurate"
     return SearchRequest(
         resource_types=resource_types,
         conditions=conditions,

@@ -45,6 +45,7 @@ async def run_search(
         strict=strict,
         compartment=compartment,
         access=repo.access,
+        limits=repo.search_limits,
     )
     after: tuple[Any, ...] | None = None
     backwards = False

@@ -54,16 +54,37 @@ def check_id(resource_id: str) -> None:
         raise BadRequest(f"'{resource_id[:70]}' is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}})")
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def parse_body(raw: bytes) -> Any:
-    """Parse a request body as JSON, or raise a 400 that says why."""
+    """Parse a request body as JSON, or raise a 400 that says why.
+
+    A ``\\uD800``-style escape that does not form a pair gives a string no UTF-8 can carry:
+    refused here, for the whole document (keys, a Bundle's ``request.url``, ``ifNoneExist``...),
+    before any part of it is stored, searched with or quoted back in an OperationOutcome."""
     if not raw.strip():
         raise InvalidResource("request body is empty")
     try:
-        return jsonio.loads(raw)
+        document = jsonio.loads(raw)
     except jsonio.JSONDepthError as exc:
         raise InvalidResource(str(exc), code="too-costly") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidResource("request body is not valid JSON", code="structure") from exc
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(document):
+        raise InvalidResource("request body holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)")
+    return document
+
+
+def _has_lone_surrogate(node: Any) -> bool:
+    if isinstance(node, str):
+        return _SURROGATE.search(node) is not None
+    if isinstance(node, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(value) for key, value in node.items())
+    if isinstance(node, list):
+        return any(_has_lone_surrogate(item) for item in node)
+    return False
 
 
 def parse_resource(raw: bytes, resource_type: str, *, url_id: str | None = None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.auth.server import FORM_CONTENT_TYPE, AuthorizationServer, OAuthError, OAuthRequest
+from app.fhir.params import declared_length
 
 router = APIRouter(tags=["auth"])
 
@@ -61,8 +62,8 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
 
 
 async def _oauth_request(request: Request) -> OAuthRequest:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_FORM_BYTES:
+    declared = declared_length(request.headers.get("content-length"))
+    if declared is not None and declared > MAX_FORM_BYTES:
         raise OAuthError("invalid_request", "request body too large", status=413)
     chunks: list[bytes] = []
     size = 0

@@ -594,6 +594,7 @@ async def _bundle_route(ctx: ContextDep) -> Response:
         conditional_delete_max=ctx.settings.conditional_delete_max,
         prefer=ctx.prefer,
         cursors=ctx.cursors,
+        max_resources=ctx.settings.max_bundle_resources,
     )
     return json_response(result, ctx.fmt)
 
