@@ -110,7 +110,9 @@ async def test_illegal_referral_transitions_are_422_and_change_nothing(
     actor: str,
     status: str,
 ) -> None:
-    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()[
+        "id"
+    ]
     for step in path:
         assert (await _move(client, task_id, step, parties["owner"])).status_code == 200
     before = (await client.get(f"/fhir/Task/{task_id}")).json()
@@ -133,7 +135,9 @@ async def test_cancel_by_requester_or_owner_and_entered_in_error_by_requester(
 async def test_a_partner_cannot_touch_a_task_it_does_not_own(
     client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()[
+        "id"
+    ]
     response = await _move(client, task_id, "accepted", parties["stranger"])
     assert response.status_code == 404  # not its referral: not even visible
     assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "requested"
@@ -149,8 +153,12 @@ async def test_a_referral_cannot_be_created_in_a_later_state(
 async def test_patient_apps_never_change_a_referral_status(
     app: FastAPI, client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
-    patient_app = await bearer(app, "patient/Task.rs patient/Task.u", patient=parties["ids"]["patient"], client_id="app")
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()[
+        "id"
+    ]
+    patient_app = await bearer(
+        app, "patient/Task.rs patient/Task.u", patient=parties["ids"]["patient"], client_id="app"
+    )
     _business_rule(await _move(client, task_id, "cancelled", patient_app))
 
 
@@ -168,7 +176,9 @@ async def test_other_tasks_follow_the_base_state_machine(client: httpx.AsyncClie
 async def test_illegal_transition_in_a_transaction_rolls_it_back(
     client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
 ) -> None:
-    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()["id"]
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()[
+        "id"
+    ]
     current = (await client.get(f"/fhir/Task/{task_id}")).json()
     bundle = {
         "resourceType": "Bundle",
@@ -187,3 +197,56 @@ async def test_illegal_transition_in_a_transaction_rolls_it_back(
     response = await client.post("/fhir", json=bundle, headers={**JSON, **parties["owner"]})
     assert response.status_code == 422, response.text
     assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "requested"
+
+
+@pytest.mark.parametrize(
+    ("actor", "change"),
+    [
+        ("owner", {"intent": "plan"}),  # out of the referral rules, then any status
+        ("owner", {"code": {"text": "something else"}}),
+        ("owner", {"requester": {"reference": "Organization/partnerA"}}),
+        ("patient", {"intent": "plan"}),
+        ("patient", {"owner": {"reference": "Organization/partnerB"}}),
+    ],
+)
+async def test_a_referral_stays_a_referral_and_its_parties_stay_put(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    parties: dict[str, dict[str, str]],
+    actor: str,
+    change: dict[str, Any],
+) -> None:
+    """Issue 15, finding 7: changing intent (or code, or the requester) took a Task out of the
+    SDOHCC rules; afterwards any status could be set and set back."""
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()[
+        "id"
+    ]
+    headers = parties["owner"]
+    if actor == "patient":
+        headers = await bearer(app, "patient/Task.rs patient/Task.u", patient=parties["ids"]["patient"])
+    before = (await client.get(f"/fhir/Task/{task_id}")).json()
+    changed = {**before, **change}
+    _business_rule(await client.put(f"/fhir/Task/{task_id}", json=changed, headers={**JSON, **headers}))
+    assert (await client.get(f"/fhir/Task/{task_id}")).json() == before
+
+
+async def test_only_a_party_moves_the_status_of_other_tasks(
+    app: FastAPI, client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    """A Task outside the referral rules still has parties: a patient app that neither owns nor
+    requested it cannot move its status; the owner (here the patient itself) can."""
+    patient = parties["ids"]["patient"]
+    plain = {
+        "resourceType": "Task",
+        "status": "ready",
+        "intent": "plan",
+        "for": {"reference": f"Patient/{patient}"},
+        "requester": {"reference": "Organization/cm"},
+    }
+    task_id = (await client.post("/fhir/Task", json=plain, headers=JSON)).json()["id"]
+    patient_app = await bearer(app, "patient/Task.rs patient/Task.u", patient=patient, client_id="app")
+    _business_rule(await _move(client, task_id, "in-progress", patient_app))
+    assigned = {**plain, "owner": {"reference": f"Patient/{patient}"}}
+    assigned_id = (await client.post("/fhir/Task", json=assigned, headers=JSON)).json()["id"]
+    assert (await _move(client, assigned_id, "in-progress", patient_app)).status_code == 200
+    assert (await _move(client, assigned_id, "completed", patient_app)).status_code == 200

@@ -16,6 +16,7 @@ from typing import Any
 from app.referrals.credentials import (
     ASSERTION_ALGS,
     CredentialsError,
+    confirm_address,
     delete_credentials,
     endpoint_id_of,
     list_partners,
@@ -49,6 +50,14 @@ def add_partner_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     remove = partner_commands.add_parser("remove-credentials", help="forget a partner Endpoint's credentials")
     remove.add_argument("--endpoint", required=True, help="Endpoint/ID")
     remove.set_defaults(func=cmd_partners_remove_credentials)
+
+    confirm = partner_commands.add_parser(
+        "confirm",
+        help="bind a partner Endpoint's credentials to its current address (after checking the change)"
+        " and resume the deliveries that wait for it",
+    )
+    confirm.add_argument("--endpoint", required=True, help="Endpoint/ID")
+    confirm.set_defaults(func=cmd_partners_confirm)
 
     listing = partner_commands.add_parser(
         "list", help="partner Organizations with a FHIR endpoint, credentials and delivery health"
@@ -107,6 +116,24 @@ def cmd_partners_remove_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partners_confirm(args: argparse.Namespace) -> int:
+    from app.cli import _settings_with_database, _with_connection
+    from app.settings import get_settings
+
+    settings = _settings_with_database(get_settings())
+    try:
+        endpoint_id = endpoint_id_of(args.endpoint)
+    except CredentialsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    address = _with_connection(settings, lambda conn: confirm_address(conn, endpoint_id))
+    if address is None:
+        print(f"error: Endpoint/{endpoint_id} has no credentials (or no address)", file=sys.stderr)
+        return 1
+    print(f"credentials of Endpoint/{endpoint_id} now bound to {address}; paused deliveries resumed")
+    return 0
+
+
 def cmd_partners_list(args: argparse.Namespace) -> int:
     from app.cli import _settings_with_database, _with_connection
     from app.settings import get_settings
@@ -118,12 +145,19 @@ def cmd_partners_list(args: argparse.Namespace) -> int:
         return 0
     for partner in partners:
         health = (
-            "jobs: -"
+            "deliveries: -"
             if partner.pending is None
-            else f"jobs: pending={partner.pending} failed={partner.failed} delivered={partner.delivered}"
+            else f"deliveries: pending={partner.pending} paused={partner.paused} failed={partner.failed}"
+            f" delivered={partner.delivered}"
+        )
+        changed = (
+            f"  ADDRESS CHANGED (credentials are for {partner.confirmed_address or 'no address'};"
+            f" check it, then: carecoord partners confirm --endpoint Endpoint/{partner.endpoint_id})"
+            if partner.address_changed
+            else ""
         )
         print(
             f"Organization/{partner.organization_id}  {partner.name or '-'!r}  Endpoint/{partner.endpoint_id}"
-            f"  {partner.address}  credentials={partner.credentials or 'none'}  {health}"
+            f"  {partner.address}  credentials={partner.credentials or 'none'}  {health}{changed}"
         )
     return 0

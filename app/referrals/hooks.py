@@ -17,7 +17,7 @@ from asyncpg import Connection
 
 from app.fhir.access import AccessContext
 from app.fhir.errors import Forbidden
-from app.fhir.repository import FhirRepository, StoredVersion
+from app.fhir.repository import FhirRepository, StoredVersion, WriteHook
 from app.referrals.directory import find_partner
 from app.referrals.state_machine import Actor, check_transition, is_referral, local_reference, reference_of
 from app.settings import Settings
@@ -173,3 +173,8 @@ class DirectoryHooks:
         data: dict[str, Any] | None,
     ) -> None:
         return None
+
+
+def write_hooks(settings: Settings) -> tuple[WriteHook, ...]:
+    """The domain rules of every write (app/fhir/repository.py RepositoryFactory)."""
+    return (ReferralHooks(settings), DirectoryHooks())

@@ -36,16 +36,17 @@ from app import db
 from app.auth.audit import build_event
 from app.auth.scopes import Permission
 from app.fhir import jsonio
-from app.fhir.access import OPEN_ACCESS, AccessContext
+from app.fhir.access import AccessContext
 from app.fhir.conditional import conditional_create
 from app.fhir.errors import FHIRError, PreconditionFailed
 from app.fhir.indexing import split_reference
-from app.fhir.repository import FhirRepository
+from app.fhir.repository import FhirRepository, RepositoryFactory
+from app.fhir.search import SearchLimits
 from app.fhir.validation import validate_resource
 from app.referrals import metrics
 from app.referrals.bundle import identifier_condition, identifier_for, referral_bundle, set_identifier
 from app.referrals.directory import Partner, find_partner
-from app.referrals.hooks import NOTIFY_CHANNEL, schedule
+from app.referrals.hooks import NOTIFY_CHANNEL, schedule, write_hooks
 from app.referrals.partner import AddressUnconfirmed, DeliveryError, PartnerClient
 from app.referrals.state_machine import TERMINAL, local_reference, owner_can_reach, reference_of
 from app.settings import Settings
@@ -88,10 +89,19 @@ class Worker:
     """Runs referral jobs until ``stop`` is set."""
 
     def __init__(
-        self, pool: Pool, http: httpx.AsyncClient, settings: Settings, *, name: str | None = None
+        self,
+        pool: Pool,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        repositories: RepositoryFactory | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
+        self.repositories = repositories or RepositoryFactory(
+            settings.fhir_base, write_hooks(settings), SearchLimits.from_settings(settings)
+        )
         self.partners = PartnerClient(http, pool, settings)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.fhir_base = settings.fhir_base
@@ -191,7 +201,7 @@ class Worker:
         """Send the referral as one transaction Bundle of conditional creates."""
         partner_org = job["partner_org"]
         async with self.pool.acquire() as conn:
-            repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base)
+            repo = self.repositories.for_system(conn)
             task = await _read(repo, "Task", job["task_id"])
             owner = local_reference(reference_of(task or {}, "owner"), self.fhir_base)
             if (
@@ -208,7 +218,7 @@ class Worker:
                     job, "done", error="not delivered: the Task is no longer requested", conn=conn
                 )
                 return
-            as_partner = FhirRepository(conn, partner_access(partner_org), fhir_base=self.fhir_base)
+            as_partner = self.repositories.for_system(conn, partner_access(partner_org))
             contents = await _referral_contents(as_partner, task)
             partner = await self._partner(conn, job)
             owner_organization = await _read(as_partner, "Organization", partner_org)
@@ -414,9 +424,7 @@ class Worker:
         (state_machine.owner_can_reach: never ``received``/``ready``, never back, never
         ``entered-in-error``, which is the requester's); once the source has ended the referral
         (cancelled, entered-in-error), its status and reason stay."""
-        repo = FhirRepository(
-            conn, partner_access(partner.organization_id), fhir_base=self.fhir_base, system=True
-        )
+        repo = self.repositories.for_system(conn, partner_access(partner.organization_id))
         current = await repo.read_for_update("Task", task_id)
         local = jsonio.loads(current.body or "{}")
         local_ids: dict[str, str] = {}
@@ -503,7 +511,7 @@ class Worker:
         partner_task: str | None = None,
     ) -> None:
         """Show the delivery state on the local Task: businessStatus and an extension."""
-        repo = FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base, system=True)
+        repo = self.repositories.for_system(conn)  # carecoord's own bookkeeping
         for _ in range(3):
             try:
                 current = await repo.read_for_update("Task", task_id)
@@ -630,7 +638,7 @@ class Worker:
         )
         event["entity"][0]["what"] = {"reference": f"Task/{job['task_id']}"}
         event["entity"][0]["description"] = f"referral {job['kind']} to Organization/{job['partner_org']}"
-        await FhirRepository(conn, OPEN_ACCESS, fhir_base=self.fhir_base).create("AuditEvent", event)
+        await self.repositories.for_system(conn).create("AuditEvent", event)
 
 
 def _shown(error: DeliveryError) -> str:

@@ -1,0 +1,373 @@
+"""The partner-organisation access model under attack (issue 15, findings 1, 5, 8 and 15).
+
+World: tests/test_authorization.py ``world`` (cm refers p1 to partnerA and p2 to partnerB).
+Each test does what an attacker holding a partner's (or a patient app's) token did in the
+review, and asserts that it gets nothing: no read, no write, no redirected delivery, no
+answer that tells a hidden id from a free one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.referrals.credentials import confirm_address, list_partners, set_credentials
+from app.referrals.worker import Worker
+from tests import test_authorization as authorization
+from tests.conftest import bearer
+from tests.partner_support import MisbehavingServer, Reply, token_reply
+from tests.test_referrals import FULFILL, add_partner, delivery_state
+from tests.test_search_support import JSON, match_ids, put
+
+world = authorization.world
+partner_a = authorization.partner_a
+patient_p1 = authorization.patient_p1
+
+
+def _hidden_or_refused(response: httpx.Response) -> None:
+    assert response.status_code in (403, 404), response.text[:300]
+
+
+async def _referral(client: httpx.AsyncClient, task_id: str, owner: str, patient: str = "p1") -> None:
+    await put(
+        client,
+        "ServiceRequest",
+        f"sr-{task_id}",
+        {
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": f"Patient/{patient}"},
+            "performer": [{"reference": f"Organization/{owner}"}],
+        },
+    )
+    await put(
+        client,
+        "Task",
+        task_id,
+        {
+            "status": "requested",
+            "intent": "order",
+            "code": FULFILL,
+            "authoredOn": "2026-12-03",
+            "focus": {"reference": f"ServiceRequest/sr-{task_id}"},
+            "for": {"reference": f"Patient/{patient}"},
+            "requester": {"reference": "Organization/cm"},
+            "owner": {"reference": f"Organization/{owner}"},
+        },
+    )
+
+
+# -- finding 1: endpoint takeover --------------------------------------------------------------------
+
+
+async def test_a_reference_from_a_partners_task_opens_nothing(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    """Task.input pointing at another partner's Endpoint, the case manager's Organization and
+    another patient made none of them readable, and what a referral does grant is read-only."""
+    await add_partner(client, "partnerB", "https://partner-b.example/fhir")
+    task = (await client.get("/fhir/Task/task-p1", headers=partner_a)).json()
+    task["input"] = [
+        {"type": {"text": "x"}, "valueReference": {"reference": "Endpoint/ep-partnerB"}},
+        {"type": {"text": "x"}, "valueReference": {"reference": "Patient/p2"}},
+    ]
+    written = await client.put("/fhir/Task/task-p1", json=task, headers={**JSON, **partner_a})
+    assert written.status_code in (200, 403), written.text
+    assert (await client.get("/fhir/Endpoint/ep-partnerB", headers=partner_a)).status_code == 404
+    assert (await client.get("/fhir/Patient/p2", headers=partner_a)).status_code == 404
+    hijack = {
+        "resourceType": "Endpoint",
+        "id": "ep-partnerB",
+        "status": "active",
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "hl7-fhir-rest",
+        },
+        "payloadType": [{"text": "FHIR R4"}],
+        "address": "https://attacker.example/fhir",
+    }
+    _hidden_or_refused(
+        await client.put("/fhir/Endpoint/ep-partnerB", json=hijack, headers={**JSON, **partner_a})
+    )
+    assert (await client.get("/fhir/Endpoint/ep-partnerB")).json()[
+        "address"
+    ] == "https://partner-b.example/fhir"
+    # What the referral grants (its Patient, the requester) is readable, never writable.
+    for key, body in (
+        ("Organization/cm", {"name": "Renamed by a partner"}),
+        ("Patient/p1", {"gender": "male"}),
+        (
+            "ServiceRequest/sr-p1",
+            {"status": "revoked", "intent": "order", "subject": {"reference": "Patient/p1"}},
+        ),
+        ("Consent/consent-p1", {"status": "inactive", "scope": {"text": "x"}, "category": [{"text": "x"}]}),
+    ):
+        assert (await client.get(f"/fhir/{key}", headers=partner_a)).status_code == 200, key
+        resource_type, fhir_id = key.split("/")
+        resource = {"resourceType": resource_type, "id": fhir_id, **body}
+        _hidden_or_refused(await client.put(f"/fhir/{key}", json=resource, headers={**JSON, **partner_a}))
+        _hidden_or_refused(await client.delete(f"/fhir/{key}", headers=partner_a))
+        patch = [{"op": "add", "path": "/language", "value": "fr"}]
+        _hidden_or_refused(
+            await client.patch(
+                f"/fhir/{key}",
+                json=patch,
+                headers={**partner_a, "content-type": "application/json-patch+json"},
+            )
+        )
+        assert "language" not in (await client.get(f"/fhir/{key}")).json()
+        assert (await client.get(f"/fhir/{key}")).json()["meta"]["versionId"] == "1"
+
+
+async def test_only_system_level_clients_change_partner_endpoints(
+    app: FastAPI, client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    endpoint = {
+        "resourceType": "Endpoint",
+        "status": "active",
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "hl7-fhir-rest",
+        },
+        "payloadType": [{"text": "FHIR R4"}],
+        "address": "http://127.0.0.1:9/internal",
+    }
+    assert (
+        await client.post("/fhir/Endpoint", json=endpoint, headers={**JSON, **partner_a})
+    ).status_code == 403
+    patient_app = await bearer(app, "patient/*.cruds", patient="p1", client_id="app-p1")
+    assert (
+        await client.post("/fhir/Endpoint", json=endpoint, headers={**JSON, **patient_app})
+    ).status_code == 403
+    # Its own Organization: readable, but its endpoint list is not the partner's to set.
+    own = (await client.get("/fhir/Organization/partnerA", headers=partner_a)).json()
+    created = await client.post("/fhir/Endpoint", json=endpoint, headers=JSON)  # an operator's
+    assert created.status_code == 201
+    own["endpoint"] = [{"reference": f"Endpoint/{created.json()['id']}"}]
+    _hidden_or_refused(
+        await client.put("/fhir/Organization/partnerA", json=own, headers={**JSON, **partner_a})
+    )
+    # A new Organization with an endpoint is refused too; without one it is the partner's own.
+    new_org = {"resourceType": "Organization", "name": "shadow", "endpoint": own["endpoint"]}
+    assert (
+        await client.post("/fhir/Organization", json=new_org, headers={**JSON, **partner_a})
+    ).status_code == 403
+    del new_org["endpoint"]
+    assert (
+        await client.post("/fhir/Organization", json=new_org, headers={**JSON, **partner_a})
+    ).status_code == 201
+    # An operator (system-level) does it.
+    assert (await client.put("/fhir/Organization/partnerA", json=own, headers=JSON)).status_code == 200
+
+
+async def _run_until(worker: Worker, done: Any, what: str) -> None:
+    for _ in range(100):
+        async with worker.pool.acquire() as conn:
+            await conn.execute("UPDATE referral_job SET not_before = now() WHERE state = 'pending'")
+        await worker.run_once()
+        if await done():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_changed_endpoint_address_gets_neither_the_token_nor_the_referral(
+    app: FastAPI, client: httpx.AsyncClient, world: None
+) -> None:
+    """Credentials are bound to the address they were set for: when the Endpoint's address
+    changes, delivery pauses (nothing is sent anywhere) and ``partners list`` shows it until an
+    operator confirms the new address."""
+    with MisbehavingServer() as partner, MisbehavingServer() as moved:
+        for server in (partner, moved):
+            server.script("/token", token_reply())
+            server.script(
+                "/fhir",
+                Reply(
+                    200,
+                    {
+                        "resourceType": "Bundle",
+                        "type": "transaction-response",
+                        # One answer per entry sent (Patient, requester, ServiceRequest, Task).
+                        "entry": [{"response": {"status": "201 Created", "location": "Task/t1/_history/1"}}]
+                        * 8,
+                    },
+                ),
+            )
+        await add_partner(client, "partnerB", partner.url("/fhir"))
+        async with app.state.pool.acquire() as conn:
+            await set_credentials(
+                conn,
+                app.state.settings,
+                endpoint_id="ep-partnerB",
+                token_url=partner.url("/token"),
+                client_id="carecoord",
+                client_secret="s3cret",
+            )
+        worker = Worker(app.state.pool, app.state.http, app.state.settings, name="bound")
+        await _referral(client, "ref-1", "partnerB", patient="p2")
+
+        async def delivered(task_id: str) -> bool:
+            task = (await client.get(f"/fhir/Task/{task_id}")).json()
+            return delivery_state(task) == "delivered"
+
+        await _run_until(worker, lambda: delivered("ref-1"), "the first delivery")
+        assert len(partner.requests_to("/fhir")) == 1
+        assert partner.requests_to("/fhir")[0].headers["authorization"].startswith("Bearer ")
+
+        # The address changes (an operator's client; partners cannot): nothing goes anywhere.
+        endpoint = (await client.get("/fhir/Endpoint/ep-partnerB")).json()
+        endpoint["address"] = moved.url("/fhir")
+        assert (
+            await client.put("/fhir/Endpoint/ep-partnerB", json=endpoint, headers=JSON)
+        ).status_code == 200
+        await _referral(client, "ref-2", "partnerB", patient="p2")
+
+        async def paused() -> bool:
+            task = (await client.get("/fhir/Task/ref-2")).json()
+            return delivery_state(task) == "paused"
+
+        await _run_until(worker, paused, "the delivery to pause")
+        assert moved.requests == [] and len(partner.requests_to("/fhir")) == 1
+        async with app.state.pool.acquire() as conn:
+            (listed,) = [p for p in await list_partners(conn) if p.endpoint_id == "ep-partnerB"]
+            assert listed.address_changed and listed.paused == 1
+            assert await confirm_address(conn, "Endpoint/ep-partnerB") == moved.url("/fhir")
+        await _run_until(worker, lambda: delivered("ref-2"), "the delivery after confirmation")
+        # A fresh token for the new address, then the referral.
+        assert [r.path for r in moved.requests] == ["/fhir"]
+        assert len(partner.requests_to("/token")) == 2
+
+
+# -- finding 5: restrictions as an oracle ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scope", "context", "query"),
+    [
+        ("system/Patient.rs?_has:Condition:subject:code=hiv", {}, "Patient"),
+        ("patient/Organization.rs?_has:Task:owner:patient=Patient/p2", {"patient": "p1"}, "Organization"),
+        (
+            "system/Task.rs?focus:ServiceRequest.subject:Patient.name=Beta",
+            {"organization": "Organization/partnerA"},
+            "Task",
+        ),
+    ],
+)
+async def test_a_restriction_never_looks_at_other_rows(
+    app: FastAPI, client: httpx.AsyncClient, world: None, scope: str, context: dict[str, str], query: str
+) -> None:
+    """A restriction with a chain or _has is not honoured: the permission grants nothing, so
+    the answer cannot depend on rows the token may not see."""
+    headers = await bearer(app, scope, client_id="restricted", **context)
+    response = await client.get(f"/fhir/{query}", headers=headers)
+    assert response.status_code == 200, response.text
+    assert match_ids(response.json()) == []
+
+
+# -- finding 8: id squatting; finding 15: existence oracle through PUT ---------------------------
+
+
+async def test_limited_tokens_cannot_squat_ids(
+    app: FastAPI, client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    squat = {"resourceType": "Patient", "id": "future-patient", "gender": "other"}
+    response = await client.put("/fhir/Patient/future-patient", json=squat, headers={**JSON, **partner_a})
+    assert response.status_code == 404, response.text
+    # The real record arrives later: the partner never gets it.
+    await put(client, "Patient", "future-patient", {"gender": "female"})
+    assert (await client.get("/fhir/Patient/future-patient", headers=partner_a)).status_code == 404
+    # Nor through a Task of its own pointing at a Patient id that does not exist yet.
+    task = {
+        "resourceType": "Task",
+        "status": "draft",
+        "intent": "order",
+        "code": FULFILL,
+        "for": {"reference": "Patient/future-patient-2"},
+        "requester": {"reference": "Organization/partnerA"},
+    }
+    missing = await client.post("/fhir/Task", json=task, headers={**JSON, **partner_a})
+    task["for"] = {"reference": "Patient/p2"}  # exists, hidden
+    hidden = await client.post("/fhir/Task", json=task, headers={**JSON, **partner_a})
+    assert missing.status_code == hidden.status_code == 403
+    assert missing.json() == hidden.json()  # the same answer: which one exists is not revealed
+
+
+async def test_what_another_principal_writes_leaves_the_partners_grant(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    note = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "note"},
+        "subject": {"reference": "Patient/p1"},
+    }
+    created = await client.post("/fhir/Observation", json=note, headers={**JSON, **partner_a})
+    assert created.status_code == 201, created.text
+    observation_id = created.json()["id"]
+    assert (await client.get(f"/fhir/Observation/{observation_id}", headers=partner_a)).status_code == 200
+    amended = {**created.json(), "status": "amended"}
+    assert (
+        await client.put(f"/fhir/Observation/{observation_id}", json=amended, headers=JSON)
+    ).status_code == 200
+    assert (await client.get(f"/fhir/Observation/{observation_id}", headers=partner_a)).status_code == 404
+
+
+async def test_a_transaction_may_point_at_what_it_creates(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:8c3c2b8e-9d8b-4a2e-9d40-0d0b1f3d0f11",
+                "resource": {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": "a"},
+                    "subject": {"reference": "Patient/p1"},
+                    "hasMember": [{"reference": "urn:uuid:1f0e3c4a-2f4b-4b8e-8a7d-5b1b9f0c2d22"}],
+                },
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {
+                "fullUrl": "urn:uuid:1f0e3c4a-2f4b-4b8e-8a7d-5b1b9f0c2d22",
+                "resource": {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": "b"},
+                    "subject": {"reference": "Patient/p1"},
+                },
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        ],
+    }
+    response = await client.post("/fhir", json=bundle, headers={**JSON, **partner_a})
+    assert response.status_code == 200, response.text
+
+
+async def test_a_patient_app_put_tells_no_hidden_id_from_a_free_one(
+    client: httpx.AsyncClient, world: None, patient_p1: dict[str, str]
+) -> None:
+    def body(fhir_id: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": fhir_id,
+            "status": "final",
+            "code": {"text": "x"},
+            "subject": {"reference": "Patient/p1"},
+        }
+
+    hidden = await client.put("/fhir/Observation/obs-p2", json=body("obs-p2"), headers={**JSON, **patient_p1})
+    free = await client.put(
+        "/fhir/Observation/obs-free", json=body("obs-free"), headers={**JSON, **patient_p1}
+    )
+    assert hidden.status_code == free.status_code == 404
+    assert hidden.json()["issue"][0]["diagnostics"].replace("obs-p2", "ID") == free.json()["issue"][0][
+        "diagnostics"
+    ].replace("obs-free", "ID")
+    assert (await client.get("/fhir/Observation/obs-free")).status_code == 404

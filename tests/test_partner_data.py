@@ -1,0 +1,215 @@
+"""What a hostile partner can put into carecoord through the tracking worker (issue 15, finding 3).
+
+The partner is a real FHIR-speaking HTTP server on loopback (tests/test_referral_regressions.py
+FakePartner) whose Task answers with hostile outputs: references to this server's own URL for
+another patient's data, an identifier copied from a local resource, an Observation about an
+unrelated Patient, invalid resources, types the workflow does not return, statuses the owner
+cannot set. After the worker has polled, the partner's own client must see nothing it did not
+see before, and no local record may have changed or gained data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from tests.conftest import FHIR, bearer
+from tests.test_referral_regressions import (
+    FakePartner,
+    deliver,
+    jobs,
+    make_worker,
+    partner_http,
+    run_due,
+)
+from tests.test_referrals import add_partner
+from tests.test_search_support import JSON, put
+
+
+def _outputs(partner: FakePartner, status: str, *references: str) -> None:
+    task = partner.resources[f"Task/{partner.task_id}"]
+    task["status"] = status
+    task["output"] = [
+        {"type": {"text": "resulting-activity"}, "valueReference": {"reference": reference}}
+        for reference in references
+    ]
+
+
+async def _other_patient(client: httpx.AsyncClient, suffix: str) -> None:
+    """Another client of the case manager, with a diagnosis the partner must never see."""
+    await put(client, "Patient", f"other{suffix}", {"gender": "male"})
+    await put(
+        client,
+        "Condition",
+        f"secret{suffix}",
+        {"code": {"text": "HIV"}, "subject": {"reference": f"Patient/other{suffix}"}},
+    )
+
+
+async def _track(app: FastAPI, client: httpx.AsyncClient, partner: FakePartner, org: str, suffix: str) -> str:
+    """Deliver a referral to ``partner``; the caller scripts the partner's answer, then polls."""
+    await add_partner(client, org, partner.base)
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        return await deliver(app, client, worker, org, suffix)
+
+
+async def _poll(app: FastAPI, partner: FakePartner) -> None:
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        for _ in range(2):
+            await run_due(worker)
+
+
+async def test_an_output_naming_this_servers_url_grants_the_partner_nothing(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    partner = FakePartner("https://hostile1.example/fhir")
+    task_id = await _track(app, client, partner, "hostile1", "-h1")
+    await _other_patient(client, "-h1")
+    _outputs(partner, "completed", f"{FHIR}/Condition/secret-h1", "Condition/secret-h1")
+    await _poll(app, partner)
+
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    assert local["status"] == "completed", await jobs(app, task_id)
+    # The status arrived, but no output points at the local Condition (the partner's relative
+    # reference names the partner's own Condition/secret-h1, not ours).
+    references = {o["valueReference"].get("reference") for o in local["output"]}
+    assert references == {None, f"{partner.base}/Condition/secret-h1"}
+    as_partner = await bearer(app, "system/*.cruds", organization="Organization/hostile1", client_id="h1")
+    assert (await client.get("/fhir/Condition/secret-h1", headers=as_partner)).status_code == 404
+    overwrite = {"resourceType": "Condition", "id": "secret-h1", "subject": {"reference": "Patient/p"}}
+    response = await client.put("/fhir/Condition/secret-h1", json=overwrite, headers={**JSON, **as_partner})
+    assert response.status_code == 404
+    assert (await client.get("/fhir/Condition/secret-h1")).json()["code"]["text"] == "HIV"
+
+
+async def test_an_output_copying_a_local_identifier_is_not_matched_to_the_local_resource(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    await _other_patient(client, "-h2")
+    local_form = {
+        "status": "completed",
+        "identifier": {"system": "https://forms.example", "value": "assessment-7"},
+        "subject": {"reference": "Patient/other-h2"},
+    }
+    await put(client, "QuestionnaireResponse", "qr-other-h2", local_form)
+    partner = FakePartner("https://hostile2.example/fhir")
+    partner.resources["QuestionnaireResponse/9"] = {
+        "resourceType": "QuestionnaireResponse",
+        "id": "9",
+        "status": "completed",
+        "identifier": {"system": "https://forms.example", "value": "assessment-7"},
+    }
+    task_id = await _track(app, client, partner, "hostile2", "-h2")
+    _outputs(partner, "completed", "QuestionnaireResponse/9")
+    await _poll(app, partner)
+
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    assert local["status"] == "completed", await jobs(app, task_id)
+    (output,) = local["output"]
+    kept = output["valueReference"]["reference"]
+    assert kept.startswith("QuestionnaireResponse/") and kept != "QuestionnaireResponse/qr-other-h2"
+    as_partner = await bearer(app, "system/*.cruds", organization="Organization/hostile2", client_id="h2")
+    assert (await client.get(f"/fhir/{kept}", headers=as_partner)).status_code == 200  # its own copy
+    assert (
+        await client.get("/fhir/QuestionnaireResponse/qr-other-h2", headers=as_partner)
+    ).status_code == 404
+    untouched = (await client.get("/fhir/QuestionnaireResponse/qr-other-h2")).json()
+    assert untouched["meta"]["versionId"] == "1"
+
+
+async def test_an_output_about_an_unrelated_patient_does_not_land_in_that_record(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    await _other_patient(client, "-h3")
+    partner = FakePartner("https://hostile3.example/fhir")
+    partner.resources["Observation/5"] = {
+        "resourceType": "Observation",
+        "id": "5",
+        "status": "final",
+        "code": {"text": "planted"},
+        "subject": {"reference": f"{FHIR}/Patient/other-h3"},
+    }
+    task_id = await _track(app, client, partner, "hostile3", "-h3")
+    _outputs(partner, "completed", "Observation/5")
+    await _poll(app, partner)
+
+    assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "completed"
+    planted = (await client.get("/fhir/Observation", params={"subject": "Patient/other-h3"})).json()
+    assert planted.get("entry", []) == []
+    anywhere = (await client.get("/fhir/Observation", params={"code:text": "planted"})).json()
+    assert anywhere.get("entry", []) == []
+
+
+async def test_invalid_and_unexpected_outputs_are_not_stored(app: FastAPI, client: httpx.AsyncClient) -> None:
+    partner = FakePartner("https://hostile4.example/fhir")
+    partner.resources["Observation/bad"] = {
+        "resourceType": "Observation",
+        "id": "bad",
+        "status": "not-a-status",
+        "code": {"text": "invalid"},
+    }
+    partner.resources["Condition/c1"] = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "code": {"text": "a partner's condition"},
+        "subject": {"reference": "Patient/9"},
+    }
+    task_id = await _track(app, client, partner, "hostile4", "-h4")
+    _outputs(partner, "completed", "Observation/bad", "Condition/c1")
+    await _poll(app, partner)
+
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    assert local["status"] == "completed", await jobs(app, task_id)
+    references = {o["valueReference"]["reference"] for o in local["output"]}
+    # Neither was copied: both outputs keep pointing at the partner.
+    assert references == {f"{partner.base}/Observation/bad", f"{partner.base}/Condition/c1"}
+    assert (await client.get("/fhir/Observation", params={"code:text": "invalid"})).json().get(
+        "entry"
+    ) is None
+    found = await client.get("/fhir/Condition", params={"code:text": "a partner"})
+    assert found.json().get("entry") is None
+    # The partner did not ask for these fetches to happen: Condition is not even read.
+    assert ("GET", "Condition/c1") not in partner.requests
+
+
+async def test_a_kept_copy_belongs_to_its_partner_only(app: FastAPI, client: httpx.AsyncClient) -> None:
+    partner = FakePartner("https://hostile5.example/fhir")
+    partner.resources["Procedure/1"] = {
+        "resourceType": "Procedure",
+        "id": "1",
+        "status": "completed",
+        "subject": {"reference": "Patient/anything"},
+        "code": {"text": "Food delivered"},
+    }
+    task_id = await _track(app, client, partner, "hostile5", "-h5")
+    _outputs(partner, "completed", "Procedure/1")
+    await _poll(app, partner)
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    kept = local["output"][0]["valueReference"]["reference"]
+    assert kept.startswith("Procedure/")
+    copy = (await client.get(f"/fhir/{kept}")).json()
+    # The partner's relative Patient/anything is the partner's own resource, never one of ours.
+    assert copy["subject"]["reference"] == f"{partner.base}/Patient/anything"
+    owner = await bearer(app, "system/*.cruds", organization="Organization/hostile5", client_id="h5")
+    stranger = await bearer(app, "system/*.cruds", organization="Organization/hostile1", client_id="h1")
+    assert (await client.get(f"/fhir/{kept}", headers=owner)).status_code == 200
+    assert (await client.get(f"/fhir/{kept}", headers=stranger)).status_code == 404
+
+
+async def test_statuses_the_owner_cannot_set_are_not_mirrored(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    partner = FakePartner("https://hostile6.example/fhir")
+    task_id = await _track(app, client, partner, "hostile6", "-h6")
+    seen: list[Any] = []
+    for status in ("received", "ready", "accepted", "requested", "draft", "entered-in-error"):
+        _outputs(partner, status)
+        await _poll(app, partner)
+        seen.append((await client.get(f"/fhir/Task/{task_id}")).json()["status"])
+    # Only 'accepted' is the owner's to set; nothing takes the referral back afterwards, and
+    # entered-in-error is the requester's alone.
+    assert seen == ["requested", "requested", "accepted", "accepted", "accepted", "accepted"]
