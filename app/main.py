@@ -19,7 +19,6 @@ from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
 from app.fhir.repository import RepositoryFactory
-from app.fhir.search import SearchLimits
 from app.openapi import install_openapi
 from app.outbound import outbound_client
 from app.referrals.hooks import write_hooks
@@ -79,9 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings=settings, pool=app.state.pool, tokens=app.state.tokens
             )
             app.state.audit = AuditTrail(app.state.pool, settings.fhir_base, enabled=settings.audit_enabled)
-            app.state.repositories = RepositoryFactory(
-                settings.fhir_base, write_hooks(settings), SearchLimits.from_settings(settings)
-            )
+            app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
             app.state.audit.start()
             stop_worker = asyncio.Event()
             worker_task = None

@@ -147,6 +147,26 @@ async def bearer(app: FastAPI, scope: str = FULL_ACCESS, **context: str | None) 
     return {"authorization": f"Bearer {token}"}
 
 
+HOME_ORGANIZATION = "Organization/cm"
+
+
+@pytest.fixture
+async def home_client(app: FastAPI, settings: Settings, clean_db: None) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the case-management organisation's own carecoord: a second app on the test
+    database with CARECOORD_ORGANIZATION=Organization/cm, so its system-level clients act for cm
+    (the Task state machine's requester, the organisation partners refer clients back to).
+    Requests without other headers carry a system/*.cruds token."""
+    home = create_app(settings.model_copy(update={"organization": HOME_ORGANIZATION}))
+    transport = httpx.ASGITransport(app=home)
+    async with (
+        home.router.lifespan_context(home),
+        httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http,
+    ):
+        http.headers["accept"] = "application/fhir+json"
+        http.headers.update(await bearer(app))
+        yield http
+
+
 @pytest.fixture(scope="session")
 async def app_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)

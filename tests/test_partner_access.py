@@ -15,11 +15,14 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.outbound import outbound_client
 from app.referrals.credentials import confirm_address, list_partners, set_credentials
+from app.referrals.status import referral_status
 from app.referrals.worker import Worker
 from tests import test_authorization as authorization
 from tests.conftest import bearer
 from tests.partner_support import MisbehavingServer, Reply, token_reply
+from tests.test_outbound_policy import Listener
 from tests.test_referrals import FULFILL, add_partner, delivery_state
 from tests.test_search_support import JSON, match_ids, put
 
@@ -371,3 +374,151 @@ async def test_a_patient_app_put_tells_no_hidden_id_from_a_free_one(
         "diagnostics"
     ].replace("obs-free", "ID")
     assert (await client.get("/fhir/Observation/obs-free")).status_code == 404
+
+
+# -- finding 4: server-side request forgery through the referral worker ------------------------------
+
+
+async def test_a_referral_to_an_internal_address_sends_nothing_and_reveals_nothing(
+    app: FastAPI, client: httpx.AsyncClient, world: None
+) -> None:
+    """An Endpoint at a loopback address (an operator's mistake, or what a partner could once
+    write) gets no connection under the default policy; the Task says only that the partner
+    could not be reached, the operator sees why in ``referrals status``."""
+    production = app.state.settings.model_copy(update={"outbound_allowlist": ""})
+    async with Listener() as internal, outbound_client(production) as http:
+        await add_partner(client, "internal", internal.url("/internal/fhir"))
+        worker = Worker(app.state.pool, http, production, name="ssrf")
+        await _referral(client, "ref-ssrf", "internal", patient="p2")
+
+        async def failed() -> bool:
+            task = (await client.get("/fhir/Task/ref-ssrf")).json()
+            return delivery_state(task) == "failed"
+
+        await _run_until(worker, failed, "the delivery to fail")
+        await internal.assert_untouched()
+        port = internal.port
+    task = (await client.get("/fhir/Task/ref-ssrf")).json()
+    shown = str(task["extension"])
+    assert "could not be reached" in shown
+    for detail in ("127.0.0.1", str(port), "policy", "Connect", "refused"):
+        assert detail not in shown, detail
+    async with app.state.pool.acquire() as conn:
+        (row,) = await referral_status(conn, "ref-ssrf")
+    assert row["state"] == "failed" and row["attempts"] == 1
+    assert "outbound address policy" in row["last_error"]
+
+
+# -- from the review of the fixes --------------------------------------------------------------------
+
+
+async def test_a_partners_own_service_request_keeps_nothing_open(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    """While referred, partner A wrote a ServiceRequest of its own pointing at the patient and a
+    diagnosis; once the case manager handed the referral to someone else, A still read them."""
+    mine = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "performer": [{"reference": "Organization/partnerA"}],
+        "reasonReference": [{"reference": "Condition/cond-p1"}],
+    }
+    assert (
+        await client.post("/fhir/ServiceRequest", json=mine, headers={**JSON, **partner_a})
+    ).status_code == 201
+    for key in ("Task/task-p1", "ServiceRequest/sr-p1"):
+        resource = (await client.get(f"/fhir/{key}")).json()
+        field = "owner" if key.startswith("Task") else "performer"
+        resource[field] = (
+            {"reference": "Organization/partnerB"}
+            if field == "owner"
+            else [{"reference": "Organization/partnerB"}]
+        )
+        assert (await client.put(f"/fhir/{key}", json=resource, headers=JSON)).status_code == 200
+    for key in ("Patient/p1", "Condition/cond-p1", "Consent/consent-p1"):
+        assert (await client.get(f"/fhir/{key}", headers=partner_a)).status_code == 404, key
+
+
+async def test_a_partner_names_no_other_organisation(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    """A ServiceRequest naming another partner as performer would give that partner the
+    patient's record (and is how a partner would refer a client on)."""
+    onward = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "performer": [{"reference": "Organization/partnerB"}],
+    }
+    response = await client.post("/fhir/ServiceRequest", json=onward, headers={**JSON, **partner_a})
+    assert response.status_code == 403, response.text
+
+
+async def test_a_reassigned_tasks_earlier_versions_stay_with_their_organisation(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    task = (await client.get("/fhir/Task/task-p2")).json()  # partnerB's
+    noted = {**task, "note": [{"text": "B internal: do not share"}]}
+    assert (await client.put("/fhir/Task/task-p2", json=noted, headers=JSON)).status_code == 200
+    handed = {**noted, "owner": {"reference": "Organization/partnerA"}, "note": []}
+    del handed["note"]
+    handed["focus"] = {"reference": "ServiceRequest/sr-p1"}
+    handed["for"] = {"reference": "Patient/p1"}
+    assert (await client.put("/fhir/Task/task-p2", json=handed, headers=JSON)).status_code == 200
+    current = (await client.get("/fhir/Task/task-p2", headers=partner_a)).json()
+    accepted = {**current, "status": "accepted"}
+    assert (
+        await client.put("/fhir/Task/task-p2", json=accepted, headers={**JSON, **partner_a})
+    ).status_code == 200
+    history = (await client.get("/fhir/Task/task-p2/_history", headers=partner_a)).json()
+    versions = {e["resource"]["meta"]["versionId"] for e in history["entry"] if "resource" in e}
+    assert versions == {"3", "4"}
+    assert "B internal" not in str(history)
+    assert (await client.get("/fhir/Task/task-p2/_history/2", headers=partner_a)).status_code == 404
+
+
+async def test_naming_a_resource_never_makes_it_readable(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    """A partner's own Task naming a Practitioner (or any hidden resource, anywhere in it, even
+    where no search parameter indexes it) is refused like one naming a missing resource."""
+    await put(client, "Practitioner", "pr1", {"telecom": [{"system": "phone", "value": "555-SECRET"}]})
+    task = {
+        "resourceType": "Task",
+        "status": "draft",
+        "intent": "plan",
+        "requester": {"reference": "Organization/partnerA"},
+        "owner": {"reference": "Organization/partnerA"},
+    }
+    answers = []
+    for target in ("Practitioner/pr1", "Practitioner/nobody", "Condition/secret-p1", "Endpoint/none"):
+        for where in (
+            {"focus": {"reference": target}},
+            {"output": [{"type": {"text": "x"}, "valueReference": {"reference": target}}]},
+        ):
+            response = await client.post("/fhir/Task", json={**task, **where}, headers={**JSON, **partner_a})
+            answers.append((response.status_code, response.json()["issue"][0]["diagnostics"]))
+    assert {status for status, _ in answers} == {403}
+    assert len({diagnostics for _, diagnostics in answers}) == 1
+    assert (await client.get("/fhir/Practitioner/pr1", headers=partner_a)).status_code == 404
+
+
+async def test_a_restricted_scope_reads_the_current_version(app: FastAPI, client: httpx.AsyncClient) -> None:
+    await put(
+        client,
+        "Observation",
+        "vital",
+        {
+            "status": "final",
+            "code": {"text": "bp"},
+            "category": [{"coding": [{"system": "urn:cat", "code": "vital"}]}],
+        },
+    )
+    headers = await bearer(app, "system/Observation.rs?category=urn:cat|vital", client_id="vitals")
+    assert (await client.get("/fhir/Observation/vital", headers=headers)).status_code == 200
+    assert (await client.get("/fhir/Observation/vital/_history/1", headers=headers)).status_code == 200
+    history = (await client.get("/fhir/Observation/vital/_history", headers=headers)).json()
+    assert [e["resource"]["id"] for e in history["entry"]] == ["vital"]

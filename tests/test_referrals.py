@@ -362,13 +362,15 @@ async def test_referral_to_a_partner_without_endpoint_is_a_worklist_item(
 
 
 async def test_inbound_referral_from_a_partner_lands_in_the_worklist(
-    app: FastAPI, client: httpx.AsyncClient
+    app: FastAPI, home_client: httpx.AsyncClient
 ) -> None:
     """A partner (an organisation's client) submits a referral to the case-management
     organisation as a transaction; the owner sees it in its worklist; the partner follows and
     updates only its own; another partner sees nothing."""
     from tests.conftest import bearer
 
+    # Partners refer clients back to the server's own organisation (CARECOORD_ORGANIZATION).
+    client = home_client
     for org in ("cm", "inA", "inB"):
         await put(client, "Organization", org, {"name": org})
     partner_a = await bearer(app, "system/*.cruds", organization="Organization/inA", client_id="in-a")

@@ -32,33 +32,36 @@ def referral(
 
 
 @pytest.fixture
+def client(home_client: httpx.AsyncClient) -> httpx.AsyncClient:
+    """The case-management organisation's own carecoord (tests/conftest.py ``home_client``): its
+    system-level clients act for cm, the referral's source; partners are organisation clients."""
+    return home_client
+
+
+@pytest.fixture
 async def parties(app: FastAPI, client: httpx.AsyncClient) -> dict[str, dict[str, str]]:
-    """The requester (the case-management organisation's client), the owner (a partner) and a
-    stranger (another partner). The requester records the patient and the ServiceRequest itself,
-    as it would: a client limited to an organisation may only point a Task at what it can read
-    (and may not choose ids: ``ids`` holds the ones the server assigned)."""
+    """The requester (a client of the case-management organisation), the owner (a partner) and
+    a stranger (another partner); ``ids`` holds the Patient and ServiceRequest of the referral."""
     for org in ("cm", "partnerA", "partnerB"):
         await put(client, "Organization", org, {"name": org})
     tokens = {
         "owner": await bearer(app, "system/*.cruds", organization="Organization/partnerA", client_id="a"),
-        "requester": await bearer(app, "system/*.cruds", organization="Organization/cm", client_id="cm"),
+        "requester": await bearer(app, "system/*.cruds", client_id="cm"),
         "stranger": await bearer(app, "system/*.cruds", organization="Organization/partnerB", client_id="b"),
     }
-    as_requester = {**JSON, **tokens["requester"]}
-    patient = {"resourceType": "Patient", "gender": "other"}
-    created = await client.post("/fhir/Patient", json=patient, headers=as_requester)
-    assert created.status_code == 201, created.text
-    patient_id = created.json()["id"]
-    service_request = {
-        "resourceType": "ServiceRequest",
-        "status": "active",
-        "intent": "order",
-        "subject": {"reference": f"Patient/{patient_id}"},
-        "performer": [{"reference": "Organization/partnerA"}],
-    }
-    response = await client.post("/fhir/ServiceRequest", json=service_request, headers=as_requester)
-    assert response.status_code == 201, response.text
-    return {**tokens, "ids": {"patient": patient_id, "sr": response.json()["id"]}}
+    await put(client, "Patient", "p1", {"gender": "other"})
+    await put(
+        client,
+        "ServiceRequest",
+        "sr1",
+        {
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/p1"},
+            "performer": [{"reference": "Organization/partnerA"}],
+        },
+    )
+    return {**tokens, "ids": {"patient": "p1", "sr": "sr1"}}
 
 
 async def _create(client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
@@ -250,3 +253,35 @@ async def test_only_a_party_moves_the_status_of_other_tasks(
     assigned_id = (await client.post("/fhir/Task", json=assigned, headers=JSON)).json()["id"]
     assert (await _move(client, assigned_id, "in-progress", patient_app)).status_code == 200
     assert (await _move(client, assigned_id, "completed", patient_app)).status_code == 200
+
+
+async def test_only_the_requester_deletes_a_task(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    """The owner deleted the requester's Task and wrote a new one at the same id, with itself as
+    requester and another partner as owner (issue 15)."""
+    task_id = (await _create(client, referral("requested", parties["ids"]), parties["requester"])).json()[
+        "id"
+    ]
+    _business_rule(await client.delete(f"/fhir/Task/{task_id}", headers=parties["owner"]))
+    assert (await client.get(f"/fhir/Task/{task_id}")).status_code == 200
+    assert (await client.delete(f"/fhir/Task/{task_id}", headers=parties["requester"])).status_code == 200
+    # Deleted, the id belongs to no one: the former owner cannot write there.
+    revived = {**referral("requested", parties["ids"], requester="partnerA", owner="partnerA"), "id": task_id}
+    response = await client.put(f"/fhir/Task/{task_id}", json=revived, headers={**JSON, **parties["owner"]})
+    assert response.status_code == 404, response.text
+
+
+async def test_a_partner_refers_no_one_on(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    """A partner naming another organisation as owner (or requester, or performer) would hand
+    the patient's record to it, and have the referral delivered there with its credentials."""
+    onward = referral("requested", parties["ids"], requester="partnerA", owner="partnerB")
+    response = await _create(client, onward, parties["owner"])
+    assert response.status_code == 403, response.text
+    assert "only its own organisation" in response.text
+    forged = referral("draft", parties["ids"], requester="partnerB", owner="partnerA")
+    assert (await _create(client, forged, parties["owner"])).status_code in (403, 422)  # not its role either
+    mine = referral("draft", parties["ids"], requester="partnerA", owner="partnerA")
+    assert (await _create(client, mine, parties["owner"])).status_code == 201

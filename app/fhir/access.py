@@ -38,7 +38,6 @@ from app.auth.scopes import Permission
 from app.fhir.errors import FHIRError, Forbidden
 from app.fhir.indexing import GRANT_PARAM
 from app.fhir.search_params import registry
-from app.fhir.types import SERVED_TYPES
 
 INTERACTION_NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
@@ -47,14 +46,6 @@ REFERRAL_ROOTS = (
     ("Task", ("owner", "requester")),
 )
 """Where a partner organisation is named by the referrals it is part of."""
-
-REFERENCEABLE_DIRECTORY = frozenset(
-    t for t in SERVED_TYPES if t != "Patient" and t not in registry().patient_compartment and t != "Endpoint"
-)
-"""Directory types (outside the Patient compartment: Organization, Practitioner...) whose existing
-entries a limited token may name in a write without being able to read them (repository.py
-``_check_references``); not Endpoint, the address referrals are delivered to."""
-
 
 class ConditionCompiler(Protocol):
     """What access needs from the search compiler (app/fhir/search.py SearchCompiler)."""
@@ -188,41 +179,58 @@ class AccessContext:
         return parts
 
     def _organization_condition(self, compiler: ConditionCompiler, alias: str, letter: str) -> str:
-        """Rows a partner organisation's client may use with ``letter`` (module docstring)."""
-        own = f"{alias}.writer_org = {compiler.bind(self.organization)}"
+        """Rows a partner organisation's client may use with ``letter`` (module docstring).
+
+        What grants read access is what others asked of the organisation: a Task it owns and
+        did not request itself, the ServiceRequest that Task is about, and a ServiceRequest
+        naming it as performer that someone else wrote. Its own Tasks and ServiceRequests are
+        visible to it but grant nothing: otherwise a partner could keep a patient's record
+        open for itself, after the referral was cancelled or handed to someone else, by
+        writing a ServiceRequest of its own that points at it (issue 15)."""
+        org = compiler.bind(self.organization)
+        own = f"{alias}.writer_org = {org}"
         if letter == "c":
             return own  # a new row carries its writer's organisation
         org_id = compiler.bind(self.organization_id)  # bound only when used: asyncpg types every one
+        named = (
+            "o.target_type = 'Organization' AND o.target_id = " + org_id
+        )
         # Its Tasks: the organisation is their owner or requester.
-        tasks = (
-            "SELECT o.rid FROM search_reference o WHERE o.target_type = 'Organization'"
-            f" AND o.target_id = {org_id} AND o.resource_type = 'Task' AND o.param IN ('owner', 'requester')"
+        tasks = f"SELECT o.rid FROM search_reference o WHERE {named} AND o.resource_type = 'Task'" + (
+            " AND o.param IN ('owner', 'requester')"
         )
         if letter in ("u", "d"):
             return f"({own} OR ({alias}.resource_type = 'Task' AND {alias}.rid IN ({tasks})))"
-        roots = " OR ".join(
-            f"(o.resource_type = {compiler.bind(root_type)} AND o.param = ANY({compiler.bind(list(params))}))"
-            for root_type, params in REFERRAL_ROOTS
+        performing = (
+            f"SELECT o.rid FROM search_reference o WHERE {named}"
+            " AND o.resource_type = 'ServiceRequest' AND o.param = 'performer'"
         )
-        referrals = (
-            "SELECT o.rid FROM search_reference o WHERE o.target_type = 'Organization'"
-            f" AND o.target_id = {org_id} AND ({roots})"
+        asked_tasks = (
+            f"SELECT o.rid FROM search_reference o WHERE {named} AND o.resource_type = 'Task'"
+            " AND o.param = 'owner' AND NOT EXISTS (SELECT 1 FROM search_reference q"
+            " WHERE q.rid = o.rid AND q.param = 'requester' AND q.target_type = 'Organization'"
+            f" AND q.target_id = {org_id})"
         )
-        # The ServiceRequests that the organisation's Tasks are about (Task.focus).
+        # The ServiceRequests those Tasks are about (Task.focus).
         focused = (
             "SELECT fs.rid FROM search_reference f JOIN resource fs"
             " ON fs.resource_type = f.target_type AND fs.fhir_id = f.target_id"
             " WHERE f.resource_type = 'Task' AND f.param = 'focus' AND f.target_type = 'ServiceRequest'"
-            f" AND f.rid IN ({referrals})"
+            f" AND f.rid IN ({asked_tasks})"
+        )
+        asked_requests = (
+            f"SELECT ps.rid FROM resource ps WHERE ps.rid IN ({performing})"
+            f" AND ps.writer_org IS DISTINCT FROM {org}"
         )
         granted = (
             "SELECT p.target_type, p.target_id FROM search_reference p"
-            f" WHERE p.param = '{GRANT_PARAM}' AND (p.rid IN ({referrals}) OR p.rid IN ({focused}))"
+            f" WHERE p.param = '{GRANT_PARAM}' AND (p.rid IN ({asked_tasks}) OR p.rid IN ({focused})"
+            f" OR p.rid IN ({asked_requests}))"
         )
         return (
             f"({own}"
             f" OR ({alias}.resource_type = 'Organization' AND {alias}.fhir_id = {org_id})"
-            f" OR {alias}.rid IN ({referrals}) OR {alias}.rid IN ({focused})"
+            f" OR {alias}.rid IN ({tasks}) OR {alias}.rid IN ({performing}) OR {alias}.rid IN ({focused})"
             f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({granted}))"
         )
 
@@ -231,13 +239,13 @@ class AccessContext:
         resource_type: str,
         fhir_id: str,
         references: list[tuple[str, str | None, str | None]],
-        writer_org: str | None,
         letter: str,
     ) -> bool:
-        """Whether one stored version (an older one: history, vread) lies within the token's
-        patient compartment and referral limits, judged from that version's own references
+        """Whether one stored older version (history, vread) lies within the token's patient
+        compartment and referral limits, judged from that version's own references
         ``(param, target type, target id)``. The SQL conditions judge the current version;
-        an older version may have belonged to someone else."""
+        an older version may have belonged to someone else. A version that only scope
+        restrictions could admit is not shown (they are not evaluated on old versions)."""
         if self.unrestricted:
             return True
         permissions = self.matching(resource_type, letter)
@@ -251,13 +259,13 @@ class AccessContext:
             if not in_compartment:
                 return False
         if self.organization is not None and resource_type in dict(REFERRAL_ROOTS):
+            # A referral's older versions are the organisation's only where they name it (not
+            # because it wrote the current one: a reassigned Task's earlier owner's notes).
             roots = dict(REFERRAL_ROOTS)[resource_type]
-            own = writer_org == self.organization
-            named = any(
+            return any(
                 param in roots and (target_type, target_id) == ("Organization", self.organization_id)
                 for param, target_type, target_id in references
             )
-            return own or named
         return True
 
     def row_filter(

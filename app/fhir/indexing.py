@@ -130,6 +130,26 @@ another partner's Endpoint must not make it readable). ``supportingInfo`` and
 GRANT_PARAM = "_grant"
 
 
+def local_references(node: Any, fhir_base: str) -> set[tuple[str, str]]:
+    """(type, id) of every literal reference to this server anywhere in ``node`` (relative
+    ``Type/id`` or absolute under ``fhir_base``; contained resources included), indexed or not."""
+    found: set[tuple[str, str]] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "reference" and isinstance(value, str):
+                    target_type, target_id, _url = split_reference(value, fhir_base)
+                    if target_type and target_id:
+                        found.add((target_type, target_id))
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
 def _grant_references(rows: IndexRows, value: Any, fhir_base: str) -> None:
     for item in value if isinstance(value, list) else [value]:
         reference = item.get("reference") if isinstance(item, dict) else None

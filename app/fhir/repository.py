@@ -12,14 +12,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asyncpg import Connection, Record
 
 from app.fhir import jsonio
-from app.fhir.access import OPEN_ACCESS, REFERENCEABLE_DIRECTORY, AccessContext
-from app.fhir.errors import BadRequest, Forbidden, Gone, MethodNotAllowed, NotFound, PreconditionFailed
-from app.fhir.indexing import IndexRows, extract
+from app.fhir.access import OPEN_ACCESS, AccessContext
+from app.fhir.errors import (
+    BadRequest,
+    FHIRError,
+    Forbidden,
+    Gone,
+    MethodNotAllowed,
+    NotFound,
+    PreconditionFailed,
+)
+from app.fhir.indexing import IndexRows, extract, local_references
 from app.fhir.search import (
     MAX_INCLUDES,
     MAX_ITERATE,
@@ -32,6 +40,9 @@ from app.fhir.search import (
 from app.fhir.search_params import registry
 from app.fhir.sql import Statement
 from app.fhir.types import SERVED_TYPE_SET, SERVED_TYPES
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -260,20 +271,38 @@ class RepositoryFactory:
     fhir_base: str
     hooks: Sequence[WriteHook] = ()
     search_limits: SearchLimits = field(default_factory=SearchLimits)
+    home_organization: str | None = None
+    """``Organization/ID`` of the organisation running the server (CARECOORD_ORGANIZATION)."""
+    max_resource_bytes: int = 5 * 1024 * 1024
+    """The largest resource a write may store (CARECOORD_MAX_BODY_BYTES): what a PATCH or a
+    partner's data may build here too."""
 
-    def for_client(self, connection: Connection, access: AccessContext) -> FhirRepository:
-        return FhirRepository(
-            connection, access, fhir_base=self.fhir_base, hooks=self.hooks, search_limits=self.search_limits
+    @classmethod
+    def from_settings(cls, settings: Settings, hooks: Sequence[WriteHook]) -> RepositoryFactory:
+        return cls(
+            settings.fhir_base,
+            tuple(hooks),
+            SearchLimits.from_settings(settings),
+            settings.organization,
+            settings.max_body_bytes,
         )
 
+    def for_client(self, connection: Connection, access: AccessContext) -> FhirRepository:
+        return self._make(connection, access, system=False)
+
     def for_system(self, connection: Connection, access: AccessContext = OPEN_ACCESS) -> FhirRepository:
+        return self._make(connection, access, system=True)
+
+    def _make(self, connection: Connection, access: AccessContext, *, system: bool) -> FhirRepository:
         return FhirRepository(
             connection,
             access,
             fhir_base=self.fhir_base,
             hooks=self.hooks,
-            system=True,
+            system=system,
             search_limits=self.search_limits,
+            home_organization=self.home_organization,
+            max_resource_bytes=self.max_resource_bytes,
         )
 
 
@@ -289,6 +318,8 @@ class FhirRepository:
         hooks: Sequence[WriteHook] = (),
         system: bool = False,
         search_limits: SearchLimits = SearchLimits(),
+        home_organization: str | None = None,
+        max_resource_bytes: int = 5 * 1024 * 1024,
     ) -> None:
         self._conn = connection
         self.access = access
@@ -296,6 +327,8 @@ class FhirRepository:
         self.hooks = hooks
         self.search_limits = search_limits
         """The complexity budget of every search this repository runs (conditions included)."""
+        self._home = tuple(home_organization.split("/", 1)) if home_organization else None
+        self.max_resource_bytes = max_resource_bytes
         self.system = system
         """Writes made by carecoord itself (mirroring a partner's Task), not by a client."""
         self.touched: list[tuple[str, str, int]] = []
@@ -343,33 +376,26 @@ class FhirRepository:
         entries): references to them are not references to missing resources."""
         self._pending_creates.update(keys)
 
-    async def _check_references(self, rows: IndexRows, rid: int | None = None) -> None:
+    async def _check_references(self, data: dict[str, Any], previous: dict[str, Any] | None = None) -> None:
         """A limited token may only point a resource at what it can read (403 otherwise).
 
         Visibility follows references (a patient's compartment, what a partner's referrals
         grant), so without this check a write could widen what its own token sees: a partner
         adding a reference to its referral, a patient app naming itself as performer of
-        another patient's Observation. Every newly added reference to a served type counts
-        (references the previous version already had were placed by someone allowed to), and
-        so does a reference to a resource that does not exist (yet): written by a limited
-        token it would squat the id, granting access to whatever is later stored there. The
-        two are refused alike, so that the answer does not reveal which it was. Resources that
-        a later entry of the same transaction creates are not missing. Existing directory
-        entries (access.REFERENCEABLE_DIRECTORY: Organizations, Practitioners... holding no
-        one's health data) may be named though the token cannot read them: a partner names
-        the organisation it refers a client on to.
+        another patient's Observation. Every reference the write adds counts, wherever it sits
+        in the resource (references the previous version already had were placed by someone
+        allowed to), and so does a reference to a resource that does not exist (yet): written
+        by a limited token it would squat the id, granting access to whatever is later stored
+        there. The two are refused alike, so that the answer does not reveal which it was.
+        Resources that a later entry of the same transaction creates are not missing, and the
+        organisation running the server may always be named (partners refer clients to it).
         """
         if not self.access.limited_writer:
             return
-        targets = {(row[1], row[2]) for row in rows.reference if row[1] in SERVED_TYPE_SET and row[2]}
-        if targets and rid is not None:
-            known = await self._conn.fetch(
-                "SELECT DISTINCT target_type, target_id FROM search_reference"
-                " WHERE rid = $1 AND target_id IS NOT NULL",
-                rid,
-            )
-            targets -= {(row["target_type"], row["target_id"]) for row in known}
-        targets -= self._pending_creates
+        targets = local_references(data, self.fhir_base)
+        if previous is not None:
+            targets -= local_references(previous, self.fhir_base)
+        targets = {t for t in targets if t[0] in SERVED_TYPE_SET and t != self._home} - self._pending_creates
         if not targets:
             return
         ordered = sorted(targets)
@@ -377,20 +403,17 @@ class FhirRepository:
         types = compiler.bind([t for t, _ in ordered])
         ids = compiler.bind([i for _, i in ordered])
         readable = self.access.row_filter(compiler, "r", "r", SERVED_TYPES) or "TRUE"
-        directory = compiler.bind(sorted(REFERENCEABLE_DIRECTORY))
         sql = (
             f"SELECT t.resource_type FROM unnest(CAST({types} AS text[]), CAST({ids} AS text[]))"
             " AS t(resource_type, fhir_id)"
             " LEFT JOIN resource r ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id"
             # NULL (no row, or an IN over NULLs) is not readable.
-            f" WHERE r.rid IS NULL OR r.deleted OR NOT (COALESCE(({readable}), false)"
-            f" OR r.resource_type = ANY(CAST({directory} AS text[]))) LIMIT 1"
+            f" WHERE r.rid IS NULL OR r.deleted OR NOT COALESCE(({readable}), false) LIMIT 1"
         )
         refused = await self._conn.fetchval(sql, *compiler.bind.values)
         if refused is not None:
             raise Forbidden(
-                "the resource refers to a resource that the access token may not read or that does not"
-                " exist",
+                "the resource refers to a resource that the access token may not read or that does not exist",
                 expression=(refused,),
             )
 
@@ -435,7 +458,7 @@ class FhirRepository:
         for hook in hooks:
             await hook.before_write(self, resource_type, None, data)
         rows = extract(resource_type, data, self.fhir_base)
-        await self._check_references(rows)
+        await self._check_references(data)
         now = _now()
         body = stamp(data, fhir_id, 1, now)
         params = {
@@ -630,13 +653,14 @@ class FhirRepository:
     ) -> StoredVersion:
         hooks = self._hooks_for(resource_type)
         previous: dict[str, Any] | None = None
-        if hooks:
+        if hooks or self.access.limited_writer:
             previous_body = await self._conn.fetchval("SELECT body FROM resource WHERE rid = $1", rid)
             previous = jsonio.loads(previous_body) if previous_body else None
-            for hook in hooks:
-                await hook.before_write(self, resource_type, previous, data)
+        for hook in hooks:
+            await hook.before_write(self, resource_type, previous, data)
         rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
-        await self._check_references(rows, rid)
+        if data is not None:
+            await self._check_references(data, previous)
         now = _now()
         body = None if data is None else stamp(data, fhir_id, version_id, now)
         params = {
@@ -648,7 +672,8 @@ class FhirRepository:
             "rtype": resource_type,
             "fid": fhir_id,
             "method": method,
-            "org": self.access.organization,
+            # A deletion belongs to no one: whoever deleted a resource may not revive it at will.
+            "org": None if data is None else self.access.organization,
             **_index_params(rows),
         }
         await self._conn.execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))
@@ -721,31 +746,34 @@ class FhirRepository:
         return HistoryPage(kept, next_cursor)
 
     async def _allowed_versions(self, versions: list[StoredVersion], letter: str) -> list[StoredVersion]:
-        """The stored versions that lie within the token's limits, judged by their own
-        references (AccessContext.version_allowed); a deletion (no body) shows nothing."""
+        """The stored versions that lie within the token's limits. A current version passed the
+        SQL conditions already (history pages and vread start from a visible current row); an
+        older one is judged by its own references (AccessContext.version_allowed); a deletion
+        (no body) shows nothing."""
         judged = [
             v for v in versions if v.body is not None and self.access.is_limited(v.resource_type, letter)
         ]
         if not judged:
             return versions
-        creators: dict[tuple[str, str], str | None] = {}
-        if self.access.organization is not None:  # only an organisation's limits look at the creator
-            rows = await self._conn.fetch(
-                "SELECT r.resource_type, r.fhir_id, r.writer_org FROM resource r"
-                " JOIN unnest(CAST($1 AS text[]), CAST($2 AS text[])) AS t(resource_type, fhir_id)"
-                " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id",
-                [v.resource_type for v in judged],
-                [v.fhir_id for v in judged],
-            )
-            creators = {(row["resource_type"], row["fhir_id"]): row["writer_org"] for row in rows}
+        rows = await self._conn.fetch(
+            "SELECT r.resource_type, r.fhir_id, r.version_id FROM resource r"
+            " JOIN unnest(CAST($1 AS text[]), CAST($2 AS text[])) AS t(resource_type, fhir_id)"
+            " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id",
+            [v.resource_type for v in judged],
+            [v.fhir_id for v in judged],
+        )
+        current = {(row["resource_type"], row["fhir_id"]): row["version_id"] for row in rows}
         refused = set()
         for version in judged:
-            rows_of = extract(version.resource_type, jsonio.loads(version.body or "{}"), self.fhir_base)
+            if current.get((version.resource_type, version.fhir_id)) == version.version_id:
+                continue
+            try:
+                rows_of = extract(version.resource_type, jsonio.loads(version.body or "{}"), self.fhir_base)
+            except FHIRError:  # stored before a rule it breaks existed: not judged, not shown
+                refused.add(id(version))
+                continue
             references = [(r[0], r[1], r[2]) for r in rows_of.reference]
-            creator = creators.get((version.resource_type, version.fhir_id))
-            if not self.access.version_allowed(
-                version.resource_type, version.fhir_id, references, creator, letter
-            ):
+            if not self.access.version_allowed(version.resource_type, version.fhir_id, references, letter):
                 refused.add(id(version))
         return [v for v in versions if id(v) not in refused]
 
@@ -836,7 +864,7 @@ class SearchExecutor:
         """search.html#paging: the page after (or before) the cursor's sort values."""
         bind = request.binder
         where = self._where(request)
-        where_values = list(bind.values)  # the count and estimate statements use only these
+        where_values = bind.values[: request.where_count]  # all the count and estimate statements use
         keys = [(key.expression, key.descending, key.sql_type) for key in request.sort]
         keys.append(("r.rid", False, "bigint"))
         keyset = ""

@@ -15,14 +15,23 @@ from typing import Any
 
 from asyncpg import Connection
 
-from app.fhir.access import AccessContext
+from app.fhir.access import REFERRAL_ROOTS, AccessContext
 from app.fhir.errors import Forbidden
 from app.fhir.repository import FhirRepository, StoredVersion, WriteHook
 from app.referrals.directory import find_partner
-from app.referrals.state_machine import Actor, check_transition, is_referral, local_reference, reference_of
+from app.referrals.state_machine import (
+    Actor,
+    check_deletion,
+    check_transition,
+    is_referral,
+    local_reference,
+    reference_of,
+)
 from app.settings import Settings
 
 NOTIFY_CHANNEL = "referral_jobs"
+PARTNER_POLL_FLOOR = 10.0
+"""Seconds between a partner's update of its Task on carecoord and the poll of its copy it causes."""
 
 _SCHEDULE = """
 INSERT INTO referral_job (kind, task_id, partner_org, partner_endpoint, deadline, partner_task)
@@ -36,6 +45,21 @@ def _patient_app(access: AccessContext) -> str | None:
     if access.patient is not None and all(p.context == "patient" for p in access.permissions):
         return access.patient
     return None
+
+
+def _named_organizations(
+    resource_type: str, resource: dict[str, Any] | None, fhir_base: str
+) -> set[tuple[str, str]]:
+    """(element, ``Organization/ID``) of the organisations a Task or ServiceRequest gives a role."""
+    named: set[tuple[str, str]] = set()
+    for element in dict(REFERRAL_ROOTS).get(resource_type, ()):
+        value = (resource or {}).get(element)
+        for item in value if isinstance(value, list) else [value]:
+            reference = item.get("reference") if isinstance(item, dict) else None
+            local = local_reference(reference if isinstance(reference, str) else None, fhir_base)
+            if local and local.startswith("Organization/"):
+                named.add((element, local))
+    return named
 
 
 def _local_organization(reference: str | None, fhir_base: str) -> str | None:
@@ -59,7 +83,7 @@ async def schedule(
 
 
 class ReferralHooks:
-    types = frozenset({"Task"})
+    types = frozenset({"Task", "ServiceRequest"})
 
     def __init__(self, settings: Settings) -> None:
         self.home_organization = settings.organization
@@ -72,12 +96,49 @@ class ReferralHooks:
         previous: dict[str, Any] | None,
         data: dict[str, Any] | None,
     ) -> None:
-        if data is None or repo.system:
+        if repo.system:
+            return
+        if data is not None:
+            self._check_named_organizations(repo, resource_type, previous, data)
+        if resource_type != "Task":
             return
         actor = Actor(repo.access.organization, patient=_patient_app(repo.access))
+        if data is None:
+            if previous is not None:
+                check_deletion(
+                    previous, actor, home_organization=self.home_organization, fhir_base=repo.fhir_base
+                )
+            return
         check_transition(
             previous, data, actor, home_organization=self.home_organization, fhir_base=repo.fhir_base
         )
+
+    def _check_named_organizations(
+        self, repo: FhirRepository, resource_type: str, previous: dict[str, Any] | None, data: dict[str, Any]
+    ) -> None:
+        """A partner's client names no organisation but its own, or the server's home
+        organisation, as a Task's owner or requester or a ServiceRequest's performer (403).
+
+        Those elements decide who reads a referral's record and where it is delivered
+        (app/fhir/access.py REFERRAL_ROOTS): naming another partner would hand the patient's
+        record on, with that partner's credentials (issue 15). A partner refers a client back
+        to the case-management organisation (CARECOORD_ORGANIZATION), never onward.
+        """
+        organization = repo.access.organization
+        if organization is None:
+            return
+        allowed = {organization, self.home_organization}
+        added = _named_organizations(resource_type, data, repo.fhir_base) - _named_organizations(
+            resource_type, previous, repo.fhir_base
+        )
+        for element, named in sorted(added):
+            if named not in allowed:
+                raise Forbidden(
+                    f"a partner organisation's client may name only its own organisation (or"
+                    f" {self.home_organization or 'the server organisation, CARECOORD_ORGANIZATION,'})"
+                    f" as {resource_type}.{element}",
+                    expression=(f"{resource_type}.{element}",),
+                )
 
     async def after_write(
         self,
@@ -86,7 +147,7 @@ class ReferralHooks:
         previous: dict[str, Any] | None,
         data: dict[str, Any] | None,
     ) -> None:
-        if data is None or repo.system or not is_referral(data):
+        if data is None or repo.system or version.resource_type != "Task" or not is_referral(data):
             return
         conn = repo.connection
         status = data.get("status")
@@ -126,11 +187,13 @@ class ReferralHooks:
                     conn, "cancel", task_id, delivery["partner_org"], delivery["partner_endpoint"], deadline
                 )
         elif repo.access.organization is not None:
-            # The partner updated the Task on carecoord itself: look at its copy now.
+            # The partner updated the Task on carecoord itself: look at its copy soon, but not
+            # more often than every PARTNER_POLL_FLOOR seconds, however often it writes.
             await conn.execute(
-                "UPDATE referral_job SET not_before = now()"
+                "UPDATE referral_job SET not_before = LEAST(not_before, now() + make_interval(secs => $2))"
                 " WHERE kind = 'track' AND task_id = $1 AND state = 'pending'",
                 task_id,
+                PARTNER_POLL_FLOOR,
             )
 
 

@@ -216,6 +216,15 @@ def check_transition(
         )
 
 
+def check_deletion(
+    previous: dict[str, Any], actor: Actor, *, home_organization: str | None, fhir_base: str
+) -> None:
+    """Only a Task's requester deletes it (422 otherwise): its owner would otherwise delete the
+    requester's Task and write a new one at the same id, with parties of its choosing."""
+    if actor.patient_app or REQUESTER not in roles(previous, actor, home_organization, fhir_base):
+        raise BusinessRule("only the Task's requester may delete it")
+
+
 PARTIES = ("intent", "code", "focus", "for", "requester", "owner")
 """What a Task is and between whom: only its requester changes them (every Task)."""
 
