@@ -213,3 +213,73 @@ async def test_statuses_the_owner_cannot_set_are_not_mirrored(
     # Only 'accepted' is the owner's to set; nothing takes the referral back afterwards, and
     # entered-in-error is the requester's alone.
     assert seen == ["requested", "requested", "accepted", "accepted", "accepted", "accepted"]
+
+
+async def test_a_partner_cannot_use_carecoord_as_storage(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """Ever new outputs, each large: at most MAX_OUTPUTS_PER_POLL are fetched per poll, at most
+    MAX_COPIES kept per referral, none over MAX_COPY_BYTES; the rest keep pointing at the partner."""
+    from app.referrals.worker import MAX_COPIES, MAX_COPY_BYTES, MAX_OUTPUTS_PER_POLL
+
+    partner = FakePartner("https://hostile7.example/fhir")
+    task_id = await _track(app, client, partner, "hostile7", "-h7")
+    fetched_before = 0
+    for poll in range(4):
+        references = []
+        for number in range(15):
+            key = f"Observation/p{poll}-{number}"
+            partner.resources[key] = {
+                "resourceType": "Observation",
+                "id": key.split("/")[1],
+                "status": "final",
+                "code": {"text": "x" * (MAX_COPY_BYTES + 10 if number == 0 else 10)},
+            }
+            references.append(key)
+        _outputs(partner, "in-progress", *references)
+        async with partner_http(partner) as http:
+            await run_due(make_worker(app, http))
+        fetched = len([r for r in partner.requests if r[0] == "GET" and r[1].startswith("Observation/")])
+        assert fetched - fetched_before <= MAX_OUTPUTS_PER_POLL
+        fetched_before = fetched
+    copies = (await client.get("/fhir/Observation", params={"_count": "100"})).json().get("entry", [])
+    assert 0 < len(copies) <= MAX_COPIES
+    assert all(len(e["resource"]["code"]["text"]) < MAX_COPY_BYTES for e in copies)
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    assert len(local["output"]) == 15
+
+
+async def test_every_reference_in_partner_data_is_made_safe(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """References outside ``valueReference`` (an annotation's author, an extension) and inside a
+    copy's contained resources are judged like the others."""
+    await _other_patient(client, "-h8")
+    partner = FakePartner("https://hostile8.example/fhir")
+    partner.resources["Observation/7"] = {
+        "resourceType": "Observation",
+        "id": "7",
+        "status": "final",
+        "code": {"text": "with a contained condition"},
+        "contained": [
+            {"resourceType": "Condition", "id": "c", "subject": {"reference": f"{FHIR}/Patient/other-h8"}}
+        ],
+        "hasMember": [{"reference": "#c"}],
+    }
+    task_id = await _track(app, client, partner, "hostile8", "-h8")
+    task = partner.resources[f"Task/{partner.task_id}"]
+    task["status"] = "completed"
+    task["output"] = [
+        {
+            "type": {"text": "note"},
+            "valueAnnotation": {"text": "x", "authorReference": {"reference": f"{FHIR}/Patient/other-h8"}},
+        },
+        {
+            "type": {"text": "ext"},
+            "valueString": "y",
+            "extension": [{"url": "urn:x", "valueReference": {"reference": f"{FHIR}/Condition/secret-h8"}}],
+        },
+        {"type": {"text": "copy"}, "valueReference": {"reference": "Observation/7"}},
+    ]
+    await _poll(app, partner)
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    assert local["status"] == "completed"
+    assert "other-h8" not in str(local["output"]) and "secret-h8" not in str(local["output"])
+    # The Observation pointing (from its contained Condition) at another patient was not kept.
+    assert local["output"][2]["valueReference"]["reference"] == f"{partner.base}/Observation/7"

@@ -17,6 +17,8 @@
   Existing credentials are bound to their Endpoint's current address.
 * ``referral_job`` state ``paused`` (waiting for that confirmation) counts as active: at most one
   active job per kind and Task, as before.
+* ``referral_job.copies``: how many copies of a partner's outputs a tracking job has stored (a
+  partner naming ever new outputs must not fill the database).
 * ``oauth_client.introspection``: clients registered to introspect tokens other than their own.
 
 Revision ID: 0011
@@ -86,6 +88,10 @@ def upgrade() -> None:
     )
 
     op.add_column(
+        "referral_job", sa.Column("copies", sa.Integer(), server_default="0", nullable=False)
+    )
+
+    op.add_column(
         "oauth_client",
         sa.Column("introspection", sa.Boolean(), server_default=sa.false(), nullable=False),
     )
@@ -93,6 +99,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_column("oauth_client", "introspection")
+    op.drop_column("referral_job", "copies")
     op.execute("UPDATE referral_job SET state = 'pending' WHERE state = 'paused'")
     op.drop_index("uq_referral_job_active", table_name="referral_job")
     op.create_index(

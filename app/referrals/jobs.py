@@ -50,6 +50,8 @@ class ReferralJob(SQLModel, table=True):
     partner_task: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     last_status: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    copies: int = Field(sa_column=sa.Column(sa.Integer, nullable=False, server_default="0"))
+    """Copies of the partner's outputs this (tracking) job has stored (worker.MAX_COPIES)."""
     created_at: datetime = Field(
         sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
     )

@@ -200,10 +200,13 @@ class PartnerClient:
             raise DeliveryError("partner answered the transaction without a Bundle", retryable=False)
         return response
 
-    async def read(self, partner: Partner, url_or_path: str) -> dict[str, Any]:
+    async def read(
+        self, partner: Partner, url_or_path: str, *, max_bytes: int = MAX_RESPONSE_BYTES
+    ) -> dict[str, Any]:
         """GET a resource or search (R4 http.html#read, #search): a path relative to the partner's
-        base (``Task/1``, ``Task?_id=1&_include=Task:focus``) or an absolute URL under it."""
-        return await self._fhir(partner, "GET", self._url(partner, url_or_path))
+        base (``Task/1``, ``Task?_id=1&_include=Task:focus``) or an absolute URL under it; an
+        answer over ``max_bytes`` is a final failure."""
+        return await self._fhir(partner, "GET", self._url(partner, url_or_path), max_bytes=max_bytes)
 
     async def update(
         self, partner: Partner, path: str, resource: dict[str, Any], if_match: str | None = None
@@ -236,6 +239,8 @@ class PartnerClient:
         url: str,
         resource: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        max_bytes: int = MAX_RESPONSE_BYTES,
     ) -> dict[str, Any]:
         content = jsonio.dumps(resource) if resource is not None else None
         request_headers = {"accept": FHIR_JSON, **(headers or {})}
@@ -247,7 +252,7 @@ class PartnerClient:
             if token is not None:
                 request_headers["authorization"] = f"Bearer {token}"
             status, response_headers, body = await self._exchange(
-                "partner", method, url, headers=request_headers, content=content
+                "partner", method, url, headers=request_headers, content=content, max_bytes=max_bytes
             )
             if status == 401 and token is not None and not retried:
                 # The token may have been revoked or the partner's keys rotated: one new token.
@@ -281,10 +286,17 @@ class PartnerClient:
         raise error
 
     async def _exchange(
-        self, what: str, method: str, url: str, *, headers: dict[str, str], content: bytes | None
+        self,
+        what: str,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        content: bytes | None,
+        max_bytes: int = MAX_RESPONSE_BYTES,
     ) -> tuple[int, httpx.Headers, bytes]:
         """One HTTP exchange within ``delivery_timeout`` in all (not per read: a partner that
-        trickles bytes is still cut off), at most MAX_RESPONSE_BYTES read."""
+        trickles bytes is still cut off), at most ``max_bytes`` read."""
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._http.stream(
@@ -294,9 +306,9 @@ class PartnerClient:
                     chunks: list[bytes] = []
                     async for chunk in response.aiter_bytes():
                         size += len(chunk)
-                        if size > MAX_RESPONSE_BYTES:
+                        if size > max_bytes:
                             raise DeliveryError(
-                                f"{what} answer larger than {MAX_RESPONSE_BYTES} bytes",
+                                f"{what} answer larger than {max_bytes} bytes",
                                 retryable=False,
                                 status=response.status_code,
                             )

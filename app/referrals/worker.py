@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -37,14 +38,20 @@ from app.auth.audit import build_event
 from app.auth.scopes import Permission
 from app.fhir import jsonio
 from app.fhir.access import AccessContext
-from app.fhir.conditional import conditional_create
+from app.fhir.conditional import conditional_create, find_ids
 from app.fhir.errors import FHIRError, PreconditionFailed
 from app.fhir.indexing import split_reference
+from app.fhir.patch import json_size
 from app.fhir.repository import FhirRepository, RepositoryFactory
-from app.fhir.search import SearchLimits
 from app.fhir.validation import validate_resource
 from app.referrals import metrics
-from app.referrals.bundle import identifier_condition, identifier_for, referral_bundle, set_identifier
+from app.referrals.bundle import (
+    escape_search_value,
+    identifier_condition,
+    identifier_for,
+    referral_bundle,
+    set_identifier,
+)
 from app.referrals.directory import Partner, find_partner
 from app.referrals.hooks import NOTIFY_CHANNEL, schedule, write_hooks
 from app.referrals.partner import AddressUnconfirmed, DeliveryError, PartnerClient
@@ -99,9 +106,7 @@ class Worker:
     ) -> None:
         self.pool = pool
         self.settings = settings
-        self.repositories = repositories or RepositoryFactory(
-            settings.fhir_base, write_hooks(settings), SearchLimits.from_settings(settings)
-        )
+        self.repositories = repositories or RepositoryFactory.from_settings(settings, write_hooks(settings))
         self.partners = PartnerClient(http, pool, settings)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.fhir_base = settings.fhir_base
@@ -280,9 +285,16 @@ class Worker:
         async with self.pool.acquire() as conn:
             partner = await self._partner(conn, job)
         remote = await self.partners.read(partner, job["partner_task"])
-        outputs = await self._fetch_outputs(partner, remote)
+        async with self.pool.acquire() as conn:
+            as_partner = self.repositories.for_system(conn, partner_access(partner.organization_id))
+            known, wanted = await self._outputs_to_copy(as_partner, partner, remote, job["copies"])
+        outputs = await self._fetch_outputs(partner, wanted)
         async with self.pool.acquire() as conn, conn.transaction():
-            local_status = await self._mirror(conn, partner, job["task_id"], remote, outputs)
+            local_status, copied = await self._mirror(conn, partner, job["task_id"], remote, outputs, known)
+            if copied:
+                await conn.execute(
+                    "UPDATE referral_job SET copies = copies + $2 WHERE id = $1", job["id"], copied
+                )
             if remote.get("status") in TERMINAL or local_status == "entered-in-error":
                 await self._finish(job, "done", status=200, conn=conn)
             else:
@@ -384,27 +396,51 @@ class Worker:
             raise DeliveryError("the partner no longer has this active FHIR endpoint", retryable=False)
         return found
 
-    async def _fetch_outputs(self, partner: Partner, remote: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """The resources of COPIED_TYPES that the partner's Task.output names at the partner. One
-        the partner will not show (403/404) is left out: the status is still mirrored, and the
-        output keeps pointing at the partner."""
-        fetched: dict[str, dict[str, Any]] = {}
-        for output in remote.get("output") or []:
-            reference = (output.get("valueReference") or {}).get("reference")
+    async def _outputs_to_copy(
+        self, repo: FhirRepository, partner: Partner, remote: dict[str, Any], copies_so_far: int
+    ) -> tuple[dict[str, str], list[str]]:
+        """Of the partner Task's outputs of COPIED_TYPES: those already copied here (partner
+        reference -> local ``Type/id``, found by carecoord's identifier among this partner's
+        copies) and those to fetch now. A partner is not a free storage service: at most
+        MAX_OUTPUTS_PER_POLL new ones per poll and MAX_COPIES per referral; the others keep
+        pointing at the partner."""
+        known: dict[str, str] = {}
+        wanted: list[str] = []
+        system = f"{self.fhir_base}/{PARTNER_RESOURCE}"
+        room = max(0, MAX_COPIES - copies_so_far)
+        for output in (remote.get("output") or [])[:MAX_MIRRORED_OUTPUTS]:
+            value = output.get("valueReference") if isinstance(output, dict) else None
+            reference = value.get("reference") if isinstance(value, dict) else None
             at_partner = _at_partner(partner, reference)
-            if at_partner is None or at_partner.rsplit("/", 2)[-2] not in COPIED_TYPES:
+            if not isinstance(reference, str) or at_partner is None or reference in known:
+                continue
+            resource_type = at_partner.rsplit("/", 2)[-2]
+            if resource_type not in COPIED_TYPES:
                 continue  # not kept here: stays a reference to the partner (_rewrite_outputs)
-            if isinstance(reference, str) and reference not in fetched:
-                try:
-                    fetched[reference] = await self.partners.read(partner, reference)
-                except DeliveryError as exc:
-                    if exc.retryable:
-                        raise
-                    logger.info(
-                        "referral output at Organization/%s not kept (%s)",
-                        partner.organization_id,
-                        exc.status,
-                    )
+            condition = [("identifier", f"{escape_search_value(system)}|{escape_search_value(at_partner)}")]
+            found = await find_ids(repo, resource_type, condition, 1, "s")
+            if found:
+                known[reference] = f"{resource_type}/{found[0]}"
+            elif len(wanted) < min(room, MAX_OUTPUTS_PER_POLL) and reference not in wanted:
+                wanted.append(reference)
+        return known, wanted
+
+    async def _fetch_outputs(self, partner: Partner, references: list[str]) -> dict[str, dict[str, Any]]:
+        """The partner's resources behind ``references``, each at most MAX_COPY_BYTES. One the
+        partner will not show (403/404) or that is too large is left out: the status is still
+        mirrored, and the output keeps pointing at the partner."""
+        fetched: dict[str, dict[str, Any]] = {}
+        for reference in references:
+            try:
+                fetched[reference] = await self.partners.read(partner, reference, max_bytes=MAX_COPY_BYTES)
+            except DeliveryError as exc:
+                if exc.retryable:
+                    raise
+                logger.info(
+                    "referral output at Organization/%s not kept (%s)",
+                    partner.organization_id,
+                    exc.status or exc.message[:80],
+                )
         return fetched
 
     async def _mirror(
@@ -414,9 +450,10 @@ class Worker:
         task_id: str,
         remote: dict[str, Any],
         outputs: dict[str, dict[str, Any]],
-    ) -> str | None:
+        known: dict[str, str],
+    ) -> tuple[str | None, int]:
         """Copy the partner's status, statusReason, businessStatus and output into the local
-        Task; returns the local status.
+        Task; returns the local status and how many new copies were stored.
 
         The partner's data is written with the partner organisation's access (partner_access),
         never with open access: what it names must be what the partner itself may read. A
@@ -427,17 +464,19 @@ class Worker:
         repo = self.repositories.for_system(conn, partner_access(partner.organization_id))
         current = await repo.read_for_update("Task", task_id)
         local = jsonio.loads(current.body or "{}")
-        local_ids: dict[str, str] = {}
+        local_ids = dict(known)
         translations: dict[str, str] = {}
         for element in ("for", "focus"):
             theirs = _at_partner(partner, (remote.get(element) or {}).get("reference"))
             ours = (local.get(element) or {}).get("reference")
             if theirs is not None and isinstance(ours, str):
                 translations[theirs] = ours
+        copied = 0
         for reference, resource in outputs.items():
             kept = await self._keep_copy(repo, partner, reference, resource, translations)
             if kept is not None:
                 local_ids[reference] = kept
+                copied += 1
         mirrored = dict(local)
         ended_here = local.get("status") in ("cancelled", "entered-in-error")
         for element in MIRRORED:
@@ -449,15 +488,17 @@ class Worker:
             ):
                 continue
             if element == "output" and value is not None:
-                value = _rewrite_outputs(value, local_ids, partner, self.fhir_base)
+                value = _rewrite_outputs(value[:MAX_MIRRORED_OUTPUTS], local_ids, partner, self.fhir_base)
             if value is None:
                 mirrored.pop(element, None)
             else:
                 mirrored[element] = value
         if element_changes(local, mirrored):
+            if json_size(mirrored, repo.max_resource_bytes) > repo.max_resource_bytes:
+                raise DeliveryError("the partner's Task is larger than this server stores", retryable=False)
             await repo.update("Task", task_id, mirrored, if_match=current.version_id)
         status = mirrored.get("status")
-        return status if isinstance(status, str) else None
+        return (status if isinstance(status, str) else None), copied
 
     async def _keep_copy(
         self,
@@ -483,13 +524,14 @@ class Worker:
             if resource_type not in COPIED_TYPES:
                 raise _NotKept(f"type {resource_type!s:.40} is not copied")
             assert isinstance(resource_type, str)
-            system = f"{self.fhir_base}/partner-resource"
+            system = f"{self.fhir_base}/{PARTNER_RESOURCE}"
             value = _at_partner(partner, f"{resource_type}/{resource.get('id')}") or reference
-            copy = {k: v for k, v in resource.items() if k not in ("id", "meta")}
-            _localize_references(copy, partner, translations, self.fhir_base)
+            duplicate = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+            _localize_references(duplicate, partner, translations, self.fhir_base)
             identifier = {"system": system, "value": value}
-            set_identifier(copy, identifier)
-            data = validate_resource(copy, resource_type)
+            set_identifier(duplicate, identifier)
+            # In a thread: a partner's resource is up to MAX_COPY_BYTES, and the API shares this loop.
+            data = await asyncio.to_thread(validate_resource, duplicate, resource_type)
             condition = identifier_condition(identifier)
             version, _ = await conditional_create(repo, resource_type, data, condition)
         except (_NotKept, FHIRError) as exc:
@@ -664,6 +706,16 @@ def _backoff(first: float, attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+PARTNER_RESOURCE = "partner-resource"
+"""Identifier system (under the FHIR base) of local copies of partner resources."""
+MAX_MIRRORED_OUTPUTS = 50
+"""A partner Task's outputs looked at (and mirrored) per poll."""
+MAX_OUTPUTS_PER_POLL = 10
+"""New partner resources fetched and copied per poll."""
+MAX_COPIES = 20
+"""Partner resources copied per referral, in all."""
+MAX_COPY_BYTES = 1024 * 1024
+"""The largest partner resource copied (a Procedure, an Observation, a filled form)."""
 COPIED_TYPES = frozenset({"Procedure", "Observation", "QuestionnaireResponse"})
 """The partner resources a referral's ``Task.output`` names that carecoord keeps a copy of
 (SDOHCC TaskForReferralManagement outputs): the closed-loop result (resulting-activity
@@ -698,49 +750,54 @@ def _at_partner(partner: Partner, reference: object) -> str | None:
     return f"{partner.base_url}/{reference.lstrip('/')}"
 
 
-def _localize_references(
-    node: Any, partner: Partner, translations: dict[str, str], fhir_base: str
-) -> None:
-    """Make a partner resource's references safe to store here (see _keep_copy)."""
-    if isinstance(node, list):
-        for item in node:
-            _localize_references(item, partner, translations, fhir_base)
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                at_partner = _at_partner(partner, value)
-                if at_partner is not None:
-                    node[key] = translations.get(at_partner, at_partner)
-                elif value.startswith(("http://", "https://")) and value.startswith(fhir_base + "/"):
-                    if value.removeprefix(fhir_base + "/") not in translations.values():
-                        raise _NotKept("it points at a resource of this server")
-                    node[key] = value.removeprefix(fhir_base + "/")
-            elif key != "contained":
-                _localize_references(value, partner, translations, fhir_base)
+def _localize_references(node: Any, partner: Partner, translations: dict[str, str], fhir_base: str) -> None:
+    """Make a partner resource's references safe to store here (see _keep_copy), contained
+    resources included."""
+    for holder, value in _references(node):
+        at_partner = _at_partner(partner, value)
+        if at_partner is not None:
+            holder["reference"] = translations.get(at_partner, at_partner)
+        elif value.startswith(fhir_base + "/"):
+            local = value.removeprefix(fhir_base + "/")
+            if local not in translations.values():
+                raise _NotKept("it points at a resource of this server")
+            holder["reference"] = local
+
+
+def _references(node: Any) -> list[tuple[dict[str, Any], str]]:
+    """Every (object, its ``reference`` string) anywhere in ``node``."""
+    found: list[tuple[dict[str, Any], str]] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            reference = item.get("reference")
+            if isinstance(reference, str):
+                found.append((item, reference))
+            stack.extend(v for k, v in item.items() if k != "reference" and isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
 
 
 def _rewrite_outputs(
     outputs: list[dict[str, Any]], local_ids: dict[str, str], partner: Partner, fhir_base: str
 ) -> list[dict[str, Any]]:
-    """Outputs that were kept point at the local copies, the others at the partner (absolute);
-    one that names this server is the partner's claim on a local resource: its reference is
-    dropped (a Reference with only a display is valid FHIR)."""
+    """Outputs that were kept point at the local copies; every other reference in an output
+    (its value, an annotation's author, an extension) points at the partner, absolutely. One
+    that names this server is the partner's claim on a local resource: it loses its reference
+    (a Reference with only a display is valid FHIR)."""
     rewritten = []
     for output in outputs:
-        value = output.get("valueReference")
-        reference = value.get("reference") if isinstance(value, dict) else None
-        if isinstance(reference, str):
-            assert isinstance(value, dict)
-            if reference in local_ids:
-                value = {**value, "reference": local_ids[reference]}
+        output = copy.deepcopy(output)
+        for holder, reference in _references(output):
+            if holder is (output.get("valueReference") or None) and reference in local_ids:
+                holder["reference"] = local_ids[reference]
             elif (absolute := _at_partner(partner, reference)) is not None:
-                value = {**value, "reference": absolute}
-            elif reference.startswith(("urn:", "#")):
-                pass
-            else:
-                value = {k: v for k, v in value.items() if k != "reference"}
-                value.setdefault("display", "a resource the partner named on another server")
-            output = {**output, "valueReference": value}
+                holder["reference"] = absolute
+            elif not reference.startswith(("urn:", "#")):
+                del holder["reference"]
+                holder.setdefault("display", "a resource the partner named on another server")
         rewritten.append(output)
     return rewritten
 
