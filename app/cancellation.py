@@ -1,12 +1,13 @@
-"""Stop the work of a read whose client has gone away (issue 15: no request may keep the
+"""Stop the work of a request whose client has gone away (issue 15: no request may keep the
 database busy for nobody).
 
-A search can be expensive; a client that gives up (a timeout, a closed app) would otherwise
-leave its statement running to the end. :class:`CancelOnDisconnect` watches the connection of
-every read-only request (GET, HEAD, ``POST .../_search``) and cancels its handler when the
-client disconnects: asyncpg then cancels the running statement on the server (a
-CancelRequest) and the connection goes back to the pool. Writes are never cancelled this way:
-they end with their transaction (commit or rollback), bounded by ``statement_timeout``.
+A search, or a batch of them, can be expensive; a client that gives up (a timeout, a closed
+app) would otherwise leave its statements running to the end. :class:`CancelOnDisconnect`
+watches the connection of every FHIR request and cancels its handler when the client
+disconnects: asyncpg then cancels the running statement on the server (a CancelRequest), a
+write's transaction rolls back, and the connection goes back to the pool. Nothing the client
+was told succeeded is undone: a write commits before its response is sent, and a client that
+disconnected before the response learns nothing either way (as after any network failure).
 
 The middleware owns the ASGI ``receive`` channel: one task reads it and hands the request's
 messages to the application through a one-slot queue (so a large form body is not read ahead
@@ -23,19 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("carecoord")
 
-READ_METHODS = frozenset({"GET", "HEAD"})
-
-
 def _cancellable(scope: Scope) -> bool:
-    method = scope.get("method", "")
     path: str = scope.get("path", "")
-    if not path.startswith("/fhir"):
-        return False
-    return method in READ_METHODS or (method == "POST" and path.endswith("/_search"))
+    return path == "/fhir" or path.startswith("/fhir/")
 
 
 class CancelOnDisconnect:
-    """ASGI middleware: a read-only FHIR request is cancelled when its client disconnects."""
+    """ASGI middleware: a FHIR request is cancelled when its client disconnects."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

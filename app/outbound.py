@@ -340,6 +340,9 @@ def outbound_client(settings: Settings) -> httpx.AsyncClient:
     request still gets every hop checked by the transport); no proxies from the environment.
     """
     allowlist = parse_allowlist(settings.outbound_allowlist)
+    # httpx logs every request's full URL at INFO; a partner's URL may carry identifiers.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
     return httpx.AsyncClient(
         transport=PolicyTransport(allowlist, limits=LIMITS),
         timeout=TIMEOUT,

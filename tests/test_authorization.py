@@ -8,8 +8,10 @@ what the caller may see is there, what it may not is absent, through every way i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 import httpx
@@ -675,16 +677,23 @@ async def test_audit_events_are_readable_only_with_audit_scopes(
 
 async def test_refused_requests_are_audited_too(app: FastAPI, client: httpx.AsyncClient) -> None:
     assert (await client.get("/fhir/Patient", headers=NO_TOKEN)).status_code == 401
-    await app.state.audit.flush()
     auditor = await bearer(app, "system/AuditEvent.rs")
-    events = (
-        await client.get(
-            "/fhir/AuditEvent",
-            params={"agent:identifier": "urn:carecoord:oauth-client|unauthenticated"},
-            headers=auditor,
-        )
-    ).json()
-    found = [e["resource"] for e in entries(events)]
+    deadline = time.monotonic() + 10
+    while True:
+        # The buffered event is written by the next flush: ours, or the trail's own if it is
+        # already writing (then ours finds an empty buffer), so wait for the row itself.
+        await app.state.audit.flush()
+        events = (
+            await client.get(
+                "/fhir/AuditEvent",
+                params={"agent:identifier": "urn:carecoord:oauth-client|unauthenticated"},
+                headers=auditor,
+            )
+        ).json()
+        found = [e["resource"] for e in entries(events)]
+        if found or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
     assert [(e["outcome"], e["subtype"][0]["code"], e["outcomeDesc"]) for e in found] == [
         ("4", "search-type", "HTTP 401")
     ]

@@ -141,3 +141,34 @@ async def test_an_unpaired_surrogate_in_a_bundle_request_is_400(
     )
     _outcome_4xx(await client.post("/fhir", content=body, headers=JSON))
     assert await count_rows(engine) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/fhir/Patient?_sort=name&_total=accurate",
+        "/fhir/Patient?_sort=-birthdate,name&_total=estimate",
+        "/fhir/Patient?_sort=name&_summary=count",
+        "/fhir/Patient?_sort=name&_count=0",
+        "/fhir?_type=Patient,Task&name=x",
+        "/fhir?_type=Task,Patient&name=x&_total=accurate",
+    ],
+)
+async def test_searches_that_used_to_fail_in_the_database_are_answered(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    await put(client, "Patient", "s1", {"name": [{"family": "x"}]})
+    response = await client.get(path)
+    assert response.status_code == 200, response.text[:300]
+
+
+async def test_a_deeply_nested_bundle_is_400(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    """600 nested extensions in a transaction entry overflowed the reference rewriting's recursion."""
+    before = await count_rows(engine)
+    nested = '{"url":"urn:x","extension":[' * 600 + '{"url":"urn:x","valueString":"leaf"}' + "]}" * 600
+    bundle = (
+        '{"resourceType":"Bundle","type":"transaction","entry":[{"resource":{"resourceType":"Patient",'
+        '"extension":[' + nested + ']},"request":{"method":"POST","url":"Patient"}}]}'
+    )
+    _outcome_4xx(await client.post("/fhir", content=bundle, headers=JSON))
+    assert await count_rows(engine) == before

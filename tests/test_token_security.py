@@ -420,3 +420,25 @@ async def test_failures_from_one_address_do_not_lock_out_the_client_elsewhere(se
             assert (
                 await victim.post("/auth/token", data=form, auth=(victim_id, victim_secret))
             ).status_code == 429
+
+
+async def test_a_correct_client_asking_for_the_wrong_scope_is_no_guess(settings: Settings) -> None:
+    """Requests that authenticate but ask for a scope the client lacks (invalid_scope) are not
+    failed guesses: they never lock out the address (a proxy shared by every client, say)."""
+    limited = create_app(settings.model_copy(update={"auth_failure_limit": 3, "auth_failure_window": 60}))
+    async with limited.router.lifespan_context(limited):
+        client_id, secret = await _client(limited, "system/Patient.rs")
+        other_id, other_secret = await _client(limited, "system/*.rs")
+        transport = httpx.ASGITransport(app=limited, client=VICTIM)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as http:
+            for _ in range(10):
+                refused = await http.post(
+                    "/auth/token",
+                    data={"grant_type": "client_credentials", "scope": "system/Observation.rs"},
+                    auth=(client_id, secret),
+                )
+                assert refused.status_code == 400 and refused.json()["error"] == "invalid_scope"
+            ok = await http.post(
+                "/auth/token", data={"grant_type": "client_credentials"}, auth=(other_id, other_secret)
+            )
+            assert ok.status_code == 200, ok.text

@@ -101,6 +101,8 @@ class OAuthRequest:
     address: str | None = None
     form: dict[str, str] = field(default_factory=dict, init=False)
     basic: tuple[str, str] | None = field(default=None, init=False)
+    authenticated: bool = field(default=False, init=False)
+    """Set once the client proved who it is (failures after that are not guesses)."""
 
     def parse(self) -> None:
         self.form = parse_form(self.content_type, self.body)
@@ -205,6 +207,10 @@ class AuthorizationServer:
         except OAuthError as exc:
             # The client id is the caller's claim: repr and truncation keep it from forging log lines.
             logger.info("auth request refused: %s (client %.80r)", exc.error, claimed)
+            if request.authenticated:
+                # Its credentials were right (it asked for a scope it does not have, say): not a
+                # guess, so not a failure that could lock its address out.
+                self.limiter.forgive(attempt, address, client_key)
             raise
         self.limiter.forgive(attempt, address, client_key)
         return result
@@ -271,6 +277,11 @@ class AuthorizationServer:
 
     async def authenticate(self, request: OAuthRequest, *, audiences: tuple[str, ...]) -> Client:
         """The registered client the request authenticates as, by exactly one method."""
+        client = await self._authenticate(request, audiences=audiences)
+        request.authenticated = True
+        return client
+
+    async def _authenticate(self, request: OAuthRequest, *, audiences: tuple[str, ...]) -> Client:
         form = request.form
         has_assertion = "client_assertion" in form or "client_assertion_type" in form
         methods = (request.basic is not None) + has_assertion + ("client_secret" in form)

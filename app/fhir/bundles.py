@@ -41,6 +41,8 @@ from app.fhir.search_service import run_search
 from app.fhir.validation import check_id, check_resource_type, validate_resource
 
 METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+MAX_CONDITIONAL_REFERENCES = 1000
+"""Distinct conditional references one Bundle may resolve (issue 15: one request, bounded work)."""
 PLACEHOLDER_PREFIXES = ("urn:uuid:", "urn:oid:")
 
 
@@ -226,6 +228,8 @@ class _Runner:
         self.cursors = cursors
         self.resources_left = max_resources
         """How many more resources the response may carry (reads and search results)."""
+        self.conditional_references: dict[str, str] = {}
+        """Conditional references (``Patient?identifier=...``) resolved so far: each is searched once."""
 
     def _spend(self, resources: int) -> None:
         if resources > self.resources_left:
@@ -251,6 +255,7 @@ class _Runner:
         self.repo.expect_creates(
             [(e.resource_type, e.planned_id) for e in entries if e.method == "POST" and e.planned_id]
         )
+        self._check_conditional_references(entries)
         for entry in entries:
             try:
                 await self._resolve_references(entry, mapping)
@@ -312,6 +317,21 @@ class _Runner:
                 mapping[entry.full_url] = f"{entry.resource_type}/{entry.planned_id}"
         return mapping
 
+    @staticmethod
+    def _check_conditional_references(entries: list[Entry]) -> None:
+        """Each distinct conditional reference is a search: at most MAX_CONDITIONAL_REFERENCES,
+        counted before the first one runs."""
+        found: set[str] = set()
+        for entry in entries:
+            _conditional_references(entry.resource, found)
+            _conditional_references(entry.patch_body, found)
+        if len(found) > MAX_CONDITIONAL_REFERENCES:
+            raise BadRequest(
+                f"the Bundle holds {len(found)} distinct conditional references; the limit is"
+                f" {MAX_CONDITIONAL_REFERENCES} (each is a search)",
+                code="too-costly",
+            )
+
     async def _resolve_references(self, entry: Entry, mapping: dict[str, str]) -> None:
         if entry.resource is None:
             return
@@ -319,15 +339,18 @@ class _Runner:
         _conditional_references(entry.resource, conditional)
         local = dict(mapping)
         for reference in conditional:
-            resource_type, _, query = reference.partition("?")
-            check_resource_type(resource_type)
-            ids = await find_ids(self.repo, resource_type, condition_pairs(query, "reference"), 2, "s")
-            if len(ids) != 1:
-                raise PreconditionFailed(
-                    f"conditional reference {reference[:80]} matches {len(ids)} resources, not 1",
-                    code="not-found" if not ids else "multiple-matches",
-                )
-            local[reference] = f"{resource_type}/{ids[0]}"
+            resolved = self.conditional_references.get(reference)
+            if resolved is None:
+                resource_type, _, query = reference.partition("?")
+                check_resource_type(resource_type)
+                ids = await find_ids(self.repo, resource_type, condition_pairs(query, "reference"), 2, "s")
+                if len(ids) != 1:
+                    raise PreconditionFailed(
+                        f"conditional reference {reference[:80]} matches {len(ids)} resources, not 1",
+                        code="not-found" if not ids else "multiple-matches",
+                    )
+                resolved = self.conditional_references[reference] = f"{resource_type}/{ids[0]}"
+            local[reference] = resolved
         if local:
             entry.resource = _rewrite(entry.resource, local)
         if entry.method == "PATCH":

@@ -11,8 +11,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from app.fhir import jsonio
-from app.fhir.errors import BadRequest, PreconditionFailed
-from app.fhir.patch import apply_fhirpath_patch, apply_json_patch
+from app.fhir.errors import BadRequest, PayloadTooLarge, PreconditionFailed
+from app.fhir.patch import apply_fhirpath_patch, apply_json_patch, json_size
 from app.fhir.repository import FhirRepository, StoredVersion
 from app.fhir.search import RESULT_PARAMETERS, parse_search
 from app.fhir.search_params import registry
@@ -130,9 +130,13 @@ async def patch(
     assert current.body is not None
     document = jsonio.loads(current.body)
     if json_patch:
-        patched = apply_json_patch(document, body)
+        patched = apply_json_patch(document, body, max_bytes=repo.max_resource_bytes)
     else:
         patched = apply_fhirpath_patch(document, body, resource_type)
+        if json_size(patched, repo.max_resource_bytes) > repo.max_resource_bytes:
+            raise PayloadTooLarge(
+                f"the patched resource would exceed {repo.max_resource_bytes} bytes", code="too-costly"
+            )
     data = validate_resource(patched, resource_type, url_id=fhir_id)
     version, _ = await repo.update(resource_type, fhir_id, data, if_match=current.version_id)
     return version

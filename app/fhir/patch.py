@@ -14,12 +14,38 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
+import jsonpointer
 
-from app.fhir.errors import BadRequest, BusinessRule
+from app.fhir.errors import BadRequest, BusinessRule, PayloadTooLarge
 from app.fhir.validation import binding_rules
 
 
-def apply_json_patch(current: dict[str, Any], operations: Any) -> dict[str, Any]:
+def json_size(value: Any, limit: int) -> int:
+    """About how many bytes ``value`` takes as JSON, counted only up to ``limit`` (one more
+    means "over"): never more work than the limit, whatever the value."""
+    size = 0
+    stack = [value]
+    while stack and size <= limit:
+        item = stack.pop()
+        if isinstance(item, dict):
+            size += 2 + 2 * len(item)
+            for key, child in item.items():
+                size += len(key) + 2
+                stack.append(child)
+        elif isinstance(item, list):
+            size += 2 + len(item)
+            stack.extend(item)
+        elif isinstance(item, str):
+            size += len(item) + 2
+        else:
+            size += 8
+    return min(size, limit + 1)
+
+
+def apply_json_patch(current: dict[str, Any], operations: Any, *, max_bytes: int) -> dict[str, Any]:
+    """RFC 6902, one operation at a time, keeping the document under ``max_bytes``: a ``copy``
+    doubles what it copies, so 25 of them in a 1 KB patch would otherwise build gigabytes
+    before validation ever sees the result (issue 15)."""
     if not isinstance(operations, list) or not all(isinstance(op, dict) for op in operations):
         raise BadRequest("a JSON Patch document is an array of operations", code="structure")
     for op in operations:
@@ -30,15 +56,27 @@ def apply_json_patch(current: dict[str, Any], operations: Any) -> dict[str, Any]
             and op.get("op") != "test"
         ):
             raise BusinessRule(f"JSON Patch may not change {path}", expression=(path,))
+    patched: Any = copy.deepcopy(current)
+    size = json_size(patched, max_bytes)
     try:
-        patched = jsonpatch.apply_patch(copy.deepcopy(current), operations)
+        for op in operations:
+            if op.get("op") == "copy" and isinstance(op.get("from"), str):
+                added = jsonpointer.resolve_pointer(patched, op["from"])
+            else:
+                added = op.get("value")
+            size += json_size(added, max_bytes)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"the patched resource would exceed {max_bytes} bytes", code="too-costly"
+                )
+            patched = jsonpatch.apply_patch(patched, [op], in_place=True)
     except jsonpatch.JsonPatchTestFailed as exc:
         # The library's message quotes the stored value: never echo it (a token may update without
         # reading, and a failed test must not become a way to read).
         raise BusinessRule("JSON Patch test operation failed", code="conflict") from exc
     except (
         jsonpatch.JsonPatchException,
-        jsonpatch.JsonPointerException,
+        jsonpointer.JsonPointerException,
         TypeError,
         ValueError,
         KeyError,

@@ -193,6 +193,8 @@ class SearchRequest:
     """Per condition, the same condition as a set of matching rids, when it is one (see rid_set)."""
     access: AccessContext = OPEN_ACCESS
     """The caller's limits; included resources are filtered by them too."""
+    where_count: int = 0
+    """How many of the binder's values the WHERE clause uses (they come first)."""
 
     @property
     def drivable(self) -> bool:
@@ -895,9 +897,11 @@ def parse_search(
             unknown.append(name)
             continue
         per_type: list[str] = []
+        mark = compiler.bind_mark()
         for resource_type in resource_types:
             clause = compiler.condition("r", resource_type, name, raw)
             if clause is None:
+                compiler.bind_rollback(mark)  # values bound for the other types' clauses
                 per_type = []
                 break
             per_type.append(
@@ -940,7 +944,6 @@ def parse_search(
     )
     if len(resource_types) != 1 and sort_specs:
         sort_specs = [s for s in sort_specs if s.lstrip("-") in ("_id", "_lastUpdated")]
-    sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
     rid_sets = [rid_set(condition, type_placeholder) for condition in conditions]
     limited = False
@@ -953,6 +956,10 @@ def parse_search(
             limited = True
             conditions.append(limit)
             rid_sets.append(None)  # not a set of index rids: the page cannot be cut from the index
+    # The WHERE clause's values are bound first: the count and estimate statements send only them
+    # (PostgreSQL cannot type a parameter no statement text uses, such as a sort key's).
+    where_count = len(binder.values)
+    sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
     if len(binder.values) > limits.bind_values:
         raise too_costly(limits, "bind_values", len(binder.values), "values to bind")
     if total == "estimate" and limited:
@@ -960,6 +967,7 @@ def parse_search(
         # are not for a limited token (issue 15). It gets the accurate count of its own rows.
         total = "accurate"
     return SearchRequest(
+        where_count=where_count,
         resource_types=resource_types,
         conditions=conditions,
         binder=binder,

@@ -74,7 +74,27 @@ def parse_body(raw: bytes) -> Any:
         raise InvalidResource("request body is not valid JSON", code="structure") from exc
     if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(document):
         raise InvalidResource("request body holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)")
+    if _nests_deeper(document, BODY_MAX_DEPTH):
+        # Before anything walks it recursively (a transaction's reference rewriting does).
+        raise InvalidResource(f"request body nests deeper than {BODY_MAX_DEPTH} levels", code="too-costly")
     return document
+
+
+BODY_MAX_DEPTH = jsonio.MAX_DEPTH + 8
+"""A resource nests at most jsonio.MAX_DEPTH levels; a Bundle adds a few around its entries."""
+
+
+def _nests_deeper(document: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+    return False
 
 
 def _has_lone_surrogate(node: Any) -> bool:

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,8 +184,19 @@ async def test_a_statement_over_the_timeout_is_cancelled_and_answered_503(
     assert await _waiting_searches(database_url) == []
 
 
+BATCH_OF_SEARCHES = {
+    "resourceType": "Bundle",
+    "type": "batch",
+    "entry": [{"request": {"method": "GET", "url": "Patient?gender=female"}}] * 20,
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("GET", "/fhir/Patient?gender=female", None), ("POST", "/fhir", BATCH_OF_SEARCHES)],
+)
 async def test_a_disconnected_clients_search_is_cancelled_in_the_database(
-    app: FastAPI, database_url: str, clean_db: None
+    app: FastAPI, database_url: str, clean_db: None, method: str, path: str, body: dict[str, Any] | None
 ) -> None:
     """The session app's statement timeout is 30 s: only the disconnect can end the wait."""
     port = free_port()
@@ -197,7 +210,7 @@ async def test_a_disconnected_clients_search_is_cancelled_in_the_database(
     try:
         headers = await bearer(app)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            request = asyncio.create_task(client.get("/fhir/Patient?gender=female", headers=headers))
+            request = asyncio.create_task(client.request(method, path, json=body, headers=headers))
             deadline = time.monotonic() + 20
             while not await _waiting_searches(database_url):
                 assert time.monotonic() < deadline, "the search never reached the database"
@@ -252,3 +265,77 @@ async def test_estimated_totals_are_never_database_statistics_for_limited_tokens
     assert mine["total"] == 1  # obs-p1, counted; not the planner's idea of the whole table
     partner = (await client.get("/fhir/Condition", params={"_total": "estimate"}, headers=partner_a)).json()
     assert partner["total"] == 1  # cond-p1 only
+
+
+async def test_a_json_patch_cannot_build_a_huge_resource(client: httpx.AsyncClient) -> None:
+    """22 ``copy`` operations in a 1 KB patch doubled a note until the process held 1.4 GB and
+    the event loop stalled for 36 s. The patch is applied under the body limit."""
+    stored = await put(
+        client,
+        "Observation",
+        "doubling",
+        {"status": "final", "code": {"text": "x"}, "note": [{"text": "n" * 200}]},
+    )
+    patch = [{"op": "copy", "from": "/note", "path": "/note/-"}] * 40
+    response = await client.patch(
+        "/fhir/Observation/doubling", json=patch, headers={"content-type": "application/json-patch+json"}
+    )
+    assert response.status_code == 413, response.text[:300]
+    assert response.json()["issue"][0]["code"] == "too-costly"
+    assert (await client.get("/fhir/Observation/doubling")).json()["meta"]["versionId"] == stored["meta"][
+        "versionId"
+    ]
+    # A batch does not get around it: the same patch inside a transaction.
+    binary = {
+        "resourceType": "Binary",
+        "contentType": "application/json-patch+json",
+        "data": base64.b64encode(json.dumps(patch).encode()).decode(),
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": binary, "request": {"method": "PATCH", "url": "Observation/doubling"}}],
+    }
+    assert (await client.post("/fhir", json=bundle, headers=JSON)).status_code == 413
+
+
+async def test_a_bundle_resolves_a_bounded_number_of_conditional_references(
+    client: httpx.AsyncClient,
+) -> None:
+    await put(client, "Patient", "cond-ref", {"identifier": [{"system": "urn:mrn", "value": "1"}]})
+    # The same conditional reference in many entries is searched once.
+    same = [
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"text": "x"},
+                "subject": {"reference": "Patient?identifier=urn:mrn|1"},
+            },
+            "request": {"method": "POST", "url": "Observation"},
+        }
+        for _ in range(50)
+    ]
+    response = await client.post(
+        "/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": same}, headers=JSON
+    )
+    assert response.status_code == 200, response.text[:300]
+    many = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": "x"},
+                    "focus": [{"reference": f"Patient?identifier=urn:mrn|{n}"} for n in range(1001)],
+                },
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        ],
+    }
+    refused = await client.post("/fhir", json=many, headers=JSON)
+    assert refused.status_code == 400 and refused.json()["issue"][0]["code"] == "too-costly", refused.text[
+        :300
+    ]
