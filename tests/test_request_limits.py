@@ -156,12 +156,14 @@ async def _lock_search_index(database_url: str) -> asyncpg.Connection:
 
 
 async def _waiting_searches(database_url: str) -> list[int]:
-    """carecoord backends waiting for that lock."""
+    """carecoord backends whose search waits for that lock."""
     watcher = await asyncpg.connect(db.asyncpg_dsn(database_url))
     try:
         rows = await watcher.fetch(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'carecoord'"
             " AND wait_event_type = 'Lock' AND datname = current_database()"
+            # A search's statement (the audit trail's own writes wait for the lock too).
+            " AND query LIKE 'SELECT r.rid, r.resource_type, r.fhir_id, r.body%'"
         )
     finally:
         await watcher.close()
