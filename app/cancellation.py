@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("carecoord")
 
+
 def _cancellable(scope: Scope) -> bool:
     path: str = scope.get("path", "")
     return path == "/fhir" or path.startswith("/fhir/")
@@ -39,37 +40,40 @@ class CancelOnDisconnect:
         if scope["type"] != "http" or not _cancellable(scope):
             await self.app(scope, receive, send)
             return
+        request_task = asyncio.current_task()
+        assert request_task is not None
         messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
-        disconnected = asyncio.Event()
+        client_gone = False
+        answered = False
 
         async def pump() -> None:
+            nonlocal client_gone
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    disconnected.set()
-                await messages.put(message)
-                if message["type"] == "http.disconnect":
+                    # After the whole response, a server reports the end of the exchange this way
+                    # too: only a client that left before its answer cancels the work.
+                    if not answered:
+                        client_gone = True
+                        request_task.cancel()
                     return
+                await messages.put(message)
 
-        async def app_receive() -> Message:
-            return await messages.get()
+        async def app_send(message: Message) -> None:
+            nonlocal answered
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
 
-        async def run() -> None:
-            await self.app(scope, app_receive, send)
-
-        handler = asyncio.create_task(run())
         reader = asyncio.create_task(pump())
-        watcher = asyncio.create_task(disconnected.wait())
         try:
-            await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not handler.done():
-                logger.info("client gone: cancelling %s %s", scope.get("method"), scope.get("path"))
-                handler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await handler
+            await self.app(scope, messages.get, app_send)
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise  # the server is shutting down, say: not ours to swallow
+            request_task.uncancel()
+            logger.info("client gone: cancelled %s %s", scope.get("method"), scope.get("path"))
         finally:
-            for task in (reader, watcher, handler):
-                task.cancel()
-            for task in (reader, watcher):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
