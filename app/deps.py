@@ -73,7 +73,19 @@ def _audit_event(
     )
 
 
-async def get_repository(request: Request, access: AccessDep) -> AsyncIterator[FhirRepository]:
+async def received_body(request: Request) -> bytes | None:
+    """A writing request's whole body, read (within the size limit) before the repository takes
+    a database connection: a client trickling its body must not hold one of the pool's few
+    connections, and with them the whole API (issue 15). Handlers get it from ``read_body``."""
+    if request.method in READ_ONLY_METHODS:
+        return None
+    body: bytes = await read_body(request, request.app.state.settings.max_body_bytes)
+    return body
+
+
+async def get_repository(
+    request: Request, access: AccessDep, _body: Annotated[bytes | None, Depends(received_body)]
+) -> AsyncIterator[FhirRepository]:
     state = request.app.state
     audit: AuditTrail = state.audit
     async with state.pool.acquire() as connection:
@@ -109,7 +121,11 @@ RepositoryDep = Annotated[FhirRepository, Depends(get_repository, scope="functio
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes with 413 before reading it all."""
+    """The request body, refusing more than ``limit`` bytes with 413 before reading it all; read
+    once (``received_body`` reads it before a connection is taken), then served from memory."""
+    cached: bytes | None = getattr(request.state, "body", None)
+    if cached is not None:
+        return cached
     declared = declared_length(request.headers.get("content-length"))
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
@@ -120,4 +136,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    request.state.body = body
+    return body

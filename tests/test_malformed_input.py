@@ -4,6 +4,8 @@ ranges that leave the supported dates, and unpaired UTF-16 surrogates anywhere i
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -172,3 +174,36 @@ async def test_a_deeply_nested_bundle_is_400(client: httpx.AsyncClient, engine: 
     )
     _outcome_4xx(await client.post("/fhir", content=bundle, headers=JSON))
     assert await count_rows(engine) == before
+
+
+async def test_malformed_bundle_request_fields_fail_their_entry_only(client: httpx.AsyncClient) -> None:
+    await put(client, "Patient", "mb", {"gender": "other"})
+    deep = "[" * 600 + "]" * 600
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": "Patient/mb", "ifNoneMatch": 5}},
+            {
+                "resource": {"resourceType": "Patient", "id": "mb"},
+                "request": {"method": "PUT", "url": "Patient/mb", "ifMatch": 1},
+            },
+            {
+                "resource": {"resourceType": "Patient"},
+                "request": {"method": "POST", "url": "Patient", "ifNoneExist": 7},
+            },
+            {
+                "resource": {
+                    "resourceType": "Binary",
+                    "contentType": "application/json-patch+json",
+                    "data": base64.b64encode(deep.encode()).decode(),
+                },
+                "request": {"method": "PATCH", "url": "Patient/mb"},
+            },
+            {"request": {"method": "GET", "url": "Patient/mb"}},
+        ],
+    }
+    response = await client.post("/fhir", json=bundle, headers=JSON)
+    assert response.status_code == 200, response.text[:300]
+    statuses = [e["response"]["status"][:3] for e in response.json()["entry"]]
+    assert statuses == ["400", "400", "400", "400", "200"]

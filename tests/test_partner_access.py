@@ -522,3 +522,39 @@ async def test_a_restricted_scope_reads_the_current_version(app: FastAPI, client
     assert (await client.get("/fhir/Observation/vital/_history/1", headers=headers)).status_code == 200
     history = (await client.get("/fhir/Observation/vital/_history", headers=headers)).json()
     assert [e["resource"]["id"] for e in history["entry"]] == ["vital"]
+
+
+# -- from the second review ------------------------------------------------------------------------
+
+
+async def test_a_partner_writes_no_task_that_would_grant_it_access(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    """A Task partner A owns but did not request is what grants it a patient's record: A may not
+    write one (naming the case manager, a patient or no one as requester)."""
+    for requester in ({"reference": "Organization/cm"}, {"reference": "Patient/p1"}, None):
+        task: dict[str, Any] = {
+            "resourceType": "Task",
+            "status": "requested",
+            "intent": "plan",
+            "owner": {"reference": "Organization/partnerA"},
+            "for": {"reference": "Patient/p1"},
+            "focus": {"reference": "ServiceRequest/sr-p1"},
+        }
+        if requester is not None:
+            task["requester"] = requester
+        response = await client.post("/fhir/Task", json=task, headers={**JSON, **partner_a})
+        assert response.status_code == 403, response.text
+
+
+async def test_a_cancelled_referral_grants_nothing_more(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
+) -> None:
+    assert (await client.get("/fhir/Patient/p1", headers=partner_a)).status_code == 200
+    for key, status in (("Task/task-p1", "cancelled"), ("ServiceRequest/sr-p1", "revoked")):
+        resource = (await client.get(f"/fhir/{key}")).json()
+        assert (
+            await client.put(f"/fhir/{key}", json={**resource, "status": status}, headers=JSON)
+        ).status_code == 200
+    assert (await client.get("/fhir/Patient/p1", headers=partner_a)).status_code == 404
+    assert (await client.get("/fhir/Task/task-p1", headers=partner_a)).status_code == 200  # its own Task

@@ -341,3 +341,94 @@ async def test_a_bundle_resolves_a_bounded_number_of_conditional_references(
     assert refused.status_code == 400 and refused.json()["issue"][0]["code"] == "too-costly", refused.text[
         :300
     ]
+
+
+async def test_a_json_patch_counts_digits_and_a_bundle_of_patches_shares_one_budget(
+    client: httpx.AsyncClient,
+) -> None:
+    await put(client, "Observation", "digits", {"status": "final", "code": {"text": "x"}})
+    # (the tests' body limit is 64 KiB: a 20,000-digit number, copied, outgrows it at once)
+    digits = "1." + "9" * 20000
+    copies = ',{"op":"copy","from":"/extension/0","path":"/extension/-"}' * 200
+    patch = (
+        '[{"op":"add","path":"/extension","value":[{"url":"urn:x","valueDecimal":'
+        + digits
+        + "}]}"
+        + copies
+        + "]"
+    )
+    response = await client.patch(
+        "/fhir/Observation/digits", content=patch, headers={"content-type": "application/json-patch+json"}
+    )
+    assert response.status_code == 413, response.text[:300]
+    # Each entry of a Bundle may grow its resource a little; together no more than one body.
+    for number in range(4):
+        await put(client, "Observation", f"grow{number}", {"status": "final", "code": {"text": "x"}})
+    chunk = [{"op": "add", "path": "/note", "value": [{"text": "n" * 6000}]}] + [
+        {"op": "copy", "from": "/note/0", "path": "/note/-"}
+    ] * 5
+    binary = {
+        "resourceType": "Binary",
+        "contentType": "application/json-patch+json",
+        "data": base64.b64encode(json.dumps(chunk).encode()).decode(),
+    }
+    entries = [
+        {"resource": binary, "request": {"method": "PATCH", "url": f"Observation/grow{number}"}}
+        for number in range(4)
+    ]
+    result = await client.post(
+        "/fhir", json={"resourceType": "Bundle", "type": "batch", "entry": entries}, headers=JSON
+    )
+    statuses = [e["response"]["status"][:3] for e in result.json()["entry"]]
+    assert "413" in statuses and statuses[0] == "200", statuses
+
+
+async def test_replacing_a_large_element_is_not_growth(client: httpx.AsyncClient) -> None:
+    big = "b" * 40_000
+    await put(
+        client, "Observation", "large", {"status": "final", "code": {"text": "x"}, "note": [{"text": big}]}
+    )
+    patch = [{"op": "replace", "path": "/note/0/text", "value": "c" * 40_000}]
+    response = await client.patch(
+        "/fhir/Observation/large", json=patch, headers={"content-type": "application/json-patch+json"}
+    )
+    assert response.status_code == 200, response.text[:300]
+
+
+async def test_clients_trickling_their_bodies_do_not_hold_the_databases_connections(
+    settings: Settings, clean_db: None
+) -> None:
+    """Ten clients sending 1 byte of a 100 KB body held every pooled connection (the request took
+    one before reading its body): the whole API hung."""
+    application = create_app(settings.model_copy(update={"db_pool_size": 2}))
+    port = free_port()
+    async with application.router.lifespan_context(application):
+        server = uvicorn.Server(
+            uvicorn.Config(application, host="127.0.0.1", port=port, lifespan="off", log_level="error")
+        )
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.02)
+        headers = await bearer(application)
+        slow: list[asyncio.StreamWriter] = []
+        try:
+            for _ in range(5):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    (
+                        "POST /fhir/Observation HTTP/1.1\r\nhost: cc.test\r\n"
+                        "content-type: application/fhir+json\r\n"
+                        f"authorization: {headers['authorization']}\r\ncontent-length: 60000\r\n\r\n{{"
+                    ).encode()
+                )
+                await writer.drain()
+                slow.append(writer)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+                for _ in range(3):
+                    response = await http.get("/fhir/Patient", headers=headers)
+                    assert response.status_code == 200, response.text[:300]
+        finally:
+            for writer in slow:
+                writer.close()
+            server.should_exit = True
+            await serving

@@ -280,8 +280,17 @@ async def test_a_partner_refers_no_one_on(
     onward = referral("requested", parties["ids"], requester="partnerA", owner="partnerB")
     response = await _create(client, onward, parties["owner"])
     assert response.status_code == 403, response.text
-    assert "only its own organisation" in response.text
+    assert "may not name Organization/partnerB" in response.text
     forged = referral("draft", parties["ids"], requester="partnerB", owner="partnerA")
     assert (await _create(client, forged, parties["owner"])).status_code in (403, 422)  # not its role either
     mine = referral("draft", parties["ids"], requester="partnerA", owner="partnerA")
     assert (await _create(client, mine, parties["owner"])).status_code == 201
+
+
+async def test_the_case_managers_clients_may_delete_an_inbound_referral(
+    client: httpx.AsyncClient, parties: dict[str, dict[str, str]]
+) -> None:
+    inbound = referral("requested", parties["ids"], requester="partnerA", owner="cm")
+    created = await _create(client, inbound, parties["owner"])
+    assert created.status_code == 201, created.text
+    assert (await client.delete(f"/fhir/Task/{created.json()['id']}")).status_code == 200

@@ -47,6 +47,7 @@ REFERRAL_ROOTS = (
 )
 """Where a partner organisation is named by the referrals it is part of."""
 
+
 class ConditionCompiler(Protocol):
     """What access needs from the search compiler (app/fhir/search.py SearchCompiler)."""
 
@@ -182,9 +183,10 @@ class AccessContext:
         """Rows a partner organisation's client may use with ``letter`` (module docstring).
 
         What grants read access is what others asked of the organisation: a Task it owns and
-        did not request itself, the ServiceRequest that Task is about, and a ServiceRequest
-        naming it as performer that someone else wrote. Its own Tasks and ServiceRequests are
-        visible to it but grant nothing: otherwise a partner could keep a patient's record
+        did not request itself (while it is not cancelled, rejected or entered in error), the
+        ServiceRequest that Task is about, and a ServiceRequest naming it as performer that
+        someone else wrote (while it is not revoked or entered in error). Its own Tasks and
+        ServiceRequests are visible to it but grant nothing: otherwise a partner could keep a patient's record
         open for itself, after the referral was cancelled or handed to someone else, by
         writing a ServiceRequest of its own that points at it (issue 15)."""
         org = compiler.bind(self.organization)
@@ -192,9 +194,7 @@ class AccessContext:
         if letter == "c":
             return own  # a new row carries its writer's organisation
         org_id = compiler.bind(self.organization_id)  # bound only when used: asyncpg types every one
-        named = (
-            "o.target_type = 'Organization' AND o.target_id = " + org_id
-        )
+        named = "o.target_type = 'Organization' AND o.target_id = " + org_id
         # Its Tasks: the organisation is their owner or requester.
         tasks = f"SELECT o.rid FROM search_reference o WHERE {named} AND o.resource_type = 'Task'" + (
             " AND o.param IN ('owner', 'requester')"
@@ -205,11 +205,14 @@ class AccessContext:
             f"SELECT o.rid FROM search_reference o WHERE {named}"
             " AND o.resource_type = 'ServiceRequest' AND o.param = 'performer'"
         )
+        # A Task ended before the work (cancelled, rejected, entered in error) grants nothing more.
         asked_tasks = (
             f"SELECT o.rid FROM search_reference o WHERE {named} AND o.resource_type = 'Task'"
             " AND o.param = 'owner' AND NOT EXISTS (SELECT 1 FROM search_reference q"
             " WHERE q.rid = o.rid AND q.param = 'requester' AND q.target_type = 'Organization'"
-            f" AND q.target_id = {org_id})"
+            f" AND q.target_id = {org_id}) AND NOT EXISTS (SELECT 1 FROM search_token z"
+            " WHERE z.rid = o.rid AND z.param = 'status'"
+            " AND z.code IN ('cancelled', 'rejected', 'entered-in-error'))"
         )
         # The ServiceRequests those Tasks are about (Task.focus).
         focused = (
@@ -220,7 +223,8 @@ class AccessContext:
         )
         asked_requests = (
             f"SELECT ps.rid FROM resource ps WHERE ps.rid IN ({performing})"
-            f" AND ps.writer_org IS DISTINCT FROM {org}"
+            f" AND ps.writer_org IS DISTINCT FROM {org} AND NOT EXISTS (SELECT 1 FROM search_token z"
+            " WHERE z.rid = ps.rid AND z.param = 'status' AND z.code IN ('revoked', 'entered-in-error'))"
         )
         granted = (
             "SELECT p.target_type, p.target_id FROM search_reference p"

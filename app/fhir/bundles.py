@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from app.fhir import jsonio
 from app.fhir.conditional import (
+    GrowthBudget,
     condition_pairs,
     conditional_create,
     conditional_delete,
@@ -38,9 +39,11 @@ from app.fhir.params import parse_etag, parse_version_id
 from app.fhir.repository import FhirRepository, StoredVersion, fhir_instant, new_id
 from app.fhir.responses import Prefer
 from app.fhir.search_service import run_search
-from app.fhir.validation import check_id, check_resource_type, validate_resource
+from app.fhir.validation import check_id, check_resource_type, parse_body, validate_resource
 
 METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+RESPONSE_SIZE_FACTOR = 10
+"""A Bundle's response carries at most this many times the largest resource a write may store."""
 MAX_CONDITIONAL_REFERENCES = 1000
 """Distinct conditional references one Bundle may resolve (issue 15: one request, bounded work)."""
 PLACEHOLDER_PREFIXES = ("urn:uuid:", "urn:oid:")
@@ -115,6 +118,9 @@ def _parse_entry(index: int, raw: Any, fhir_base: str) -> Entry:
     resource = raw.get("resource")
     if resource is not None and not isinstance(resource, dict):
         raise BadRequest("entry.resource must be a resource object")
+    for field_name in ("ifNoneExist", "ifMatch", "ifNoneMatch"):
+        if request.get(field_name) is not None and not isinstance(request.get(field_name), str):
+            raise BadRequest(f"entry.request.{field_name} must be a string")
     entry = Entry(
         index=index,
         method=method,
@@ -143,9 +149,10 @@ def _patch_body(resource: dict[str, Any] | None) -> tuple[Any, bool]:
         return resource, False
     if resource.get("resourceType") == "Binary" and isinstance(resource.get("data"), str):
         try:
-            return jsonio.loads(base64.b64decode(resource["data"], validate=True)), True
-        except (binascii.Error, ValueError) as exc:
+            operations = parse_body(base64.b64decode(resource["data"], validate=True))
+        except binascii.Error as exc:
             raise BadRequest("the Binary's data is not base64-encoded JSON Patch") from exc
+        return operations, True
     raise BadRequest("PATCH entries need a Binary (JSON Patch) or Parameters (FHIRPath Patch) resource")
 
 
@@ -228,18 +235,25 @@ class _Runner:
         self.cursors = cursors
         self.resources_left = max_resources
         """How many more resources the response may carry (reads and search results)."""
+        self.bytes_left = RESPONSE_SIZE_FACTOR * repo.max_resource_bytes
+        """How many more bytes of resources the response may carry (reads, searches, and the
+        representations of what was written)."""
+        self.growth = GrowthBudget(repo.max_resource_bytes)
+        """What the Bundle's PATCH entries may add to what is stored, together."""
         self.conditional_references: dict[str, str] = {}
         """Conditional references (``Patient?identifier=...``) resolved so far: each is searched once."""
 
-    def _spend(self, resources: int) -> None:
-        if resources > self.resources_left:
+    def _spend(self, resources: int, size: int) -> None:
+        if resources > self.resources_left or size > self.bytes_left:
             self.resources_left = 0  # what is left is not enough for anything but reads
             raise BadRequest(
                 "the Bundle's reads and searches return more resources than this server puts in one"
-                " response (CARECOORD_MAX_BUNDLE_RESOURCES); page through the search instead",
+                " response (CARECOORD_MAX_BUNDLE_RESOURCES, or their size); page through the search"
+                " instead",
                 code="too-costly",
             )
         self.resources_left -= resources
+        self.bytes_left -= size
 
     # -- transaction ---------------------------------------------------------------------
 
@@ -393,6 +407,7 @@ class _Runner:
                 entry.patch_body,
                 json_patch=entry.json_patch,
                 if_match=entry.if_match,
+                growth=self.growth,
             )
             return self._write_response(version, "200 OK")
         assert entry.resource is not None
@@ -447,10 +462,10 @@ class _Runner:
             if entry.if_none_match and parse_etag(entry.if_none_match, "ifNoneMatch") == version.version_id:
                 return {"response": {"status": "304 Not Modified", "etag": f'W/"{version.version_id}"'}}
             assert version.body is not None
-            self._spend(1)
+            self._spend(1, len(version.body))
             return {"resource": jsonio.loads(version.body), "response": _response_meta(version, "200 OK")}
         if self.resources_left <= 0:
-            self._spend(1)
+            self._spend(1, 0)
         pairs = parse_qsl(entry.query, keep_blank_values=True)
         body = await run_search(
             repo,
@@ -462,13 +477,17 @@ class _Runner:
         )
         result = jsonio.loads(body)
         found = result.get("entry") or []
-        self._spend(sum(1 for e in found if (e.get("search") or {}).get("mode") != "outcome"))
+        self._spend(sum(1 for e in found if (e.get("search") or {}).get("mode") != "outcome"), len(body))
         return {"resource": result, "response": {"status": "200 OK"}}
 
     def _write_response(self, version: StoredVersion, status: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.prefer.return_ == "representation" and version.body is not None:
-            out["resource"] = jsonio.loads(version.body)
+            # A representation is a preference (http.html#ops): past the response's size budget
+            # an entry answers with its location and version only.
+            if len(version.body) <= self.bytes_left:
+                self.bytes_left -= len(version.body)
+                out["resource"] = jsonio.loads(version.body)
         elif self.prefer.return_ == "OperationOutcome":
             out["response"] = {
                 "outcome": operation_outcome(

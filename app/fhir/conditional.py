@@ -7,6 +7,7 @@ condition so that identical requests racing each other cannot both create.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -111,6 +112,14 @@ async def conditional_delete(
     return [await repo.delete(resource_type, fhir_id) for fhir_id in ids]
 
 
+@dataclass
+class GrowthBudget:
+    """How many more bytes the PATCHes of one request may add to what is stored (a Bundle's
+    entries share one: each entry could otherwise grow a small resource to the size limit)."""
+
+    remaining: int
+
+
 async def patch(
     repo: FhirRepository,
     resource_type: str,
@@ -119,8 +128,12 @@ async def patch(
     *,
     json_patch: bool,
     if_match: int | None,
+    growth: GrowthBudget | None = None,
 ) -> StoredVersion:
-    """http.html#patch: apply a JSON Patch or FHIRPath Patch to the locked current version."""
+    """http.html#patch: apply a JSON Patch or FHIRPath Patch to the locked current version.
+
+    The result may not be larger than a write could store (``repo.max_resource_bytes``), nor
+    grow by more than ``growth`` allows."""
     current = await repo.read_for_update(resource_type, fhir_id)
     if if_match is not None and if_match != current.version_id:
         raise PreconditionFailed(
@@ -128,15 +141,18 @@ async def patch(
             headers={"ETag": f'W/"{current.version_id}"'},
         )
     assert current.body is not None
+    limit = repo.max_resource_bytes
+    if growth is not None:
+        limit = min(limit, len(current.body) + growth.remaining)
     document = jsonio.loads(current.body)
     if json_patch:
-        patched = apply_json_patch(document, body, max_bytes=repo.max_resource_bytes)
+        patched = apply_json_patch(document, body, max_bytes=limit)
     else:
         patched = apply_fhirpath_patch(document, body, resource_type)
-        if json_size(patched, repo.max_resource_bytes) > repo.max_resource_bytes:
-            raise PayloadTooLarge(
-                f"the patched resource would exceed {repo.max_resource_bytes} bytes", code="too-costly"
-            )
+        if json_size(patched, limit) > limit:
+            raise PayloadTooLarge(f"the patched resource would exceed {limit} bytes", code="too-costly")
     data = validate_resource(patched, resource_type, url_id=fhir_id)
     version, _ = await repo.update(resource_type, fhir_id, data, if_match=current.version_id)
+    if growth is not None and version.body is not None:
+        growth.remaining -= max(0, len(version.body) - len(current.body))
     return version

@@ -21,8 +21,8 @@ from app.fhir.validation import binding_rules
 
 
 def json_size(value: Any, limit: int) -> int:
-    """About how many bytes ``value`` takes as JSON, counted only up to ``limit`` (one more
-    means "over"): never more work than the limit, whatever the value."""
+    """About how many bytes ``value`` takes as JSON (numbers by their digits), counted only up
+    to ``limit`` (one more means "over"): never more work than the limit, whatever the value."""
     size = 0
     stack = [value]
     while stack and size <= limit:
@@ -30,15 +30,17 @@ def json_size(value: Any, limit: int) -> int:
         if isinstance(item, dict):
             size += 2 + 2 * len(item)
             for key, child in item.items():
-                size += len(key) + 2
+                size += len(str(key)) + 2
                 stack.append(child)
         elif isinstance(item, list):
             size += 2 + len(item)
             stack.extend(item)
         elif isinstance(item, str):
             size += len(item) + 2
-        else:
-            size += 8
+        elif isinstance(item, bool) or item is None:
+            size += 5
+        else:  # int, float, Decimal: as many characters as digits (a number may be 100,000 long)
+            size += len(str(item))
     return min(size, limit + 1)
 
 
@@ -57,19 +59,21 @@ def apply_json_patch(current: dict[str, Any], operations: Any, *, max_bytes: int
         ):
             raise BusinessRule(f"JSON Patch may not change {path}", expression=(path,))
     patched: Any = copy.deepcopy(current)
-    size = json_size(patched, max_bytes)
+    # Only ``copy`` can make a patch build more than it carries: each one's copied value counts
+    # (and the count never goes down), so the work stays within a few times the limit; the
+    # result itself is measured once at the end.
+    grown = json_size(patched, max_bytes)
     try:
         for op in operations:
             if op.get("op") == "copy" and isinstance(op.get("from"), str):
-                added = jsonpointer.resolve_pointer(patched, op["from"])
-            else:
-                added = op.get("value")
-            size += json_size(added, max_bytes)
-            if size > max_bytes:
-                raise PayloadTooLarge(
-                    f"the patched resource would exceed {max_bytes} bytes", code="too-costly"
-                )
+                grown += json_size(jsonpointer.resolve_pointer(patched, op["from"]), max_bytes)
+                if grown > max_bytes:
+                    raise PayloadTooLarge(
+                        f"the patched resource would exceed {max_bytes} bytes", code="too-costly"
+                    )
             patched = jsonpatch.apply_patch(patched, [op], in_place=True)
+        if json_size(patched, max_bytes) > max_bytes:
+            raise PayloadTooLarge(f"the patched resource would exceed {max_bytes} bytes", code="too-costly")
     except jsonpatch.JsonPatchTestFailed as exc:
         # The library's message quotes the stored value: never echo it (a token may update without
         # reading, and a failed test must not become a way to read).

@@ -116,27 +116,34 @@ class ReferralHooks:
     def _check_named_organizations(
         self, repo: FhirRepository, resource_type: str, previous: dict[str, Any] | None, data: dict[str, Any]
     ) -> None:
-        """A partner's client names no organisation but its own, or the server's home
-        organisation, as a Task's owner or requester or a ServiceRequest's performer (403).
+        """Which organisations a partner's client may give a role (403 otherwise).
 
-        Those elements decide who reads a referral's record and where it is delivered
-        (app/fhir/access.py REFERRAL_ROOTS): naming another partner would hand the patient's
-        record on, with that partner's credentials (issue 15). A partner refers a client back
-        to the case-management organisation (CARECOORD_ORGANIZATION), never onward.
+        A Task's owner and requester and a ServiceRequest's performer decide who reads a
+        referral's record and where it is delivered (app/fhir/access.py REFERRAL_ROOTS):
+        naming another partner would hand the patient's record on, with that partner's
+        credentials. So a partner names as owner or performer only itself or the server's own
+        organisation (CARECOORD_ORGANIZATION: it refers clients back, never onward), and as
+        requester only itself, which is also what every Task it creates names: a Task it owns
+        but did not request is what grants it access, so it may not write one (issue 15).
         """
         organization = repo.access.organization
         if organization is None:
             return
-        allowed = {organization, self.home_organization}
+        if resource_type == "Task" and previous is None:
+            requester = local_reference(reference_of(data, "requester"), repo.fhir_base)
+            if requester != organization:
+                raise Forbidden(
+                    "a partner organisation's client creates Tasks as their requester",
+                    expression=("Task.requester",),
+                )
         added = _named_organizations(resource_type, data, repo.fhir_base) - _named_organizations(
             resource_type, previous, repo.fhir_base
         )
         for element, named in sorted(added):
+            allowed = {organization} if element == "requester" else {organization, self.home_organization}
             if named not in allowed:
                 raise Forbidden(
-                    f"a partner organisation's client may name only its own organisation (or"
-                    f" {self.home_organization or 'the server organisation, CARECOORD_ORGANIZATION,'})"
-                    f" as {resource_type}.{element}",
+                    f"a partner organisation's client may not name {named} as {resource_type}.{element}",
                     expression=(f"{resource_type}.{element}",),
                 )
 

@@ -78,6 +78,7 @@ def owner_can_reach(old_status: str | None, status: str) -> bool:
                 frontier.append(target)
     return False
 
+
 # The base R4 graph (task.html#statemachine), for every other Task.
 _BASE: dict[str, frozenset[str]] = {
     "draft": frozenset({"requested", "ready", "cancelled"}),
@@ -219,9 +220,14 @@ def check_transition(
 def check_deletion(
     previous: dict[str, Any], actor: Actor, *, home_organization: str | None, fhir_base: str
 ) -> None:
-    """Only a Task's requester deletes it (422 otherwise): its owner would otherwise delete the
-    requester's Task and write a new one at the same id, with parties of its choosing."""
-    if actor.patient_app or REQUESTER not in roles(previous, actor, home_organization, fhir_base):
+    """A partner deletes only Tasks it requested, a patient app none (422 otherwise): an owner
+    would otherwise delete the requester's Task and write a new one at the same id, with
+    parties of its choosing. The server's own clients may delete any Task."""
+    if actor.patient_app:
+        raise BusinessRule("a patient application may not delete a Task")
+    if actor.organization is not None and REQUESTER not in roles(
+        previous, actor, home_organization, fhir_base
+    ):
         raise BusinessRule("only the Task's requester may delete it")
 
 
