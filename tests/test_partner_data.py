@@ -283,3 +283,92 @@ async def test_every_reference_in_partner_data_is_made_safe(app: FastAPI, client
     assert "other-h8" not in str(local["output"]) and "secret-h8" not in str(local["output"])
     # The Observation pointing (from its contained Condition) at another patient was not kept.
     assert local["output"][2]["valueReference"]["reference"] == f"{partner.base}/Observation/7"
+
+
+async def test_a_partner_cannot_make_carecoord_call_it_in_a_loop(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """503 with Retry-After: 0 and a large error body: the next poll still waits the floor, and
+    only the start of the answer is kept."""
+    from app.referrals.hooks import PARTNER_POLL_FLOOR
+    from app.referrals.worker import MAX_ERROR_CHARS
+
+    partner = FakePartner("https://hostile9.example/fhir")
+    task_id = await _track(app, client, partner, "hostile9", "-h9")
+    huge = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "transient", "diagnostics": "z" * 200_000}],
+    }
+    partner.override[("GET", f"Task/{partner.task_id}")] = lambda _: httpx.Response(
+        503, json=huge, headers={"retry-after": "0"}
+    )
+    async with partner_http(partner) as http:
+        await run_due(make_worker(app, http))
+    async with app.state.pool.acquire() as conn:
+        job = await conn.fetchrow(
+            "SELECT state, not_before - now() AS wait, length(last_error) AS kept FROM referral_job"
+            " WHERE task_id = $1 AND kind = 'track'",
+            task_id,
+        )
+    assert job["state"] == "pending"
+    assert job["wait"].total_seconds() > PARTNER_POLL_FLOOR - 2
+    assert job["kept"] <= MAX_ERROR_CHARS
+
+
+async def test_a_partners_invalid_task_fields_never_reach_the_local_task(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    partner = FakePartner("https://hostile10.example/fhir")
+    task_id = await _track(app, client, partner, "hostile10", "-h10")
+    remote = partner.resources[f"Task/{partner.task_id}"]
+    remote["status"] = "accepted"
+    remote["businessStatus"] = {"bogus": True, "text": 5}
+    await _poll(app, partner)
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    assert local["status"] == "accepted"
+    assert "bogus" not in str(local.get("businessStatus"))
+    # The case manager can still write the Task it reads (it was not made invalid).
+    cancelled = {**local, "status": "cancelled", "statusReason": {"text": "client moved"}}
+    assert (await client.put(f"/fhir/Task/{task_id}", json=cancelled, headers=JSON)).status_code == 200
+
+
+async def test_a_slow_partner_holds_one_worker_slot_not_the_others(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """A partner that takes its time kept the whole batch of claimed jobs, and every job due
+    after it, waiting (272 s for a delivery to a healthy partner in the review)."""
+    import asyncio
+    import time
+
+    from app.referrals.worker import Worker
+    from tests.test_referrals import delivery_state, make_referral
+
+    slow = FakePartner("https://slow-h11.example/fhir")
+    healthy = FakePartner("https://healthy-h11.example/fhir")
+
+    async def hold(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(20)
+        return httpx.Response(503)
+
+    slow.handler = hold
+    await add_partner(client, "slowh11", slow.base)
+    await add_partner(client, "healthyh11", healthy.base)
+    async with partner_http(slow, healthy) as http:
+        worker = Worker(app.state.pool, http, app.state.settings, name="slots")
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            stuck = await make_referral(client, "slowh11", suffix="-s11")
+            deadline = time.monotonic() + 20
+            while (await jobs(app, stuck))["deliver"]["state"] != "leased":
+                assert time.monotonic() < deadline, "the slow delivery never started"
+                await asyncio.sleep(0.05)
+            quick = await make_referral(client, "healthyh11", suffix="-q11")
+            deadline = time.monotonic() + 15
+            while delivery_state((await client.get(f"/fhir/Task/{quick}")).json()) != "delivered":
+                assert time.monotonic() < deadline, "the healthy delivery waited for the slow one"
+                await asyncio.sleep(0.05)
+            assert (await jobs(app, stuck))["deliver"]["state"] == "leased"  # still at the slow partner
+        finally:
+            stop.set()
+            await running

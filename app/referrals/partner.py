@@ -66,6 +66,8 @@ DEFAULT_TOKEN_LIFETIME = 300.0
 TOKEN_REFRESH_MARGIN = 30.0
 """A cached token is replaced this long (at most a fifth of its lifetime) before it expires."""
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+MAX_ERROR_BYTES = 64 * 1024
+"""Largest part of a partner's error answer read (for its OperationOutcome)."""
 """Largest partner answer read; a partner must not be able to exhaust carecoord's memory."""
 
 _OAUTH_ERROR_CODE = re.compile(r"[a-z_]{1,64}")
@@ -304,8 +306,13 @@ class PartnerClient:
                 ) as response:
                     size = 0
                     chunks: list[bytes] = []
+                    if response.status_code >= 300:
+                        # An error answer is only looked at for its OperationOutcome.
+                        max_bytes = min(max_bytes, MAX_ERROR_BYTES)
                     async for chunk in response.aiter_bytes():
                         size += len(chunk)
+                        if size > max_bytes and response.status_code >= 300:
+                            break  # keep the status; an outcome cut short is simply not kept
                         if size > max_bytes:
                             raise DeliveryError(
                                 f"{what} answer larger than {max_bytes} bytes",

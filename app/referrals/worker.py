@@ -53,7 +53,7 @@ from app.referrals.bundle import (
     set_identifier,
 )
 from app.referrals.directory import Partner, find_partner
-from app.referrals.hooks import NOTIFY_CHANNEL, schedule, write_hooks
+from app.referrals.hooks import NOTIFY_CHANNEL, PARTNER_POLL_FLOOR, schedule, write_hooks
 from app.referrals.partner import AddressUnconfirmed, DeliveryError, PartnerClient
 from app.referrals.state_machine import TERMINAL, local_reference, owner_can_reach, reference_of
 from app.settings import Settings
@@ -63,6 +63,8 @@ logger = logging.getLogger("carecoord.referrals")
 IDLE_POLL = 1.0
 """Seconds between looks at the job table when no notification arrives."""
 MAX_BACKOFF = 3600.0
+MAX_ERROR_CHARS = 4000
+"""The most of a partner's error answer kept in a job's ``last_error``."""
 DELIVERY_EXTENSION = "referral-delivery"
 MIRRORED = ("status", "statusReason", "businessStatus", "output")
 
@@ -124,22 +126,39 @@ class Worker:
             await listener.add_listener(NOTIFY_CHANNEL, self._notified)
         except Exception as exc:  # the worker still polls without notifications
             logger.warning("referral worker: no notifications (%s)", type(exc).__name__)
+        running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
-                try:
-                    ran = await self.run_once()
-                except Exception as exc:
-                    logger.error("referral worker: %s", type(exc).__name__)
-                    ran = 0
-                if ran:
+                # Claim as slots free up: one slow job (a partner that takes its time) holds its
+                # own slot, never the others'.
+                free = self.settings.worker_concurrency - len(running)
+                claimed = 0
+                if free > 0:
+                    try:
+                        claimed = await self._start_jobs(free, running)
+                    except Exception as exc:
+                        logger.error("referral worker: %s", type(exc).__name__)
+                if claimed and claimed == free:
                     continue
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL)
+                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait()), *running}
+                done, _ = await asyncio.wait(waiters, timeout=IDLE_POLL, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters - running:
+                    waiter.cancel()
+                running -= done
         finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
             if listener is not None:
                 with contextlib.suppress(Exception):
                     await listener.close()
+
+    async def _start_jobs(self, limit: int, running: set[asyncio.Task[None]]) -> int:
+        async with self.pool.acquire() as conn:
+            jobs = await conn.fetch(_CLAIM, self.name, self.settings.worker_lease, limit)
+        for job in jobs:
+            running.add(asyncio.create_task(self.run_job(job), name=f"referral-job-{job['id']}"))
+        return len(jobs)
 
     def _notified(self, *_: object) -> None:
         self._wake.set()
@@ -281,8 +300,14 @@ class Worker:
         )
 
     async def track(self, job: Record) -> None:
-        """Mirror the partner's Task into the local one; stop at a terminal status."""
+        """Mirror the partner's Task into the local one; stop at a terminal status, or when the
+        Task was handed to another owner (the former one's answers are no longer the Task's)."""
         async with self.pool.acquire() as conn:
+            task = await _read(self.repositories.for_system(conn), "Task", job["task_id"])
+            owner = local_reference(reference_of(task or {}, "owner"), self.fhir_base)
+            if owner != f"Organization/{job['partner_org']}":
+                await self._finish(job, "done", error="tracking ended: the Task has another owner", conn=conn)
+                return
             partner = await self._partner(conn, job)
         remote = await self.partners.read(partner, job["partner_task"])
         async with self.pool.acquire() as conn:
@@ -494,8 +519,12 @@ class Worker:
             else:
                 mirrored[element] = value
         if element_changes(local, mirrored):
-            if json_size(mirrored, repo.max_resource_bytes) > repo.max_resource_bytes:
-                raise DeliveryError("the partner's Task is larger than this server stores", retryable=False)
+            if not await _valid_task(mirrored, repo.max_resource_bytes):
+                # The partner's statusReason, businessStatus or outputs are not valid FHIR (or too
+                # large): only its status, which owner_can_reach vetted, is taken.
+                mirrored = {**local, "status": mirrored.get("status", local.get("status"))}
+                if not await _valid_task(mirrored, repo.max_resource_bytes):
+                    raise DeliveryError("the partner's Task cannot be mirrored", retryable=False)
             await repo.update("Task", task_id, mirrored, if_match=current.version_id)
         status = mirrored.get("status")
         return (status if isinstance(status, str) else None), copied
@@ -609,12 +638,18 @@ class Worker:
         retry = error.retryable and (tracking or now < job["deadline"])
         detail = error.message
         if error.outcome is not None:
-            detail = f"{detail}: {jsonio.dumps(error.outcome).decode('utf-8')}"
+            detail = f"{detail}: {jsonio.dumps(error.outcome).decode('utf-8')}"[:MAX_ERROR_CHARS]
         async with self.pool.acquire() as conn, conn.transaction():
             if retry:
-                delay = error.retry_after or _backoff(self.settings.delivery_backoff, job["attempts"])
+                delay = _backoff(self.settings.delivery_backoff, job["attempts"])
+                if error.retry_after is not None:
+                    # The partner's Retry-After is honoured, but a partner cannot make carecoord
+                    # call it more often than its own backoff would (issue 15).
+                    delay = max(error.retry_after, self.settings.delivery_backoff)
                 if tracking:
-                    delay = min(delay, max(self.settings.referral_poll_interval, 60.0))
+                    delay = max(
+                        min(delay, max(self.settings.referral_poll_interval, 60.0)), PARTNER_POLL_FLOOR
+                    )
                     due = now + timedelta(seconds=delay)
                 else:
                     due = min(now + timedelta(seconds=delay), job["deadline"])
@@ -681,6 +716,18 @@ class Worker:
         event["entity"][0]["what"] = {"reference": f"Task/{job['task_id']}"}
         event["entity"][0]["description"] = f"referral {job['kind']} to Organization/{job['partner_org']}"
         await self.repositories.for_system(conn).create("AuditEvent", event)
+
+
+async def _valid_task(task: dict[str, Any], max_bytes: int) -> bool:
+    """Whether a Task built from a partner's data may be stored: valid R4 and within the size a
+    client's write could have (validated off the event loop)."""
+    if json_size(task, max_bytes) > max_bytes:
+        return False
+    try:
+        await asyncio.to_thread(validate_resource, task, "Task")
+    except FHIRError:
+        return False
+    return True
 
 
 def _shown(error: DeliveryError) -> str:
