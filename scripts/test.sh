@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Set up (virtual environment + install with test extras), lint, type-check and run the tests.
-# Tests use DATABASE_URL (a PostgreSQL server; a fresh database is created on it) when set,
-# and the embedded PostgreSQL otherwise.
+# Set up (virtual environment + the locked dependencies with test tools), lint, type-check and
+# run the tests. Tests use DATABASE_URL (a PostgreSQL server; a fresh database is created on it)
+# when set, and the embedded PostgreSQL otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-test ]; then
+if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-test ] \
+   || [ requirements-dev.lock -nt .venv/.installed-test ]; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e ".[test]"
+  # Exactly the locked versions (hashes checked), then carecoord itself without resolving again.
+  .venv/bin/pip install --quiet --require-hashes -r requirements-dev.lock
+  .venv/bin/pip install --quiet --no-deps -e .
   touch .venv/.installed-test
 fi
 .venv/bin/ruff check .

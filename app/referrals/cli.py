@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from app.referrals.credentials import (
@@ -68,14 +67,14 @@ def add_partner_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 def cmd_partners_set_credentials(args: argparse.Namespace) -> int:
     # app.cli imports this module to register the commands: import it here, not at the top.
-    from app.cli import _settings_with_database, _with_connection
+    from app.cli import _settings_with_database, _with_connection, read_input_file
     from app.settings import get_settings
 
     secret: str | None = args.client_secret
     if secret == "-":  # noqa: S105  ("-" = read the secret from standard input)
         secret = sys.stdin.readline().rstrip("\r\n")
-    pem = Path(args.private_key_file).read_text() if args.private_key_file else None
-    settings = _settings_with_database(get_settings())
+    pem = read_input_file(args.private_key_file, "private key file") if args.private_key_file else None
+    settings = _settings_with_database(get_settings(), args)
     try:
         endpoint_id = endpoint_id_of(args.endpoint)
 
@@ -107,7 +106,7 @@ def cmd_partners_remove_credentials(args: argparse.Namespace) -> int:
     from app.cli import _settings_with_database, _with_connection
     from app.settings import get_settings
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
     endpoint_id = args.endpoint.removeprefix("Endpoint/")
     if not _with_connection(settings, lambda conn: delete_credentials(conn, endpoint_id)):
         print(f"error: no credentials for Endpoint/{endpoint_id}", file=sys.stderr)
@@ -120,7 +119,7 @@ def cmd_partners_confirm(args: argparse.Namespace) -> int:
     from app.cli import _settings_with_database, _with_connection
     from app.settings import get_settings
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
     try:
         endpoint_id = endpoint_id_of(args.endpoint)
     except CredentialsError as exc:
@@ -138,7 +137,7 @@ def cmd_partners_list(args: argparse.Namespace) -> int:
     from app.cli import _settings_with_database, _with_connection
     from app.settings import get_settings
 
-    settings = _settings_with_database(get_settings())
+    settings = _settings_with_database(get_settings(), args)
     partners = _with_connection(settings, list_partners)
     if args.json:
         print(json.dumps([partner.summary() for partner in partners]))

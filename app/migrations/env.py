@@ -1,4 +1,9 @@
-"""Alembic environment: async, URL from carecoord's Settings (or the caller)."""
+"""Alembic environment: async, URL from carecoord's Settings (or the caller).
+
+Package data of carecoord (app/migrations): ``carecoord migrate`` and ``serve`` run it from the
+installed package (app/db.py, run_migrations); ``alembic`` in the repository finds it through
+alembic.ini.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,16 @@ import asyncio
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlmodel import SQLModel
 
 from alembic import context
 from app.auth import storage as auth_storage  # noqa: F401  (registers the auth tables)
-from app.fhir import storage
+from app.fhir import storage  # noqa: F401  (registers the resource store and search index)
 from app.referrals import jobs as referral_jobs  # noqa: F401  (registers the referral job table)
 from app.referrals import storage as referral_storage  # noqa: F401  (registers partner_credentials)
 from app.settings import get_settings
 
-target_metadata = storage.SQLModel.metadata
+target_metadata = SQLModel.metadata
 
 
 def _url() -> str:
