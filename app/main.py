@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
@@ -19,6 +20,7 @@ from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
 from app.fhir.repository import RepositoryFactory
+from app.logs import RequestIdMiddleware, configure_logging
 from app.openapi import install_openapi
 from app.outbound import outbound_client
 from app.referrals.hooks import write_hooks
@@ -27,6 +29,9 @@ from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("carecoord")
+
+DOCS_STATIC_URL = "/docs/static"
+"""Where the Swagger UI and ReDoc assets (from the fastapi-offline package) are served."""
 
 
 class UnexpectedErrorMiddleware:
@@ -64,6 +69,9 @@ class UnexpectedErrorMiddleware:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Each process builds its app here (uvicorn --workers calls this factory in every worker):
+    # one log format everywhere, uvicorn's loggers included (app/logs.py).
+    configure_logging(settings.log_format, settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,13 +104,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.http.aclose()
             await app.state.pool.close()
 
-    app = FastAPI(
-        title="carecoord", version=SOFTWARE_VERSION, lifespan=lifespan, docs_url="/docs", redoc_url=None
+    # Swagger UI (/docs) and ReDoc (/redoc) with their assets served from the installed
+    # fastapi-offline package under /docs/static: the docs work on a network without CDN access.
+    app = FastAPIOffline(
+        title="carecoord",
+        version=SOFTWARE_VERSION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url="/redoc",
+        static_url=DOCS_STATIC_URL,
     )
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(CancelOnDisconnect)
+    # Added last, so outermost: the request id is set before anything logs and is returned on
+    # every response, the 500s of UnexpectedErrorMiddleware included.
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(metadata.router)
     # Before the FHIR routes: their /fhir/{type}/{id} would take /fhir/.well-known/smart-configuration.

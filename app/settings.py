@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,7 +71,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a connection may sit idle inside a transaction before PostgreSQL ends it",
     )
-    log_level: str = "info"
+    log_level: str = Field(default="info", description="Level of every logger (uvicorn's included)")
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="Log lines on stderr: one JSON object each (json) or plain text for local development",
+    )
     auth_enabled: bool = Field(
         default=True,
         description="Require SMART bearer tokens on /fhir (false only for local development and benchmarks)",

@@ -163,7 +163,6 @@ class AuthorizationServer:
     def __init__(self, *, settings: Settings, pool: asyncpg.Pool, tokens: TokenService) -> None:
         self.pool = pool
         self.tokens = tokens
-        self.issuer = settings.base_url
         self.token_url = f"{settings.base_url}/auth/token"
         self.introspection_url = f"{settings.base_url}/auth/introspect"
         self.jwks_url = f"{settings.base_url}/auth/jwks"
@@ -405,9 +404,25 @@ class AuthorizationServer:
     # --- discovery ---------------------------------------------------------------------------
 
     def smart_configuration(self) -> dict[str, Any]:
-        """SMART App Launch 2.x §Well-Known Uniform Resource Identifiers (conformance-smart-config)."""
+        """SMART App Launch 2.x §Well-Known Uniform Resource Identifiers (conformance-smart-config).
+
+        It advertises only what this server does; tests/test_discovery.py exercises every entry.
+        There is no authorization endpoint (Backend Services: ``client_credentials`` only), so:
+
+        * no ``authorization_endpoint`` and no ``response_types_supported`` (the response types
+          of an authorization endpoint; ``token`` would announce the implicit flow);
+        * no ``code_challenge_methods_supported``. SMART 2.x lists it as REQUIRED, but PKCE
+          (RFC 7636) protects an authorization code between the authorization and the token
+          endpoint: the field describes the authorization code flow, where it must include S256.
+          Advertising ``S256`` would promise a flow that does not exist, and an empty list would
+          break the rule that S256 be included. Backend Services clients do not read it (the
+          SMART Backend Services example discovery document has none); it comes back with an
+          authorization endpoint;
+        * no ``issuer``: SMART defines it as the OpenID Connect issuer, "required if the
+          server's capabilities include sso-openid-connect; otherwise, omitted". Access tokens
+          carry ``iss`` = the server root (README, Authorization server) all the same.
+        """
         return {
-            "issuer": self.issuer,
             "jwks_uri": self.jwks_url,
             "token_endpoint": self.token_url,
             "introspection_endpoint": self.introspection_url,
@@ -424,8 +439,6 @@ class AuthorizationServer:
                 "client_secret_post",
             ],
             "scopes_supported": SCOPES_SUPPORTED,
-            "response_types_supported": ["token"],
-            "code_challenge_methods_supported": ["S256"],
             "capabilities": [
                 "client-confidential-asymmetric",
                 "client-confidential-symmetric",

@@ -564,7 +564,13 @@ class Worker:
             condition = identifier_condition(identifier)
             version, _ = await conditional_create(repo, resource_type, data, condition)
         except (_NotKept, FHIRError) as exc:
-            reason = exc.diagnostics if isinstance(exc, FHIRError) else str(exc)
+            # A validation error's diagnostics (and element paths) can quote the partner's data:
+            # the log gets the status and the issue codes, never their text (no PHI in logs).
+            reason = (
+                f"{exc.status} {' '.join(sorted({issue.code for issue in exc.all_issues()}))}"
+                if isinstance(exc, FHIRError)
+                else str(exc)
+            )
             logger.info(
                 "referral output at Organization/%s not kept: %s", partner.organization_id, reason[:200]
             )
