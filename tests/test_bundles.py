@@ -274,3 +274,160 @@ async def test_bundle_limits_and_bad_bundles(client: httpx.AsyncClient) -> None:
         ],
     )
     assert (await client.post("/fhir", json=same_twice, headers=JSON)).status_code == 400
+
+
+# -- GET entries and overlapping entries (R4 http.html#trules) -----------------------------------
+
+
+async def _patient(client: httpx.AsyncClient, fhir_id: str, mrn: str) -> None:
+    body = {"resourceType": "Patient", "id": fhir_id, "identifier": [{"system": MRN, "value": mrn}]}
+    assert (await client.put(f"/fhir/Patient/{fhir_id}", json=body, headers=JSON)).status_code == 201
+
+
+async def test_a_search_after_a_delete_in_the_same_transaction_finds_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    """GET entries run last (after DELETE, POST, PUT/PATCH), whatever their place in the Bundle:
+    a search for what the transaction deletes is a 200 with an empty searchset."""
+    await _patient(client, "x", "gone-1")
+    entries = [
+        {"request": {"method": "GET", "url": "Patient?_id=x"}},
+        {"request": {"method": "DELETE", "url": "Patient/x"}},
+        {"request": {"method": "GET", "url": f"Patient?identifier={MRN}|gone-1"}},
+    ]
+    response = await client.post("/fhir", json=bundle("transaction", entries), headers=JSON)
+    assert response.status_code == 200, response.text
+    first, deleted, second = response.json()["entry"]
+    for search in (first, second):
+        assert search["response"]["status"] == "200 OK"
+        assert search["resource"]["type"] == "searchset"
+        assert search["resource"].get("entry", []) == []
+    assert deleted["response"]["status"] == "200 OK"
+    assert (await client.get("/fhir/Patient/x")).status_code == 410
+
+
+async def test_a_read_of_what_the_transaction_deletes_is_410_in_its_own_entry(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """The read runs after the DELETE and answers what a read after the transaction would: 410,
+    as that entry's outcome (HAPI does the same); the transaction itself succeeds."""
+    await _patient(client, "x", "gone-2")
+    await _patient(client, "y", "gone-3")
+    read_x = {"request": {"method": "GET", "url": "Patient/x"}}
+    read_y = {"request": {"method": "GET", "url": "Patient/y"}}
+    delete_x = {"request": {"method": "DELETE", "url": "Patient/x"}}
+    delete_y = {"request": {"method": "DELETE", "url": f"Patient?identifier={MRN}|gone-3"}}
+    create = post(PATIENT, {"resourceType": "Patient", "name": [{"family": "Kept"}]})
+    response = await client.post(
+        "/fhir", json=bundle("transaction", [read_x, delete_x, create, delete_y, read_y]), headers=JSON
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["entry"]
+    assert [e["response"]["status"] for e in result] == [
+        "410 Gone",
+        "200 OK",
+        "201 Created",
+        "200 OK",
+        "410 Gone",
+    ]
+    for entry in (result[0], result[4]):
+        assert entry["response"]["outcome"]["resourceType"] == "OperationOutcome"
+        assert entry["response"]["outcome"]["issue"][0]["code"] == "deleted"
+        assert "resource" not in entry
+    # the order of the entries in the Bundle does not matter
+    await _patient(client, "z", "gone-4")
+    reordered = [
+        {"request": {"method": "DELETE", "url": "Patient/z"}},
+        {"request": {"method": "GET", "url": "Patient/z"}},
+    ]
+    response = await client.post("/fhir", json=bundle("transaction", reordered), headers=JSON)
+    assert [e["response"]["status"] for e in response.json()["entry"]] == ["200 OK", "410 Gone"]
+    assert await count_rows(engine, "resource") == 4  # x, y, z (deleted) and the new Patient
+    found = (await client.get("/fhir/Patient", params={"family": "Kept"})).json()
+    assert len(found["entry"]) == 1
+
+
+async def test_a_read_that_fails_for_another_reason_still_fails_the_transaction(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    """Only a read of what the transaction itself deleted is an entry outcome: a read of a
+    resource that is not there (or that another request deleted) fails the transaction, which
+    writes nothing."""
+    await _patient(client, "old", "gone-5")
+    assert (await client.delete("/fhir/Patient/old")).status_code == 200
+    create = post(PATIENT, {"resourceType": "Patient", "name": [{"family": "Never"}]})
+    for url, status in (("Patient/nobody", 404), ("Patient/old", 410)):
+        entries = [create, {"request": {"method": "GET", "url": url}}]
+        response = await client.post("/fhir", json=bundle("transaction", entries), headers=JSON)
+        assert response.status_code == status, response.text
+        assert "Bundle.entry[1]" in response.json()["issue"][0]["diagnostics"]
+    assert (await client.get("/fhir/Patient", params={"family": "Never"})).json().get("entry", []) == []
+    assert await count_rows(engine, "resource") == 1
+
+
+async def test_the_resources_written_may_not_overlap_but_reads_do_not_count(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    await _patient(client, "x", "ov-1")
+    put_x = {
+        "resource": {
+            "resourceType": "Patient",
+            "id": "x",
+            "identifier": [{"system": MRN, "value": "ov-1"}],
+            "active": True,
+        },
+        "request": {"method": "PUT", "url": "Patient/x"},
+    }
+    patch_x = {
+        "resource": {
+            "resourceType": "Binary",
+            "contentType": "application/json-patch+json",
+            "data": base64.b64encode(b'[{"op": "add", "path": "/active", "value": false}]').decode(),
+        },
+        "request": {"method": "PATCH", "url": "Patient/x"},
+    }
+    delete_x = {"request": {"method": "DELETE", "url": "Patient/x"}}
+    delete_matching_x = {"request": {"method": "DELETE", "url": f"Patient?identifier={MRN}|ov-1"}}
+    put_matching_x = {
+        "resource": {"resourceType": "Patient", "identifier": [{"system": MRN, "value": "ov-1"}]},
+        "request": {"method": "PUT", "url": f"Patient?identifier={MRN}|ov-1"},
+    }
+    create_matching_x = post(
+        "urn:uuid:6b1b2c5e-1a2b-4c3d-8e9f-0000000000aa",
+        {"resourceType": "Patient", "identifier": [{"system": MRN, "value": "ov-1"}]},
+        ifNoneExist=f"identifier={MRN}|ov-1",
+    )
+    overlapping = [
+        [delete_x, put_x],
+        [put_x, patch_x],
+        [delete_matching_x, put_x],  # the conditional DELETE resolves to Patient/x
+        [put_matching_x, delete_x],  # so does the conditional PUT
+        [create_matching_x, patch_x],  # and the conditional create
+        [delete_matching_x, delete_x],
+    ]
+    for entries in overlapping:
+        response = await client.post("/fhir", json=bundle("transaction", entries), headers=JSON)
+        assert response.status_code == 400, (entries, response.text)
+        outcome = response.json()
+        assert "Patient/x is also written by entry 0" in outcome["issue"][0]["diagnostics"]
+        assert outcome["issue"][0]["expression"] == ["Bundle.entry[1]"]
+    assert await count_rows(engine) == 1  # nothing written: still version 1 of Patient/x
+
+    # Reads name what they like: they run last and see the writes.
+    read_x = {"request": {"method": "GET", "url": "Patient/x"}}
+    search_x = {"request": {"method": "GET", "url": "Patient?_id=x"}}
+    response = await client.post(
+        "/fhir", json=bundle("transaction", [read_x, search_x, put_x, read_x]), headers=JSON
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["entry"]
+    assert result[0]["resource"]["active"] is True and result[0]["resource"]["meta"]["versionId"] == "2"
+    assert result[1]["resource"]["entry"][0]["resource"]["active"] is True
+    assert result[3] == result[0]
+    # Two conditional creates that find the same resource write nothing: they may coincide.
+    second_create = {**create_matching_x, "fullUrl": "urn:uuid:6b1b2c5e-1a2b-4c3d-8e9f-0000000000bb"}
+    response = await client.post(
+        "/fhir", json=bundle("transaction", [create_matching_x, second_create]), headers=JSON
+    )
+    assert response.status_code == 200, response.text
+    assert {e["response"]["location"] for e in response.json()["entry"]} == {"Patient/x/_history/2"}

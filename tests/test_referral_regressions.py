@@ -9,13 +9,16 @@ thread; each partner under its own path), so the worker talks real HTTP; jobs ar
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
@@ -171,6 +174,40 @@ async def deliver(app: FastAPI, client: httpx.AsyncClient, worker: Worker, org: 
     task = (await client.get(f"/fhir/Task/{task_id}")).json()
     assert delivery_state(task) == "delivered", task
     return task_id
+
+
+async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll ``check`` (a function, or one returning an awaitable) until it returns something
+    truthy, and return that; fail the test when it never does. Races are waited for with this,
+    never with a fixed sleep: a slow machine makes a sleep too short, a fast one wastes it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def lease_until(app: FastAPI, task_id: str, worker: str) -> datetime | None:
+    """When the lease ``worker`` holds on the delivery of ``task_id`` runs out (None: not leased by it)."""
+    async with app.state.pool.acquire() as conn:
+        until: datetime | None = await conn.fetchval(
+            "SELECT lease_until FROM referral_job WHERE task_id = $1 AND kind = 'deliver'"
+            " AND state = 'leased' AND leased_by = $2",
+            task_id,
+            worker,
+        )
+    return until
+
+
+async def has_passed(app: FastAPI, moment: datetime) -> bool:
+    """Whether the database's clock (the one leases are judged by) has passed ``moment``."""
+    async with app.state.pool.acquire() as conn:
+        return bool(await conn.fetchval("SELECT $1::timestamptz < now()", moment))
 
 
 def _complete(partner: FakePartner, output: str) -> None:
@@ -437,10 +474,16 @@ async def test_a_job_is_not_run_twice_while_its_worker_is_still_working(
     (conditional creates racing at the partner are not guaranteed to be idempotent)."""
     partner = FakePartner("https://lease.example/fhir")
     await add_partner(client, "plse", partner.base)
+    arrived, release = threading.Event(), threading.Event()
+    released: list[bool] = []
 
     async def slow(request: httpx.Request) -> httpx.Response:
-        if request.method == "POST":
-            await asyncio.sleep(2.5)  # within delivery_timeout (3 s), longer than the lease
+        if request.method == "POST" and not arrived.is_set():
+            # The partner (another thread, another event loop) holds its answer to the first
+            # POST until the test has tried a second worker: longer than the lease, within
+            # delivery_timeout (3 s).
+            arrived.set()
+            released.append(await asyncio.to_thread(release.wait, 2.5))
         response = partner.handle(request)
         assert response is not None
         return response
@@ -451,9 +494,16 @@ async def test_a_job_is_not_run_twice_while_its_worker_is_still_working(
         second = make_worker(app, http, name="w2", worker_lease=1)
         task_id = await make_referral(client, "plse", suffix="-lease")
         running = asyncio.create_task(first.run_once())
-        await asyncio.sleep(1.3)
-        await second.run_once()
+        try:
+            claimed = await wait_until(lambda: lease_until(app, task_id, "w1"), "w1 to claim the delivery")
+            await wait_until(arrived.is_set, "w1's Bundle to reach the partner")
+            await wait_until(lambda: has_passed(app, claimed), "the lease w1 claimed to run out")
+            assert not running.done(), "w1 is still waiting for the partner"
+            await second.run_once()
+        finally:
+            release.set()
         await running
+    assert released == [True], "the partner answered only after the second worker's attempt"
     posts = [r for r in partner.requests if r[0] == "POST"]
     assert (await jobs(app, task_id))["deliver"]["state"] == "done"
     assert len(posts) == 1, posts
@@ -543,6 +593,7 @@ async def test_cancelling_after_an_unanswered_delivery_still_reaches_the_partner
     partner = FakePartner("https://lost.example/fhir")
     await add_partner(client, "plost", partner.base)
     answered = False
+    gave_up = threading.Event()
 
     async def lossy(request: httpx.Request) -> httpx.Response:
         nonlocal answered
@@ -550,14 +601,20 @@ async def test_cancelling_after_an_unanswered_delivery_still_reaches_the_partner
         assert response is not None
         if request.method == "POST" and not answered:
             answered = True
-            await asyncio.sleep(4)  # stored, but answered after the worker gave up (timeout 3 s)
+            # Stored, but answered only once the worker has given up on it (its timeout, 3 s).
+            await asyncio.to_thread(gave_up.wait, 30)
         return response
 
     partner.handler = lossy
     async with partner_http(partner) as http:
         worker = make_worker(app, http)
         task_id = await make_referral(client, "plost", suffix="-lost")
-        await run_due(worker)  # stored at the partner, answer lost: will retry
+        try:
+            await run_due(worker)  # stored at the partner, answer lost: will retry
+        finally:
+            gave_up.set()
+        delivery = (await jobs(app, task_id))["deliver"]
+        assert delivery["state"] == "pending" and delivery["partner_task"] is None, delivery
         task = (await client.get(f"/fhir/Task/{task_id}")).json()
         cancelled = {**task, "status": "cancelled", "statusReason": {"text": "Client moved"}}
         assert (await client.put(f"/fhir/Task/{task_id}", json=cancelled, headers=JSON)).status_code == 200
@@ -586,19 +643,23 @@ async def test_the_worker_does_not_deadlock_on_a_small_pool(app: FastAPI, client
     task = (await client.get(f"/fhir/Task/{task_id}")).json()
     cancelled = {**task, "status": "cancelled", "statusReason": {"text": "Client moved"}}
     assert (await client.put(f"/fhir/Task/{task_id}", json=cancelled, headers=JSON)).status_code == 200
+
+    async def delivery_done() -> bool:
+        return bool((await jobs(app, task_id))["deliver"]["state"] == "done")
+
     async with partner_http(partner) as http:
         worker = Worker(pool, http, settings, name="small-pool")
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and (await jobs(app, task_id))["deliver"]["state"] != "done":
-            await asyncio.sleep(0.2)
-        stop.set()
-        done, _ = await asyncio.wait({running}, timeout=3)
-        if not done:
-            running.cancel()
-        pool.terminate()
-    assert (await jobs(app, task_id))["deliver"]["state"] == "done"
+        try:
+            await wait_until(delivery_done, "the delivery to finish on a pool of two", timeout=8)
+        finally:
+            stop.set()
+            done, _ = await asyncio.wait({running}, timeout=3)
+            if not done:
+                running.cancel()
+            pool.terminate()
+    assert await delivery_done()
     assert done, "the worker hung"
 
 
@@ -678,21 +739,40 @@ async def test_a_lost_lease_on_a_failed_attempt_does_not_escape_run_once(
     """LOW. run_job catches LeaseLost from the handler, and from _failed_attempt after an
     unexpected error, but not from _failed_attempt after a DeliveryError: it escapes
     asyncio.gather, run() logs an error and goes on while the batch's other jobs still run
-    (more than worker_concurrency jobs at once)."""
+    (more than worker_concurrency jobs at once).
+
+    The first worker's lease really runs out: its renewals stop (as when its event loop stalls
+    or the database is out of reach), the test waits until the lease has expired, a second
+    worker takes the job over, and only then does the partner answer the first one's attempt."""
     partner = FakePartner("https://ll.example/fhir")
     await add_partner(client, "pll", partner.base)
+    release = threading.Event()
+    released: list[bool] = []
 
     async def slow_500(request: httpx.Request) -> httpx.Response:
         partner.requests.append((request.method, str(request.url)))
-        await asyncio.sleep(1.5)
+        if len(partner.requests) == 1:  # the first worker's attempt: held until l2 has run
+            released.append(await asyncio.to_thread(release.wait, 30))
         return httpx.Response(500)
+
+    async def no_renewal(job: Any) -> None:
+        await asyncio.Event().wait()  # until run_job cancels it
 
     partner.handler = slow_500
     async with partner_http(partner) as http:
         first = make_worker(app, http, name="l1", worker_lease=1)
         second = make_worker(app, http, name="l2", worker_lease=1)
-        await make_referral(client, "pll", suffix="-ll")
+        first._keep_lease = no_renewal  # type: ignore[method-assign]
+        task_id = await make_referral(client, "pll", suffix="-ll")
         running = asyncio.create_task(first.run_once())
-        await asyncio.sleep(1.2)
-        await second.run_once()
-        await running  # raises LeaseLost
+        try:
+            claimed = await wait_until(lambda: lease_until(app, task_id, "l1"), "l1 to claim the delivery")
+            await wait_until(lambda: partner.requests, "l1's attempt to reach the partner")
+            await wait_until(lambda: has_passed(app, claimed), "l1's lease to run out")
+            assert await second.run_once() == 1, "l2 takes the expired job over"
+        finally:
+            release.set()
+        await running  # l1's failed attempt finds its lease lost: LeaseLost must not escape
+    assert released == [True]
+    delivery = (await jobs(app, task_id))["deliver"]
+    assert (delivery["attempts"], delivery["state"], delivery["leased_by"]) == (2, "pending", None), delivery

@@ -3,9 +3,11 @@
 Usage: python tools/generate.py [path/to/shared/fhir-r4]
 
 Writes into app/fhir/generated/ (committed; the product never reads ../shared):
-- bindings.json: for each R4 JSON-schema definition reachable from the served types,
-  its properties that are references to other definitions and the code enums of its
-  required bindings (the R4 JSON schema encodes required bindings as `enum`).
+- bindings.json: for each R4 JSON-schema definition reachable from the served types (and from
+  every R4 resource type, which a served resource may contain), per property: the definition
+  it refers to, whether it is an array, the FHIR primitive type of a primitive element (which
+  fixes its JSON type, R4 json.html#primitive), and the code enums of its required bindings
+  (the R4 JSON schema encodes required bindings as `enum`).
 - search_params.json: every R4 search parameter of the served types, each FHIRPath
   expression compiled into JSON-key paths (tools/search_params.py), and the R4 Patient
   CompartmentDefinition's parameters per type.
@@ -44,18 +46,61 @@ def _ref_name(node: dict[str, Any]) -> str | None:
 
 
 def _closure(defs: dict[str, Any], roots: list[str]) -> list[str]:
-    seen: list[str] = []
+    seen: set[str] = set()
     stack = list(roots)
     while stack:
         name = stack.pop()
         if name in seen or name == "ResourceList":
             continue
-        seen.append(name)
+        seen.add(name)
         for prop in defs[name].get("properties", {}).values():
             target = _ref_name(prop) or _ref_name(prop.get("items", {}))
             if target:
                 stack.append(target)
     return sorted(seen)
+
+
+def _r4_resource_types(defs: dict[str, Any], shared: Path) -> list[str]:
+    """Every R4 resource type (what ``contained`` may hold): the members of the schema's
+    ResourceList that the R4 Patient CompartmentDefinition names (it lists every resource type;
+    this schema file also defines a few non-R4 types, which are left out)."""
+    compartment = json.loads((shared / "compartmentdefinition-patient.json").read_text())
+    r4 = {entry["code"] for entry in compartment["resource"]}
+    members = [_ref_name(option) for option in defs["ResourceList"]["oneOf"]]
+    return sorted(name for name in members if name in r4)
+
+
+def _primitives(defs: dict[str, Any]) -> dict[str, str]:
+    """FHIR primitive type name -> the JSON type R4 json.html gives it (xhtml is a string)."""
+    return {
+        name: definition.get("type", "string")
+        for name, definition in defs.items()
+        if name[:1].islower() and "properties" not in definition
+    }
+
+
+def _primitive_type(prop_name: str, prop: dict[str, Any], primitives: dict[str, str]) -> str | None:
+    """The FHIR primitive type of a property, or None for complex ones.
+
+    Most properties refer to the primitive's definition; the R4 schema inlines the choice types
+    (``valueDecimal``, ``deceasedBoolean``...) as ``{"type", "pattern"}``, named after their type."""
+    node = prop.get("items", prop)
+    target = _ref_name(node)
+    if target is not None:
+        return target if target in primitives else None
+    if "enum" in node:
+        return "code"
+    json_type = node.get("type")
+    if json_type not in ("boolean", "number", "string"):
+        return None
+    named = [
+        name
+        for name, kind in primitives.items()
+        if kind == json_type and prop_name.endswith(name[0].upper() + name[1:])
+    ]
+    if not named:
+        raise SystemExit(f"cannot tell the FHIR type of the inline {json_type} property {prop_name}")
+    return max(named, key=len)  # valueDateTime is a dateTime, not a time
 
 
 # Required bindings the R4 JSON schema leaves as plain `code` (it only inlines enums of
@@ -118,31 +163,37 @@ def _bindings(
     defs: dict[str, Any], names: list[str], value_sets: dict[str, tuple[str, list[str]]]
 ) -> dict[str, Any]:
     table: dict[str, Any] = {}
+    primitives = _primitives(defs)
     for name in names:
         props = defs[name].get("properties")
         if not props:
             continue
         entry: dict[str, Any] = {}
         for prop_name, prop in props.items():
-            if prop_name.startswith("_"):
+            if prop_name.startswith("_") or prop_name == "resourceType":
+                # _element (id and extensions of a primitive) is checked as an Element by the
+                # validator, next to its primitive; resourceType is checked on its own.
                 continue
             target = _ref_name(prop) or _ref_name(prop.get("items", {}))
             enum = prop.get("enum") or prop.get("items", {}).get("enum")
-            if enum and prop_name != "resourceType":
+            if enum:
                 entry[prop_name] = {"codes": enum}
             elif target == "ResourceList":
                 entry[prop_name] = {"resource": True}
             elif target and defs.get(target, {}).get("properties"):
                 entry[prop_name] = {"type": target}
+            primitive = _primitive_type(prop_name, prop, primitives)
+            if primitive is not None:
+                entry.setdefault(prop_name, {})["primitive"] = primitive
             if prop.get("type") == "array":
                 entry.setdefault(prop_name, {})["many"] = True
         for (definition, prop_name), value_set in CODE_BINDINGS.items():
             if definition == name:
-                entry[prop_name] = {"codes": value_sets[value_set][1]}
+                entry[prop_name]["codes"] = value_sets[value_set][1]
         for (definition, prop_name), value_set in CODEABLE_BINDINGS.items():
             if definition == name:
                 system, codes = value_sets[value_set]
-                entry[prop_name] = {"coding_system": system, "codes": codes}
+                entry[prop_name].update(coding_system=system, codes=codes)
         if entry:
             table[name] = entry
     return table
@@ -177,7 +228,9 @@ def main() -> None:
     names = _closure(defs, [*SERVED_TYPES, *EXTRA_DEFINITIONS])
     out_dir = ROOT / "app" / "fhir" / "generated"
     out_dir.mkdir(parents=True, exist_ok=True)
-    bindings = _bindings(defs, _closure(defs, list(SERVED_TYPES)), _value_sets(shared))
+    bindings = _bindings(
+        defs, _closure(defs, [*SERVED_TYPES, *_r4_resource_types(defs, shared)]), _value_sets(shared)
+    )
     (out_dir / "bindings.json").write_text(json.dumps(bindings, sort_keys=True, separators=(",", ":")) + "\n")
     (out_dir / "openapi_schemas.json").write_text(
         json.dumps(_openapi(defs, names), sort_keys=True, separators=(",", ":")) + "\n"

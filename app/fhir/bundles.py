@@ -1,11 +1,15 @@
 """Batch and transaction Bundles (FHIR R4 http.html#transaction, #batch).
 
 A transaction is all-or-nothing in the request's database transaction: entries run in the
-R4 order (DELETE, POST, PUT/PATCH, GET), the ids of POST entries are chosen first so every
-``urn:uuid:``/``urn:oid:`` placeholder, and every conditional reference
+R4 order (DELETE, POST, PUT/PATCH, GET: http.html#trules), the ids of POST entries are chosen
+first so every ``urn:uuid:``/``urn:oid:`` placeholder, and every conditional reference
 (``Patient?identifier=...``), is rewritten before anything is written, and any failing
-entry fails the whole Bundle with an OperationOutcome that names the entry. A batch runs
-each entry in its own savepoint, so one failing entry does not affect the others.
+entry fails the whole Bundle with an OperationOutcome that names the entry. The resources
+the DELETE, POST, PUT and PATCH entries act on (conditional ones resolved first) may not
+overlap; the GET entries, which run last, may name anything: they read the state the writes
+left, so a read of a resource the transaction deleted answers 410 in its own entry (as HAPI
+does) and a search simply does not find it. A batch runs each entry in its own savepoint, so
+one failing entry does not affect the others.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from app.fhir.conditional import (
 from app.fhir.errors import (
     BadRequest,
     FHIRError,
+    Gone,
     Issue,
     PayloadTooLarge,
     PreconditionFailed,
@@ -67,6 +72,8 @@ class Entry:
     patch_body: Any = None
     json_patch: bool = False
     planned_id: str | None = None
+    planned_deletes: list[str] | None = None
+    """A transaction's conditional DELETE: the ids its condition matched while planning."""
     existing: bool = False
     response: dict[str, Any] = field(default_factory=dict)
 
@@ -242,6 +249,8 @@ class _Runner:
         """What the Bundle's PATCH entries may add to what is stored, together."""
         self.conditional_references: dict[str, str] = {}
         """Conditional references (``Patient?identifier=...``) resolved so far: each is searched once."""
+        self.deleted: set[str] = set()
+        """``Type/id`` of what this transaction's DELETE entries deleted."""
 
     def _spend(self, resources: int, size: int) -> None:
         if resources > self.resources_left or size > self.bytes_left:
@@ -264,8 +273,8 @@ class _Runner:
                 entries.append(_parse_entry(index, raw, self.repo.fhir_base))
             except FHIRError as exc:
                 raise _entry_error(index, exc) from exc
-        self._check_overlaps(entries)
         mapping = await self._plan_ids(entries)
+        self._check_overlaps(entries)
         self.repo.expect_creates(
             [(e.resource_type, e.planned_id) for e in entries if e.method == "POST" and e.planned_id]
         )
@@ -278,22 +287,34 @@ class _Runner:
         for entry in sorted(entries, key=lambda e: (METHOD_ORDER[e.method], e.index)):
             try:
                 entry.response = await self._execute(entry)
+            except Gone as exc:
+                if (
+                    entry.method not in ("GET", "HEAD")
+                    or f"{entry.resource_type}/{entry.fhir_id}" not in self.deleted
+                ):
+                    raise _entry_error(entry.index, exc) from exc
+                # Reads run after the writes (http.html#trules): a read of what this transaction
+                # deleted answers what a read after it would, 410, in its own entry.
+                entry.response = _error_response(exc)
             except FHIRError as exc:
                 raise _entry_error(entry.index, exc) from exc
         return [entry.response for entry in entries]
 
     @staticmethod
     def _check_overlaps(entries: list[Entry]) -> None:
-        seen: dict[str, int] = {}
+        """http.html#trules: the resources the DELETE, POST, PUT and PATCH entries act on
+        (conditional ones as resolved while planning) may not overlap; GETs do not count. Two
+        conditional creates that found the same existing resource write nothing and may."""
+        seen: dict[str, Entry] = {}
         for entry in entries:
-            if entry.method in ("PUT", "PATCH", "DELETE") and entry.fhir_id and not entry.query:
-                key = f"{entry.resource_type}/{entry.fhir_id}"
-                if key in seen:
+            for key in _identities(entry):
+                earlier = seen.get(key)
+                if earlier is not None and not (earlier.existing and entry.existing):
                     raise BadRequest(
-                        f"Bundle.entry[{entry.index}]: {key} is also written by entry {seen[key]}",
+                        f"Bundle.entry[{entry.index}]: {key} is also written by entry {earlier.index}",
                         expression=(f"Bundle.entry[{entry.index}]",),
                     )
-                seen[key] = entry.index
+                seen.setdefault(key, entry)
 
     async def _plan_ids(self, entries: list[Entry]) -> dict[str, str]:
         """Choose the id of every POST (and conditional PUT) entry; map placeholders to them."""
@@ -325,6 +346,17 @@ class _Runner:
                     entry.planned_id = ids[0] if ids else (body_id if isinstance(body_id, str) else new_id())
                 elif entry.method == "PUT":
                     entry.planned_id = entry.fhir_id
+                elif entry.method == "DELETE" and entry.query and not entry.fhir_id:
+                    pairs = condition_pairs(entry.query)
+                    await lock(self.repo, entry.resource_type, pairs)
+                    limit = self.conditional_delete_max
+                    entry.planned_deletes = await find_ids(
+                        self.repo, entry.resource_type, pairs, limit + 1, "d"
+                    )
+                    if len(entry.planned_deletes) > limit:
+                        raise PreconditionFailed(
+                            f"the condition matches more than {limit} resource(s)", code="multiple-matches"
+                        )
             except FHIRError as exc:
                 raise _entry_error(entry.index, exc) from exc
             if entry.full_url and entry.planned_id and entry.full_url.startswith(PLACEHOLDER_PREFIXES):
@@ -390,10 +422,15 @@ class _Runner:
         if entry.method == "DELETE":
             if entry.fhir_id:
                 version = await repo.delete(entry.resource_type, entry.fhir_id, if_match=entry.if_match)
+                self.deleted.add(f"{entry.resource_type}/{entry.fhir_id}")
                 return {"response": {"status": "200 OK", "etag": f'W/"{version.version_id}"'}}
-            deleted = await conditional_delete(
-                repo, entry.resource_type, entry.query, max_matches=self.conditional_delete_max
-            )
+            if entry.planned_deletes is not None:  # a transaction's, resolved while planning
+                deleted = [await repo.delete(entry.resource_type, i) for i in entry.planned_deletes]
+            else:
+                deleted = await conditional_delete(
+                    repo, entry.resource_type, entry.query, max_matches=self.conditional_delete_max
+                )
+            self.deleted.update(f"{v.resource_type}/{v.fhir_id}" for v in deleted)
             return {"response": {"status": "200 OK" if deleted else "204 No Content"}}
         if entry.method in ("GET", "HEAD"):
             return await self._read(entry)
@@ -502,6 +539,20 @@ class _Runner:
             }
         out.setdefault("response", {}).update(_response_meta(version, status))
         return out
+
+
+def _identities(entry: Entry) -> list[str]:
+    """``Type/id`` of the resources a transaction entry writes (or, for a conditional create
+    that found one, names); none for reads."""
+    if entry.method == "DELETE":
+        ids = [entry.fhir_id] if entry.fhir_id else (entry.planned_deletes or [])
+    elif entry.method in ("POST", "PUT"):
+        ids = [entry.planned_id] if entry.planned_id else []
+    elif entry.method == "PATCH":
+        ids = [entry.fhir_id] if entry.fhir_id else []
+    else:
+        ids = []
+    return [f"{entry.resource_type}/{fhir_id}" for fhir_id in ids]
 
 
 def _response_meta(version: StoredVersion, status: str) -> dict[str, Any]:

@@ -1,15 +1,22 @@
 """Parse and validate a resource body on write (FHIR R4 http.html#create, #update).
 
-Structure is checked with the R4B models (app/fhir/models.py); because fhir.resources
-does not check codes, the required bindings of code elements (the ``enum`` of the R4
-JSON schema, generated into generated/bindings.json) are checked here too. Each
-problem becomes an OperationOutcome issue whose ``expression`` names the element.
+Structure is checked with the R4B models (app/fhir/models.py). Before them, with the R4 JSON
+schema's element types (generated into generated/bindings.json), this module checks what the
+models do not, or only leniently (pydantic turns ``"yes"`` into a boolean and ``"1"`` into an
+integer, and accepts ``null`` and empty arrays): that every primitive has the JSON type R4
+json.html gives it, that null appears only to align a repeating primitive with its
+``_element`` array, that no array is empty, and the required bindings of code elements (the
+``enum`` of the R4 JSON schema). The resource is not changed: what is stored is what was sent
+(decimals keep their precision). Each problem becomes an OperationOutcome issue whose
+``expression`` names the element.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -40,7 +47,8 @@ def _bindings() -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def binding_rules(definition: str | None) -> dict[str, dict[str, Any]]:
-    """Per element of an R4 definition: its type, cardinality ("many") and required codes."""
+    """Per element of an R4 definition: its complex type ("type") or FHIR primitive type
+    ("primitive"), cardinality ("many"), contained resources ("resource") and required codes."""
     return _bindings().get(definition or "", {})
 
 
@@ -187,52 +195,200 @@ def _bad_text(value: Any, path: str, issues: list[Issue]) -> bool:
     return False
 
 
-def _walk(definition: str | None, node: Any, path: str, depth: int, issues: list[Issue]) -> None:
-    """Check nesting depth everywhere and required-binding codes where the schema knows the element."""
+INT32_MAX = 2**31 - 1
+_INTEGER_MINIMUM = {"integer": -(2**31), "unsignedInt": 0, "positiveInt": 1}
+"""R4 datatypes.html: integer is 32-bit signed; unsignedInt >= 0; positiveInt > 0."""
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float | Decimal):
+        return f"the number {str(value)[:40]}"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _primitive_problem(kind: str, value: Any) -> str | None:
+    """Why ``value`` is not the JSON form of a FHIR primitive of type ``kind`` (json.html#primitive:
+    boolean -> JSON boolean; integer, positiveInt, unsignedInt, decimal -> JSON number; every other
+    primitive -> JSON string), or None. Numbers are judged as parsed by jsonio: an int had no
+    fraction nor exponent, a Decimal had one."""
+    if kind in _INTEGER_MINIMUM:
+        if type(value) is not int:  # bool is an int subclass: excluded
+            return f"must be a JSON number without fraction or exponent ({kind}), not {_json_type(value)}"
+        minimum = _INTEGER_MINIMUM[kind]
+        if not minimum <= value <= INT32_MAX:
+            return f"{value} is outside the range of {kind} ({minimum}..{INT32_MAX})"
+        return None
+    if kind == "boolean":
+        return (
+            None
+            if isinstance(value, bool)
+            else f"must be a JSON boolean (true or false), not {_json_type(value)}"
+        )
+    if kind == "decimal":
+        if (
+            type(value) is int
+            or (isinstance(value, Decimal) and value.is_finite())
+            or (type(value) is float and math.isfinite(value))
+        ):
+            return None
+        return f"must be a JSON number (decimal), not {_json_type(value)}"
+    return None if isinstance(value, str) else f"must be a JSON string ({kind}), not {_json_type(value)}"
+
+
+def _issue(issues: list[Issue], path: str, message: str, code: str = "structure") -> None:
+    issues.append(Issue(code, f"{path}: {message}", expression=(path,)))
+
+
+def _walk(definition: str | None, node: dict[str, Any], path: str, depth: int, issues: list[Issue]) -> None:
+    """Check one JSON object as an element of the R4 JSON-schema ``definition``: the JSON type of
+    every primitive (json.html#primitive), no null (but in the arrays of a repeating primitive and
+    its ``_element``, aligned), no empty array, the required-binding codes, and nesting depth
+    everywhere. Elements the schema does not know are left to the structural validation."""
     if depth > jsonio.MAX_DEPTH:
         raise InvalidResource(f"resource nests deeper than {jsonio.MAX_DEPTH} levels", code="too-costly")
-    if isinstance(node, list):
-        for index, item in enumerate(node):
-            if not _bad_text(item, f"{path}[{index}]", issues):
-                _walk(definition, item, f"{path}[{index}]", depth + 1, issues)
-        return
-    if not isinstance(node, dict):
-        return
-    rules = _bindings().get(definition or "", {})
+    rules = _bindings().get(definition or "", _NO_RULES)
     for key, value in node.items():
-        if _bad_text(value, f"{path}.{key}", issues):
-            continue
         rule = rules.get(key)
-        child_path = f"{path}.{key}"
         if rule is None:
-            if isinstance(value, (dict, list)):
-                _walk(None, value, child_path, depth + 1, issues)
+            base = rules.get(key[1:]) if key[:1] == "_" else None
+            if base is not None and "primitive" in base:
+                _walk_extensions(node, key, base, f"{path}.{key}", depth + 1, issues)
+            else:
+                _walk_untyped(value, f"{path}.{key}", depth + 1, issues)
             continue
-        if "coding_system" in rule:
-            _check_codings(rule, value, child_path, issues)
-        elif "codes" in rule:
-            values = value if isinstance(value, list) else [value]
-            for item in values:
-                if isinstance(item, str) and item not in rule["codes"]:
-                    issues.append(
-                        Issue(
-                            "code-invalid",
-                            f"{child_path}: '{item[:64]}' is not in the required value set",
-                            expression=(child_path,),
-                        )
-                    )
-        elif rule.get("resource"):
-            for index, item in enumerate(value if isinstance(value, list) else [value]):
-                contained_type = item.get("resourceType") if isinstance(item, dict) else None
-                _walk(
-                    contained_type if isinstance(contained_type, str) else None,
-                    item,
-                    f"{child_path}[{index}]",
-                    depth + 1,
-                    issues,
-                )
+        kind = rule.get("primitive")
+        if kind is not None and type(value) is str and kind not in _NON_STRING and "many" not in rule:
+            # The common case, a single string-typed primitive, with no work beyond the text rules.
+            if FORBIDDEN_CHARACTERS.search(value) or ("codes" in rule and value not in rule["codes"]):
+                _check_primitive(rule, kind, value, f"{path}.{key}", issues)
+            continue
+        child_path = f"{path}.{key}"
+        if value is None:
+            _issue(issues, child_path, "null is not allowed (leave the element out)")
+            continue
+        if isinstance(value, list):
+            if not rule.get("many"):
+                _issue(issues, child_path, "must not be an array (the element does not repeat)")
+                continue
+            if not value:
+                _issue(issues, child_path, "an array may not be empty (leave the element out)")
+                continue
+            if kind is not None:
+                extensions = node.get(f"_{key}")
+                for index, item in enumerate(value):
+                    item_path = f"{child_path}[{index}]"
+                    if item is None:
+                        if not (
+                            isinstance(extensions, list)
+                            and len(extensions) == len(value)
+                            and isinstance(extensions[index], dict)
+                        ):
+                            _issue(issues, item_path, f"null is allowed only where _{key} gives an extension")
+                    else:
+                        _check_primitive(rule, kind, item, item_path, issues)
+                continue
+            for index, item in enumerate(value):
+                _walk_child(rule, item, f"{child_path}[{index}]", depth + 2, issues)
+            continue
+        if rule.get("many"):
+            _issue(issues, child_path, f"must be a JSON array, not {_json_type(value)}")
+            continue
+        if kind is not None:
+            _check_primitive(rule, kind, value, child_path, issues)
         else:
-            _walk(rule.get("type"), value, child_path, depth + 1, issues)
+            _walk_child(rule, value, child_path, depth + 1, issues)
+
+
+_NO_RULES: dict[str, dict[str, Any]] = {}
+_NON_STRING = frozenset(("boolean", "decimal", *_INTEGER_MINIMUM))
+"""Primitive types whose JSON type is not string."""
+
+
+def _check_primitive(rule: dict[str, Any], kind: str, value: Any, path: str, issues: list[Issue]) -> None:
+    problem = _primitive_problem(kind, value)
+    if problem is not None:
+        _issue(issues, path, problem, "value")
+    elif not _bad_text(value, path, issues) and "codes" in rule and value not in rule["codes"]:
+        issues.append(
+            Issue(
+                "code-invalid", f"{path}: '{value[:64]}' is not in the required value set", expression=(path,)
+            )
+        )
+
+
+def _walk_child(rule: dict[str, Any], item: Any, path: str, depth: int, issues: list[Issue]) -> None:
+    """One value of a complex element (a datatype, a backbone element or a contained resource)."""
+    if not isinstance(item, dict):
+        what = "a resource" if rule.get("resource") else "an element"
+        _issue(issues, path, f"must be a JSON object ({what}), not {_json_type(item)}")
+        return
+    if rule.get("resource"):
+        contained_type = item.get("resourceType")
+        _walk(contained_type if isinstance(contained_type, str) else None, item, path, depth, issues)
+        return
+    if "coding_system" in rule:
+        _check_codings(rule, item, path, issues)
+    _walk(rule.get("type"), item, path, depth, issues)
+
+
+def _walk_extensions(
+    node: dict[str, Any], key: str, base: dict[str, Any], path: str, depth: int, issues: list[Issue]
+) -> None:
+    """``_element``: the id and extensions of a primitive (json.html#primitive). For a repeating
+    primitive it is an array aligned with the values, null where a value has neither."""
+    if not base.get("many"):
+        if isinstance(value := node[key], dict):
+            _walk("Element", value, path, depth, issues)
+        else:
+            _issue(
+                issues,
+                path,
+                f"must be a JSON object (the element's id and extensions), not {_json_type(value)}",
+            )
+        return
+    extensions = node[key]
+    if not isinstance(extensions, list) or not extensions:
+        _issue(issues, path, "must be a non-empty JSON array aligned with the element's values")
+        return
+    values = node.get(key[1:])
+    if isinstance(values, list) and len(values) != len(extensions):
+        _issue(issues, path, f"has {len(extensions)} items for {len(values)} values: the arrays must align")
+        return
+    for index, item in enumerate(extensions):
+        item_path = f"{path}[{index}]"
+        if item is None:
+            if not isinstance(values, list) or values[index] is None:
+                _issue(issues, item_path, "null is allowed only where the element has a value")
+        elif isinstance(item, dict):
+            _walk("Element", item, item_path, depth + 1, issues)
+        else:
+            _issue(issues, item_path, f"must be a JSON object or null, not {_json_type(item)}")
+
+
+def _walk_untyped(value: Any, path: str, depth: int, issues: list[Issue]) -> None:
+    """A value the schema does not describe here (an unknown element, which the structural
+    validation refuses): the text rules, no null, no empty array, and depth."""
+    if depth > jsonio.MAX_DEPTH:
+        raise InvalidResource(f"resource nests deeper than {jsonio.MAX_DEPTH} levels", code="too-costly")
+    if value is None:
+        _issue(issues, path, "null is not allowed (leave the element out)")
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            _walk_untyped(child, f"{path}.{key}", depth + 1, issues)
+    elif isinstance(value, list):
+        if not value:
+            _issue(issues, path, "an array may not be empty (leave the element out)")
+        for index, item in enumerate(value):
+            if item is not None:
+                _walk_untyped(item, f"{path}[{index}]", depth + 1, issues)
+    else:
+        _bad_text(value, path, issues)
 
 
 def _check_codings(rule: dict[str, Any], value: Any, path: str, issues: list[Issue]) -> None:
