@@ -15,6 +15,7 @@ from sqlmodel import SQLModel
 
 from alembic import context
 from app.auth import storage as auth_storage  # noqa: F401  (registers the auth tables)
+from app.events import storage as event_storage  # noqa: F401  (registers the change feed)
 from app.fhir import storage  # noqa: F401  (registers the resource store and search index)
 from app.referrals import jobs as referral_jobs  # noqa: F401  (registers the referral job table)
 from app.referrals import storage as referral_storage  # noqa: F401  (registers partner_credentials)

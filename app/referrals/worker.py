@@ -588,7 +588,7 @@ class Worker:
         partner_task: str | None = None,
     ) -> None:
         """Show the delivery state on the local Task: businessStatus and an extension."""
-        repo = self.repositories.for_system(conn)  # carecoord's own bookkeeping
+        repo = self.repositories.for_bookkeeping(conn)
         for _ in range(3):
             try:
                 current = await repo.read_for_update("Task", task_id)
@@ -721,7 +721,7 @@ class Worker:
         )
         event["entity"][0]["what"] = {"reference": f"Task/{job['task_id']}"}
         event["entity"][0]["description"] = f"referral {job['kind']} to Organization/{job['partner_org']}"
-        await self.repositories.for_system(conn).create("AuditEvent", event)
+        await self.repositories.for_bookkeeping(conn).create("AuditEvent", event)
 
 
 async def _valid_task(task: dict[str, Any], max_bytes: int) -> bool:
