@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
@@ -29,6 +30,17 @@ from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("carecoord")
+
+EXPOSED_HEADERS = [
+    "Location",
+    "Content-Location",
+    "ETag",
+    "Last-Modified",
+    "X-Request-ID",
+    "X-Progress",
+    "Retry-After",
+]
+"""Response headers a browser app may read (FHIR http.html: Location, ETag, Last-Modified...)."""
 
 DOCS_STATIC_URL = "/docs/static"
 """Where the Swagger UI and ReDoc assets (from the fastapi-offline package) are served."""
@@ -121,6 +133,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last, so outermost: the request id is set before anything logs and is returned on
     # every response, the 500s of UnexpectedErrorMiddleware included.
     app.add_middleware(RequestIdMiddleware)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        # CapabilityStatement.rest.security.cors: browser apps (SMART apps, apps built from the
+        # OpenAPI document) call /fhir and /auth/token from their own origin. Outermost, so that
+        # error answers carry the headers too and the app can read their OperationOutcome.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
     app.include_router(health.router)
     app.include_router(metadata.router)
     # Before the FHIR routes: their /fhir/{type}/{id} would take /fhir/.well-known/smart-configuration.

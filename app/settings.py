@@ -51,9 +51,7 @@ class Settings(BaseSettings):
     search_max_values: int = Field(
         default=1000, ge=1, description="Most values (comma-separated OR values count one each) per search"
     )
-    search_max_chain_depth: int = Field(
-        default=3, ge=1, description="Most hops of one chain or _has nesting"
-    )
+    search_max_chain_depth: int = Field(default=3, ge=1, description="Most hops of one chain or _has nesting")
     search_max_has: int = Field(default=3, ge=0, description="Most _has conditions per search")
     search_max_includes: int = Field(
         default=10, ge=0, description="Most _include/_revinclude directives per search"
@@ -75,6 +73,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json",
         description="Log lines on stderr: one JSON object each (json) or plain text for local development",
+    )
+    cors_origins: str = Field(
+        default="*",
+        description="Browser origins allowed to call the API (CORS): comma-separated origins, * for any,"
+        " empty for none. Tokens travel in the Authorization header, never in cookies, so an origin"
+        " gains nothing a token does not give it",
     )
     auth_enabled: bool = Field(
         default=True,
