@@ -24,7 +24,7 @@ from app.fhir.repository import RepositoryFactory
 from app.logs import RequestIdMiddleware, configure_logging
 from app.openapi import install_openapi
 from app.outbound import outbound_client
-from app.referrals.hooks import write_hooks
+from app.hooks import write_hooks
 from app.referrals.worker import Worker
 from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings

@@ -128,6 +128,21 @@ class Settings(BaseSettings):
     run_worker: bool = Field(
         default=True, description="Run the referral worker inside each API process (serve --no-worker: false)"
     )
+    subscription_event_retention: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="Seconds a subscription's events are kept for $events replay after they happened",
+    )
+    subscription_max_failures: int = Field(
+        default=10,
+        ge=1,
+        description="Consecutive failed deliveries after which a Subscription goes to status error",
+    )
+    subscription_poll_interval: float = Field(
+        default=0.05,
+        gt=0,
+        description="Seconds between looks at the change feed for subscription events when it was empty",
+    )
     outbound_allowlist: str = Field(
         default="",
         description="Comma list of what outgoing requests may reach besides global addresses:"

@@ -20,6 +20,7 @@ from app.fhir import storage  # noqa: F401  (registers the resource store and se
 from app.referrals import jobs as referral_jobs  # noqa: F401  (registers the referral job table)
 from app.referrals import storage as referral_storage  # noqa: F401  (registers partner_credentials)
 from app.settings import get_settings
+from app.subscriptions import storage as subscription_storage  # noqa: F401  (registers subscriptions)
 
 target_metadata = SQLModel.metadata
 

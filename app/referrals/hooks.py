@@ -243,8 +243,3 @@ class DirectoryHooks:
         data: dict[str, Any] | None,
     ) -> None:
         return None
-
-
-def write_hooks(settings: Settings) -> tuple[WriteHook, ...]:
-    """The domain rules of every write (app/fhir/repository.py RepositoryFactory)."""
-    return (ReferralHooks(settings), DirectoryHooks())

@@ -44,6 +44,7 @@ from app.fhir.indexing import split_reference
 from app.fhir.patch import json_size
 from app.fhir.repository import FhirRepository, RepositoryFactory
 from app.fhir.validation import validate_resource
+from app.hooks import write_hooks
 from app.referrals import metrics
 from app.referrals.bundle import (
     escape_search_value,
@@ -53,7 +54,7 @@ from app.referrals.bundle import (
     set_identifier,
 )
 from app.referrals.directory import Partner, find_partner
-from app.referrals.hooks import NOTIFY_CHANNEL, PARTNER_POLL_FLOOR, schedule, write_hooks
+from app.referrals.hooks import NOTIFY_CHANNEL, PARTNER_POLL_FLOOR, schedule
 from app.referrals.partner import AddressUnconfirmed, DeliveryError, PartnerClient
 from app.referrals.state_machine import TERMINAL, local_reference, owner_can_reach, reference_of
 from app.settings import Settings
