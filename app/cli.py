@@ -235,8 +235,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run referral delivery and status tracking only (no API), until SIGINT/SIGTERM."""
     import signal
 
+    from app.background import job_runner
     from app.outbound import outbound_client
-    from app.referrals.worker import Worker
 
     settings = _settings_with_database(get_settings(), args)
 
@@ -249,10 +249,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Partner URLs are chosen by others: the outbound address policy applies (app/outbound.py);
         # PartnerClient bounds each exchange with CARECOORD_DELIVERY_TIMEOUT itself.
         async with outbound_client(settings) as http:
-            worker = Worker(pool, http, settings)
-            logger.info("referral worker %s started", worker.name)
+            runner = job_runner(pool, http, settings)
+            logger.info("job runner %s started (%s)", runner.name, ", ".join(runner.kinds))
             try:
-                await worker.run(stop)
+                await runner.run(stop)
             finally:
                 await pool.close()
 

@@ -15,6 +15,7 @@ from app import db
 from app.auth.audit import AuditTrail
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
+from app.background import job_runner
 from app.cancellation import CancelOnDisconnect
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
@@ -24,7 +25,6 @@ from app.logs import RequestIdMiddleware, configure_logging
 from app.openapi import install_openapi
 from app.outbound import outbound_client
 from app.referrals.hooks import write_hooks
-from app.referrals.worker import Worker
 from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
 
@@ -91,8 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop_worker = asyncio.Event()
             worker_task = None
             if settings.run_worker:
-                worker = Worker(app.state.pool, app.state.http, settings, repositories=app.state.repositories)
-                worker_task = asyncio.create_task(worker.run(stop_worker), name="referral-worker")
+                runner = job_runner(
+                    app.state.pool, app.state.http, settings, repositories=app.state.repositories
+                )
+                worker_task = asyncio.create_task(runner.run(stop_worker), name="job-runner")
             try:
                 yield
             finally:
