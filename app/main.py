@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,16 +16,16 @@ from app import db
 from app.auth.audit import AuditTrail
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
+from app.background import background_tasks
 from app.cancellation import CancelOnDisconnect
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
 from app.fhir.repository import RepositoryFactory
+from app.hooks import write_hooks
 from app.logs import RequestIdMiddleware, configure_logging
 from app.openapi import install_openapi
 from app.outbound import outbound_client
-from app.hooks import write_hooks
-from app.referrals.worker import Worker
 from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
 
@@ -100,17 +100,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.audit = AuditTrail(app.state.pool, settings.fhir_base, enabled=settings.audit_enabled)
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
             app.state.audit.start()
-            stop_worker = asyncio.Event()
-            worker_task = None
-            if settings.run_worker:
-                worker = Worker(app.state.pool, app.state.http, settings, repositories=app.state.repositories)
-                worker_task = asyncio.create_task(worker.run(stop_worker), name="referral-worker")
             try:
-                yield
+                async with contextlib.AsyncExitStack() as background:
+                    if settings.run_worker:
+                        await background.enter_async_context(
+                            background_tasks(app.state.pool, app.state.http, settings, app.state.repositories)
+                        )
+                    yield
             finally:
-                stop_worker.set()
-                if worker_task is not None:
-                    await worker_task
                 await app.state.audit.close()
         finally:
             await app.state.http.aclose()

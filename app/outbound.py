@@ -244,7 +244,9 @@ async def check_url(allowlist: Allowlist, url: str, *, resolve_timeout: float = 
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(resolve_timeout):
-            infos = await loop.getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            infos = await loop.getaddrinfo(
+                parsed.host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
     except (TimeoutError, OSError) as exc:
         raise OutboundRefused(parsed.host, port, "the name does not resolve") from exc
     if not allowed_addresses(allowlist, parsed.host, port, [str(info[4][0]) for info in infos]):

@@ -130,7 +130,7 @@ class Node:
         deadline = time.monotonic() + timeout
         for number in range(len(self.workers)):
             path = self.log.with_suffix(f".worker{number}.log")
-            while "referral worker" not in path.read_text(errors="replace"):
+            while "job runner" not in path.read_text(errors="replace"):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker {number} did not start:\n{tail(path)}")
                 time.sleep(0.1)
@@ -284,10 +284,10 @@ async def wait_jobs_done(dsn: str, expected: int, limit: float = 600) -> float:
         started = time.perf_counter()
         while True:
             done = await conn.fetchval(
-                "SELECT count(*) FROM referral_job WHERE kind = 'deliver' AND state = 'done'"
+                "SELECT count(*) FROM job WHERE kind = 'referral.deliver' AND state = 'done'"
             )
             failed = await conn.fetchval(
-                "SELECT count(*) FROM referral_job WHERE kind = 'deliver' AND state = 'failed'"
+                "SELECT count(*) FROM job WHERE kind = 'referral.deliver' AND state = 'failed'"
             )
             if failed:
                 raise RuntimeError(f"{failed} deliveries failed")
@@ -423,7 +423,7 @@ def main() -> int:
             asyncio.run(
                 _sql(
                     a.dsn,
-                    "UPDATE referral_job SET not_before = now() + interval '1 hour'"
+                    "UPDATE job SET not_before = now() + interval '1 hour'"
                     " WHERE state = 'pending' RETURNING 0",
                 )
             )
@@ -432,9 +432,9 @@ def main() -> int:
             asyncio.run(
                 _sql(
                     a.dsn,
-                    "WITH released AS (UPDATE referral_job SET not_before = now()"
+                    "WITH released AS (UPDATE job SET not_before = now()"
                     " WHERE state = 'pending' RETURNING 0)"
-                    " SELECT pg_notify('referral_jobs', 'deliver')",
+                    " SELECT pg_notify('jobs', 'referral.deliver')",
                 )
             )
             drained = asyncio.run(wait_jobs_done(a.dsn, before + args.referrals))
@@ -461,7 +461,7 @@ def main() -> int:
             node.stop()
 
 
-_DONE = "SELECT count(*) FROM referral_job WHERE kind = 'deliver' AND state = 'done'"
+_DONE = "SELECT count(*) FROM job WHERE kind = 'referral.deliver' AND state = 'done'"
 
 
 async def _sql(dsn: str, sql: str) -> int:

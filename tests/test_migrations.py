@@ -14,7 +14,7 @@ def test_migrations_ship_in_the_package() -> None:
     """The migrations are package data (app/migrations), found without the source tree."""
     assert MIGRATIONS_DIR.parent.name == "app"
     assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
-    assert len(list((MIGRATIONS_DIR / "versions").glob("0*.py"))) >= 11
+    assert len(list((MIGRATIONS_DIR / "versions").glob("0*.py"))) >= 12
 
 
 def test_backfill_indexes_the_grants_of_referrals_stored_before_0006(database_url: str) -> None:
@@ -80,6 +80,89 @@ def test_backfill_indexes_the_grants_of_referrals_stored_before_0006(database_ur
         assert asyncio.run(indexed()) == {("Patient", "p-old"), ("ServiceRequest", "sr-old")}
     finally:
         asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_referral_jobs_move_to_the_job_table(database_url: str) -> None:
+    """Revision 0013 moves every referral_job row (active or finished) into ``job`` with the
+    kind ``referral.<kind>``, the Task id as key and the payload {task_id, partner_org,
+    partner_endpoint, partner_task, copies}; leases, attempts and outcomes stay; new jobs get
+    new ids; referral_job is gone."""
+    import asyncio
+    import json
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    parts = urlsplit(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    name = f"carecoord_jobs_{uuid.uuid4().hex[:8]}"
+    admin = urlunsplit(parts)
+    target = urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+    async def sql(statement: str, *args: object, database: str = target) -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(database)
+        try:
+            return list(await conn.fetch(statement, *args))
+        finally:
+            await conn.close()
+
+    asyncio.run(sql(f'CREATE DATABASE "{name}"', database=admin))
+    try:
+        config = alembic_config(target.replace("postgresql://", "postgresql+asyncpg://", 1))
+        command.upgrade(config, "0011")
+        asyncio.run(
+            sql(
+                "INSERT INTO referral_job (kind, task_id, partner_org, partner_endpoint, state,"
+                " attempts, lease_until, leased_by, deadline, partner_task, last_status, last_error,"
+                " copies, finished_at)"
+                " VALUES ('deliver', 't1', 'org1', 'ep1', 'done', 2, NULL, NULL, now(),"
+                "         'https://p.example/fhir/Task/9', 200, NULL, 0, now()),"
+                "        ('track', 't1', 'org1', 'ep1', 'leased', 3, now() + interval '1 minute', 'w1',"
+                "         now() + interval '3 days', 'https://p.example/fhir/Task/9', 503, 'busy', 4, NULL),"
+                "        ('deliver', 't2', 'org2', 'ep2', 'paused', 1, NULL, NULL, now(), NULL, NULL,"
+                "         'address changed', 0, NULL)"
+            )
+        )
+        command.upgrade(config, "head")
+        rows = asyncio.run(sql("SELECT * FROM job ORDER BY id"))
+        moved = [
+            (r["id"], r["kind"], r["key"], r["state"], r["attempts"], r["leased_by"], r["last_status"])
+            for r in rows
+        ]
+        assert moved == [
+            (1, "referral.deliver", "t1", "done", 2, None, 200),
+            (2, "referral.track", "t1", "leased", 3, "w1", 503),
+            (3, "referral.deliver", "t2", "paused", 1, None, None),
+        ]
+        assert json.loads(rows[1]["payload"]) == {
+            "task_id": "t1",
+            "partner_org": "org1",
+            "partner_endpoint": "ep1",
+            "partner_task": "https://p.example/fhir/Task/9",
+            "copies": 4,
+        }
+        assert rows[1]["lease_until"] is not None and rows[1]["last_error"] == "busy"
+        assert asyncio.run(sql("SELECT to_regclass('referral_job') AS t"))[0]["t"] is None
+        added = asyncio.run(sql("INSERT INTO job (kind, payload) VALUES ('x', '{}') RETURNING id"))
+        assert added[0]["id"] == 4
+        # The active ones still count as active: a second paused delivery of t2 is refused.
+        duplicate = asyncio.run(
+            sql(
+                "INSERT INTO job (kind, key, payload) VALUES ('referral.deliver', 't2', '{}')"
+                " ON CONFLICT (kind, key) WHERE state IN ('pending', 'leased', 'paused') DO NOTHING"
+                " RETURNING id"
+            )
+        )
+        assert duplicate == []
+        command.downgrade(config, "0011")
+        back = asyncio.run(sql("SELECT kind, task_id, state, copies FROM referral_job ORDER BY id"))
+        assert [tuple(r) for r in back] == [
+            ("deliver", "t1", "done", 0),
+            ("track", "t1", "leased", 4),
+            ("deliver", "t2", "paused", 0),
+        ]
+    finally:
+        asyncio.run(sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', database=admin))
 
 
 async def test_processes_starting_together_migrate_a_fresh_database_once(database_url: str) -> None:

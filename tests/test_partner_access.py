@@ -170,7 +170,7 @@ async def test_only_system_level_clients_change_partner_endpoints(
 async def _run_until(worker: Worker, done: Any, what: str) -> None:
     for _ in range(100):
         async with worker.pool.acquire() as conn:
-            await conn.execute("UPDATE referral_job SET not_before = now() WHERE state = 'pending'")
+            await conn.execute("UPDATE job SET not_before = now() WHERE state = 'pending'")
         await worker.run_once()
         if await done():
             return

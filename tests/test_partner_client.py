@@ -495,7 +495,7 @@ async def test_resolve_and_list_partners(
     )
     (listed_again,) = [p for p in await list_partners(conn) if p.organization_id == f"org-{suffix}"]
     assert listed_again.credentials == "client_secret"
-    has_jobs = await conn.fetchval("SELECT to_regclass('referral_job')") is not None
+    has_jobs = await conn.fetchval("SELECT to_regclass('job')") is not None
     assert (listed_again.pending, listed_again.failed, listed_again.delivered) == (
         (0, 0, 0) if has_jobs else (None,) * 3
     )

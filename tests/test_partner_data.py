@@ -306,8 +306,8 @@ async def test_a_partner_cannot_make_carecoord_call_it_in_a_loop(
         await run_due(make_worker(app, http))
     async with app.state.pool.acquire() as conn:
         job = await conn.fetchrow(
-            "SELECT state, not_before - now() AS wait, length(last_error) AS kept FROM referral_job"
-            " WHERE task_id = $1 AND kind = 'track'",
+            "SELECT state, not_before - now() AS wait, length(last_error) AS kept FROM job"
+            " WHERE key = $1 AND kind = 'referral.track'",
             task_id,
         )
     assert job["state"] == "pending"

@@ -157,14 +157,19 @@ def make_worker(app: FastAPI, http: httpx.AsyncClient, name: str = "probe", **se
 
 async def jobs(app: FastAPI, task_id: str) -> dict[str, dict[str, Any]]:
     async with app.state.pool.acquire() as conn:
-        rows = await conn.fetch("SELECT * FROM referral_job WHERE task_id = $1 ORDER BY id", task_id)
-    return {row["kind"]: dict(row) for row in rows}
+        rows = await conn.fetch(
+            "SELECT * FROM job WHERE key = $1 AND kind LIKE 'referral.%' ORDER BY id", task_id
+        )
+    # The job's columns and its payload's fields (task_id, partner_task, copies, ...) by kind.
+    return {
+        row["kind"].removeprefix("referral."): {**dict(row), **json.loads(row["payload"])} for row in rows
+    }
 
 
 async def run_due(worker: Worker) -> None:
     """Make every pending job due, then run one batch."""
     async with worker.pool.acquire() as conn:
-        await conn.execute("UPDATE referral_job SET not_before = now() WHERE state = 'pending'")
+        await conn.execute("UPDATE job SET not_before = now() WHERE state = 'pending'")
     await worker.run_once()
 
 
@@ -196,7 +201,7 @@ async def lease_until(app: FastAPI, task_id: str, worker: str) -> datetime | Non
     """When the lease ``worker`` holds on the delivery of ``task_id`` runs out (None: not leased by it)."""
     async with app.state.pool.acquire() as conn:
         until: datetime | None = await conn.fetchval(
-            "SELECT lease_until FROM referral_job WHERE task_id = $1 AND kind = 'deliver'"
+            "SELECT lease_until FROM job WHERE key = $1 AND kind = 'referral.deliver'"
             " AND state = 'leased' AND leased_by = $2",
             task_id,
             worker,
@@ -291,9 +296,7 @@ async def test_tracking_survives_a_transient_error_after_the_delivery_deadline(
         worker = make_worker(app, http)
         task_id = await deliver(app, client, worker, "pslow", "-slow")
         async with app.state.pool.acquire() as conn:  # four days later
-            await conn.execute(
-                "UPDATE referral_job SET deadline = now() - interval '1 day' WHERE task_id = $1", task_id
-            )
+            await conn.execute("UPDATE job SET deadline = now() - interval '1 day' WHERE key = $1", task_id)
         path = f"Task/{partner.task_id}"
         partner.override[("GET", path)] = lambda _: httpx.Response(503)
         await run_due(worker)
@@ -347,9 +350,9 @@ async def test_mirroring_keeps_the_local_cancellation_reason(app: FastAPI, clien
         assert response.status_code == 200, response.text
         async with app.state.pool.acquire() as conn:  # the track poll runs before the cancel job
             await conn.execute(
-                "UPDATE referral_job SET not_before = now() + interval '1 hour' WHERE kind = 'cancel'"
+                "UPDATE job SET not_before = now() + interval '1 hour' WHERE kind = 'referral.cancel'"
             )
-            await conn.execute("UPDATE referral_job SET not_before = now() WHERE kind = 'track'")
+            await conn.execute("UPDATE job SET not_before = now() WHERE kind = 'referral.track'")
         await worker.run_once()
     assert (await client.get(f"/fhir/Task/{task_id}")).json().get("statusReason") == reason
 
@@ -557,8 +560,8 @@ async def test_a_cancellation_racing_the_end_of_the_delivery_is_not_lost(
     task_id = await make_referral(client, "prace", suffix="-race")
     async with app.state.pool.acquire() as conn:  # the delivery is in flight at another worker
         await conn.execute(
-            "UPDATE referral_job SET state = 'leased', leased_by = 'other', attempts = 1,"
-            " lease_until = now() + interval '1 hour' WHERE task_id = $1",
+            "UPDATE job SET state = 'leased', leased_by = 'other', attempts = 1,"
+            " lease_until = now() + interval '1 hour' WHERE key = $1",
             task_id,
         )
     task = (await client.get(f"/fhir/Task/{task_id}")).json()
@@ -569,8 +572,9 @@ async def test_a_cancellation_racing_the_end_of_the_delivery_is_not_lost(
         if "partner_task IS NOT NULL" in sql:
             async with app.state.pool.acquire() as other:  # the other worker's _FINISH commits now
                 await other.execute(
-                    "UPDATE referral_job SET state = 'done', partner_task = $2, finished_at = now()"
-                    " WHERE task_id = $1 AND kind = 'deliver'",
+                    "UPDATE job SET state = 'done', finished_at = now(),"
+                    " payload = payload || jsonb_build_object('partner_task', $2::text)"
+                    " WHERE key = $1 AND kind = 'referral.deliver'",
                     task_id,
                     f"{partner.base}/Task/{partner.task_id}",
                 )
@@ -762,7 +766,7 @@ async def test_a_lost_lease_on_a_failed_attempt_does_not_escape_run_once(
     async with partner_http(partner) as http:
         first = make_worker(app, http, name="l1", worker_lease=1)
         second = make_worker(app, http, name="l2", worker_lease=1)
-        first._keep_lease = no_renewal  # type: ignore[method-assign]
+        first.runner._keep_lease = no_renewal  # type: ignore[method-assign]
         task_id = await make_referral(client, "pll", suffix="-ll")
         running = asyncio.create_task(first.run_once())
         try:

@@ -181,7 +181,7 @@ async def test_a_worker_killed_mid_delivery_is_replaced_and_delivers_once(
         async def leased() -> bool:
             async with app.state.pool.acquire() as conn:
                 state = await conn.fetchval(
-                    "SELECT state FROM referral_job WHERE task_id = $1 AND kind = 'deliver'", task_id
+                    "SELECT state FROM job WHERE key = $1 AND kind = 'referral.deliver'", task_id
                 )
             return state == "leased" and proxy.requests >= 1  # the Bundle is on its way
 
@@ -198,7 +198,7 @@ async def test_a_worker_killed_mid_delivery_is_replaced_and_delivers_once(
         assert await _copies_at_partner(partner_server, [task_id]) == {task_id: 1}
         async with app.state.pool.acquire() as conn:
             attempts = await conn.fetchval(
-                "SELECT attempts FROM referral_job WHERE task_id = $1 AND kind = 'deliver'", task_id
+                "SELECT attempts FROM job WHERE key = $1 AND kind = 'referral.deliver'", task_id
             )
         assert attempts == 2  # the killed attempt and the one that finished it
     finally:
@@ -219,8 +219,7 @@ async def test_three_workers_share_200_referrals_without_loss_or_duplicates(
     assert sorted(set(copies.values())) == [1], {k: v for k, v in copies.items() if v != 1}
     async with app.state.pool.acquire() as conn:
         done = await conn.fetchval(
-            "SELECT count(*) FROM referral_job WHERE kind = 'deliver' AND state = 'done'"
-            " AND task_id = ANY($1)",
+            "SELECT count(*) FROM job WHERE kind = 'referral.deliver' AND state = 'done' AND key = ANY($1)",
             task_ids,
         )
     assert done == 200

@@ -314,7 +314,7 @@ async def test_a_misbehaving_partner_gets_the_referral_in_the_end(
     assert 'carecoord_referral_deliveries_attempted_total{partner="flaky"} 6.0' in metrics
     async with app.state.pool.acquire() as conn:
         attempts = await conn.fetchval(
-            "SELECT attempts FROM referral_job WHERE task_id = $1 AND kind = 'deliver'", task_id
+            "SELECT attempts FROM job WHERE key = $1 AND kind = 'referral.deliver'", task_id
         )
     assert attempts == 6
 
@@ -347,7 +347,10 @@ async def test_referral_to_a_partner_without_endpoint_is_a_worklist_item(
     await put(client, "Organization", "light", {"name": "Light partner"})
     task_id = await make_referral(client, "light", suffix=f"-l{time.time_ns()}")
     async with app.state.pool.acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM referral_job WHERE task_id = $1", task_id) == 0
+        assert (
+            await conn.fetchval("SELECT count(*) FROM job WHERE key = $1 AND kind LIKE 'referral.%'", task_id)
+            == 0
+        )
     from tests.conftest import bearer
 
     light = await bearer(

@@ -14,12 +14,14 @@ from typing import Any
 
 import httpx
 import pytest
-from app.background import background_tasks
 from fastapi import FastAPI
 
+from app.background import background_tasks
 from app.settings import Settings
 from tests.conftest import FHIR, bearer
-from tests.partner_support import Hang, MisbehavingServer, Recorded, Reply
+from tests.partner_support import Hang, MisbehavingServer, Recorded, Reply, misbehaving_server_fixture
+
+misbehaving_server = misbehaving_server_fixture
 
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 TASK_TOPIC = "http://hl7.org/fhir/us/sdoh-clinicalcare/SubscriptionTopic/Task"

@@ -173,7 +173,8 @@ _WRITE_VERSION = Statement(
     f"""
     WITH changed AS (
         UPDATE resource SET version_id = :vid, last_updated = :ts, deleted = :deleted, body = :body,
-            writer_org = :org
+            -- carecoord's bookkeeping (a status it records) leaves the resource its writer's
+            writer_org = CASE WHEN :bookkeeping THEN writer_org ELSE :org END
         WHERE rid = :rid
         RETURNING rid
     ),

@@ -17,7 +17,7 @@ from alembic import context
 from app.auth import storage as auth_storage  # noqa: F401  (registers the auth tables)
 from app.events import storage as event_storage  # noqa: F401  (registers the change feed)
 from app.fhir import storage  # noqa: F401  (registers the resource store and search index)
-from app.referrals import jobs as referral_jobs  # noqa: F401  (registers the referral job table)
+from app.jobs import table as job_table  # noqa: F401  (registers the job table)
 from app.referrals import storage as referral_storage  # noqa: F401  (registers partner_credentials)
 from app.settings import get_settings
 from app.subscriptions import storage as subscription_storage  # noqa: F401  (registers subscriptions)

@@ -34,6 +34,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from app.jobs import queue
+from app.referrals import jobs as referral_jobs
 from app.referrals.directory import find_partner
 from app.settings import Settings
 
@@ -66,7 +68,7 @@ _ENDPOINT_ADDRESS = (
     " WHERE resource_type = 'Endpoint' AND fhir_id = $1 AND NOT deleted"
 )
 
-# referral_job states (app/referrals/jobs.py) -> the delivery-health column they count in.
+# Job states (app/jobs/table.py) -> the delivery-health column they count in.
 _HEALTH_COLUMNS = {
     "pending": "pending",
     "leased": "pending",
@@ -103,8 +105,8 @@ class PartnerCredentials:
 class PartnerSummary:
     """One partner Organization with its FHIR REST Endpoint, for ``carecoord partners list``.
 
-    ``pending``/``failed``/``delivered`` count the partner's referral jobs; None while the
-    ``referral_job`` table does not exist.
+    ``pending``/``failed``/``delivered`` count the partner's referral delivery jobs; None while
+    the ``job`` table does not exist.
     """
 
     organization_id: str
@@ -322,13 +324,9 @@ async def confirm_address(conn: asyncpg.Connection, endpoint_id: str) -> str | N
 
 async def resume_paused(conn: asyncpg.Connection, endpoint_id: str) -> None:
     """Referral jobs paused because the Endpoint's address changed become due again."""
-    if await conn.fetchval("SELECT to_regclass('referral_job')") is None:
+    if not await queue.installed(conn):
         return
-    await conn.execute(
-        "UPDATE referral_job SET state = 'pending', not_before = now()"
-        " WHERE state = 'paused' AND partner_endpoint = $1",
-        endpoint_id,
-    )
+    await queue.resume(conn, "partner_endpoint", endpoint_id, kinds=referral_jobs.KINDS)
 
 
 async def load_credentials(
@@ -409,19 +407,16 @@ async def list_partners(conn: asyncpg.Connection) -> list[PartnerSummary]:
 
 
 async def _job_health(conn: asyncpg.Connection) -> dict[str, dict[str, int]] | None:
-    """Referral job counts per partner endpoint id; None before the referral_job table exists."""
-    if await conn.fetchval("SELECT to_regclass('referral_job')") is None:
+    """Referral job counts per partner endpoint id; None before the job table exists."""
+    if not await queue.installed(conn):
         return None
-    rows = await conn.fetch(
-        # Deliveries only: each referral also has tracking (and maybe cancellation) jobs.
-        "SELECT partner_endpoint, state, count(*) AS n FROM referral_job WHERE kind = 'deliver'"
-        " GROUP BY partner_endpoint, state"
-    )
+    # Deliveries only: each referral also has tracking (and maybe cancellation) jobs.
+    per_endpoint = await queue.counts(conn, referral_jobs.DELIVER, "partner_endpoint")
     health: dict[str, dict[str, int]] = {}
-    for row in rows:
-        column = _HEALTH_COLUMNS.get(row["state"])
-        if column is None:
-            continue
-        counts = health.setdefault(str(row["partner_endpoint"]).removeprefix("Endpoint/"), {})
-        counts[column] = counts.get(column, 0) + int(row["n"])
+    for endpoint, states in per_endpoint.items():
+        counts = health.setdefault(endpoint.removeprefix("Endpoint/"), {})
+        for state, n in states.items():
+            column = _HEALTH_COLUMNS.get(state)
+            if column is not None:
+                counts[column] = counts.get(column, 0) + n
     return health

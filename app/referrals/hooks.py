@@ -4,8 +4,8 @@
 transactional outbox: a referral Task that becomes ``requested`` with an owner that is a
 partner with a FHIR endpoint gets a ``deliver`` job in the same transaction; a delivered
 referral that the source cancels gets a ``cancel`` job; a partner's own update of a Task it
-owns makes its status tracking poll at once. ``NOTIFY referral_jobs`` wakes the workers when
-the transaction commits.
+owns makes its status tracking poll at once. The jobs are the job runner's (app/jobs,
+app/referrals/jobs.py); ``NOTIFY`` wakes the runners when the transaction commits.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from asyncpg import Connection
-
 from app.fhir.access import REFERRAL_ROOTS, AccessContext
 from app.fhir.errors import Forbidden
-from app.fhir.repository import FhirRepository, StoredVersion, WriteHook
+from app.fhir.repository import FhirRepository, StoredVersion
+from app.jobs import queue
 from app.referrals.directory import find_partner
+from app.referrals.jobs import CANCEL, DELIVER, TRACK, schedule
 from app.referrals.state_machine import (
     Actor,
     check_deletion,
@@ -29,15 +29,8 @@ from app.referrals.state_machine import (
 )
 from app.settings import Settings
 
-NOTIFY_CHANNEL = "referral_jobs"
 PARTNER_POLL_FLOOR = 10.0
 """Seconds between a partner's update of its Task on carecoord and the poll of its copy it causes."""
-
-_SCHEDULE = """
-INSERT INTO referral_job (kind, task_id, partner_org, partner_endpoint, deadline, partner_task)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (kind, task_id) WHERE state IN ('pending', 'leased', 'paused') DO NOTHING
-"""
 
 
 def _patient_app(access: AccessContext) -> str | None:
@@ -66,20 +59,6 @@ def _local_organization(reference: str | None, fhir_base: str) -> str | None:
     """The id of the Organization on this server that ``reference`` names, or None."""
     local = local_reference(reference, fhir_base)
     return local.split("/", 1)[1] if local and local.startswith("Organization/") else None
-
-
-async def schedule(
-    conn: Connection,
-    kind: str,
-    task_id: str,
-    partner_org: str,
-    partner_endpoint: str,
-    deadline: datetime,
-    partner_task: str | None = None,
-) -> None:
-    """Add a job (once per kind and Task while one is active) and wake the workers on commit."""
-    await conn.execute(_SCHEDULE, kind, task_id, partner_org, partner_endpoint, deadline, partner_task)
-    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, kind)
 
 
 class ReferralHooks:
@@ -168,40 +147,31 @@ class ReferralHooks:
             partner = await find_partner(conn, owner) if owner else None
             if owner_changed:
                 # Handed to another organisation before it went out: the old delivery is void.
-                await conn.execute(
-                    "UPDATE referral_job SET state = 'done', finished_at = now(),"
-                    " last_error = 'not delivered: the Task was handed to another owner'"
-                    " WHERE kind = 'deliver' AND task_id = $1 AND state IN ('pending', 'paused')",
-                    task_id,
+                await queue.close(
+                    conn, DELIVER, task_id, error="not delivered: the Task was handed to another owner"
                 )
             if partner is not None:
                 deadline = datetime.now(UTC) + self.deadline
-                await schedule(
-                    conn, "deliver", task_id, partner.organization_id, partner.endpoint_id, deadline
-                )
+                await schedule(conn, DELIVER, task_id, partner.organization_id, partner.endpoint_id, deadline)
         elif status in ("cancelled", "entered-in-error") and old_status not in (
             "cancelled",
             "entered-in-error",
         ):
-            delivery = await conn.fetchrow(
-                "SELECT partner_org, partner_endpoint FROM referral_job"
-                " WHERE kind = 'deliver' AND task_id = $1 ORDER BY id DESC LIMIT 1",
-                task_id,
-            )
+            delivery = await queue.latest(conn, DELIVER, task_id)
             if delivery is not None:
                 deadline = datetime.now(UTC) + self.deadline
                 await schedule(
-                    conn, "cancel", task_id, delivery["partner_org"], delivery["partner_endpoint"], deadline
+                    conn,
+                    CANCEL,
+                    task_id,
+                    delivery.payload["partner_org"],
+                    delivery.payload["partner_endpoint"],
+                    deadline,
                 )
         elif repo.access.organization is not None:
             # The partner updated the Task on carecoord itself: look at its copy soon, but not
             # more often than every PARTNER_POLL_FLOOR seconds, however often it writes.
-            await conn.execute(
-                "UPDATE referral_job SET not_before = LEAST(not_before, now() + make_interval(secs => $2))"
-                " WHERE kind = 'track' AND task_id = $1 AND state = 'pending'",
-                task_id,
-                PARTNER_POLL_FLOOR,
-            )
+            await queue.reschedule(conn, TRACK, task_id, PARTNER_POLL_FLOOR, sooner_only=True)
 
 
 class DirectoryHooks:

@@ -14,6 +14,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.jobs import queue
+from app.referrals.jobs import DELIVER, KINDS, short_kind
+
 REGISTRY = CollectorRegistry()
 
 DELIVERIES_ATTEMPTED = Counter(
@@ -40,21 +43,13 @@ OLDEST_PENDING = Gauge(
     registry=REGISTRY,
 )
 
-_QUEUE = """
-SELECT kind, count(*) AS depth FROM referral_job WHERE state IN ('pending', 'leased') GROUP BY kind
-"""
-_OLDEST = """
-SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) FROM referral_job
-WHERE kind = 'deliver' AND state IN ('pending', 'leased')
-"""
-
 
 async def render(pool: Pool) -> tuple[bytes, str]:
     """The exposition text, with the queue gauges read from the database now."""
     async with pool.acquire() as conn:
-        depths = {row["kind"]: row["depth"] for row in await conn.fetch(_QUEUE)}
-        oldest = float(await conn.fetchval(_OLDEST))
-    for kind in ("deliver", "track", "cancel"):
-        QUEUE_DEPTH.labels(kind=kind).set(depths.get(kind, 0))
+        depths = await queue.depth(conn)
+        oldest = await queue.oldest_age(conn, DELIVER)
+    for kind in KINDS:
+        QUEUE_DEPTH.labels(kind=short_kind(kind)).set(depths.get(kind, 0))
     OLDEST_PENDING.set(oldest)
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

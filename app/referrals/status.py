@@ -6,31 +6,25 @@ from typing import Any
 
 from asyncpg import Connection
 
-_STATUS = """
-SELECT j.task_id, j.kind, j.state, j.attempts, j.partner_org, j.partner_task, j.last_status,
-       j.last_error, j.created_at, j.not_before, j.finished_at
-FROM referral_job j
-WHERE ($1::text IS NULL OR j.task_id = $1)
-ORDER BY j.task_id, j.id
-"""
+from app.jobs import queue
+from app.referrals.jobs import KINDS, short_kind
 
 
 async def referral_status(conn: Connection, task_id: str | None = None) -> list[dict[str, Any]]:
     """One row per job (deliver, track, cancel) with its state and last error."""
-    rows = await conn.fetch(_STATUS, task_id)
     return [
         {
-            "task": f"Task/{row['task_id']}",
-            "kind": row["kind"],
-            "state": row["state"],
-            "attempts": row["attempts"],
-            "partner": f"Organization/{row['partner_org']}",
-            "partner_task": row["partner_task"],
-            "last_status": row["last_status"],
-            "last_error": row["last_error"],
-            "created": row["created_at"].isoformat(),
-            "next_attempt": row["not_before"].isoformat() if row["state"] == "pending" else None,
-            "finished": row["finished_at"].isoformat() if row["finished_at"] else None,
+            "task": f"Task/{job.key}",
+            "kind": short_kind(job.kind),
+            "state": job.state,
+            "attempts": job.attempts,
+            "partner": f"Organization/{job.payload.get('partner_org')}",
+            "partner_task": job.payload.get("partner_task"),
+            "last_status": job.last_status,
+            "last_error": job.last_error,
+            "created": job.created_at.isoformat(),
+            "next_attempt": job.not_before.isoformat() if job.state == "pending" else None,
+            "finished": job.finished_at.isoformat() if job.finished_at else None,
         }
-        for row in rows
+        for job in await queue.find(conn, key=task_id, kinds=KINDS)
     ]

@@ -1,12 +1,14 @@
 """Referral workers: delivery, status tracking and cancellation (issue 6; FHIR Workflow
 option G, SDOHCC Direct referrals, standards.md 1.1-1.2).
 
-Any number of workers, in any number of processes and machines, share the ``referral_job``
-table: a worker claims due jobs with ``FOR UPDATE SKIP LOCKED`` and leases them for
-``CARECOORD_WORKER_LEASE`` seconds; a job whose lease runs out (its worker was killed) is
-claimed again by another. Each job's result is written with a fence on (worker, attempt), so
-a worker that lost its lease cannot overwrite a newer attempt. Partner calls never happen
-inside a database transaction.
+They are the handlers of the job kinds ``referral.deliver``, ``referral.track`` and
+``referral.cancel`` (jobs.py) on the job runner (app/jobs, issue 10): any number of runners, in
+any number of processes and machines, claim due jobs with ``FOR UPDATE SKIP LOCKED`` and lease
+them for ``CARECOORD_WORKER_LEASE`` seconds, renewed while a handler runs; a job whose lease
+runs out (its runner was killed) is claimed again by another. Each job's result is recorded
+with a fence on (runner, attempt), in the transaction of the handler's own writes, so a runner
+that lost its lease cannot overwrite a newer attempt. Partner calls never happen inside a
+database transaction.
 
 Exactly once at the partner: the delivery Bundle creates every resource conditionally on an
 identifier carecoord assigns (bundle.py), so a retry after a lost response, or a second
@@ -17,21 +19,15 @@ created instead of creating it again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import logging
-import os
-import random
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
-from asyncpg import Connection, Pool, Record
+from asyncpg import Connection, Pool
 
 from app import db
 from app.auth.audit import build_event
@@ -45,6 +41,7 @@ from app.fhir.patch import json_size
 from app.fhir.repository import FhirRepository, RepositoryFactory
 from app.fhir.validation import validate_resource
 from app.hooks import write_hooks
+from app.jobs import Done, Failed, Job, LeaseLost, Outcome, Paused, Retry, Runner, backoff, queue, record
 from app.referrals import metrics
 from app.referrals.bundle import (
     escape_search_value,
@@ -54,49 +51,25 @@ from app.referrals.bundle import (
     set_identifier,
 )
 from app.referrals.directory import Partner, find_partner
-from app.referrals.hooks import NOTIFY_CHANNEL, PARTNER_POLL_FLOOR, schedule
+from app.referrals.hooks import PARTNER_POLL_FLOOR
+from app.referrals.jobs import CANCEL, DELIVER, KINDS, TRACK, schedule, short_kind
 from app.referrals.partner import AddressUnconfirmed, DeliveryError, PartnerClient
 from app.referrals.state_machine import TERMINAL, local_reference, owner_can_reach, reference_of
 from app.settings import Settings
 
 logger = logging.getLogger("carecoord.referrals")
 
-IDLE_POLL = 1.0
-"""Seconds between looks at the job table when no notification arrives."""
 MAX_BACKOFF = 3600.0
 MAX_ERROR_CHARS = 4000
 """The most of a partner's error answer kept in a job's ``last_error``."""
 DELIVERY_EXTENSION = "referral-delivery"
 MIRRORED = ("status", "statusReason", "businessStatus", "output")
 
-_CLAIM = """
-UPDATE referral_job SET state = 'leased', leased_by = $1, attempts = attempts + 1,
-    lease_until = now() + make_interval(secs => $2)
-WHERE id IN (
-    SELECT id FROM referral_job
-    WHERE (state = 'pending' AND not_before <= now()) OR (state = 'leased' AND lease_until < now())
-    ORDER BY not_before
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
-)
-RETURNING *
-"""
-
-_FINISH = """
-UPDATE referral_job SET state = $4, not_before = COALESCE($5, not_before), lease_until = NULL,
-    leased_by = NULL, last_status = $6, last_error = $7, partner_task = COALESCE($8, partner_task),
-    finished_at = CASE WHEN $4 IN ('done', 'failed') THEN now() ELSE NULL END
-WHERE id = $1 AND leased_by = $2 AND attempts = $3
-RETURNING id
-"""
-
-
-class LeaseLost(Exception):
-    """Another worker took the job over (this worker's lease ran out)."""
-
 
 class Worker:
-    """Runs referral jobs until ``stop`` is set."""
+    """The referral handlers, registered on a job runner: ``runner`` (as in ``serve`` and
+    ``carecoord worker``, app/background.py), or, without one, a runner of its own that runs
+    only referral jobs (``run``, ``run_once``)."""
 
     def __init__(
         self,
@@ -106,128 +79,80 @@ class Worker:
         *,
         name: str | None = None,
         repositories: RepositoryFactory | None = None,
+        runner: Runner | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.repositories = repositories or RepositoryFactory.from_settings(settings, write_hooks(settings))
         self.partners = PartnerClient(http, pool, settings)
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.fhir_base = settings.fhir_base
-        self._wake = asyncio.Event()
+        if runner is None:
+            runner = Runner(
+                pool,
+                name=name,
+                lease=settings.worker_lease,
+                concurrency=settings.worker_concurrency,
+                dsn=db.asyncpg_dsn(settings.database_url) if settings.database_url else None,
+            )
+        self.runner = runner
+        self.name = runner.name
+        self.register(runner)
         self._access = AccessContext(client_id=f"carecoord-worker {self.name}", unrestricted=False)
 
-    # -- loop ------------------------------------------------------------------------------
+    # -- running ---------------------------------------------------------------------------
+
+    def register(self, runner: Runner) -> None:
+        """Register the referral handlers on ``runner``. No referral kind takes every slot of a
+        runner with more than one: the others' jobs (other kinds, later subscription
+        deliveries) always find one free."""
+        share = max(1, runner.concurrency - 1)
+        for kind, work in ((DELIVER, self.deliver), (TRACK, self.track), (CANCEL, self.cancel)):
+            runner.register(
+                kind,
+                self._handler(work),
+                concurrency=share,
+                backoff=self.settings.delivery_backoff,
+                max_backoff=MAX_BACKOFF,
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
-        listener: Connection | None = None
-        try:
-            # Its own connection, not one of the pool's: LISTEN holds it for the worker's life,
-            # and the jobs (and, in `serve`, the API) need every pooled connection.
-            listener = await asyncpg.connect(db.asyncpg_dsn(self.settings.database_url or ""))
-            await listener.add_listener(NOTIFY_CHANNEL, self._notified)
-        except Exception as exc:  # the worker still polls without notifications
-            logger.warning("referral worker: no notifications (%s)", type(exc).__name__)
-        running: set[asyncio.Task[None]] = set()
-        try:
-            while not stop.is_set():
-                # Claim as slots free up: one slow job (a partner that takes its time) holds its
-                # own slot, never the others'.
-                free = self.settings.worker_concurrency - len(running)
-                claimed = 0
-                if free > 0:
-                    try:
-                        claimed = await self._start_jobs(free, running)
-                    except Exception as exc:
-                        logger.error("referral worker: %s", type(exc).__name__)
-                if claimed and claimed == free:
-                    continue
-                self._wake.clear()
-                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait()), *running}
-                done, _ = await asyncio.wait(waiters, timeout=IDLE_POLL, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in waiters - running:
-                    waiter.cancel()
-                running -= done
-        finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-            if listener is not None:
-                with contextlib.suppress(Exception):
-                    await listener.close()
-
-    async def _start_jobs(self, limit: int, running: set[asyncio.Task[None]]) -> int:
-        async with self.pool.acquire() as conn:
-            jobs = await conn.fetch(_CLAIM, self.name, self.settings.worker_lease, limit)
-        for job in jobs:
-            running.add(asyncio.create_task(self.run_job(job), name=f"referral-job-{job['id']}"))
-        return len(jobs)
-
-    def _notified(self, *_: object) -> None:
-        self._wake.set()
+        """Run this worker's runner until ``stop`` is set."""
+        await self.runner.run(stop)
 
     async def run_once(self) -> int:
         """Claim the due jobs (at most ``worker_concurrency``) and run them; returns how many."""
-        async with self.pool.acquire() as conn:
-            jobs = await conn.fetch(
-                _CLAIM, self.name, self.settings.worker_lease, self.settings.worker_concurrency
-            )
-        await asyncio.gather(*(self.run_job(job) for job in jobs))
-        return len(jobs)
+        return await self.runner.run_once()
 
-    async def run_job(self, job: Record) -> None:
-        handlers: dict[str, Callable[[Record], Awaitable[None]]] = {
-            "deliver": self.deliver,
-            "track": self.track,
-            "cancel": self.cancel,
-        }
-        handler = handlers.get(job["kind"])
-        heartbeat = asyncio.create_task(self._keep_lease(job))
-        try:
-            if handler is None:
-                await self._finish(job, "failed", error=f"unknown job kind {job['kind']!r}")
-                return
-            await handler(job)
-        except LeaseLost:
-            logger.info("referral job %s: lease lost to another worker", job["id"])
-        except AddressUnconfirmed as exc:
-            with contextlib.suppress(LeaseLost):
+    def _handler(self, work: Callable[[Job], Awaitable[None]]) -> Callable[[Job], Awaitable[Outcome | None]]:
+        """A referral job's handler: ``work`` records its outcome itself (with its writes); a
+        partner's refusal or fault is a failed attempt (retried or given up), a changed partner
+        address a pause."""
+
+        async def handle(job: Job) -> None:
+            try:
+                await work(job)
+            except LeaseLost:
+                raise
+            except AddressUnconfirmed as exc:
                 await self._paused(job, exc)
-        except DeliveryError as exc:
-            with contextlib.suppress(LeaseLost):
+            except DeliveryError as exc:
                 await self._failed_attempt(job, exc)
-        except Exception as exc:  # an unexpected error retries like a transport fault
-            logger.error("referral job %s (%s): %s", job["id"], job["kind"], type(exc).__name__)
-            error = DeliveryError(f"internal error {type(exc).__name__}", retryable=True)
-            with contextlib.suppress(LeaseLost):
-                await self._failed_attempt(job, error)
-        finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await heartbeat
-
-    async def _keep_lease(self, job: Record) -> None:
-        """Renew the lease while the job runs, so that a slow partner never lets a second
-        worker take over a job whose worker is alive (only a dead worker's lease runs out)."""
-        lease = self.settings.worker_lease
-        while True:
-            await asyncio.sleep(lease / 3)
-            async with self.pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE referral_job SET lease_until = now() + make_interval(secs => $4)"
-                    " WHERE id = $1 AND leased_by = $2 AND attempts = $3 AND state = 'leased'",
-                    job["id"],
-                    self.name,
-                    job["attempts"],
-                    lease,
+            except Exception as exc:  # an unexpected error retries like a transport fault
+                logger.error("referral job %s (%s): %s", job.id, job.kind, type(exc).__name__)
+                await self._failed_attempt(
+                    job, DeliveryError(f"internal error {type(exc).__name__}", retryable=True)
                 )
+
+        return handle
 
     # -- jobs ------------------------------------------------------------------------------
 
-    async def deliver(self, job: Record) -> None:
+    async def deliver(self, job: Job) -> None:
         """Send the referral as one transaction Bundle of conditional creates."""
-        partner_org = job["partner_org"]
+        partner_org = job.payload["partner_org"]
         async with self.pool.acquire() as conn:
             repo = self.repositories.for_system(conn)
-            task = await _read(repo, "Task", job["task_id"])
+            task = await _read(repo, "Task", job.payload["task_id"])
             owner = local_reference(reference_of(task or {}, "owner"), self.fhir_base)
             if (
                 task is not None
@@ -235,12 +160,12 @@ class Worker:
                 and owner != f"Organization/{partner_org}"
             ):
                 # Handed to another organisation before it went out: the new owner's job delivers it.
-                await self._finish(job, "done", error="not delivered: the Task's owner changed", conn=conn)
+                await self._finish(job, Done(error="not delivered: the Task's owner changed"), conn=conn)
                 return
             if task is None or task.get("status") != "requested":
                 # Cancelled (or deleted) before it went out: nothing to deliver.
                 await self._finish(
-                    job, "done", error="not delivered: the Task is no longer requested", conn=conn
+                    job, Done(error="not delivered: the Task is no longer requested"), conn=conn
                 )
                 return
             as_partner = self.repositories.for_system(conn, partner_access(partner_org))
@@ -265,99 +190,95 @@ class Worker:
         metrics.DELIVERIES_ATTEMPTED.labels(partner=partner_org).inc()
         response = await self.partners.transaction(partner, bundle)
         partner_task = _partner_task_url(partner, bundle, response) or await self._find_partner_task(
-            partner, job["task_id"]
+            partner, job.payload["task_id"]
         )
         if partner_task is None:
             raise DeliveryError("the partner's answer does not say where the Task is", retryable=True)
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._finish(job, "done", status=200, partner_task=partner_task, conn=conn)
+            await self._finish(job, Done(status=200, payload={"partner_task": partner_task}), conn=conn)
             await self._mark_task(
-                conn, job["task_id"], "delivered", attempts=job["attempts"], partner_task=partner_task
+                conn, job.payload["task_id"], "delivered", attempts=job.attempts, partner_task=partner_task
             )
             await schedule(
                 conn,
-                "track",
-                job["task_id"],
+                TRACK,
+                job.payload["task_id"],
                 partner_org,
-                job["partner_endpoint"],
+                job.payload["partner_endpoint"],
                 datetime.now(UTC) + timedelta(seconds=self.settings.delivery_deadline),
                 partner_task,
             )
-            await conn.execute(
-                "UPDATE referral_job SET not_before = now() + make_interval(secs => $2)"
-                " WHERE kind = 'track' AND task_id = $1 AND state = 'pending'",
-                job["task_id"],
-                self.settings.referral_poll_interval,
-            )
+            await queue.reschedule(conn, TRACK, job.payload["task_id"], self.settings.referral_poll_interval)
             await self._audit(conn, job, 200, "transaction")
         metrics.DELIVERIES_SUCCEEDED.labels(partner=partner_org).inc()
-        metrics.DELIVERY_LATENCY.observe((datetime.now(UTC) - job["created_at"]).total_seconds())
+        metrics.DELIVERY_LATENCY.observe((datetime.now(UTC) - job.created_at).total_seconds())
         logger.info(
             "referral Task/%s delivered to Organization/%s in %.0f ms (attempt %s)",
-            job["task_id"],
+            job.payload["task_id"],
             partner_org,
             (time.monotonic() - started) * 1000,
-            job["attempts"],
+            job.attempts,
         )
 
-    async def track(self, job: Record) -> None:
+    async def track(self, job: Job) -> None:
         """Mirror the partner's Task into the local one; stop at a terminal status, or when the
         Task was handed to another owner (the former one's answers are no longer the Task's)."""
         async with self.pool.acquire() as conn:
-            task = await _read(self.repositories.for_system(conn), "Task", job["task_id"])
+            task = await _read(self.repositories.for_system(conn), "Task", job.payload["task_id"])
             owner = local_reference(reference_of(task or {}, "owner"), self.fhir_base)
-            if owner != f"Organization/{job['partner_org']}":
-                await self._finish(job, "done", error="tracking ended: the Task has another owner", conn=conn)
+            if owner != f"Organization/{job.payload['partner_org']}":
+                await self._finish(job, Done(error="tracking ended: the Task has another owner"), conn=conn)
                 return
             partner = await self._partner(conn, job)
-        remote = await self.partners.read(partner, job["partner_task"])
+        remote = await self.partners.read(partner, job.payload["partner_task"])
         async with self.pool.acquire() as conn:
             as_partner = self.repositories.for_system(conn, partner_access(partner.organization_id))
-            known, wanted = await self._outputs_to_copy(as_partner, partner, remote, job["copies"])
+            known, wanted = await self._outputs_to_copy(as_partner, partner, remote, job.payload["copies"])
         outputs = await self._fetch_outputs(partner, wanted)
         async with self.pool.acquire() as conn, conn.transaction():
-            local_status, copied = await self._mirror(conn, partner, job["task_id"], remote, outputs, known)
-            if copied:
-                await conn.execute(
-                    "UPDATE referral_job SET copies = copies + $2 WHERE id = $1", job["id"], copied
-                )
+            local_status, copied = await self._mirror(
+                conn, partner, job.payload["task_id"], remote, outputs, known
+            )
+            # Fenced with the outcome: a runner that lost the job counts nothing.
+            counted = {"copies": job.payload["copies"] + copied} if copied else None
             if remote.get("status") in TERMINAL or local_status == "entered-in-error":
-                await self._finish(job, "done", status=200, conn=conn)
+                await self._finish(job, Done(status=200, payload=counted), conn=conn)
             else:
                 due = datetime.now(UTC) + timedelta(seconds=self.settings.referral_poll_interval)
-                await self._finish(job, "pending", status=200, not_before=due, conn=conn)
+                await self._finish(job, Retry(at=due, status=200, payload=counted), conn=conn)
 
-    async def cancel(self, job: Record) -> None:
+    async def cancel(self, job: Job) -> None:
         """Propagate a cancellation by the referral's source to the partner's Task."""
         async with self.pool.acquire() as conn:
             # A delivery paused for an address confirmation never went out: it never will.
-            await conn.execute(
-                "UPDATE referral_job SET state = 'done', finished_at = now(),"
-                " last_error = 'not delivered: the referral was cancelled'"
-                " WHERE kind = 'deliver' AND task_id = $1 AND state = 'paused'",
-                job["task_id"],
+            await queue.close(
+                conn,
+                DELIVER,
+                job.payload["task_id"],
+                error="not delivered: the referral was cancelled",
+                states=("paused",),
             )
             # One statement, one snapshot: a delivery finishing between two reads must not
             # look like a referral that was never delivered.
-            state = await conn.fetchrow(
-                "SELECT (SELECT partner_task FROM referral_job WHERE task_id = $1"
-                "        AND partner_task IS NOT NULL ORDER BY id DESC LIMIT 1) AS partner_task,"
-                " (SELECT count(*) FROM referral_job WHERE task_id = $1 AND kind = 'deliver'"
-                "        AND state IN ('pending', 'leased')) AS delivering,"
-                " (SELECT COALESCE(max(attempts), 0) FROM referral_job WHERE task_id = $1"
-                "        AND kind = 'deliver') AS attempts",
-                job["task_id"],
-            )
+            referral = await queue.find(conn, key=job.payload["task_id"], kinds=KINDS)
             partner = await self._partner(conn, job)
-        partner_task = state["partner_task"]
+        deliveries = [other for other in referral if other.kind == DELIVER]
+        partner_task = next(
+            (
+                other.payload["partner_task"]
+                for other in reversed(referral)
+                if other.payload.get("partner_task")
+            ),
+            None,
+        )
         if partner_task is None:
-            if state["delivering"]:
+            if any(other.state in ("pending", "leased") for other in deliveries):
                 raise DeliveryError("the referral is still being delivered", retryable=True)
-            if state["attempts"]:
+            if any(other.attempts for other in deliveries):
                 # An attempt may have reached the partner though its answer was lost.
-                partner_task = await self._find_partner_task(partner, job["task_id"])
+                partner_task = await self._find_partner_task(partner, job.payload["task_id"])
             if partner_task is None:
-                await self._finish(job, "done", error="never delivered: nothing to cancel at the partner")
+                await self._finish(job, Done(error="never delivered: nothing to cancel at the partner"))
                 return
         for _ in range(3):
             remote = await self.partners.read(partner, partner_task)
@@ -381,12 +302,8 @@ class Worker:
         else:
             raise DeliveryError("the partner's Task keeps changing under the cancellation", retryable=True)
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._finish(job, "done", status=200, conn=conn)
-            await conn.execute(
-                "UPDATE referral_job SET not_before = now() WHERE kind = 'track' AND task_id = $1"
-                " AND state = 'pending'",
-                job["task_id"],
-            )
+            await self._finish(job, Done(status=200), conn=conn)
+            await queue.reschedule(conn, TRACK, job.payload["task_id"], 0)
             await self._audit(conn, job, 200, "update")
 
     # -- helpers ---------------------------------------------------------------------------
@@ -416,9 +333,9 @@ class Worker:
             sent.pop("businessStatus", None)
         return sent
 
-    async def _partner(self, conn: Connection, job: Record) -> Partner:
-        found = await find_partner(conn, job["partner_org"])
-        if found is None or found.endpoint_id != job["partner_endpoint"]:
+    async def _partner(self, conn: Connection, job: Job) -> Partner:
+        found = await find_partner(conn, job.payload["partner_org"])
+        if found is None or found.endpoint_id != job.payload["partner_endpoint"]:
             raise DeliveryError("the partner no longer has this active FHIR endpoint", retryable=False)
         return found
 
@@ -622,33 +539,35 @@ class Worker:
             except PreconditionFailed:
                 continue
 
-    async def _paused(self, job: Record, error: AddressUnconfirmed) -> None:
+    async def _paused(self, job: Job, error: AddressUnconfirmed) -> None:
         """The partner's address changed under its credentials: nothing was sent; the job waits
         (not due, not failed) until an operator confirms the address (credentials.confirm_address)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._finish(job, "paused", error=error.message, conn=conn)
-            if job["kind"] == "deliver":
-                await self._mark_task(conn, job["task_id"], "paused", attempts=job["attempts"])
+            await self._finish(job, Paused(error=error.message), conn=conn)
+            if job.kind == DELIVER:
+                await self._mark_task(conn, job.payload["task_id"], "paused", attempts=job.attempts)
         logger.warning(
             "referral job %s (%s, Task/%s): paused until the address of Endpoint/%s is confirmed",
-            job["id"],
-            job["kind"],
-            job["task_id"],
-            job["partner_endpoint"],
+            job.id,
+            job.kind,
+            job.payload["task_id"],
+            job.payload["partner_endpoint"],
         )
 
-    async def _failed_attempt(self, job: Record, error: DeliveryError) -> None:
-        partner_org = job["partner_org"]
+    async def _failed_attempt(self, job: Job, error: DeliveryError) -> None:
+        partner_org = job.payload["partner_org"]
         now = datetime.now(UTC)
-        tracking = job["kind"] == "track"
+        tracking = job.kind == TRACK
+        # Referral jobs are enqueued with a deadline (jobs.schedule); none would mean no limit.
+        deadline = job.deadline or datetime.max.replace(tzinfo=UTC)
         # Tracking follows a referral for as long as the partner works on it: no deadline.
-        retry = error.retryable and (tracking or now < job["deadline"])
+        retry = error.retryable and (tracking or now < deadline)
         detail = error.message
         if error.outcome is not None:
             detail = f"{detail}: {jsonio.dumps(error.outcome).decode('utf-8')}"[:MAX_ERROR_CHARS]
         async with self.pool.acquire() as conn, conn.transaction():
             if retry:
-                delay = _backoff(self.settings.delivery_backoff, job["attempts"])
+                delay = backoff(self.settings.delivery_backoff, job.attempts, MAX_BACKOFF)
                 if error.retry_after is not None:
                     # The partner's Retry-After is honoured, but a partner cannot make carecoord
                     # call it more often than its own backoff would (issue 15).
@@ -659,69 +578,55 @@ class Worker:
                     )
                     due = now + timedelta(seconds=delay)
                 else:
-                    due = min(now + timedelta(seconds=delay), job["deadline"])
-                await self._finish(
-                    job, "pending", status=error.status, error=detail, not_before=due, conn=conn
-                )
-                if job["kind"] == "deliver" and job["attempts"] == 1:
+                    due = min(now + timedelta(seconds=delay), deadline)
+                await self._finish(job, Retry(at=due, status=error.status, error=detail), conn=conn)
+                if job.kind == DELIVER and job.attempts == 1:
                     await self._mark_task(
-                        conn, job["task_id"], "retrying", attempts=job["attempts"], error=_shown(error)
+                        conn, job.payload["task_id"], "retrying", attempts=job.attempts, error=_shown(error)
                     )
             else:
-                await self._finish(job, "failed", status=error.status, error=detail, conn=conn)
-                if job["kind"] == "deliver":
+                await self._finish(job, Failed(status=error.status, error=detail), conn=conn)
+                if job.kind == DELIVER:
                     await self._mark_task(
-                        conn, job["task_id"], "failed", attempts=job["attempts"], error=_shown(error)
+                        conn, job.payload["task_id"], "failed", attempts=job.attempts, error=_shown(error)
                     )
-            await self._audit(
-                conn, job, error.status or 0, "transaction" if job["kind"] == "deliver" else "read"
-            )
-        if job["kind"] == "deliver" and not retry:
+            await self._audit(conn, job, error.status or 0, "transaction" if job.kind == DELIVER else "read")
+        if job.kind == DELIVER and not retry:
             metrics.DELIVERIES_FAILED.labels(partner=partner_org).inc()
         logger.info(
             "referral job %s (%s, Task/%s): attempt %s failed (%s)%s",
-            job["id"],
-            job["kind"],
-            job["task_id"],
-            job["attempts"],
+            job.id,
+            job.kind,
+            job.payload["task_id"],
+            job.attempts,
             error.status or "transport",
             "; will retry" if retry else "; given up",
         )
 
-    async def _finish(
-        self,
-        job: Record,
-        state: str,
-        *,
-        status: int | None = None,
-        error: str | None = None,
-        not_before: datetime | None = None,
-        partner_task: str | None = None,
-        conn: Connection | None = None,
-    ) -> None:
-        """Record a job's outcome, only if this worker still holds its lease (the fence)."""
-        args = (job["id"], self.name, job["attempts"], state, not_before, status, error, partner_task)
+    async def _finish(self, job: Job, outcome: Outcome, *, conn: Connection | None = None) -> None:
+        """Record a job's outcome, only if this runner still holds its lease (the fence: raises
+        LeaseLost, rolling back the writes of ``conn``'s transaction)."""
         if conn is None:
             async with self.pool.acquire() as own:
-                finished = await own.fetchval(_FINISH, *args)
+                await record(own, job, outcome)
         else:
-            finished = await conn.fetchval(_FINISH, *args)
-        if finished is None:
-            raise LeaseLost()
+            await record(conn, job, outcome)
 
-    async def _audit(self, conn: Connection, job: Record, status: int, interaction: str) -> None:
+    async def _audit(self, conn: Connection, job: Job, status: int, interaction: str) -> None:
         """Each attempt at a partner is an AuditEvent (issue 6)."""
         event = build_event(
             interaction=interaction,
             status=status if status else 503,
             access=self._access,
-            touched=[("Task", job["task_id"], 0)],
+            touched=[("Task", job.payload["task_id"], 0)],
             query=None,
             address=None,
             fhir_base=self.fhir_base,
         )
-        event["entity"][0]["what"] = {"reference": f"Task/{job['task_id']}"}
-        event["entity"][0]["description"] = f"referral {job['kind']} to Organization/{job['partner_org']}"
+        event["entity"][0]["what"] = {"reference": f"Task/{job.payload['task_id']}"}
+        event["entity"][0]["description"] = (
+            f"referral {short_kind(job.kind)} to Organization/{job.payload['partner_org']}"
+        )
         await self.repositories.for_bookkeeping(conn).create("AuditEvent", event)
 
 
@@ -752,12 +657,6 @@ def _shown(error: DeliveryError) -> str:
 
 def element_changes(before: dict[str, Any], after: dict[str, Any]) -> bool:
     return any(before.get(element) != after.get(element) for element in MIRRORED)
-
-
-def _backoff(first: float, attempt: int) -> float:
-    """Exponential backoff with full jitter: between half and all of first * 2^(attempt-1)."""
-    ceiling = min(first * 2 ** max(attempt - 1, 0), MAX_BACKOFF)
-    return random.uniform(ceiling / 2, ceiling)
 
 
 PARTNER_RESOURCE = "partner-resource"

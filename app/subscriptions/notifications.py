@@ -115,13 +115,13 @@ async def notification_bundle(
         shown.append((event, visible and content != "empty"))
         if not visible or content == "empty":
             continue
-        method, status = _METHODS.get(event.action, ("PUT", "200"))
+        method, answered = _METHODS.get(event.action, ("PUT", "200"))
         entry: dict[str, Any] = {"fullUrl": f"{fhir_base}/{event.resource_type}/{event.fhir_id}"}
         if body is not None:
             entry["resource"] = body
         url = event.resource_type if method == "POST" else f"{event.resource_type}/{event.fhir_id}"
         entry["request"] = {"method": method, "url": url}
-        entry["response"] = {"status": status, "etag": f'W/"{event.version_id}"'}
+        entry["response"] = {"status": answered, "etag": f'W/"{event.version_id}"'}
         entries.append(entry)
     status = status_parameters(subscription, fhir_base, kind, shown, error)
     first = {

@@ -83,7 +83,7 @@ async def events_bundle(
     row = await conn.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
     if row is None:
         raise NotFound(f"Subscription/{subscription_id} has no events")
-    first = _number(since, "eventsSinceNumber", 1)
+    first = _number(since, "eventsSinceNumber", 1) or 1
     last = _number(until, "eventsUntilNumber", None)
     if content is not None and content not in CONTENT_CODES:
         raise BadRequest(f"content must be one of {', '.join(CONTENT_CODES)}", expression=("content",))
