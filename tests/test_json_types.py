@@ -89,6 +89,7 @@ BOOLEAN_AS_STRING: list[Row] = [
         "true",
         True,
     ),
+    ("Subscription", ext("valueBoolean"), "Subscription.extension[0].valueBoolean", "true", True),
 ]
 INTEGER_AS_STRING: list[Row] = [
     ("Patient", {"multipleBirthInteger": V}, "Patient.multipleBirthInteger", "2", 2),
@@ -143,6 +144,7 @@ INTEGER_AS_STRING: list[Row] = [
     ),
     ("Provenance", ext("valueInteger"), "Provenance.extension[0].valueInteger", "1", 1),
     ("AuditEvent", ext("valueInteger"), "AuditEvent.extension[0].valueInteger", "1", 1),
+    ("Subscription", ext("valueInteger"), "Subscription.extension[0].valueInteger", "1", 1),
 ]
 STRING_AS_NUMBER: list[Row] = [
     ("Patient", {"birthDate": V}, "Patient.birthDate", 19700101, "1970-01-01"),
@@ -173,6 +175,7 @@ STRING_AS_NUMBER: list[Row] = [
     ("QuestionnaireResponse", {"authored": V}, "QuestionnaireResponse.authored", 1, "2026-01-01"),
     ("Provenance", {"recorded": V}, "Provenance.recorded", 2026, "2026-01-01T10:00:00Z"),
     ("AuditEvent", {"outcomeDesc": V}, "AuditEvent.outcomeDesc", 0, "ok"),
+    ("Subscription", {"reason": V}, "Subscription.reason", 1, "Follow referrals"),
 ]
 NULL: list[Row] = [
     ("Patient", {"gender": V}, "Patient.gender", None, "female"),
@@ -203,6 +206,7 @@ NULL: list[Row] = [
     ),
     ("Provenance", {"policy": [V]}, "Provenance.policy[0]", None, "http://policy.example"),
     ("AuditEvent", {"action": V}, "AuditEvent.action", None, "C"),
+    ("Subscription", {"reason": V}, "Subscription.reason", None, "Follow referrals"),
 ]
 EMPTY_ARRAY: list[Row] = [
     ("Patient", {"name": V}, "Patient.name", [], [{"family": "Rivera"}]),
@@ -233,6 +237,7 @@ EMPTY_ARRAY: list[Row] = [
     ("QuestionnaireResponse", {"item": V}, "QuestionnaireResponse.item", [], [{"linkId": "1"}]),
     ("Provenance", {"reason": V}, "Provenance.reason", [], [{"text": "x"}]),
     ("AuditEvent", {"purposeOfEvent": V}, "AuditEvent.purposeOfEvent", [], [{"text": "TREAT"}]),
+    ("Subscription", {"contact": V}, "Subscription.contact", [], [{"system": "email", "value": "a@example.org"}]),
 ]
 MORE: list[Row] = [
     ("Patient", {"active": V}, "Patient.active", 1, True),
