@@ -104,7 +104,8 @@ def backoff(first: float, attempt: int, cap: float) -> float:
 async def record(conn: Connection, job: Job, outcome: Outcome) -> None:
     """Record ``outcome`` of a claimed ``job`` in the caller's transaction, fenced: raises
     :class:`LeaseLost` (so that the caller's transaction rolls back) when the lease is no longer
-    the one ``job`` was claimed with. A :class:`Retry` without ``delay`` or ``at`` is due at once."""
+    the one ``job`` was claimed with. A :class:`Retry` without ``delay`` or ``at`` is due at once
+    here (returned to the runner, it waits the kind's backoff)."""
     state = {Done: "done", Retry: "pending", Failed: "failed", Paused: "paused"}[type(outcome)]
     not_before = outcome.at if isinstance(outcome, Retry) else None
     delay = outcome.delay if isinstance(outcome, Retry) else None
@@ -159,6 +160,8 @@ class Runner:
         self.dsn = dsn
         self.idle_poll = idle_poll
         self.kinds: dict[str, _Kind] = {}
+        self.idle = asyncio.Event()
+        """Set while :meth:`run` waits for work (a notification, a free slot or the next poll)."""
         self._wake = asyncio.Event()
 
     def register(
@@ -198,6 +201,8 @@ class Runner:
         running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
+                # Cleared before claiming: a notification arriving while the claim runs is kept.
+                self._wake.clear()
                 wanted = self._wanted()
                 claimed = 0
                 if wanted:
@@ -207,13 +212,16 @@ class Runner:
                         logger.error("job runner: claiming failed (%s)", type(exc).__name__)
                 if claimed and claimed == sum(wanted.values()):
                     continue  # there may be more: look again at once
-                self._wake.clear()
                 stopping = asyncio.ensure_future(stop.wait())
                 woken = asyncio.ensure_future(self._wake.wait())
                 waiters: set[asyncio.Future[Any]] = {stopping, woken, *running}
-                done, _ = await asyncio.wait(
-                    waiters, timeout=self.idle_poll, return_when=asyncio.FIRST_COMPLETED
-                )
+                self.idle.set()
+                try:
+                    done, _ = await asyncio.wait(
+                        waiters, timeout=self.idle_poll, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    self.idle.clear()
                 stopping.cancel()
                 woken.cancel()
                 running -= done
@@ -275,6 +283,11 @@ class Runner:
         heartbeat = asyncio.create_task(self._keep_lease(job))
         try:
             outcome = await spec.handler(job)
+            if isinstance(outcome, Retry) and outcome.delay is None and outcome.at is None:
+                delay = backoff(spec.backoff, job.attempts, spec.max_backoff)
+                outcome = Retry(
+                    delay=delay, status=outcome.status, error=outcome.error, payload=outcome.payload
+                )
             if outcome is not None:
                 async with self.pool.acquire() as conn:
                     await record(conn, job, outcome)
