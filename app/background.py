@@ -1,17 +1,25 @@
 """The background work of a carecoord process: one job runner (app/jobs) with every handler
-registered. ``carecoord serve`` runs it in each API process (unless ``--no-worker``),
-``carecoord worker`` on its own."""
+registered, and the subscription dispatcher reading the change feed. ``carecoord serve`` runs
+them in each API process (unless ``--no-worker``), ``carecoord worker`` on their own; several
+processes share the work through PostgreSQL (leases, the dispatcher's cursor lock)."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 from asyncpg import Pool
 
 from app import db
 from app.fhir.repository import RepositoryFactory
+from app.hooks import write_hooks
 from app.jobs import Runner
 from app.referrals.worker import Worker
 from app.settings import Settings
+from app.subscriptions.delivery import Delivery
+from app.subscriptions.dispatcher import Dispatcher
 
 
 def job_runner(
@@ -24,7 +32,8 @@ def job_runner(
 ) -> Runner:
     """A runner sized by ``CARECOORD_WORKER_CONCURRENCY`` and ``CARECOORD_WORKER_LEASE``,
     woken by ``NOTIFY`` on its own connection, with the referral handlers (delivery, tracking,
-    cancellation) registered."""
+    cancellation) and the subscription handlers (handshake, notification, heartbeat)."""
+    repositories = repositories or RepositoryFactory.from_settings(settings, write_hooks(settings))
     runner = Runner(
         pool,
         name=name,
@@ -33,4 +42,31 @@ def job_runner(
         dsn=db.asyncpg_dsn(settings.database_url) if settings.database_url else None,
     )
     Worker(pool, http, settings, repositories=repositories, runner=runner)
+    Delivery(pool, http, settings, repositories).register(runner)
     return runner
+
+
+@asynccontextmanager
+async def background_tasks(
+    pool: Pool,
+    http: httpx.AsyncClient,
+    settings: Settings,
+    repositories: RepositoryFactory | None = None,
+    *,
+    name: str | None = None,
+) -> AsyncIterator[Runner]:
+    """Run the job runner and the subscription dispatcher until the block ends; then let the
+    running jobs finish (what they record commits) and stop."""
+    repositories = repositories or RepositoryFactory.from_settings(settings, write_hooks(settings))
+    runner = job_runner(pool, http, settings, repositories=repositories, name=name)
+    dispatcher = Dispatcher(pool, settings, repositories)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(runner.run(stop), name="job-runner"),
+        asyncio.create_task(dispatcher.run(stop), name="subscription-dispatcher"),
+    ]
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)

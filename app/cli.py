@@ -232,10 +232,11 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run referral delivery and status tracking only (no API), until SIGINT/SIGTERM."""
+    """Run the background work only (no API): the job runner (referral delivery and tracking,
+    subscription notifications) and the subscription dispatcher, until SIGINT/SIGTERM."""
     import signal
 
-    from app.background import job_runner
+    from app.background import background_tasks
     from app.outbound import outbound_client
 
     settings = _settings_with_database(get_settings(), args)
@@ -249,10 +250,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Partner URLs are chosen by others: the outbound address policy applies (app/outbound.py);
         # PartnerClient bounds each exchange with CARECOORD_DELIVERY_TIMEOUT itself.
         async with outbound_client(settings) as http:
-            runner = job_runner(pool, http, settings)
-            logger.info("job runner %s started (%s)", runner.name, ", ".join(runner.kinds))
             try:
-                await runner.run(stop)
+                async with background_tasks(pool, http, settings) as runner:
+                    logger.info("job runner %s started (%s)", runner.name, ", ".join(runner.kinds))
+                    await stop.wait()
             finally:
                 await pool.close()
 

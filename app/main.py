@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
 from app.auth.audit import AuditTrail
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
-from app.background import job_runner
+from app.background import background_tasks
 from app.cancellation import CancelOnDisconnect
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
 from app.fhir.repository import RepositoryFactory
+from app.hooks import write_hooks
 from app.logs import RequestIdMiddleware, configure_logging
 from app.openapi import install_openapi
 from app.outbound import outbound_client
-from app.referrals.hooks import write_hooks
 from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("carecoord")
+
+EXPOSED_HEADERS = [
+    "Location",
+    "Content-Location",
+    "ETag",
+    "Last-Modified",
+    "X-Request-ID",
+    "X-Progress",
+    "Retry-After",
+]
+"""Response headers a browser app may read (FHIR http.html: Location, ETag, Last-Modified...)."""
 
 DOCS_STATIC_URL = "/docs/static"
 """Where the Swagger UI and ReDoc assets (from the fastapi-offline package) are served."""
@@ -88,19 +100,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.audit = AuditTrail(app.state.pool, settings.fhir_base, enabled=settings.audit_enabled)
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
             app.state.audit.start()
-            stop_worker = asyncio.Event()
-            worker_task = None
-            if settings.run_worker:
-                runner = job_runner(
-                    app.state.pool, app.state.http, settings, repositories=app.state.repositories
-                )
-                worker_task = asyncio.create_task(runner.run(stop_worker), name="job-runner")
             try:
-                yield
+                async with contextlib.AsyncExitStack() as background:
+                    if settings.run_worker:
+                        await background.enter_async_context(
+                            background_tasks(app.state.pool, app.state.http, settings, app.state.repositories)
+                        )
+                    yield
             finally:
-                stop_worker.set()
-                if worker_task is not None:
-                    await worker_task
                 await app.state.audit.close()
         finally:
             await app.state.http.aclose()
@@ -123,6 +130,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last, so outermost: the request id is set before anything logs and is returned on
     # every response, the 500s of UnexpectedErrorMiddleware included.
     app.add_middleware(RequestIdMiddleware)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        # CapabilityStatement.rest.security.cors: browser apps (SMART apps, apps built from the
+        # OpenAPI document) call /fhir and /auth/token from their own origin. Outermost, so that
+        # error answers carry the headers too and the app can read their OperationOutcome.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
     app.include_router(health.router)
     app.include_router(metadata.router)
     # Before the FHIR routes: their /fhir/{type}/{id} would take /fhir/.well-known/smart-configuration.

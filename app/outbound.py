@@ -232,6 +232,27 @@ def allowed_addresses(allowlist: Allowlist, host: str, port: int, addresses: Ite
     return allowed
 
 
+async def check_url(allowlist: Allowlist, url: str, *, resolve_timeout: float = 5.0) -> None:
+    """Judge ``url`` as a connection to it would be judged now (scheme, resolved addresses);
+    raise OutboundRefused when the policy would refuse it. For refusing a configured address
+    early (a Subscription endpoint: 422 at creation); every connection is checked again when
+    it is made, so a name that later resolves elsewhere gains nothing."""
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ALLOWED_SCHEMES or not parsed.host:
+        raise OutboundRefused(parsed.host or url[:100], parsed.port, "only http and https")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(resolve_timeout):
+            infos = await loop.getaddrinfo(
+                parsed.host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+    except (TimeoutError, OSError) as exc:
+        raise OutboundRefused(parsed.host, port, "the name does not resolve") from exc
+    if not allowed_addresses(allowlist, parsed.host, port, [str(info[4][0]) for info in infos]):
+        raise OutboundRefused(parsed.host, port)
+
+
 class PolicyNetworkBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with the policy applied to the resolved addresses.
 

@@ -51,9 +51,7 @@ class Settings(BaseSettings):
     search_max_values: int = Field(
         default=1000, ge=1, description="Most values (comma-separated OR values count one each) per search"
     )
-    search_max_chain_depth: int = Field(
-        default=3, ge=1, description="Most hops of one chain or _has nesting"
-    )
+    search_max_chain_depth: int = Field(default=3, ge=1, description="Most hops of one chain or _has nesting")
     search_max_has: int = Field(default=3, ge=0, description="Most _has conditions per search")
     search_max_includes: int = Field(
         default=10, ge=0, description="Most _include/_revinclude directives per search"
@@ -75,6 +73,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json",
         description="Log lines on stderr: one JSON object each (json) or plain text for local development",
+    )
+    cors_origins: str = Field(
+        default="*",
+        description="Browser origins allowed to call the API (CORS): comma-separated origins, * for any,"
+        " empty for none. Tokens travel in the Authorization header, never in cookies, so an origin"
+        " gains nothing a token does not give it",
     )
     auth_enabled: bool = Field(
         default=True,
@@ -123,6 +127,21 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=8, ge=1, description="Jobs one runner runs at once")
     run_worker: bool = Field(
         default=True, description="Run the job runner inside each API process (serve --no-worker: false)"
+    )
+    subscription_event_retention: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="Seconds a subscription's events are kept for $events replay after they happened",
+    )
+    subscription_max_failures: int = Field(
+        default=10,
+        ge=1,
+        description="Consecutive failed deliveries after which a Subscription goes to status error",
+    )
+    subscription_poll_interval: float = Field(
+        default=0.05,
+        gt=0,
+        description="Seconds between looks at the change feed for subscription events when it was empty",
     )
     outbound_allowlist: str = Field(
         default="",

@@ -104,7 +104,8 @@ async def clean_db(engine: AsyncEngine) -> None:
         await conn.execute(
             text(
                 "TRUNCATE resource, resource_history, search_token, search_string, search_date,"
-                " search_reference, search_quantity, search_uri, job RESTART IDENTITY CASCADE"
+                " search_reference, search_quantity, search_uri, job, resource_change, change_cursor,"
+                " subscription RESTART IDENTITY CASCADE"
             )
         )
 

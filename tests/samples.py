@@ -95,4 +95,33 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "agent": [{"requestor": True, "who": {"reference": "Practitioner/p1"}}],
         "source": {"observer": {"reference": "Organization/o1"}},
     },
+    # Subscriptions R5 Backport IG (R4): a topic, a filter, a rest-hook channel. Nothing listens
+    # on the endpoint (port 9, discard): its handshake would fail, if a job runner ran here.
+    "Subscription": {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "Follow referral Tasks of Organization/o1",
+        "criteria": "http://hl7.org/fhir/us/sdoh-clinicalcare/SubscriptionTopic/Task",
+        "_criteria": {
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria",
+                    "valueString": "Task?requester=Organization/o1",
+                }
+            ]
+        },
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": "http://127.0.0.1:9/notify",
+            "payload": "application/fhir+json",
+            "_payload": {
+                "extension": [
+                    {
+                        "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content",
+                        "valueCode": "id-only",
+                    }
+                ]
+            },
+        },
+    },
 }

@@ -238,9 +238,9 @@ class AuditTrail:
     async def write(self, connection: Connection, event: dict[str, Any]) -> None:
         """Store an event in ``connection``'s current transaction (a write's own record)."""
         if self.enabled:
-            await FhirRepository(connection, OPEN_ACCESS, fhir_base=self._fhir_base).create(
-                "AuditEvent", event
-            )
+            # The audit trail is bookkeeping: in the change feed, never an event for subscribers.
+            repo = FhirRepository(connection, OPEN_ACCESS, fhir_base=self._fhir_base, bookkeeping=True)
+            await repo.create("AuditEvent", event)
 
     def record(self, event: dict[str, Any]) -> None:
         """Queue an event for the next batch (reads, failures)."""

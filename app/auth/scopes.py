@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 LETTERS = "cruds"
 """create, read (read, vread, instance history), update (and patch), delete, search (and
@@ -173,3 +173,16 @@ def parse_scopes(scope: str) -> tuple[Permission, ...]:
     """Every resource permission in a space-separated scope string."""
     permissions = (parse_scope(part) for part in scope.split())
     return tuple(p for p in permissions if p is not None)
+
+
+def scope_text(permissions: Iterable[Permission]) -> str:
+    """Permissions written back as SMART v2 scopes (``parse_scopes`` reads them again): how a
+    token's access is kept with what outlives the token (a Subscription's notifications)."""
+    parts = []
+    for permission in permissions:
+        letters = "".join(letter for letter in LETTERS if letter in permission.letters)
+        text = f"{permission.context}/{permission.resource_type}.{letters}"
+        if permission.restriction:
+            text += "?" + urlencode(list(permission.restriction))
+        parts.append(text)
+    return " ".join(parts)

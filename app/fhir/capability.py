@@ -21,6 +21,7 @@ def capability_statement(
     interactions: dict[str, list[str]],
     system_interactions: list[str],
     conditional_delete_max: int = 1,
+    cors: bool = True,
 ) -> dict[str, Any]:
     resources = []
     search = registry()
@@ -62,7 +63,7 @@ def capability_statement(
         "rest": [
             {
                 "mode": "server",
-                "security": _security(base_url),
+                "security": _security(base_url, cors=cors),
                 "resource": resources,
                 "interaction": [{"code": code} for code in system_interactions],
                 "searchParam": [
@@ -75,12 +76,12 @@ def capability_statement(
     }
 
 
-def _security(base_url: str) -> dict[str, Any]:
+def _security(base_url: str, *, cors: bool) -> dict[str, Any]:
     """rest.security: SMART on FHIR, with the OAuth endpoints (SMART App Launch 2.x
     conformance.html; the well-known document is the primary source, this is for clients
     that still read the CapabilityStatement)."""
     return {
-        "cors": True,
+        "cors": cors,  # CARECOORD_CORS_ORIGINS (app/main.py)
         "service": [
             {
                 "coding": [

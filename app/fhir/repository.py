@@ -160,6 +160,10 @@ _INSERT = Statement(
         INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
         SELECT rid, :rtype, :fid, 1, :ts, :method, :body FROM new_row
     ),
+    change AS (
+        INSERT INTO resource_change (resource_type, fhir_id, version_id, action, changed_at, bookkeeping)
+        SELECT :rtype, :fid, 1, 'create', :ts, :bookkeeping FROM new_row
+    ),
     {_index_ctes("new_row", replace=False)}
     SELECT rid FROM new_row
     """
@@ -169,13 +173,19 @@ _WRITE_VERSION = Statement(
     f"""
     WITH changed AS (
         UPDATE resource SET version_id = :vid, last_updated = :ts, deleted = :deleted, body = :body,
-            writer_org = :org
+            -- carecoord's bookkeeping (a status it records) leaves the resource its writer's
+            writer_org = CASE WHEN :bookkeeping THEN writer_org ELSE :org END
         WHERE rid = :rid
         RETURNING rid
     ),
     history AS (
         INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
         SELECT rid, :rtype, :fid, :vid, :ts, :method, :body FROM changed
+    ),
+    change AS (
+        INSERT INTO resource_change (resource_type, fhir_id, version_id, action, changed_at, bookkeeping)
+        SELECT :rtype, :fid, :vid, CASE WHEN :deleted THEN 'delete' ELSE 'update' END, :ts, :bookkeeping
+        FROM changed
     ),
     {_index_ctes("changed", replace=True)}
     SELECT rid FROM changed
@@ -264,8 +274,11 @@ class RepositoryFactory:
     and search limits for all, and an explicit actor.
 
     ``for_client`` acts for a caller (its token's access; the Task state machine judges its
-    changes); ``for_system`` is carecoord itself (delivery bookkeeping, copies of a partner's
-    data), with the access it is given: open, or a partner's when it acts on that partner's data.
+    changes); ``for_system`` is carecoord itself (copies of a partner's data, a Task mirrored
+    from its partner), with the access it is given: open, or a partner's when it acts on that
+    partner's data; ``for_bookkeeping`` is carecoord recording its own state (a referral's
+    delivery state, an AuditEvent of a delivery attempt): its writes are in the change feed
+    marked as bookkeeping, never events for subscribers.
     """
 
     fhir_base: str
@@ -293,13 +306,19 @@ class RepositoryFactory:
     def for_system(self, connection: Connection, access: AccessContext = OPEN_ACCESS) -> FhirRepository:
         return self._make(connection, access, system=True)
 
-    def _make(self, connection: Connection, access: AccessContext, *, system: bool) -> FhirRepository:
+    def for_bookkeeping(self, connection: Connection) -> FhirRepository:
+        return self._make(connection, OPEN_ACCESS, system=True, bookkeeping=True)
+
+    def _make(
+        self, connection: Connection, access: AccessContext, *, system: bool, bookkeeping: bool = False
+    ) -> FhirRepository:
         return FhirRepository(
             connection,
             access,
             fhir_base=self.fhir_base,
             hooks=self.hooks,
             system=system,
+            bookkeeping=bookkeeping,
             search_limits=self.search_limits,
             home_organization=self.home_organization,
             max_resource_bytes=self.max_resource_bytes,
@@ -317,6 +336,7 @@ class FhirRepository:
         fhir_base: str,
         hooks: Sequence[WriteHook] = (),
         system: bool = False,
+        bookkeeping: bool = False,
         search_limits: SearchLimits = SearchLimits(),
         home_organization: str | None = None,
         max_resource_bytes: int = 5 * 1024 * 1024,
@@ -331,6 +351,8 @@ class FhirRepository:
         self.max_resource_bytes = max_resource_bytes
         self.system = system
         """Writes made by carecoord itself (mirroring a partner's Task), not by a client."""
+        self.bookkeeping = bookkeeping
+        """Writes that only record carecoord's own state: marked so in the change feed."""
         self.touched: list[tuple[str, str, int]] = []
         """(type, id, version) of every resource read or written, for the interaction's AuditEvent."""
         self.interaction: str | None = None
@@ -468,6 +490,7 @@ class FhirRepository:
             "body": body,
             "method": method,
             "org": self.access.organization,
+            "bookkeeping": self.bookkeeping,
             **_index_params(rows),
         }
         inserted = await self._conn.fetchrow(_INSERT.sql, *_INSERT.args(params))
@@ -674,6 +697,7 @@ class FhirRepository:
             "method": method,
             # A deletion belongs to no one: whoever deleted a resource may not revive it at will.
             "org": None if data is None else self.access.organization,
+            "bookkeeping": self.bookkeeping,
             **_index_params(rows),
         }
         await self._conn.execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))

@@ -29,6 +29,7 @@ SERVED_TYPES: tuple[str, ...] = (
     "QuestionnaireResponse",
     "Provenance",
     "AuditEvent",
+    "Subscription",
 )
 
 SERVED_TYPE_SET: frozenset[str] = frozenset(SERVED_TYPES)

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.fhir.access import REFERRAL_ROOTS, AccessContext
 from app.fhir.errors import Forbidden
-from app.fhir.repository import FhirRepository, StoredVersion, WriteHook
+from app.fhir.repository import FhirRepository, StoredVersion
 from app.jobs import queue
 from app.referrals.directory import find_partner
 from app.referrals.jobs import CANCEL, DELIVER, TRACK, schedule
@@ -213,8 +213,3 @@ class DirectoryHooks:
         data: dict[str, Any] | None,
     ) -> None:
         return None
-
-
-def write_hooks(settings: Settings) -> tuple[WriteHook, ...]:
-    """The domain rules of every write (app/fhir/repository.py RepositoryFactory)."""
-    return (ReferralHooks(settings), DirectoryHooks())

@@ -40,6 +40,7 @@ from app.fhir.indexing import split_reference
 from app.fhir.patch import json_size
 from app.fhir.repository import FhirRepository, RepositoryFactory
 from app.fhir.validation import validate_resource
+from app.hooks import write_hooks
 from app.jobs import Done, Failed, Job, LeaseLost, Outcome, Paused, Retry, Runner, backoff, queue, record
 from app.referrals import metrics
 from app.referrals.bundle import (
@@ -50,7 +51,7 @@ from app.referrals.bundle import (
     set_identifier,
 )
 from app.referrals.directory import Partner, find_partner
-from app.referrals.hooks import PARTNER_POLL_FLOOR, write_hooks
+from app.referrals.hooks import PARTNER_POLL_FLOOR
 from app.referrals.jobs import CANCEL, DELIVER, KINDS, TRACK, schedule, short_kind
 from app.referrals.partner import AddressUnconfirmed, DeliveryError, PartnerClient
 from app.referrals.state_machine import TERMINAL, local_reference, owner_can_reach, reference_of
@@ -505,7 +506,7 @@ class Worker:
         partner_task: str | None = None,
     ) -> None:
         """Show the delivery state on the local Task: businessStatus and an extension."""
-        repo = self.repositories.for_system(conn)  # carecoord's own bookkeeping
+        repo = self.repositories.for_bookkeeping(conn)
         for _ in range(3):
             try:
                 current = await repo.read_for_update("Task", task_id)
@@ -626,7 +627,7 @@ class Worker:
         event["entity"][0]["description"] = (
             f"referral {short_kind(job.kind)} to Organization/{job.payload['partner_org']}"
         )
-        await self.repositories.for_system(conn).create("AuditEvent", event)
+        await self.repositories.for_bookkeeping(conn).create("AuditEvent", event)
 
 
 async def _valid_task(task: dict[str, Any], max_bytes: int) -> bool:

@@ -38,6 +38,7 @@ async def metadata(request: Request, settings: SettingsDep, fmt: FormatDep) -> R
             interactions=INTERACTIONS,
             system_interactions=SYSTEM_INTERACTIONS,
             conditional_delete_max=settings.conditional_delete_max,
+            cors=bool(settings.cors_origins.strip()),
         )
         cached = request.app.state.capability_json = jsonio.dumps(statement).decode("utf-8")
     return json_response(cached, fmt)

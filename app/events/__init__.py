@@ -1,0 +1,1 @@
+"""Events: the change feed every committed write records, and what consumes it."""

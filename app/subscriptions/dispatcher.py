@@ -1,0 +1,210 @@
+"""From the change feed to subscription events: matching, numbering, scheduling delivery.
+
+The dispatcher is the change feed's ``subscriptions`` consumer (app/events/changes.py). In one
+transaction it takes the next changes, matches each against the subscriptions of its type's
+topics, gives every match the subscription's next event number, stores the events and
+schedules their delivery, and moves its cursor. The transaction commits all of that or none of
+it, so an event is numbered exactly once, numbers never skip, and they follow the feed's commit
+order (per resource: the order of its versions).
+
+A change becomes an event of a subscription when the topic's interaction and state rules hold
+(topics.py), the filters match the version it wrote (filters.py; a deletion is judged by the
+version it deleted), and the subscription's owner may read that version (owner.py): a
+subscription never learns of what its owner could not read, not even an id, nor does its
+counter move for it. Subscriptions that are ``requested`` (handshake pending), ``active`` or
+``error`` count events; ``off`` ones do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+from asyncpg import Connection, Pool, Record
+
+from app.events.changes import Change, ChangeFeed, prune
+from app.fhir import jsonio
+from app.fhir.indexing import IndexRows, extract
+from app.fhir.repository import RepositoryFactory
+from app.settings import Settings
+from app.subscriptions import jobs
+from app.subscriptions.filters import Filter, matches
+from app.subscriptions.owner import owner_access
+from app.subscriptions.topics import BY_TYPE, BY_URL
+
+logger = logging.getLogger("carecoord.subscriptions")
+
+CONSUMER = "subscriptions"
+BATCH = 500
+PRUNE_EVERY = 600.0
+"""Seconds between removals of consumed changes and expired events."""
+CHANGE_RETENTION = 3600.0
+"""Seconds consumed changes stay in the feed (for inspection; nothing reads them again)."""
+
+_VERSIONS = """
+SELECT h.resource_type, h.fhir_id, h.version_id, h.body
+FROM unnest($1::text[], $2::text[], $3::int[]) AS w(resource_type, fhir_id, version_id)
+JOIN resource_history h USING (resource_type, fhir_id, version_id)
+"""
+
+
+class Dispatcher:
+    def __init__(self, pool: Pool, settings: Settings, repositories: RepositoryFactory) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.repositories = repositories
+        self.feed = ChangeFeed(CONSUMER)
+        self.fhir_base = settings.fhir_base
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch until ``stop`` is set, looking again at once while there is work."""
+        last_prune = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                handled = await self.dispatch_once()
+                if loop.time() - last_prune > PRUNE_EVERY:
+                    last_prune = loop.time()
+                    await self.prune()
+            except Exception as exc:  # the database went away: try again shortly
+                logger.error("subscription dispatcher: %s", type(exc).__name__)
+                handled = 0
+            if not handled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.subscription_poll_interval)
+
+    async def dispatch_once(self) -> int:
+        """Turn the next batch of changes into events; returns how many changes it consumed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            changes, position = await self.feed.claim(conn, BATCH)
+            if changes:
+                await self._dispatch(
+                    conn, [c for c in changes if not c.bookkeeping and c.resource_type in BY_TYPE]
+                )
+            await self.feed.advance(conn, position)
+        return len(changes)
+
+    async def prune(self) -> None:
+        async with self.pool.acquire() as conn:
+            await prune(conn, CHANGE_RETENTION)
+            await conn.execute(
+                "DELETE FROM subscription_event WHERE created_at < now() - make_interval(secs => $1)",
+                self.settings.subscription_event_retention,
+            )
+
+    async def _dispatch(self, conn: Connection, changes: list[Change]) -> None:
+        if not changes:
+            return
+        topics = sorted({t.url for c in changes for t in BY_TYPE[c.resource_type]})
+        subscriptions = await conn.fetch(
+            "SELECT * FROM subscription WHERE topic = ANY($1::text[])"
+            " AND status IN ('requested', 'active', 'error') ORDER BY fhir_id",
+            topics,
+        )
+        if not subscriptions:
+            return
+        versions = await self._versions(conn, changes)
+        matched: dict[str, list[Change]] = defaultdict(list)
+        filters = {s["fhir_id"]: Filter.from_json(_json(s["filters"])) for s in subscriptions}
+        rows_cache: dict[tuple[str, str, int], IndexRows] = {}
+        for change in changes:
+            previous = versions.get((change.resource_type, change.fhir_id, change.version_id - 1))
+            current = versions.get((change.resource_type, change.fhir_id, change.version_id))
+            judged_version = change.version_id - 1 if change.action == "delete" else change.version_id
+            judged = previous if change.action == "delete" else current
+            if judged is None:
+                continue  # the version is gone (a resource removed by an operator): nothing to judge
+            key = (change.resource_type, change.fhir_id, judged_version)
+            rows = rows_cache.get(key)
+            if rows is None:
+                rows = rows_cache[key] = extract(change.resource_type, judged, self.fhir_base)
+            for subscription in subscriptions:
+                topic = BY_URL[subscription["topic"]]
+                if topic.resource_type != change.resource_type or change.action not in topic.interactions:
+                    continue
+                if not topic.qualifies(previous, current):
+                    continue
+                if not matches(
+                    filters[subscription["fhir_id"]], change.fhir_id, change.changed_at, rows, self.fhir_base
+                ):
+                    continue
+                if not await self._owner_reads(
+                    conn, subscription, change.resource_type, change.fhir_id, judged_version
+                ):
+                    continue
+                matched[subscription["fhir_id"]].append(change)
+        for subscription_id, events in matched.items():
+            await self._record(conn, subscription_id, events)
+
+    async def _versions(
+        self, conn: Connection, changes: list[Change]
+    ) -> dict[tuple[str, str, int], dict[str, Any]]:
+        """The bodies of each change's version and the one before it (deletions have none)."""
+        wanted = {
+            (c.resource_type, c.fhir_id, v)
+            for c in changes
+            for v in (c.version_id, c.version_id - 1)
+            if v > 0
+        }
+        ordered = sorted(wanted)
+        rows = await conn.fetch(
+            _VERSIONS, [w[0] for w in ordered], [w[1] for w in ordered], [w[2] for w in ordered]
+        )
+        return {
+            (r["resource_type"], r["fhir_id"], r["version_id"]): jsonio.loads(r["body"])
+            for r in rows
+            if r["body"] is not None
+        }
+
+    async def _owner_reads(
+        self, conn: Connection, subscription: Record, resource_type: str, fhir_id: str, version: int
+    ) -> bool:
+        access = await owner_access(conn, subscription)
+        if access is None:
+            return False
+        if not access.is_limited(resource_type, "r"):
+            return access.allows(resource_type, "r")
+        repo = self.repositories.for_client(conn, access)
+        try:
+            async with conn.transaction():  # a savepoint: a refusal must not end the dispatch
+                await repo.vread(resource_type, fhir_id, version)
+        except Exception:
+            return False
+        return True
+
+    async def _record(self, conn: Connection, subscription_id: str, changes: list[Change]) -> None:
+        """Number the events (the subscription's counter, row-locked) and store them."""
+        row = await conn.fetchrow(
+            "UPDATE subscription SET events_count = events_count + $2 WHERE fhir_id = $1"
+            " RETURNING events_count, status",
+            subscription_id,
+            len(changes),
+        )
+        if row is None:
+            return  # deleted meanwhile
+        first = row["events_count"] - len(changes) + 1
+        await conn.execute(
+            """
+            INSERT INTO subscription_event
+                (subscription_id, event_number, resource_type, fhir_id, version_id, action, occurred_at)
+            SELECT $1, n, t, i, v, a, o
+            FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[],
+                $7::timestamptz[]) AS u(n, t, i, v, a, o)
+            """,
+            subscription_id,
+            list(range(first, first + len(changes))),
+            [c.resource_type for c in changes],
+            [c.fhir_id for c in changes],
+            [c.version_id for c in changes],
+            [c.action for c in changes],
+            [c.changed_at for c in changes],
+        )
+        if row["status"] == "active":
+            await jobs.request_delivery(conn, subscription_id)
+
+
+def _json(value: Any) -> list[dict[str, Any]]:
+    return jsonio.loads(value) if isinstance(value, str) else list(value)

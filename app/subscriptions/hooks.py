@@ -1,0 +1,121 @@
+"""The Subscription write hook: every write of a Subscription resource keeps its working state
+(app/subscriptions/storage.py) in the same transaction.
+
+A client's write is checked against the Backport profile (spec.py) and the outbound address
+policy (a refused endpoint is a 422), and its status is the server's to set: a new or changed
+subscription, or one its owner reactivates, is ``requested`` until its handshake succeeds
+(delivery.py), and only ``off`` may be asked for directly. carecoord's own status changes are
+bookkeeping writes (RepositoryFactory.for_bookkeeping) and pass unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.auth.scopes import scope_text
+from app.fhir import jsonio
+from app.fhir.errors import BadRequest, BusinessRule
+from app.fhir.repository import FhirRepository, StoredVersion
+from app.outbound import OutboundRefused, check_url, parse_allowlist
+from app.settings import Settings
+from app.subscriptions import jobs
+from app.subscriptions.spec import read_spec
+
+_UPSERT = """
+INSERT INTO subscription (fhir_id, topic, filters, channel_type, endpoint, headers, content,
+    heartbeat_seconds, timeout_seconds, max_count, end_at, status, owner_client, owner_scope,
+    owner_organization, owner_patient, owner_unrestricted)
+VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+ON CONFLICT (fhir_id) DO UPDATE SET topic = EXCLUDED.topic, filters = EXCLUDED.filters,
+    channel_type = EXCLUDED.channel_type, endpoint = EXCLUDED.endpoint, headers = EXCLUDED.headers,
+    content = EXCLUDED.content, heartbeat_seconds = EXCLUDED.heartbeat_seconds,
+    timeout_seconds = EXCLUDED.timeout_seconds, max_count = EXCLUDED.max_count,
+    end_at = EXCLUDED.end_at, status = EXCLUDED.status,
+    failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0 ELSE subscription.failures END
+"""
+
+_DELIVERY_FIELDS = ("criteria", "_criteria", "channel", "end")
+
+
+class SubscriptionHooks:
+    types = frozenset({"Subscription"})
+
+    def __init__(self, settings: Settings) -> None:
+        self._allowlist = parse_allowlist(settings.outbound_allowlist)
+
+    async def before_write(
+        self,
+        repo: FhirRepository,
+        resource_type: str,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        if data is None or repo.bookkeeping:
+            return
+        spec = read_spec(data)
+        if spec.endpoint is not None:
+            try:
+                await check_url(self._allowlist, spec.endpoint)
+            except OutboundRefused as exc:
+                raise BusinessRule(
+                    f"the channel endpoint is refused: {exc} (CARECOORD_OUTBOUND_ALLOWLIST)",
+                    expression=("Subscription.channel.endpoint",),
+                ) from exc
+        asked = data.get("status")
+        if asked == "error":
+            raise BadRequest(
+                "status error is set by the server, not by clients", expression=("Subscription.status",)
+            )
+        if asked == "off":
+            return
+        was = (previous or {}).get("status")
+        unchanged = previous is not None and all(previous.get(k) == data.get(k) for k in _DELIVERY_FIELDS)
+        # Active stays active when nothing about delivery changed; anything else (new, changed,
+        # reactivated after an error or off) needs a handshake first.
+        data["status"] = "active" if (unchanged and was == "active") else "requested"
+
+    async def after_write(
+        self,
+        repo: FhirRepository,
+        version: StoredVersion,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        conn = repo.connection
+        if data is None:
+            # Deleting a Subscription stops it: its state, events and pending deliveries go.
+            await conn.execute("DELETE FROM subscription WHERE fhir_id = $1", version.fhir_id)
+            await jobs.cancel_deliveries(conn, version.fhir_id)
+            return
+        status = str(data.get("status") or "requested")
+        if repo.bookkeeping:
+            await conn.execute(
+                "UPDATE subscription SET status = $2 WHERE fhir_id = $1", version.fhir_id, status
+            )
+            return
+        spec = read_spec(data)
+        access = repo.access
+        await conn.execute(
+            _UPSERT,
+            version.fhir_id,
+            spec.topic.url,
+            jsonio.dumps_plain(spec.filter.to_json()),
+            spec.channel_type,
+            spec.endpoint,
+            jsonio.dumps_plain(list(spec.headers)),
+            spec.content,
+            spec.heartbeat_seconds,
+            spec.timeout_seconds,
+            spec.max_count,
+            spec.end_at,
+            status,
+            access.client_id,
+            scope_text(access.permissions),
+            access.organization,
+            access.patient,
+            access.unrestricted,
+        )
+        if status == "requested":
+            await jobs.request_handshake(conn, version.fhir_id)
+        elif status == "off":
+            await jobs.cancel_deliveries(conn, version.fhir_id)

@@ -1,0 +1,101 @@
+"""``Subscription/$status`` and ``Subscription/$events`` (Subscriptions R5 Backport IG 1.1, R4).
+
+``$status`` (OperationDefinition backport-subscription-status), at instance level or at type
+level with ``id`` and ``status`` filters: a ``searchset`` Bundle of subscription-status
+Parameters (``type`` = ``query-status``), one per subscription the caller may read.
+
+``$events`` (OperationDefinition backport-subscription-events), instance level:
+``eventsSinceNumber`` and ``eventsUntilNumber`` (inclusive) select stored events, ``content``
+(``empty``, ``id-only``, ``full-resource``; the subscription's own by default) how much each
+carries. The answer is a notification Bundle whose status has ``type`` = ``query-event``: a
+subscriber that was down recovers every event still kept (CARECOORD_SUBSCRIPTION_EVENT_RETENTION),
+with the same numbers it would have been sent. What it carries is read with the subscription
+owner's access, as a notification would be.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from app.fhir.errors import BadRequest, NotFound
+from app.fhir.repository import FhirRepository, RepositoryFactory, fhir_instant
+from app.subscriptions.notifications import CONTENT_CODES, load_events, notification_bundle, status_parameters
+from app.subscriptions.owner import owner_access
+
+MAX_EVENTS = 1000
+"""The most events one ``$events`` answer carries (ask again from the last number for more)."""
+
+
+async def status_bundle(
+    repo: FhirRepository, fhir_base: str, ids: list[str], statuses: list[str]
+) -> dict[str, Any]:
+    """``$status``: the subscriptions named by ``ids`` (all the caller may read when empty),
+    with one of ``statuses`` when given."""
+    wanted: list[str] = list(dict.fromkeys(ids))
+    if not wanted:
+        rows = await repo.connection.fetch("SELECT fhir_id FROM subscription ORDER BY fhir_id")
+        wanted = [r["fhir_id"] for r in rows]
+        explicit = False
+    else:
+        explicit = True
+    entries = []
+    for subscription_id in wanted:
+        try:
+            await repo.read("Subscription", subscription_id)  # 404 unless the caller may read it
+        except NotFound:
+            if explicit:
+                raise
+            continue
+        row = await repo.connection.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
+        if row is None or (statuses and row["status"] not in statuses):
+            continue
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": status_parameters(row, fhir_base, "query-status"),
+                "search": {"mode": "match"},
+            }
+        )
+    return {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "type": "searchset",
+        "timestamp": fhir_instant(datetime.now(UTC)),
+        "total": len(entries),
+        "entry": entries,
+    }
+
+
+async def events_bundle(
+    repo: FhirRepository,
+    repositories: RepositoryFactory,
+    fhir_base: str,
+    subscription_id: str,
+    since: str | None,
+    until: str | None,
+    content: str | None,
+) -> dict[str, Any]:
+    """``$events`` of one subscription the caller may read."""
+    await repo.read("Subscription", subscription_id)
+    conn = repo.connection
+    row = await conn.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
+    if row is None:
+        raise NotFound(f"Subscription/{subscription_id} has no events")
+    first = _number(since, "eventsSinceNumber", 1) or 1
+    last = _number(until, "eventsUntilNumber", None)
+    if content is not None and content not in CONTENT_CODES:
+        raise BadRequest(f"content must be one of {', '.join(CONTENT_CODES)}", expression=("content",))
+    events = await load_events(conn, subscription_id, first - 1, last, MAX_EVENTS)
+    access = await owner_access(conn, row)
+    owner_repo = None if access is None else repositories.for_client(conn, access)
+    return await notification_bundle(owner_repo, row, fhir_base, "query-event", events, content=content)
+
+
+def _number(value: str | None, name: str, default: int | None) -> int | None:
+    if value is None or value == "":
+        return default
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise BadRequest(f"{name} must be a whole number", expression=(name,))
+    return int(value)
