@@ -32,7 +32,7 @@ import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,7 +132,6 @@ class _Kind:
     backoff: float
     max_backoff: float
     running: int = 0
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class Runner:
@@ -203,14 +202,15 @@ class Runner:
             while not stop.is_set():
                 # Cleared before claiming: a notification arriving while the claim runs is kept.
                 self._wake.clear()
-                wanted = self._wanted()
-                claimed = 0
-                if wanted:
-                    try:
-                        claimed = await self._start(wanted, running)
-                    except Exception as exc:
-                        logger.error("job runner: claiming failed (%s)", type(exc).__name__)
-                if claimed and claimed == sum(wanted.values()):
+                jobs: list[Job] = []
+                limit = 0
+                try:
+                    jobs, limit = await self._claim()
+                except Exception as exc:
+                    logger.error("job runner: claiming failed (%s)", type(exc).__name__)
+                for job in jobs:
+                    running.add(asyncio.create_task(self.execute(job), name=f"job-{job.id}-{job.kind}"))
+                if jobs and len(jobs) == limit:
                     continue  # there may be more: look again at once
                 stopping = asyncio.ensure_future(stop.wait())
                 woken = asyncio.ensure_future(self._wake.wait())
@@ -239,39 +239,31 @@ class Runner:
     def _notified(self, *_: object) -> None:
         self._wake.set()
 
-    def _wanted(self, slots: int | None = None) -> dict[str, int]:
-        """How many jobs of each kind to claim now: the free slots, within each kind's own limit."""
-        free = (self.concurrency if slots is None else slots) - sum(k.running for k in self.kinds.values())
-        if free <= 0:
-            return {}
+    def _wanted(self) -> tuple[dict[str, int], int]:
+        """How many jobs of each kind may be claimed now (the free slots, within each kind's own
+        limit), and how many in all."""
+        free = self.concurrency - sum(k.running for k in self.kinds.values())
         wanted = {}
         for kind, spec in self.kinds.items():
             room = free if spec.concurrency is None else min(free, spec.concurrency - spec.running)
             if room > 0:
                 wanted[kind] = room
-        # Never more than the free slots in all (claim() also limits the total).
-        return wanted if sum(wanted.values()) <= free else {k: min(v, free) for k, v in wanted.items()}
+        return wanted, min(free, sum(wanted.values()))
 
-    async def _claim(self, wanted: Mapping[str, int]) -> list[Job]:
-        free = self.concurrency - sum(k.running for k in self.kinds.values())
+    async def _claim(self) -> tuple[list[Job], int]:
+        """Claim what the free slots allow: the jobs, and how many were asked for."""
+        wanted, limit = self._wanted()
+        if limit <= 0:
+            return [], 0
         async with self.pool.acquire() as conn:
-            jobs = await queue.claim(conn, self.name, self.lease, wanted, min(free, sum(wanted.values())))
+            jobs = await queue.claim(conn, self.name, self.lease, wanted, limit)
         for job in jobs:
             self.kinds[job.kind].running += 1
-        return jobs
-
-    async def _start(self, wanted: Mapping[str, int], running: set[asyncio.Task[None]]) -> int:
-        jobs = await self._claim(wanted)
-        for job in jobs:
-            running.add(asyncio.create_task(self.execute(job), name=f"job-{job.id}-{job.kind}"))
-        return len(jobs)
+        return jobs, limit
 
     async def run_once(self) -> int:
         """Claim the due jobs (as many as the free slots allow) and run them; returns how many."""
-        wanted = self._wanted()
-        if not wanted:
-            return 0
-        jobs = await self._claim(wanted)
+        jobs, _ = await self._claim()
         await asyncio.gather(*(self.execute(job) for job in jobs))
         return len(jobs)
 
