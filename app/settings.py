@@ -123,10 +123,10 @@ class Settings(BaseSettings):
     delivery_deadline: float = Field(
         default=259200, gt=0, description="Seconds after which an undelivered referral is marked failed"
     )
-    worker_lease: float = Field(default=60, gt=0, description="Seconds a claimed referral job stays leased")
-    worker_concurrency: int = Field(default=8, ge=1, description="Referral jobs one worker runs at once")
+    worker_lease: float = Field(default=60, gt=0, description="Seconds a claimed job stays leased")
+    worker_concurrency: int = Field(default=8, ge=1, description="Jobs one runner runs at once")
     run_worker: bool = Field(
-        default=True, description="Run the referral worker inside each API process (serve --no-worker: false)"
+        default=True, description="Run the job runner inside each API process (serve --no-worker: false)"
     )
     subscription_event_retention: float = Field(
         default=7 * 86400,

@@ -217,8 +217,8 @@ async def test_a_partner_output_refused_by_validation_is_logged_without_its_cont
 ) -> None:
     """The tracking worker logs why it did not keep a partner's output: the status and issue
     codes, not the validation message, which quotes the partner's data."""
+    from tests.referral_support import FakePartner
     from tests.test_partner_data import _outputs, _poll, _track
-    from tests.test_referral_regressions import FakePartner
 
     partner = FakePartner("https://logging-partner.example/fhir")
     partner.resources["Observation/bad"] = {

@@ -558,3 +558,50 @@ async def test_a_cancelled_referral_grants_nothing_more(
         ).status_code == 200
     assert (await client.get("/fhir/Patient/p1", headers=partner_a)).status_code == 404
     assert (await client.get("/fhir/Task/task-p1", headers=partner_a)).status_code == 200  # its own Task
+
+
+async def test_a_partner_cannot_reach_records_by_naming_them_in_a_referral_task(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """HIGH (authorization, issue 6). A partner organisation's client may create a referral Task
+    it is the requester of, and nothing checks that it may read the Task's ``for``/``focus``.
+    The Task then makes them visible to it (access.py: rows a Task naming the organisation
+    points to, and what its focus ServiceRequest points to), and the worker, reading with
+    OPEN_ACCESS, ships them to whatever partner the Task names as owner. (Fails on HEAD; passes
+    with the uncommitted FhirRepository._check_references change in the working tree.)"""
+    await put(client, "Patient", "victim", {"name": [{"family": "Private"}]})
+    await put(
+        client,
+        "Condition",
+        "victim-dx",
+        {"code": {"text": "HIV"}, "subject": {"reference": "Patient/victim"}},
+    )
+    await put(
+        client,
+        "ServiceRequest",
+        "victim-sr",
+        {
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/victim"},
+            "reasonReference": [{"reference": "Condition/victim-dx"}],
+        },
+    )
+    for org in ("cm", "snoop"):
+        await put(client, "Organization", org, {"name": org})
+    snoop = await bearer(app, "system/*.cruds", organization="Organization/snoop", client_id="snoop")
+    assert (await client.get("/fhir/Condition/victim-dx", headers=snoop)).status_code == 404
+    task = {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "code": FULFILL,
+        "authoredOn": "2026-11-25",
+        "focus": {"reference": "ServiceRequest/victim-sr"},
+        "for": {"reference": "Patient/victim"},
+        "requester": {"reference": "Organization/snoop"},
+        "owner": {"reference": "Organization/cm"},
+    }
+    created = await client.post("/fhir/Task", json=task, headers={**JSON, **snoop})
+    readable = (await client.get("/fhir/Condition/victim-dx", headers=snoop)).status_code
+    assert created.status_code in (400, 403, 404, 422) or readable == 404, (created.status_code, readable)

@@ -1,6 +1,6 @@
 """What a hostile partner can put into carecoord through the tracking worker (issue 15, finding 3).
 
-The partner is a real FHIR-speaking HTTP server on loopback (tests/test_referral_regressions.py
+The partner is a real FHIR-speaking HTTP server on loopback (tests/referral_support.py
 FakePartner) whose Task answers with hostile outputs: references to this server's own URL for
 another patient's data, an identifier copied from a local resource, an Observation about an
 unrelated Patient, invalid resources, types the workflow does not return, statuses the owner
@@ -16,8 +16,9 @@ import httpx
 from fastapi import FastAPI
 
 from tests.conftest import FHIR, bearer
-from tests.test_referral_regressions import (
+from tests.referral_support import (
     FakePartner,
+    complete,
     deliver,
     jobs,
     make_worker,
@@ -372,3 +373,112 @@ async def test_a_slow_partner_holds_one_worker_slot_not_the_others(
         finally:
             stop.set()
             await running
+
+
+async def test_outputs_of_two_partners_with_the_same_id_are_kept_apart(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """HIGH. The copy's identifier is ``Procedure/1@Procedure/1``, without the partner's base:
+    partner B's Procedure/1 is taken for partner A's copy, so B's referral closes with A's
+    Procedure (another patient's record)."""
+    a, b = FakePartner("https://a.example/fhir"), FakePartner("https://b.example/fhir")
+    for partner, text in ((a, "A: food pantry visit"), (b, "B: housing navigation")):
+        partner.resources["Procedure/1"] = {
+            "resourceType": "Procedure",
+            "id": "1",
+            "status": "completed",
+            "code": {"text": text},
+            "subject": {"reference": "Patient/9"},
+        }
+    await add_partner(client, "pa", a.base)
+    await add_partner(client, "pb", b.base)
+    async with partner_http(a, b) as http:
+        worker = make_worker(app, http)
+        task_a = await deliver(app, client, worker, "pa", "-a")
+        task_b = await deliver(app, client, worker, "pb", "-b")
+        complete(a, "Procedure/1")
+        complete(b, "Procedure/1")
+        await run_due(worker)
+    kept = {}
+    for task_id in (task_a, task_b):
+        local = (await client.get(f"/fhir/Task/{task_id}")).json()
+        assert local["status"] == "completed"
+        reference = local["output"][0]["valueReference"]["reference"]
+        kept[task_id] = (await client.get(f"/fhir/{reference}")).json()["code"]["text"]
+    assert kept == {task_a: "A: food pantry visit", task_b: "B: housing navigation"}
+
+
+async def test_a_kept_output_does_not_point_at_an_unrelated_local_patient(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """HIGH. _keep_copy stores the partner's resource with its references unchanged: the
+    partner's relative ``Patient/9`` now names carecoord's own Patient/9, an unrelated person,
+    whose record (Procedure?subject=Patient/9, $everything, patient-compartment tokens) gains
+    the referred client's Procedure."""
+    partner = FakePartner("https://rel.example/fhir")
+    partner.resources["Procedure/77"] = {
+        "resourceType": "Procedure",
+        "id": "77",
+        "status": "completed",
+        "code": {"text": "Housing navigation"},
+        "subject": {"reference": "Patient/9"},  # the referred client, as the partner knows them
+    }
+    await put(client, "Patient", "9", {"name": [{"family": "Unrelated"}]})
+    await add_partner(client, "prel", partner.base)
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await deliver(app, client, worker, "prel", "-rel")
+        complete(partner, "Procedure/77")
+        await run_due(worker)
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    copy = (await client.get(f"/fhir/{local['output'][0]['valueReference']['reference']}")).json()
+    assert copy["subject"]["reference"] != "Patient/9", copy["subject"]
+    unrelated = (await client.get("/fhir/Procedure", params={"subject": "Patient/9"})).json()
+    assert unrelated.get("total", len(unrelated.get("entry", []))) == 0
+
+
+async def test_a_questionnaire_response_output_is_kept_once_and_valid(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """MEDIUM. SDOHCC lists QuestionnaireResponse among Task.output additional-content, and its
+    ``identifier`` is 0..1 (an object). _keep_copy always does
+    ``[*(copy.get('identifier') or []), ours]``: an existing identifier object is spread into
+    its KEYS (``["system", "value", {...}]``), and without one the copy gets an array; either
+    way the stored copy is not valid R4."""
+    partner = FakePartner("https://qr.example/fhir")
+    partner.resources["QuestionnaireResponse/5"] = {
+        "resourceType": "QuestionnaireResponse",
+        "id": "5",
+        "status": "completed",
+        "identifier": {"system": "https://qr.example/ids", "value": "qr-5"},
+    }
+    await add_partner(client, "pqr", partner.base)
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await deliver(app, client, worker, "pqr", "-qr")
+        complete(partner, "QuestionnaireResponse/5")
+        for _ in range(2):
+            await run_due(worker)
+    local = (await client.get(f"/fhir/Task/{task_id}")).json()
+    assert local["status"] == "completed", await jobs(app, task_id)
+    copies = (await client.get("/fhir/QuestionnaireResponse")).json().get("entry", [])
+    assert len(copies) == 1
+    assert isinstance(copies[0]["resource"]["identifier"], dict), copies[0]["resource"]["identifier"]
+
+
+async def test_an_unreadable_output_does_not_end_tracking(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """MEDIUM. track() reads every Task.output reference before mirroring anything; one that the
+    partner answers 404/403 for (deleted, or not readable by carecoord's client), or that is an
+    absolute URL outside the partner's base (e.g. a Goal at the source), is a final
+    DeliveryError: tracking ends 'failed' and the partner's status (completed) never reaches
+    the local Task."""
+    partner = FakePartner("https://out.example/fhir")
+    await add_partner(client, "pout", partner.base)
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await deliver(app, client, worker, "pout", "-out")
+        complete(partner, "Procedure/deleted")
+        await run_due(worker)
+    assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "completed", await jobs(
+        app, task_id
+    )

@@ -7,6 +7,7 @@ tests) gets every referral exactly once in the end.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -29,6 +30,7 @@ from tests.partner_support import (  # noqa: F401  (fixtures)
     operation_outcome,
     partner_server_fixture,
 )
+from tests.referral_support import FakePartner, deliver, jobs, make_worker, partner_http, run_due
 from tests.test_search_support import JSON, put
 
 FULFILL = {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]}
@@ -465,3 +467,142 @@ async def test_a_referral_handed_to_another_partner_before_delivery_goes_to_the_
 
     await eventually(delivered, what="delivery to the new owner")
     assert len([r for r in misbehaving_server.requests_to("/up/fhir") if r.method == "POST"]) == 1
+
+
+async def test_a_partner_status_outside_the_referral_value_set_does_not_block_cancelling(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """MEDIUM. _mirror copies any partner status. A partner on the base R4 graph that marks its
+    Task ``received`` (or ``ready``) puts a status the SDOHCC value set forbids on the local
+    referral, and then the requester can no longer cancel it: ('received', 'cancelled') is not
+    in the SDOHCC table, so the PUT is a 422."""
+    partner = FakePartner("https://recv.example/fhir")
+    await add_partner(client, "precv", partner.base)
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await deliver(app, client, worker, "precv", "-recv")
+        partner.resources[f"Task/{partner.task_id}"]["status"] = "received"
+        await run_due(worker)
+    task = (await client.get(f"/fhir/Task/{task_id}")).json()
+    cancelled = await client.put(
+        f"/fhir/Task/{task_id}",
+        json={**task, "status": "cancelled", "statusReason": {"text": "Client moved"}},
+        headers=JSON,
+    )
+    assert cancelled.status_code == 200, cancelled.text
+
+
+async def test_mirroring_keeps_the_local_cancellation_reason(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """MEDIUM. _mirror protects a terminal local status from a non-terminal remote one, but still
+    mirrors statusReason (and businessStatus): the requester's cancellation reason (SDOHCC:
+    statusReason.text for cancelled) is erased by the next poll, before the cancel job has
+    reached the partner."""
+    partner = FakePartner("https://mirror.example/fhir")
+    await add_partner(client, "pmir", partner.base)
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await deliver(app, client, worker, "pmir", "-m1")
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        reason = {"text": "Client moved away"}
+        response = await client.put(
+            f"/fhir/Task/{task_id}",
+            json={**task, "status": "cancelled", "statusReason": reason},
+            headers=JSON,
+        )
+        assert response.status_code == 200, response.text
+        async with app.state.pool.acquire() as conn:  # the track poll runs before the cancel job
+            await conn.execute(
+                "UPDATE job SET not_before = now() + interval '1 hour' WHERE kind = 'referral.cancel'"
+            )
+            await conn.execute("UPDATE job SET not_before = now() WHERE kind = 'referral.track'")
+        await worker.run_once()
+    assert (await client.get(f"/fhir/Task/{task_id}")).json().get("statusReason") == reason
+
+
+async def test_entered_in_error_is_not_overwritten_by_the_partner(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """MEDIUM. A local ``entered-in-error`` is never propagated (the hook only schedules a cancel
+    job for ``cancelled``), tracking goes on, and _mirror overwrites it with the partner's
+    terminal status (``completed``): the erroneous referral looks fulfilled."""
+    partner = FakePartner("https://eie.example/fhir")
+    await add_partner(client, "peie", partner.base)
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await deliver(app, client, worker, "peie", "-eie")
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        response = await client.put(
+            f"/fhir/Task/{task_id}", json={**task, "status": "entered-in-error"}, headers=JSON
+        )
+        assert response.status_code == 200, response.text
+        partner.resources[f"Task/{partner.task_id}"]["status"] = "completed"
+        await run_due(worker)
+    assert (await client.get(f"/fhir/Task/{task_id}")).json()["status"] == "entered-in-error"
+
+
+async def test_cancelling_after_an_unanswered_delivery_still_reaches_the_partner(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """MEDIUM. The partner stores the referral but its answer is lost (timeout: retryable). The
+    source then cancels. The retry finds the Task no longer requested and ends 'done' (not
+    delivered); the cancel job finds no partner_task and ends 'done' (never delivered). The
+    partner keeps an active referral nobody will ever cancel (nor track). The referral
+    identifier would find it: ``Task?identifier={base}/referral-identifier|Task/{id}``."""
+    partner = FakePartner("https://lost.example/fhir")
+    await add_partner(client, "plost", partner.base)
+    answered = False
+    gave_up = threading.Event()
+
+    async def lossy(request: httpx.Request) -> httpx.Response:
+        nonlocal answered
+        response = partner.handle(request)
+        assert response is not None
+        if request.method == "POST" and not answered:
+            answered = True
+            # Stored, but answered only once the worker has given up on it (its timeout, 3 s).
+            await asyncio.to_thread(gave_up.wait, 30)
+        return response
+
+    partner.handler = lossy
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await make_referral(client, "plost", suffix="-lost")
+        try:
+            await run_due(worker)  # stored at the partner, answer lost: will retry
+        finally:
+            gave_up.set()
+        delivery = (await jobs(app, task_id))["deliver"]
+        assert delivery["state"] == "pending" and delivery["partner_task"] is None, delivery
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        cancelled = {**task, "status": "cancelled", "statusReason": {"text": "Client moved"}}
+        assert (await client.put(f"/fhir/Task/{task_id}", json=cancelled, headers=JSON)).status_code == 200
+        for _ in range(3):
+            await run_due(worker)
+    assert ("POST", "") in partner.requests
+    assert any(method in ("PUT", "GET") for method, _ in partner.requests), (
+        partner.requests,
+        await jobs(app, task_id),
+    )
+
+
+async def test_a_cancellation_survives_a_concurrent_partner_update(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """LOW-MEDIUM. cancel() GETs the partner's Task and PUTs it back with If-Match; when the
+    partner changed it in between (412), the cancel job fails for good instead of reading again."""
+    partner = FakePartner("https://412.example/fhir")
+    await add_partner(client, "p412", partner.base)
+    path = f"Task/{partner.task_id}"
+    async with partner_http(partner) as http:
+        worker = make_worker(app, http)
+        task_id = await deliver(app, client, worker, "p412", "-412")
+        partner.override[("PUT", path)] = lambda _: httpx.Response(
+            412, json={"resourceType": "OperationOutcome", "issue": []}
+        )
+        task = (await client.get(f"/fhir/Task/{task_id}")).json()
+        cancelled = {**task, "status": "cancelled", "statusReason": {"text": "Client moved"}}
+        assert (await client.put(f"/fhir/Task/{task_id}", json=cancelled, headers=JSON)).status_code == 200
+        await run_due(worker)
+        del partner.override[("PUT", path)]
+        await run_due(worker)
+    assert partner.resources[path]["status"] == "cancelled", await jobs(app, task_id)

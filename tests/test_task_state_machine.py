@@ -294,3 +294,45 @@ async def test_the_case_managers_clients_may_delete_an_inbound_referral(
     created = await _create(client, inbound, parties["owner"])
     assert created.status_code == 201, created.text
     assert (await client.delete(f"/fhir/Task/{created.json()['id']}")).status_code == 200
+
+
+async def test_the_owner_cannot_make_itself_requester(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """MEDIUM. check_transition returns at once when the status is unchanged, so who may change
+    ``requester``/``owner``/``focus``/``for`` is never checked: the owner rewrites the requester
+    to itself (200), and is then allowed what SDOHCC reserves to the requester
+    (entered-in-error), or a partner hands the referral to another organisation."""
+    for org in ("cm", "own"):
+        await put(client, "Organization", org, {"name": org})
+    await put(client, "Patient", "p-own", {"gender": "other"})
+    await put(
+        client,
+        "ServiceRequest",
+        "sr-own",
+        {"status": "active", "intent": "order", "subject": {"reference": "Patient/p-own"}},
+    )
+    task = {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "code": FULFILL,
+        "authoredOn": "2026-11-25",
+        "focus": {"reference": "ServiceRequest/sr-own"},
+        "for": {"reference": "Patient/p-own"},
+        "requester": {"reference": "Organization/cm"},
+        "owner": {"reference": "Organization/own"},
+    }
+    created = (await client.post("/fhir/Task", json=task, headers=JSON)).json()
+    owner = await bearer(app, "system/*.cruds", organization="Organization/own", client_id="own")
+    hijacked = await client.put(
+        f"/fhir/Task/{created['id']}",
+        json={**created, "requester": {"reference": "Organization/own"}},
+        headers={**JSON, **owner},
+    )
+    if hijacked.status_code == 200:
+        eie = await client.put(
+            f"/fhir/Task/{created['id']}",
+            json={**hijacked.json(), "status": "entered-in-error"},
+            headers={**JSON, **owner},
+        )
+        assert eie.status_code == 422, "the owner marked the referral entered-in-error"
+    assert hijacked.status_code == 422, hijacked.text

@@ -32,7 +32,7 @@ import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -104,7 +104,8 @@ def backoff(first: float, attempt: int, cap: float) -> float:
 async def record(conn: Connection, job: Job, outcome: Outcome) -> None:
     """Record ``outcome`` of a claimed ``job`` in the caller's transaction, fenced: raises
     :class:`LeaseLost` (so that the caller's transaction rolls back) when the lease is no longer
-    the one ``job`` was claimed with. A :class:`Retry` without ``delay`` or ``at`` is due at once."""
+    the one ``job`` was claimed with. A :class:`Retry` without ``delay`` or ``at`` is due at once
+    here (returned to the runner, it waits the kind's backoff)."""
     state = {Done: "done", Retry: "pending", Failed: "failed", Paused: "paused"}[type(outcome)]
     not_before = outcome.at if isinstance(outcome, Retry) else None
     delay = outcome.delay if isinstance(outcome, Retry) else None
@@ -131,7 +132,6 @@ class _Kind:
     backoff: float
     max_backoff: float
     running: int = 0
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class Runner:
@@ -159,6 +159,8 @@ class Runner:
         self.dsn = dsn
         self.idle_poll = idle_poll
         self.kinds: dict[str, _Kind] = {}
+        self.idle = asyncio.Event()
+        """Set while :meth:`run` waits for work (a notification, a free slot or the next poll)."""
         self._wake = asyncio.Event()
 
     def register(
@@ -198,22 +200,28 @@ class Runner:
         running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
-                wanted = self._wanted()
-                claimed = 0
-                if wanted:
-                    try:
-                        claimed = await self._start(wanted, running)
-                    except Exception as exc:
-                        logger.error("job runner: claiming failed (%s)", type(exc).__name__)
-                if claimed and claimed == sum(wanted.values()):
-                    continue  # there may be more: look again at once
+                # Cleared before claiming: a notification arriving while the claim runs is kept.
                 self._wake.clear()
+                jobs: list[Job] = []
+                limit = 0
+                try:
+                    jobs, limit = await self._claim()
+                except Exception as exc:
+                    logger.error("job runner: claiming failed (%s)", type(exc).__name__)
+                for job in jobs:
+                    running.add(asyncio.create_task(self.execute(job), name=f"job-{job.id}-{job.kind}"))
+                if jobs and len(jobs) == limit:
+                    continue  # there may be more: look again at once
                 stopping = asyncio.ensure_future(stop.wait())
                 woken = asyncio.ensure_future(self._wake.wait())
                 waiters: set[asyncio.Future[Any]] = {stopping, woken, *running}
-                done, _ = await asyncio.wait(
-                    waiters, timeout=self.idle_poll, return_when=asyncio.FIRST_COMPLETED
-                )
+                self.idle.set()
+                try:
+                    done, _ = await asyncio.wait(
+                        waiters, timeout=self.idle_poll, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    self.idle.clear()
                 stopping.cancel()
                 woken.cancel()
                 running -= done
@@ -231,39 +239,31 @@ class Runner:
     def _notified(self, *_: object) -> None:
         self._wake.set()
 
-    def _wanted(self, slots: int | None = None) -> dict[str, int]:
-        """How many jobs of each kind to claim now: the free slots, within each kind's own limit."""
-        free = (self.concurrency if slots is None else slots) - sum(k.running for k in self.kinds.values())
-        if free <= 0:
-            return {}
+    def _wanted(self) -> tuple[dict[str, int], int]:
+        """How many jobs of each kind may be claimed now (the free slots, within each kind's own
+        limit), and how many in all."""
+        free = self.concurrency - sum(k.running for k in self.kinds.values())
         wanted = {}
         for kind, spec in self.kinds.items():
             room = free if spec.concurrency is None else min(free, spec.concurrency - spec.running)
             if room > 0:
                 wanted[kind] = room
-        # Never more than the free slots in all (claim() also limits the total).
-        return wanted if sum(wanted.values()) <= free else {k: min(v, free) for k, v in wanted.items()}
+        return wanted, min(free, sum(wanted.values()))
 
-    async def _claim(self, wanted: Mapping[str, int]) -> list[Job]:
-        free = self.concurrency - sum(k.running for k in self.kinds.values())
+    async def _claim(self) -> tuple[list[Job], int]:
+        """Claim what the free slots allow: the jobs, and how many were asked for."""
+        wanted, limit = self._wanted()
+        if limit <= 0:
+            return [], 0
         async with self.pool.acquire() as conn:
-            jobs = await queue.claim(conn, self.name, self.lease, wanted, min(free, sum(wanted.values())))
+            jobs = await queue.claim(conn, self.name, self.lease, wanted, limit)
         for job in jobs:
             self.kinds[job.kind].running += 1
-        return jobs
-
-    async def _start(self, wanted: Mapping[str, int], running: set[asyncio.Task[None]]) -> int:
-        jobs = await self._claim(wanted)
-        for job in jobs:
-            running.add(asyncio.create_task(self.execute(job), name=f"job-{job.id}-{job.kind}"))
-        return len(jobs)
+        return jobs, limit
 
     async def run_once(self) -> int:
         """Claim the due jobs (as many as the free slots allow) and run them; returns how many."""
-        wanted = self._wanted()
-        if not wanted:
-            return 0
-        jobs = await self._claim(wanted)
+        jobs, _ = await self._claim()
         await asyncio.gather(*(self.execute(job) for job in jobs))
         return len(jobs)
 
@@ -275,6 +275,11 @@ class Runner:
         heartbeat = asyncio.create_task(self._keep_lease(job))
         try:
             outcome = await spec.handler(job)
+            if isinstance(outcome, Retry) and outcome.delay is None and outcome.at is None:
+                delay = backoff(spec.backoff, job.attempts, spec.max_backoff)
+                outcome = Retry(
+                    delay=delay, status=outcome.status, error=outcome.error, payload=outcome.payload
+                )
             if outcome is not None:
                 async with self.pool.acquire() as conn:
                     await record(conn, job, outcome)
