@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from app.deps import RepositoryDep, read_body
 from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
-from app.fhir.cursors import CursorCodec
+from app.fhir.context import FhirContext
 from app.fhir.errors import (
     BadRequest,
     Forbidden,
@@ -32,10 +32,8 @@ from app.fhir.errors import (
     operation_outcome,
 )
 from app.fhir.params import parse_count, parse_etag, parse_instant, parse_version_id
-from app.fhir.repository import FhirRepository, version_headers
+from app.fhir.repository import version_headers
 from app.fhir.responses import (
-    OutputFormat,
-    Prefer,
     check_request_media_type,
     history_bundle,
     json_response,
@@ -49,7 +47,6 @@ from app.fhir.search_params import registry
 from app.fhir.search_service import run_search, subset_version
 from app.fhir.types import SERVED_TYPES
 from app.fhir.validation import check_id, check_resource_type, parse_body, parse_resource
-from app.settings import Settings
 
 FHIR_JSON_CONTENT = "application/fhir+json"
 
@@ -63,22 +60,6 @@ INTERACTIONS: dict[str, list[str]] = {}
 """Per type, the R4 interaction codes routed here; the CapabilityStatement reads it."""
 
 SYSTEM_INTERACTIONS: list[str] = ["transaction", "batch", "history-system", "search-system"]
-
-
-@dataclass(frozen=True)
-class FhirContext:
-    """Everything an interaction needs from the request, resolved as one dependency."""
-
-    request: Request
-    repo: FhirRepository
-    settings: Settings
-    cursors: CursorCodec
-    fmt: OutputFormat
-    prefer: Prefer
-
-    def param(self, name: str) -> str:
-        value: str = self.request.path_params[name]
-        return value
 
 
 async def fhir_context(request: Request, repo: RepositoryDep) -> FhirContext:
