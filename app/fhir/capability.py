@@ -146,7 +146,10 @@ def _security(base_url: str) -> dict[str, Any]:
                 ],
             }
         ],
-        "description": "Every /fhir interaction except metadata needs a bearer access token.",
+        "description": (
+            "Every /fhir interaction except metadata and reading OperationDefinitions needs a bearer"
+            " access token."
+        ),
     }
 
 
