@@ -8,8 +8,16 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
+from app.fhir.operations import (
+    Operation,
+    OperationParameter,
+    OperationRegistry,
+    operation_definition,
+    parse_parameters,
+)
 from app.fhir.types import SERVED_TYPES
 from app.openapi import build_openapi
 from tests.conftest import FHIR, bearer
@@ -357,3 +365,43 @@ async def test_operations_in_a_batch_are_refused_not_taken_for_reads(client: htt
     assert first["response"]["outcome"]["issue"][0]["code"] == "not-supported"
     assert "resource" not in first
     assert second["response"]["status"].startswith("200")
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+async def _noop(ctx: Any, resource_type: str | None, fhir_id: str | None, parameters: Any) -> Any:
+    raise AssertionError("not invoked")
+
+
+def test_registry_derives_methods_and_checks_declarations() -> None:
+    status = Operation(
+        name="status",
+        title="Status",
+        description="d",
+        levels=("type", "instance"),
+        resource_types=("Task",),
+        handler=_noop,
+        parameters=(
+            OperationParameter("ids", "in", "id", max="*"),
+            OperationParameter("return", "out", "Bundle", min=1),
+        ),
+    )
+    assert status.methods == ("GET", "POST")
+    assert Operation("x", "t", "d", ("system",), _noop, affects_state=True).methods == ("POST",)
+    registry = OperationRegistry([status])
+    assert registry.resolve("status", "instance", "Task", "HEAD") is status
+    parsed = parse_parameters(status, [("ids", "a"), ("ids", "b"), ("_format", "json")], None)
+    assert [v.text() for v in parsed.all("ids")] == ["a", "b"]
+    definition = operation_definition(status, "http://h/fhir")
+    assert definition["url"] == "http://h/fhir/OperationDefinition/status"
+    assert (definition["system"], definition["type"], definition["instance"]) == (False, True, True)
+    assert definition["resource"] == ["Task"]
+    with pytest.raises(ValueError):
+        registry.register(status)  # twice
+    with pytest.raises(ValueError):
+        Operation("s", "t", "d", ("type",), _noop, resource_types=("Subscription",))  # not served
+    with pytest.raises(ValueError):
+        Operation("s", "t", "d", ("type",), _noop, body_resource="resource")  # no such parameter
+    with pytest.raises(ValueError):
+        Operation("s", "t", "d", ("everywhere",), _noop)  # type: ignore[arg-type]
