@@ -37,7 +37,12 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     return document
 
 
-OPEN_PATHS = ("/fhir/metadata", "/fhir/.well-known/smart-configuration")
+OPEN_PATHS = (
+    "/fhir/metadata",
+    "/fhir/.well-known/smart-configuration",
+    "/fhir/OperationDefinition",
+    "/fhir/OperationDefinition/{definition_id}",
+)
 
 
 def _document_security(document: dict[str, Any]) -> None:

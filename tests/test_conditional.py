@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any
 
 import httpx
+from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import count_rows
+from tests.conftest import bearer, count_rows
+from tests.test_authorization import _observation
+from tests.test_search_support import put
 
 JSON = {"content-type": "application/fhir+json"}
+JSON_PATCH = {"content-type": "application/json-patch+json"}
 MRN = "http://hospital.example.org/mrn"
 
 
@@ -261,3 +266,67 @@ async def test_fhirpath_patch(client: httpx.AsyncClient) -> None:
     }
     assert (await client.patch(url, json=ambiguous, headers=JSON)).status_code == 422
     assert (await client.get(url)).json()["meta"]["versionId"] == "2"
+
+
+# -- what a token that may not read learns from conditional writes and PATCH --------------------
+
+
+def _bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+async def test_update_only_token_reads_nothing_through_patch(app: FastAPI, client: httpx.AsyncClient) -> None:
+    await put(client, "Observation", "obs-x", _observation("p2", code="secret-code"))
+    update_only = await bearer(app, "system/Observation.u")
+    headers = {**update_only, **JSON_PATCH}
+    assert (await client.get("/fhir/Observation/obs-x", headers=update_only)).status_code == 403
+    # A failing JSON Patch "test" writes nothing but echoes the stored value.
+    probe = [{"op": "test", "path": "/code/coding/0/code", "value": "guess"}]
+    response = await client.patch("/fhir/Observation/obs-x", json=probe, headers=headers)
+    assert "secret-code" not in response.text, response.text[:300]
+    # An empty patch answers the whole current resource.
+    response = await client.patch("/fhir/Observation/obs-x", json=[], headers=headers)
+    assert "secret-code" not in response.text, response.text[:300]
+
+
+async def test_conditional_update_if_match_does_not_reveal_the_matching_id(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    await put(client, "Observation", "obs-hidden-id", _observation("p2", code="hiv"))
+    update_only = await bearer(app, "system/Observation.u")
+    body = {"resourceType": "Observation", **_observation("x")}
+    response = await client.put(
+        "/fhir/Observation?code=hiv", json=body, headers={**JSON, **update_only, "if-match": 'W/"999"'}
+    )
+    assert "obs-hidden-id" not in response.text, response.text[:300]
+
+
+async def test_conditional_create_is_no_existence_oracle(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """A create-only token, and a token that may read only some Observations, learn nothing from
+    If-None-Exist about Observations they cannot read."""
+    await put(client, "Observation", "obs-p2-hiv", _observation("p2", code="hiv"))
+    body = {"resourceType": "Observation", **_observation("x")}
+    create_only = {**JSON, **await bearer(app, "system/Observation.c")}
+
+    async def attempt(condition: str) -> int:
+        # A transaction whose second entry always fails: nothing is ever written.
+        transaction = _bundle(
+            "transaction",
+            {"resource": body, "request": {"method": "POST", "url": "Observation", "ifNoneExist": condition}},
+            {
+                "resource": {"resourceType": "Observation", "status": "bogus"},
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        )
+        return (await client.post("/fhir", json=transaction, headers=create_only)).status_code
+
+    assert await attempt("code=hiv&subject=Patient/p2") == await attempt("code=absent&subject=Patient/p2")
+    partial_reader = await bearer(
+        app, "system/Observation.c system/Observation.rs?code=http://loinc.org|none"
+    )
+    response = await client.post(
+        "/fhir/Observation", json=body, headers={**JSON, **partial_reader, "if-none-exist": "code=hiv"}
+    )
+    assert "obs-p2-hiv" not in response.text, response.text[:300]

@@ -6,7 +6,10 @@ import asyncio
 
 import httpx
 
+from tests import test_authorization as authorization
 from tests.samples import SAMPLES
+from tests.test_authorization import _observation
+from tests.test_search_support import put
 
 JSON = {"content-type": "application/fhir+json"}
 
@@ -81,3 +84,24 @@ async def test_total_on_a_later_search_page(client: httpx.AsyncClient) -> None:
     assert second.status_code == 200
     assert second.json()["total"] == 5
     assert len(second.json()["entry"]) == 2
+
+
+# -- a patient-scoped token and the versions of a resource that moved into its compartment ------
+
+# The leakage world and its patient-scoped token (fixtures of tests/test_authorization.py).
+world = authorization.world
+patient_p1 = authorization.patient_p1
+
+
+async def test_patient_scope_never_reads_old_versions_outside_the_compartment(
+    client: httpx.AsyncClient, patient_p1: dict[str, str]
+) -> None:
+    """Observation/moved was p2's (version 1) and is p1's now: p1 must not read version 1."""
+    await put(client, "Observation", "moved", {**_observation("p2"), "valueString": "p2-only text"})
+    await put(client, "Observation", "moved", _observation("p1"))
+    assert (await client.get("/fhir/Observation/moved", headers=patient_p1)).status_code == 200
+    vread = await client.get("/fhir/Observation/moved/_history/1", headers=patient_p1)
+    assert vread.status_code == 404, vread.text[:300]
+    for path in ("Observation/moved/_history", "Observation/_history", "_history"):
+        response = await client.get(f"/fhir/{path}", headers=patient_p1)
+        assert "p2-only text" not in response.text, path

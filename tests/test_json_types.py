@@ -237,7 +237,7 @@ EMPTY_ARRAY: list[Row] = [
     ("QuestionnaireResponse", {"item": V}, "QuestionnaireResponse.item", [], [{"linkId": "1"}]),
     ("Provenance", {"reason": V}, "Provenance.reason", [], [{"text": "x"}]),
     ("AuditEvent", {"purposeOfEvent": V}, "AuditEvent.purposeOfEvent", [], [{"text": "TREAT"}]),
-    ("Subscription", {"contact": V}, "Subscription.contact", [], [{"system": "email", "value": "a@example.org"}]),
+    ("Subscription", {"contact": V}, "Subscription.contact", [], [{"system": "email", "value": "a@x.org"}]),
 ]
 MORE: list[Row] = [
     ("Patient", {"active": V}, "Patient.active", 1, True),

@@ -12,7 +12,8 @@ Writes into app/fhir/generated/ (committed; the product never reads ../shared):
   expression compiled into JSON-key paths (tools/search_params.py), and the R4 Patient
   CompartmentDefinition's parameters per type.
 - openapi_schemas.json: the R4 JSON-schema definitions reachable from the served types
-  (plus Bundle, OperationOutcome, CapabilityStatement), rewritten for OpenAPI components.
+  (plus Bundle, OperationOutcome, CapabilityStatement, Parameters, OperationDefinition), rewritten
+  for OpenAPI components.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from app.fhir.types import SERVED_TYPES  # noqa: E402
 from tools.search_params import build_table, compartment  # noqa: E402
 
-EXTRA_DEFINITIONS = ("Bundle", "OperationOutcome", "CapabilityStatement", "Parameters")
+EXTRA_DEFINITIONS = ("Bundle", "OperationOutcome", "CapabilityStatement", "Parameters", "OperationDefinition")
 GENERIC_RESOURCE = {
     "type": "object",
     "description": "Any FHIR R4 resource, identified by resourceType.",

@@ -65,6 +65,8 @@ ACTIONS = {
 def interaction_of(method: str, path: str) -> str:
     """The R4 restful-interaction code of a request to ``path`` (below /fhir)."""
     parts = [p for p in path.strip("/").split("/") if p]
+    if parts and parts[-1].startswith("$"):
+        return "operation"  # operations.html: [type]/[id]/$name, [type]/$name, $name
     if method == "POST" and not parts:
         return "batch"  # the bundle route replaces this with the Bundle's own type
     if method in ("GET", "HEAD"):

@@ -116,6 +116,11 @@ def _parse_entry(index: int, raw: Any, fhir_base: str) -> Entry:
     segments = [s for s in parts.path.split("/") if s]
     if not segments:
         raise BadRequest("entry.request.url names no resource type")
+    if any(segment.startswith("$") for segment in segments):
+        # Not to be taken for the interaction its other segments spell (Patient/1/$meta as a read).
+        raise BadRequest(
+            "operations ($name) are not supported in a batch or transaction", code="not-supported"
+        )
     resource_type = segments[0]
     check_resource_type(resource_type)
     fhir_id = segments[1] if len(segments) > 1 else None

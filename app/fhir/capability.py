@@ -1,11 +1,13 @@
 """The CapabilityStatement (FHIR R4 capabilitystatement.html), generated from the
-type registry and the interactions actually routed, so it cannot drift from the code."""
+type registry, the interactions actually routed and the operation registry, so it cannot
+drift from the code."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from app.fhir.models import FHIR_VERSION
+from app.fhir.operations import Level, OperationRegistry, definition_url
 from app.fhir.repository import IMMUTABLE_TYPES
 from app.fhir.search_params import SearchRegistry, registry
 from app.fhir.types import SERVED_TYPES
@@ -20,6 +22,7 @@ def capability_statement(
     base_url: str,
     interactions: dict[str, list[str]],
     system_interactions: list[str],
+    operations: OperationRegistry | None = None,
     conditional_delete_max: int = 1,
     cors: bool = True,
 ) -> dict[str, Any]:
@@ -49,7 +52,15 @@ def capability_statement(
         }
         if "search-type" in routed:
             entry.update(_search_capabilities(search, resource_type))
+        if operations is not None:
+            listed = _operations(operations, fhir_base, resource_type)
+            if listed:
+                entry["operation"] = listed
         resources.append(entry)
+    system_operations = []
+    if operations is not None:
+        resources.append(OPERATION_DEFINITION_RESOURCE)
+        system_operations = _operations(operations, fhir_base, None)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -66,6 +77,7 @@ def capability_statement(
                 "security": _security(base_url, cors=cors),
                 "resource": resources,
                 "interaction": [{"code": code} for code in system_interactions],
+                **({"operation": system_operations} if system_operations else {}),
                 "searchParam": [
                     {"name": name, "definition": param.url, "type": param.type}
                     for name, param in sorted(search.for_type("Patient").items())
@@ -74,6 +86,39 @@ def capability_statement(
             }
         ],
     }
+
+
+OPERATION_DEFINITION_RESOURCE: dict[str, Any] = {
+    "type": "OperationDefinition",
+    "profile": "http://hl7.org/fhir/StructureDefinition/OperationDefinition",
+    "interaction": [{"code": "read"}, {"code": "search-type"}],
+    "searchParam": [
+        {"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
+        {
+            "name": "code",
+            "definition": "http://hl7.org/fhir/SearchParameter/OperationDefinition-code",
+            "type": "token",
+        },
+        {
+            "name": "name",
+            "definition": "http://hl7.org/fhir/SearchParameter/conformance-name",
+            "type": "string",
+        },
+        {"name": "url", "definition": "http://hl7.org/fhir/SearchParameter/conformance-url", "type": "uri"},
+    ],
+}
+"""The definitions of the server's operations (app/fhir/operations.py), read-only and open like
+this statement (app/routers/metadata.py)."""
+
+
+def _operations(
+    operations: OperationRegistry, fhir_base: str, resource_type: str | None
+) -> list[dict[str, Any]]:
+    """rest.operation (system level, ``resource_type`` None) or rest.resource.operation (the type
+    and instance levels of a type): name without ``$`` and the served definition's canonical."""
+    levels: tuple[Level, ...] = ("system",) if resource_type is None else ("type", "instance")
+    found = {o.name: o for level in levels for o in operations.at(level, resource_type)}
+    return [{"name": name, "definition": definition_url(o, fhir_base)} for name, o in sorted(found.items())]
 
 
 def _security(base_url: str, *, cors: bool) -> dict[str, Any]:
@@ -102,7 +147,10 @@ def _security(base_url: str, *, cors: bool) -> dict[str, Any]:
                 ],
             }
         ],
-        "description": "Every /fhir interaction except metadata needs a bearer access token.",
+        "description": (
+            "Every /fhir interaction except metadata and reading OperationDefinitions needs a bearer"
+            " access token."
+        ),
     }
 
 

@@ -581,6 +581,48 @@ class FhirRepository:
         token may not see it)."""
         return await self._current(resource_type, fhir_id, "r")
 
+    async def current_for(self, resource_type: str, fhir_id: str, letter: str) -> StoredVersion:
+        """The current row, deleted or not, if the token may use it with ``letter`` (``u``,
+        ``d``): what an update or a delete would start from, without locking or changing it
+        (R4 Resource-validate's update and delete modes). 403/404 as that interaction."""
+        return await self._current(resource_type, fhir_id, letter)
+
+    async def labels(self, resource_type: str | None) -> dict[str, list[Any]]:
+        """R4 Resource-meta at the type (``resource_type``) or system (None) level: the
+        profiles, tags and security labels of the current resources the token may search,
+        from the search index (``_profile``, ``_tag``, ``_security``)."""
+        compiler = self._compiler()
+        bind = compiler.bind
+        if resource_type is not None:
+            self.access.require(resource_type, "s")
+            types: tuple[str, ...] = (resource_type,)
+            limit = self.access.condition(compiler, "r", resource_type, "s")
+        else:
+            types = tuple(t for t in SERVED_TYPES if self.access.allows(t, "s"))
+            if not types:
+                raise Forbidden("the access token does not allow searching any resource type")
+            limit = self.access.row_filter(compiler, "r", "s", types)
+        # Fixed clauses; values travel as bind parameters.
+        where = f"i.resource_type = ANY({bind(list(types))}) AND NOT r.deleted" + (
+            f" AND {limit}" if limit else ""
+        )
+        sql = (
+            "SELECT i.param, i.system, i.code, min(i.display) AS display, NULL AS uri"
+            " FROM search_token i JOIN resource r ON r.rid = i.rid"
+            f" WHERE i.param IN ('_tag', '_security') AND {where} GROUP BY i.param, i.system, i.code"
+            " UNION ALL SELECT DISTINCT i.param, NULL, NULL, NULL, i.uri"
+            f" FROM search_uri i JOIN resource r ON r.rid = i.rid WHERE i.param = '_profile' AND {where}"
+            " ORDER BY 1, 2, 3, 5"
+        )
+        found: dict[str, list[Any]] = {"profile": [], "tag": [], "security": []}
+        for row in await self._conn.fetch(sql, *bind.values):
+            if row["param"] == "_profile":
+                found["profile"].append(row["uri"])
+                continue
+            coding = {key: row[key] for key in ("system", "code", "display") if row[key] is not None}
+            found[row["param"].lstrip("_")].append(coding)
+        return {key: value for key, value in found.items() if value}
+
     async def _current(
         self, resource_type: str, fhir_id: str, letter: str, *, lock: bool = False
     ) -> StoredVersion:

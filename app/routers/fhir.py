@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from app.deps import RepositoryDep, read_body
 from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
-from app.fhir.cursors import CursorCodec
+from app.fhir.context import FhirContext
 from app.fhir.errors import (
     BadRequest,
     Forbidden,
@@ -31,11 +31,11 @@ from app.fhir.errors import (
     UnsupportedMediaType,
     operation_outcome,
 )
+from app.fhir.operations import Level, Operation, OperationParameters, OperationRegistry, parse_parameters
 from app.fhir.params import parse_count, parse_etag, parse_instant, parse_version_id
-from app.fhir.repository import FhirRepository, version_headers
+from app.fhir.repository import version_headers
+from app.fhir.resource_operations import META, VALIDATE
 from app.fhir.responses import (
-    OutputFormat,
-    Prefer,
     check_request_media_type,
     history_bundle,
     json_response,
@@ -49,7 +49,6 @@ from app.fhir.search_params import registry
 from app.fhir.search_service import run_search, subset_version
 from app.fhir.types import SERVED_TYPES
 from app.fhir.validation import check_id, check_resource_type, parse_body, parse_resource
-from app.settings import Settings
 
 FHIR_JSON_CONTENT = "application/fhir+json"
 
@@ -63,22 +62,6 @@ INTERACTIONS: dict[str, list[str]] = {}
 """Per type, the R4 interaction codes routed here; the CapabilityStatement reads it."""
 
 SYSTEM_INTERACTIONS: list[str] = ["transaction", "batch", "history-system", "search-system"]
-
-
-@dataclass(frozen=True)
-class FhirContext:
-    """Everything an interaction needs from the request, resolved as one dependency."""
-
-    request: Request
-    repo: FhirRepository
-    settings: Settings
-    cursors: CursorCodec
-    fmt: OutputFormat
-    prefer: Prefer
-
-    def param(self, name: str) -> str:
-        value: str = self.request.path_params[name]
-        return value
 
 
 async def fhir_context(request: Request, repo: RepositoryDep) -> FhirContext:
@@ -299,6 +282,127 @@ async def compartment_search(ctx: FhirContext, resource_type: str) -> Response:
         compartment=("Patient", patient_id),
     )
     return json_response(body, ctx.fmt)
+
+
+# -- operations (R4 operations.html) ------------------------------------------------------------
+
+OPERATIONS = OperationRegistry((VALIDATE, META))
+"""Every ``$operation`` the server offers; routes, OperationDefinitions, the CapabilityStatement
+and the OpenAPI document all come from it. Register a new operation here."""
+
+OPERATION_PATHS: tuple[tuple[Level, str], ...] = (
+    ("system", "/${operation}"),
+    ("type", "/{resource_type}/${operation}"),
+    ("instance", "/{resource_type}/{id}/${operation}"),
+)
+"""Routed before the generic interaction and compartment routes: ``Patient/1/$everything`` is an
+operation (unknown until one is registered), not a compartment search of type ``$everything``."""
+
+_EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
+
+
+async def _operation_parameters(ctx: FhirContext, operation: Operation) -> OperationParameters:
+    """operations.html#request: the query string, plus a POST body (Parameters, or the
+    operation's body resource by itself); an empty POST body carries no parameters."""
+    request = ctx.request
+    body = None
+    if request.method == "POST":
+        raw = await read_body(request, ctx.settings.max_body_bytes)
+        if raw.strip():
+            check_request_media_type(request)
+            body = parse_body(raw)
+    return parse_parameters(operation, request.query_params.multi_items(), body)
+
+
+def _operation_endpoint(level: Level) -> Callable[[ContextDep], Awaitable[Response]]:
+    async def endpoint(ctx: ContextDep) -> Response:
+        path = ctx.request.path_params
+        resource_type: str | None = path.get("resource_type")
+        fhir_id: str | None = path.get("id")
+        if resource_type is not None:
+            check_resource_type(resource_type)
+        if fhir_id is not None:
+            check_id(fhir_id)
+        operation = OPERATIONS.resolve(path["operation"], level, resource_type, ctx.request.method)
+        ctx.repo.interaction = "operation"
+        parameters = await _operation_parameters(ctx, operation)
+        return await operation.handler(ctx, resource_type, fhir_id, parameters)
+
+    return endpoint
+
+
+def _typed_operation_endpoint(
+    operation: Operation, resource_type: str | None
+) -> Callable[[ContextDep], Awaitable[Response]]:
+    """A documented copy (docs_router) of one operation at one level and type."""
+
+    async def endpoint(ctx: ContextDep) -> Response:
+        fhir_id = ctx.request.path_params.get("id")
+        parameters = await _operation_parameters(ctx, operation)
+        return await operation.handler(ctx, resource_type, fhir_id, parameters)
+
+    return endpoint
+
+
+def _operation_body_doc(operation: Operation, resource_type: str | None) -> dict[str, Any]:
+    """A Parameters resource, or the operation's body resource by itself."""
+    schema: dict[str, Any] = {"$ref": "#/components/schemas/Parameters"}
+    if operation.body_resource is not None and resource_type is not None:
+        schema = {"oneOf": [schema, {"$ref": f"#/components/schemas/{resource_type}"}]}
+    required = any(p.min > 0 for p in operation.inputs) or operation.body_resource is not None
+    return {"required": required, "content": {FHIR_JSON_CONTENT: {"schema": schema}}}
+
+
+def _operation_doc(
+    operation: Operation, level: Level, resource_type: str | None, method: str
+) -> dict[str, Any]:
+    parameters = _path_doc(["id"]) if level == "instance" else []
+    extra: dict[str, Any] = {"parameters": parameters}
+    primitives = [p for p in operation.inputs if p.kind == "primitive"]
+    if method == "GET" or operation.body_resource is not None:
+        # With a body resource by itself, primitives travel in the URL (operations.html#request).
+        for parameter in primitives:
+            doc = _query_doc(parameter.name, parameter.documentation or f"{parameter.type} parameter")
+            if parameter.codes:
+                doc["schema"] = {"type": "string", "enum": list(parameter.codes)}
+            parameters.append(doc)
+    if method == "POST":
+        extra["requestBody"] = _operation_body_doc(operation, resource_type)
+    return extra
+
+
+def _register_operations() -> None:
+    for level, path in OPERATION_PATHS:
+        router.add_api_route(
+            path,
+            _operation_endpoint(level),
+            methods=_EVERY_METHOD,
+            include_in_schema=False,
+            response_class=Response,
+        )
+    for operation in OPERATIONS:
+        for level in operation.levels:
+            types: tuple[str | None, ...] = (None,) if level == "system" else operation.types
+            for resource_type in types:
+                prefix = "" if resource_type is None else f"/{resource_type}"
+                path = prefix + ("/{id}" if level == "instance" else "") + f"/${operation.name}"
+                for method in operation.methods:
+                    suffix = "" if method == "GET" or len(operation.methods) == 1 else "_post"
+                    target = f"_{resource_type}" if resource_type else ""
+                    docs_router.add_api_route(
+                        path,
+                        _typed_operation_endpoint(operation, resource_type),
+                        methods=[method],
+                        tags=[resource_type or "system"],
+                        summary=f"${operation.name} ({level} level): {operation.title}",
+                        description=operation.description,
+                        operation_id=f"{operation.name.replace('-', '_')}_{level}{target}{suffix}",
+                        response_class=Response,
+                        openapi_extra=_operation_doc(operation, level, resource_type, method),
+                        responses=_responses(
+                            200, operation.ok_schema.format(type=resource_type), operation.errors
+                        ),
+                    )
 
 
 # -- routing ---------------------------------------------------------------------------------
@@ -652,6 +756,7 @@ docs_router.add_api_route(
     openapi_extra={"requestBody": {"required": True, **_content("Bundle")}},
     responses=_responses(200, "Bundle", (400, 404, 409, 412, 413, 415, 422)),
 )
+_register_operations()  # before the generic routes: their {id} and {resource_type} match $names
 _register()
 
 
