@@ -450,3 +450,56 @@ async def test_an_endpoint_the_outbound_policy_refuses_is_a_422(app: FastAPI, se
             response = await http.post(f"{FHIR}/Subscription", json=subscription(endpoint))
             assert response.status_code == 422, endpoint
             assert "outbound" in response.text
+
+
+async def test_status_and_events_let_a_subscriber_that_was_down_recover(
+    client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, running: None
+) -> None:
+    server = misbehaving_server
+    subscription_id = await active_subscription(client, server, "/down-a-while")
+    server.script("/down-a-while", Reply(500))
+    created = [(await client.post(f"{FHIR}/Task", json=task())).json()["id"] for _ in range(3)]
+
+    async def counted() -> Any:
+        answer = await client.get(f"{FHIR}/Subscription/{subscription_id}/$status")
+        assert answer.status_code == 200, answer.text
+        bundle = answer.json()
+        assert bundle["type"] == "searchset"
+        status = status_of({**bundle, "type": "history"})
+        return status if status["events-since-subscription-start"] == "3" else None
+
+    status = await wait_until(counted, "$status to count three events")
+    assert status["type"] == "query-status" and status["status"] == "active"
+    typed = await client.get(f"{FHIR}/Subscription/$status", params={"id": subscription_id})
+    assert typed.status_code == 200 and typed.json()["total"] == 1
+
+    replay = await client.get(
+        f"{FHIR}/Subscription/{subscription_id}/$events",
+        params={"eventsSinceNumber": "2", "content": "full-resource"},
+    )
+    assert replay.status_code == 200, replay.text
+    status = status_of(replay.json())
+    assert status["type"] == "query-event"
+    assert [e["event-number"] for e in status["notification-event"]] == ["2", "3"]
+    assert [e["resource"]["id"] for e in replay.json()["entry"][1:]] == created[1:]
+    until = await client.get(
+        f"{FHIR}/Subscription/{subscription_id}/$events", params={"eventsUntilNumber": "1"}
+    )
+    assert [e["event-number"] for e in status_of(until.json())["notification-event"]] == ["1"]
+    bad = await client.get(
+        f"{FHIR}/Subscription/{subscription_id}/$events", params={"eventsSinceNumber": "x"}
+    )
+    assert bad.status_code == 400 and bad.json()["resourceType"] == "OperationOutcome"
+    missing = await client.get(f"{FHIR}/Subscription/nobody/$events")
+    assert missing.status_code == 404
+
+
+async def test_the_capability_statement_lists_topics_and_operations(client: httpx.AsyncClient) -> None:
+    statement = (await client.get(f"{FHIR}/metadata")).json()
+    [entry] = [r for r in statement["rest"][0]["resource"] if r["type"] == "Subscription"]
+    topics = {e["valueCanonical"] for e in entry["extension"]}
+    assert {TASK_TOPIC, SR_TOPIC} <= topics and len(topics) == 5
+    assert {"status", "events"} <= {o["name"] for o in entry["operation"]}
+    for operation in entry["operation"]:
+        definition = await client.get(operation["definition"])
+        assert definition.status_code == 200, operation

@@ -25,6 +25,7 @@ def capability_statement(
     operations: OperationRegistry | None = None,
     conditional_delete_max: int = 1,
     cors: bool = True,
+    resource_details: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     resources = []
     search = registry()
@@ -52,6 +53,8 @@ def capability_statement(
         }
         if "search-type" in routed:
             entry.update(_search_capabilities(search, resource_type))
+        # What a feature adds to its type's entry (the subscription topics on Subscription).
+        entry.update((resource_details or {}).get(resource_type, {}))
         if operations is not None:
             listed = _operations(operations, fhir_base, resource_type)
             if listed:

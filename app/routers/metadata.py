@@ -17,6 +17,7 @@ from app.fhir.operations import operation_definition
 from app.fhir.responses import FormatDep, json_response
 from app.routers.fhir import INTERACTIONS, OPERATIONS, SYSTEM_INTERACTIONS
 from app.settings import Settings
+from app.subscriptions.topics import subscription_capabilities
 
 router = APIRouter(prefix="/fhir", tags=["system"])
 
@@ -47,6 +48,7 @@ async def metadata(request: Request, settings: SettingsDep, fmt: FormatDep) -> R
             operations=OPERATIONS,
             conditional_delete_max=settings.conditional_delete_max,
             cors=bool(settings.cors_origins.strip()),
+            resource_details={"Subscription": subscription_capabilities()},
         )
         cached = request.app.state.capability_json = jsonio.dumps(statement).decode("utf-8")
     return json_response(cached, fmt)

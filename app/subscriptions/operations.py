@@ -19,8 +19,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from fastapi.responses import Response
+
+from app.fhir.context import FhirContext
 from app.fhir.errors import BadRequest, NotFound
+from app.fhir.operations import Operation, OperationParameter, OperationParameters
 from app.fhir.repository import FhirRepository, RepositoryFactory, fhir_instant
+from app.fhir.responses import json_response
 from app.subscriptions.notifications import CONTENT_CODES, load_events, notification_bundle, status_parameters
 from app.subscriptions.owner import owner_access
 
@@ -99,3 +104,97 @@ def _number(value: str | None, name: str, default: int | None) -> int | None:
     if not value.isascii() or not value.isdigit() or len(value) > 18:
         raise BadRequest(f"{name} must be a whole number", expression=(name,))
     return int(value)
+
+
+# -- the operations as the registry routes them (app/fhir/operations.py) --------------------
+
+BACKPORT_OPERATIONS = "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition"
+
+
+async def _status(
+    ctx: FhirContext, resource_type: str | None, fhir_id: str | None, parameters: OperationParameters
+) -> Response:
+    ids = [fhir_id] if fhir_id is not None else [v.text() or "" for v in parameters.all("id")]
+    statuses = [v.text() or "" for v in parameters.all("status")]
+    bundle = await status_bundle(ctx.repo, ctx.settings.fhir_base, ids, statuses)
+    return json_response(bundle, ctx.fmt)
+
+
+async def _events(
+    ctx: FhirContext, resource_type: str | None, fhir_id: str | None, parameters: OperationParameters
+) -> Response:
+    assert fhir_id is not None  # instance level only
+    bundle = await events_bundle(
+        ctx.repo,
+        ctx.request.app.state.repositories,
+        ctx.settings.fhir_base,
+        fhir_id,
+        parameters.text("eventsSinceNumber"),
+        parameters.text("eventsUntilNumber"),
+        parameters.text("content"),
+    )
+    return json_response(bundle, ctx.fmt)
+
+
+SUBSCRIPTION_STATUS = Operation(
+    name="status",
+    definition_id="Subscription-status",
+    base=f"{BACKPORT_OPERATIONS}/backport-subscription-status",
+    title="Subscription status",
+    description=(
+        "The status of a subscription (instance level) or of the subscriptions the access token may"
+        " read (type level, optionally only those with the given ids and statuses): a searchset"
+        " Bundle of subscription-status Parameters (type query-status) with the number of events"
+        " since the subscription started."
+    ),
+    levels=("type", "instance"),
+    resource_types=("Subscription",),
+    handler=_status,
+    ok_schema="Bundle",
+    errors=(400, 401, 403, 404, 405),
+    parameters=(
+        OperationParameter("id", "in", "id", max="*", documentation="Subscriptions to report (type level)"),
+        OperationParameter(
+            "status",
+            "in",
+            "code",
+            max="*",
+            documentation="Only subscriptions with one of these statuses",
+            value_set="http://hl7.org/fhir/ValueSet/subscription-status|4.0.1",
+            codes=("requested", "active", "error", "off"),
+        ),
+        OperationParameter("return", "out", "Bundle", min=1, documentation="The status Parameters"),
+    ),
+)
+
+SUBSCRIPTION_EVENTS = Operation(
+    name="events",
+    definition_id="Subscription-events",
+    base=f"{BACKPORT_OPERATIONS}/backport-subscription-events",
+    title="Subscription events",
+    description=(
+        "Replays the stored events of a subscription (kept for CARECOORD_SUBSCRIPTION_EVENT_RETENTION"
+        " seconds) as a notification Bundle of type query-event: eventsSinceNumber and"
+        f" eventsUntilNumber (inclusive) select them, at most {MAX_EVENTS} per answer; content"
+        " (empty, id-only, full-resource) overrides the subscription's own. What each event carries"
+        " is read with the access of the subscription's owner, as a notification would be."
+    ),
+    levels=("instance",),
+    resource_types=("Subscription",),
+    handler=_events,
+    ok_schema="Bundle",
+    errors=(400, 401, 403, 404, 405),
+    parameters=(
+        OperationParameter("eventsSinceNumber", "in", "string", documentation="The first event number"),
+        OperationParameter("eventsUntilNumber", "in", "string", documentation="The last event number"),
+        OperationParameter(
+            "content",
+            "in",
+            "code",
+            documentation="How much each event carries",
+            value_set="http://hl7.org/fhir/uv/subscriptions-backport/ValueSet/backport-content-value-set",
+            codes=CONTENT_CODES,
+        ),
+        OperationParameter("return", "out", "Bundle", min=1, documentation="The events"),
+    ),
+)

@@ -108,3 +108,22 @@ BY_TYPE: dict[str, tuple[Topic, ...]] = {
 def topic_of(canonical: str) -> Topic | None:
     """The topic a Subscription names (a ``|version`` suffix is ignored)."""
     return BY_URL.get(canonical.split("|", 1)[0])
+
+
+TOPIC_CANONICAL_EXTENSION = (
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+    "capabilitystatement-subscriptiontopic-canonical"
+)
+BACKPORT_SUBSCRIPTION_PROFILE = (
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription"
+)
+
+
+def subscription_capabilities() -> dict[str, Any]:
+    """What the CapabilityStatement says of Subscription (Backport IG 1.1, "Conformance"): the
+    supported topics, one ``capabilitystatement-subscriptiontopic-canonical`` extension each, and
+    the backport profile."""
+    return {
+        "extension": [{"url": TOPIC_CANONICAL_EXTENSION, "valueCanonical": topic.url} for topic in TOPICS],
+        "supportedProfile": [BACKPORT_SUBSCRIPTION_PROFILE],
+    }
