@@ -97,8 +97,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.oauth = AuthorizationServer(
                 settings=settings, pool=app.state.pool, tokens=app.state.tokens
             )
-            app.state.audit = AuditTrail(app.state.pool, settings.fhir_base, enabled=settings.audit_enabled)
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
+            app.state.audit = AuditTrail(
+                app.state.pool, app.state.repositories, enabled=settings.audit_enabled
+            )
             app.state.audit.start()
             try:
                 async with contextlib.AsyncExitStack() as background:

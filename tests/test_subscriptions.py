@@ -8,7 +8,9 @@ answer, fail or hang; the job runner and the dispatcher run as ``carecoord serve
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -503,3 +505,47 @@ async def test_the_capability_statement_lists_topics_and_operations(client: http
     for operation in entry["operation"]:
         definition = await client.get(operation["definition"])
         assert definition.status_code == 200, operation
+
+
+async def test_a_handshake_to_an_endpoint_not_yet_listening_is_tried_again(
+    app: FastAPI, client: httpx.AsyncClient, running: None
+) -> None:
+    """Connection refused is not a refusal: the handshake is retried (with the notification
+    backoff) and succeeds once the receiver listens."""
+    from tests.partner_support import free_port
+
+    port = free_port()
+    subscription_id = await create_subscription(client, subscription(f"http://127.0.0.1:{port}/late"))
+
+    async def failed_once() -> bool:
+        error = await app.state.pool.fetchval(
+            "SELECT last_error FROM subscription WHERE fhir_id = $1", subscription_id
+        )
+        return error is not None
+
+    await wait_until(failed_once, "the first handshake attempt to fail")
+    assert await subscription_status(client, subscription_id) == "requested"
+    received: list[bytes] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Receiver)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+
+        async def active() -> bool:
+            return await subscription_status(client, subscription_id) == "active"
+
+        await wait_until(active, "the retried handshake to succeed")
+        assert status_of(json.loads(received[0]))["type"] == "handshake"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -25,10 +25,10 @@ from typing import Any
 
 from asyncpg import Connection, Pool
 
-from app.fhir.access import OPEN_ACCESS, AccessContext
+from app.fhir.access import AccessContext
 from app.fhir.fhirdate import date_range
 from app.fhir.indexing import MAX_STRING, IndexRows, normalize, split_reference
-from app.fhir.repository import FhirRepository, fhir_instant
+from app.fhir.repository import RepositoryFactory, fhir_instant
 
 logger = logging.getLogger("carecoord.audit")
 
@@ -224,9 +224,10 @@ def event_index_rows(event: dict[str, Any], fhir_base: str) -> IndexRows:
 class AuditTrail:
     """Writes AuditEvents: in the caller's transaction (``write``) or batched (``record``)."""
 
-    def __init__(self, pool: Pool, fhir_base: str, *, enabled: bool) -> None:
+    def __init__(self, pool: Pool, repositories: RepositoryFactory, *, enabled: bool) -> None:
         self._pool = pool
-        self._fhir_base = fhir_base
+        self._repositories = repositories
+        self._fhir_base = repositories.fhir_base
         self.enabled = enabled
         self._buffer: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
@@ -241,8 +242,7 @@ class AuditTrail:
         """Store an event in ``connection``'s current transaction (a write's own record)."""
         if self.enabled:
             # The audit trail is bookkeeping: in the change feed, never an event for subscribers.
-            repo = FhirRepository(connection, OPEN_ACCESS, fhir_base=self._fhir_base, bookkeeping=True)
-            await repo.create("AuditEvent", event)
+            await self._repositories.for_bookkeeping(connection).create("AuditEvent", event)
 
     def record(self, event: dict[str, Any]) -> None:
         """Queue an event for the next batch (reads, failures)."""
@@ -270,7 +270,7 @@ class AuditTrail:
         batch, self._buffer = self._buffer, []
         try:
             async with self._pool.acquire() as connection:
-                repo = FhirRepository(connection, OPEN_ACCESS, fhir_base=self._fhir_base)
+                repo = self._repositories.for_bookkeeping(connection)
                 rows = [event_index_rows(event, self._fhir_base) for event in batch]
                 await repo.create_records("AuditEvent", batch, rows)  # one statement, one commit
         except BaseException:

@@ -5,8 +5,10 @@ Bundle (notifications.py) to ``channel.endpoint`` with ``Content-Type: applicati
 and the ``channel.header`` lines as headers, answered within ``backport-timeout`` seconds. Any
 2xx is success.
 
-* **Handshake** (a new, changed or reactivated subscription): success makes it ``active``; a
-  refusal or no answer puts it in ``error`` at once, without retries.
+* **Handshake** (a new, changed or reactivated subscription): success makes it ``active``; an
+  answer other than 2xx puts it in ``error`` at once, without retries. An endpoint that cannot be
+  reached (connection refused, no answer in time) is tried again with the notification backoff,
+  up to ``CARECOORD_SUBSCRIPTION_MAX_FAILURES`` attempts, then it is ``error`` too.
 * **Event notifications** go out in event-number order, at most ``backport-max-count`` events a
   Bundle, one job per subscription at a time. A failed attempt is retried with the same event
   numbers after ``CARECOORD_DELIVERY_BACKOFF`` seconds, doubling, at most 10 minutes; after
@@ -45,7 +47,8 @@ logger = logging.getLogger("carecoord.subscriptions")
 
 MAX_BACKOFF = 600.0
 """Longest wait between two attempts at a failing endpoint (10 minutes)."""
-MAX_ERROR_CHARS = 500
+ANSWERED = "the endpoint answered"
+"""How an error that is the endpoint's own answer (not a transport fault) begins."""
 
 
 class Delivery:
@@ -80,8 +83,18 @@ class Delivery:
                 return Done(error="subscription no longer waiting for a handshake")
             bundle = await notification_bundle(None, subscription, self.fhir_base, "handshake")
         error = await self._post(subscription, bundle)
+        unreachable = error is not None and not error.startswith(ANSWERED)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._audit(conn, subscription_id, "handshake", error)
+            if unreachable and job.attempts < self.settings.subscription_max_failures:
+                # Not refused, not reached (a receiver still starting, a network fault): try
+                # again, as a notification would be; an answer other than 2xx is final.
+                delay = min(self.settings.delivery_backoff * 2 ** (job.attempts - 1), MAX_BACKOFF)
+                await conn.execute(
+                    "UPDATE subscription SET last_error = $2 WHERE fhir_id = $1", subscription_id, error
+                )
+                await record(conn, job, Retry(delay=delay, error=error))
+                return None
             if error is None:
                 await self._set_status(conn, subscription_id, "active", expect="requested")
                 if subscription["heartbeat_seconds"]:
@@ -94,7 +107,8 @@ class Delivery:
                 # Events counted while the handshake was pending go out now.
                 await jobs.request_delivery(conn, subscription_id)
             else:
-                # A refused handshake is final (Backport IG: the subscription goes to error).
+                # A refused handshake is final (Backport IG: the subscription goes to error), and
+                # so is an endpoint still out of reach after CARECOORD_SUBSCRIPTION_MAX_FAILURES tries.
                 await conn.execute(
                     "UPDATE subscription SET last_error = $2 WHERE fhir_id = $1", subscription_id, error
                 )
@@ -221,7 +235,7 @@ class Delivery:
         await response.aclose()
         if 200 <= response.status_code < 300:
             return None
-        return f"the endpoint answered {response.status_code}"
+        return f"{ANSWERED} {response.status_code}"
 
     async def _owner_repo(self, conn: Connection, subscription: Record) -> FhirRepository | None:
         access = await owner_access(conn, subscription)
