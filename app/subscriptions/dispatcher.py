@@ -23,10 +23,12 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from asyncpg import Connection, Pool, Record
+from asyncpg import Connection, Pool
 
 from app.events.changes import Change, ChangeFeed, prune
 from app.fhir import jsonio
+from app.fhir.access import AccessContext
+from app.fhir.errors import FHIRError
 from app.fhir.indexing import IndexRows, extract
 from app.fhir.repository import RepositoryFactory
 from app.settings import Settings
@@ -110,6 +112,8 @@ class Dispatcher:
         matched: dict[str, list[Change]] = defaultdict(list)
         filters = {s["fhir_id"]: Filter.from_json(_json(s["filters"])) for s in subscriptions}
         rows_cache: dict[tuple[str, str, int], IndexRows] = {}
+        # Each owner's access once per batch (its client's registration is read once).
+        owners = {s["fhir_id"]: await owner_access(conn, s) for s in subscriptions}
         for change in changes:
             previous = versions.get((change.resource_type, change.fhir_id, change.version_id - 1))
             current = versions.get((change.resource_type, change.fhir_id, change.version_id))
@@ -132,7 +136,11 @@ class Dispatcher:
                 ):
                     continue
                 if not await self._owner_reads(
-                    conn, subscription, change.resource_type, change.fhir_id, judged_version
+                    conn,
+                    owners[subscription["fhir_id"]],
+                    change.resource_type,
+                    change.fhir_id,
+                    judged_version,
                 ):
                     continue
                 matched[subscription["fhir_id"]].append(change)
@@ -160,18 +168,17 @@ class Dispatcher:
         }
 
     async def _owner_reads(
-        self, conn: Connection, subscription: Record, resource_type: str, fhir_id: str, version: int
+        self, conn: Connection, access: AccessContext | None, resource_type: str, fhir_id: str, version: int
     ) -> bool:
-        access = await owner_access(conn, subscription)
         if access is None:
-            return False
+            return False  # the owner's client is no longer registered
         if not access.is_limited(resource_type, "r"):
             return access.allows(resource_type, "r")
         repo = self.repositories.for_client(conn, access)
         try:
             async with conn.transaction():  # a savepoint: a refusal must not end the dispatch
                 await repo.vread(resource_type, fhir_id, version)
-        except Exception:
+        except FHIRError:
             return False
         return True
 
