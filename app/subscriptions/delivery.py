@@ -63,15 +63,21 @@ class Delivery:
         self._audit_access = AccessContext(client_id="carecoord-subscriptions", unrestricted=False)
 
     def register(self, runner: Runner) -> None:
-        runner.register(
-            jobs.HANDSHAKE, self.handshake, backoff=self.settings.delivery_backoff, max_backoff=MAX_BACKOFF
-        )
-        runner.register(
-            jobs.NOTIFY, self.notify, backoff=self.settings.delivery_backoff, max_backoff=MAX_BACKOFF
-        )
-        runner.register(
-            jobs.HEARTBEAT, self.heartbeat, backoff=self.settings.delivery_backoff, max_backoff=MAX_BACKOFF
-        )
+        # Each kind gets at most all slots but one: slow endpoints never take every slot from
+        # referral work (which is limited the same way, app/referrals/worker.py).
+        limit = max(1, self.settings.worker_concurrency - 1)
+        for kind, handler in (
+            (jobs.HANDSHAKE, self.handshake),
+            (jobs.NOTIFY, self.notify),
+            (jobs.HEARTBEAT, self.heartbeat),
+        ):
+            runner.register(
+                kind,
+                handler,
+                concurrency=limit,
+                backoff=self.settings.delivery_backoff,
+                max_backoff=MAX_BACKOFF,
+            )
 
     # -- handlers -------------------------------------------------------------------------
 
