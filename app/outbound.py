@@ -33,6 +33,8 @@ target's, so :func:`outbound_client` ignores ``HTTP(S)_PROXY`` (``trust_env=Fals
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import ipaddress
 import logging
 import re
@@ -232,25 +234,39 @@ def allowed_addresses(allowlist: Allowlist, host: str, port: int, addresses: Ite
     return allowed
 
 
-async def check_url(allowlist: Allowlist, url: str, *, resolve_timeout: float = 5.0) -> None:
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="check-url")
+"""Threads of its own for :func:`check_url` lookups: a client naming hosts whose DNS answers
+slowly must not tie up the default executor that everything else uses."""
+
+
+async def check_url(allowlist: Allowlist, url: str, *, resolve_timeout: float = 2.0) -> None:
     """Judge ``url`` as a connection to it would be judged now (scheme, resolved addresses);
-    raise OutboundRefused when the policy would refuse it. For refusing a configured address
-    early (a Subscription endpoint: 422 at creation); every connection is checked again when
-    it is made, so a name that later resolves elsewhere gains nothing."""
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ALLOWED_SCHEMES or not parsed.host:
-        raise OutboundRefused(parsed.host or url[:100], parsed.port, "only http and https")
+    raise OutboundRefused when the policy would refuse it, the URL is malformed or the name does
+    not resolve in time. For refusing a configured address early (a Subscription endpoint: 422
+    at creation); every connection is checked again when it is made, so a name that later
+    resolves elsewhere gains nothing."""
+    try:
+        parsed = httpx.URL(url)
+        host = parsed.host
+        host.encode("idna")
+    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+        raise OutboundRefused(url[:100], None, "not a valid URL") from exc
+    if parsed.scheme not in ALLOWED_SCHEMES or not host:
+        raise OutboundRefused(host or url[:100], parsed.port, "only http and https")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(resolve_timeout):
-            infos = await loop.getaddrinfo(
-                parsed.host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
-    except (TimeoutError, OSError) as exc:
-        raise OutboundRefused(parsed.host, port, "the name does not resolve") from exc
-    if not allowed_addresses(allowlist, parsed.host, port, [str(info[4][0]) for info in infos]):
-        raise OutboundRefused(parsed.host, port)
+        lookup = loop.run_in_executor(
+            _RESOLVER,
+            functools.partial(
+                socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            ),
+        )
+        infos = await asyncio.wait_for(lookup, resolve_timeout)
+    except (TimeoutError, OSError, UnicodeError) as exc:
+        raise OutboundRefused(host, port, "the name does not resolve") from exc
+    if not allowed_addresses(allowlist, host, port, [str(info[4][0]) for info in infos]):
+        raise OutboundRefused(host, port)
 
 
 class PolicyNetworkBackend(httpcore.AsyncNetworkBackend):

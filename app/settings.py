@@ -138,6 +138,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Consecutive failed deliveries after which a Subscription goes to status error",
     )
+    subscription_max_per_client: int = Field(
+        default=50,
+        ge=1,
+        description="Subscriptions one client may have (each costs every write some matching work)",
+    )
     subscription_poll_interval: float = Field(
         default=0.05,
         gt=0,

@@ -422,6 +422,8 @@ async def test_heartbeats_when_nothing_happens(
             "payload",
         ),
         ({"status": "error"}, 400, "status"),
+        ({"channel": {"type": "rest-hook", "endpoint": "http://[::1"}}, 400, "endpoint"),
+        ({"channel": {"type": "rest-hook", "endpoint": "http://" + "a" * 300 + ".com/"}}, 400, "endpoint"),
     ],
 )
 async def test_subscriptions_carecoord_cannot_honour_are_refused(
@@ -549,3 +551,93 @@ async def test_a_handshake_to_an_endpoint_not_yet_listening_is_tried_again(
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_a_subscription_is_its_owners_alone(
+    app: FastAPI, client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, running: None
+) -> None:
+    """Another client, whatever its scopes, neither sees nor changes a Subscription it did not
+    create (its channel carries the owner's secrets, its events what the owner may read)."""
+    server = misbehaving_server
+    subscription_id = await active_subscription(
+        client, server, "/owned", headers=("Authorization: Bearer owner-secret",), content="full-resource"
+    )
+    await client.post(f"{FHIR}/Task", json=task())
+    await wait_until(lambda: event_numbers(server, "/owned") == [1], "the owner's event")
+    others = {
+        "patient app": await bearer(app, "patient/*.cruds", client_id="patient-app", patient="p1"),
+        "other backend": await bearer(app, "system/Subscription.cruds system/Task.rs", client_id="other"),
+    }
+    current = (await client.get(f"{FHIR}/Subscription/{subscription_id}")).json()
+    hijack = {**current, "channel": {**current["channel"], "endpoint": server.url("/thief")}}
+    patch = [{"op": "replace", "path": "/channel/endpoint", "value": server.url("/thief")}]
+    for who, headers in others.items():
+        assert (
+            await client.get(f"{FHIR}/Subscription/{subscription_id}", headers=headers)
+        ).status_code == 404, who
+        search = await client.get(f"{FHIR}/Subscription", headers=headers)
+        assert search.status_code == 200 and not search.json().get("entry"), who
+        assert "owner-secret" not in search.text
+        for path in ("$events", "$status"):
+            answer = await client.get(f"{FHIR}/Subscription/{subscription_id}/{path}", headers=headers)
+            assert answer.status_code == 404, (who, path)
+        typed = await client.get(f"{FHIR}/Subscription/$status", headers=headers)
+        assert typed.json()["total"] == 0, who
+        put = await client.put(f"{FHIR}/Subscription/{subscription_id}", json=hijack, headers=headers)
+        assert put.status_code == 404, who
+        patched = await client.patch(
+            f"{FHIR}/Subscription/{subscription_id}",
+            json=patch,
+            headers={**headers, "content-type": "application/json-patch+json"},
+        )
+        assert patched.status_code == 404, who
+        assert (
+            await client.delete(f"{FHIR}/Subscription/{subscription_id}", headers=headers)
+        ).status_code == 404
+    assert await subscription_status(client, subscription_id) == "active"
+    assert server.requests_to("/thief") == []
+
+
+async def test_events_carry_what_the_callers_token_may_read(
+    app: FastAPI, client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, running: None
+) -> None:
+    """$events reads with the caller's token: the owner's client with a token for its
+    Subscriptions only gets the event numbers, not the Tasks."""
+    full = await bearer(app, "system/Subscription.cruds system/Task.rs", client_id="subscriber")
+    misbehaving_server.script("/mine", Reply(200))
+    created = await client.post(
+        f"{FHIR}/Subscription", json=subscription(misbehaving_server.url("/mine")), headers=full
+    )
+    subscription_id = created.json()["id"]
+    task_id = (await client.post(f"{FHIR}/Task", json=task())).json()["id"]
+
+    async def counted() -> bool:
+        return await _events_count(app, subscription_id) == 1
+
+    await wait_until(counted, "the event")
+    narrow = await bearer(app, "system/Subscription.rs", client_id="subscriber")
+    replay = await client.get(
+        f"{FHIR}/Subscription/{subscription_id}/$events", params={"content": "full-resource"}, headers=narrow
+    )
+    assert replay.status_code == 200, replay.text
+    [event] = status_of(replay.json())["notification-event"]
+    assert event["event-number"] == "1" and "focus" not in event
+    assert task_id not in replay.text
+    with_tasks = await client.get(
+        f"{FHIR}/Subscription/{subscription_id}/$events", params={"content": "full-resource"}, headers=full
+    )
+    assert [e["resource"]["id"] for e in with_tasks.json()["entry"][1:]] == [task_id]
+
+
+async def test_a_subscription_past_its_end_sends_nothing(
+    app: FastAPI, client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, running: None
+) -> None:
+    misbehaving_server.script("/ended", Reply(200))
+    await active_subscription(client, misbehaving_server, "/live")
+    ended = {**subscription(misbehaving_server.url("/ended")), "end": "2020-01-01T00:00:00Z"}
+    assert (await client.post(f"{FHIR}/Subscription", json=ended)).status_code == 201
+    await client.post(f"{FHIR}/Task", json=task())
+    await wait_until(
+        lambda: event_numbers(misbehaving_server, "/live") == [1], "the live subscription's event"
+    )
+    assert misbehaving_server.requests_to("/ended") == []

@@ -41,6 +41,11 @@ from app.fhir.search_params import registry
 
 INTERACTION_NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
+OWNED_TYPES = frozenset({"Subscription"})
+"""Types whose resources belong to the client that created them: only that client reads,
+searches, changes or deletes one (a Subscription's channel carries its owner's secrets and its
+notifications carry what its owner may read; Subscriptions Backport IG, "Security")."""
+
 REFERRAL_ROOTS = (
     ("ServiceRequest", ("performer",)),
     ("Task", ("owner", "requester")),
@@ -130,7 +135,7 @@ class AccessContext:
         """Whether ``condition`` would return a condition (cheap test for the fast paths)."""
         if self.unrestricted:
             return False
-        if self.organization is not None:
+        if self.organization is not None or resource_type in OWNED_TYPES:
             return True
         return not any(_is_open(resource_type, p) for p in self.matching(resource_type, letter))
 
@@ -153,9 +158,22 @@ class AccessContext:
             if not alternatives:
                 return "FALSE"
         clauses = [] if open_permission else ["(" + " OR ".join(alternatives) + ")"]
-        if self.organization is not None:
+        if resource_type in OWNED_TYPES:
+            if letter != "c":  # a new one is its writer's (the write hook records the owner)
+                clauses.append(self._owner_condition(compiler, alias))
+        elif self.organization is not None:
             clauses.append(self._organization_condition(compiler, alias, letter))
         return " AND ".join(clauses) if clauses else None
+
+    def _owner_condition(self, compiler: ConditionCompiler, alias: str) -> str:
+        """Rows of an OWNED_TYPES type that this token's client created (app/subscriptions)."""
+        if self.client_id is None:
+            return "FALSE"
+        client = compiler.bind(self.client_id)
+        return (
+            f"EXISTS (SELECT 1 FROM subscription own WHERE own.fhir_id = {alias}.fhir_id"
+            f" AND own.owner_client = {client})"
+        )
 
     def _permission_parts(
         self, compiler: ConditionCompiler, alias: str, resource_type: str, permission: Permission

@@ -23,7 +23,9 @@ Every attempt leaves an AuditEvent (a bookkeeping write) naming the subscription
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +38,7 @@ from app.fhir.access import AccessContext
 from app.fhir.errors import FHIRError, PreconditionFailed
 from app.fhir.repository import FhirRepository, RepositoryFactory
 from app.jobs.queue import Job
-from app.jobs.runner import Done, Outcome, Retry, Runner, record
+from app.jobs.runner import Done, Failed, Outcome, Retry, Runner, record
 from app.outbound import OutboundRefused
 from app.settings import Settings
 from app.subscriptions import jobs, metrics
@@ -63,21 +65,25 @@ class Delivery:
         self._audit_access = AccessContext(client_id="carecoord-subscriptions", unrestricted=False)
 
     def register(self, runner: Runner) -> None:
-        # Each kind gets at most all slots but one: slow endpoints never take every slot from
-        # referral work (which is limited the same way, app/referrals/worker.py).
-        limit = max(1, self.settings.worker_concurrency - 1)
-        for kind, handler in (
-            (jobs.HANDSHAKE, self.handshake),
-            (jobs.NOTIFY, self.notify),
-            (jobs.HEARTBEAT, self.heartbeat),
-        ):
-            runner.register(
-                kind,
-                handler,
-                concurrency=limit,
-                backoff=self.settings.delivery_backoff,
-                max_backoff=MAX_BACKOFF,
-            )
+        # One kind for all subscription work, at most all slots but one: slow or hanging
+        # endpoints never take every slot from referral work (limited the same way).
+        runner.register(
+            jobs.KIND,
+            self.run,
+            concurrency=max(1, self.settings.worker_concurrency - 1),
+            backoff=self.settings.delivery_backoff,
+            max_backoff=MAX_BACKOFF,
+        )
+
+    async def run(self, job: Job) -> Outcome | None:
+        action = job.payload.get("action")
+        if action == jobs.HANDSHAKE:
+            return await self.handshake(job)
+        if action == jobs.NOTIFY:
+            return await self.notify(job)
+        if action == jobs.HEARTBEAT:
+            return await self.heartbeat(job)
+        return Failed(error=f"unknown subscription action {str(action)[:40]!r}")
 
     # -- handlers -------------------------------------------------------------------------
 
@@ -85,13 +91,29 @@ class Delivery:
         subscription_id = str(job.payload["subscription"])
         async with self.pool.acquire() as conn:
             subscription = await _subscription(conn, subscription_id)
-            if subscription is None or subscription["status"] != "requested":
+            if subscription is None or subscription["status"] != "requested" or _ended(subscription):
                 return Done(error="subscription no longer waiting for a handshake")
+            if await owner_access(conn, subscription) is None:
+                return Done(error="the subscription's client is no longer registered")
+            # The version whose endpoint this handshake is about: only it becomes active.
+            version = await _resource_version(conn, subscription_id)
             bundle = await notification_bundle(None, subscription, self.fhir_base, "handshake")
         error = await self._post(subscription, bundle)
         unreachable = error is not None and not error.startswith(ANSWERED)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._audit(conn, subscription_id, "handshake", error)
+            # The resource row first, then the working state (the order of every write of a
+            # Subscription: the write hook updates the state after the resource).
+            current_version = await _resource_version(conn, subscription_id, lock=True)
+            current = await _subscription(conn, subscription_id)
+            if current is None or current["status"] != "requested":
+                await record(conn, job, Done(error="subscription changed during its handshake"))
+                return None
+            if current_version != version:
+                # Changed while this handshake was in flight (another endpoint, perhaps): the
+                # answer was about the old one, so the new one gets its own handshake now.
+                await record(conn, job, Retry(delay=0))
+                return None
             if unreachable and job.attempts < self.settings.subscription_max_failures:
                 # Not refused, not reached (a receiver still starting, a network fault): try
                 # again, as a notification would be; an answer other than 2xx is final.
@@ -102,7 +124,7 @@ class Delivery:
                 await record(conn, job, Retry(delay=delay, error=error))
                 return None
             if error is None:
-                await self._set_status(conn, subscription_id, "active", expect="requested")
+                await self._set_status(conn, subscription_id, "active", expect="requested", version=version)
                 if subscription["heartbeat_seconds"]:
                     await jobs.schedule_heartbeat(conn, subscription_id, subscription["heartbeat_seconds"])
                 await conn.execute(
@@ -118,7 +140,7 @@ class Delivery:
                 await conn.execute(
                     "UPDATE subscription SET last_error = $2 WHERE fhir_id = $1", subscription_id, error
                 )
-                await self._set_status(conn, subscription_id, "error", expect="requested")
+                await self._set_status(conn, subscription_id, "error", expect="requested", version=version)
             await record(conn, job, Done(error=error))
         logger.info(
             "subscription %s: handshake %s", subscription_id, "accepted" if error is None else "refused"
@@ -129,7 +151,7 @@ class Delivery:
         subscription_id = str(job.payload["subscription"])
         async with self.pool.acquire() as conn:
             subscription = await _subscription(conn, subscription_id)
-            if subscription is None or subscription["status"] != "active":
+            if subscription is None or subscription["status"] != "active" or _ended(subscription):
                 return Done(error="subscription not active")
             events = await load_events(
                 conn, subscription_id, subscription["delivered_through"], None, subscription["max_count"]
@@ -144,7 +166,7 @@ class Delivery:
         error = await self._post(subscription, bundle)
         last = events[-1].number
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._audit(conn, subscription_id, "event-notification", error)
+            await self._audit(conn, subscription_id, "event-notification", error, shown=_shown(bundle))
             # Under the subscription's row lock, which the dispatcher takes to add events: either
             # it added them before this looks, or it schedules a new job after this one ended.
             if error is None:
@@ -165,6 +187,7 @@ class Delivery:
                 await record(conn, job, Retry(delay=0) if more else Done())
                 return None
             metrics.NOTIFICATIONS_FAILED.inc()
+            await _resource_version(conn, subscription_id, lock=True)  # resource row first
             failures = await conn.fetchval(
                 "UPDATE subscription SET failures = failures + 1, last_error = $2 WHERE fhir_id = $1"
                 " RETURNING failures",
@@ -192,8 +215,11 @@ class Delivery:
         subscription_id = str(job.payload["subscription"])
         async with self.pool.acquire() as conn:
             subscription = await _subscription(conn, subscription_id)
+            owner = None if subscription is None else await owner_access(conn, subscription)
         if (
             subscription is None
+            or owner is None
+            or _ended(subscription)
             or not subscription["heartbeat_seconds"]
             or subscription["status"] in ("off", "requested")
         ):
@@ -212,33 +238,59 @@ class Delivery:
             await self._audit(conn, subscription_id, "heartbeat", error)
             if error is None:
                 await conn.execute(
-                    "UPDATE subscription SET last_sent_at = now() WHERE fhir_id = $1", subscription_id
+                    "UPDATE subscription SET last_sent_at = now(), failures = 0 WHERE fhir_id = $1",
+                    subscription_id,
                 )
-        return Retry(delay=period, error=error)
+            else:
+                # A failed heartbeat counts like a failed notification: an endpoint that stays
+                # down puts the subscription in error and its heartbeats stop.
+                await _resource_version(conn, subscription_id, lock=True)  # resource row first
+                failures = await conn.fetchval(
+                    "UPDATE subscription SET failures = failures + 1, last_error = $2 WHERE fhir_id = $1"
+                    " RETURNING failures",
+                    subscription_id,
+                    error,
+                )
+                if failures is not None and failures >= self.settings.subscription_max_failures:
+                    await self._set_status(conn, subscription_id, "error", expect="active")
+                    await record(conn, job, Done(error=error))
+                    return None
+            await record(conn, job, Retry(delay=period, error=error))
+        return None
 
     # -- helpers --------------------------------------------------------------------------
 
     async def _post(self, subscription: Record, bundle: dict[str, Any]) -> str | None:
         """POST a notification; None on a 2xx answer, else what went wrong (no PHI: the status or
-        the kind of transport fault, never the endpoint's answer)."""
+        the kind of transport fault, never the endpoint's answer).
+
+        ``backport-timeout`` bounds the whole exchange, not each read (an endpoint trickling its
+        answer a byte at a time must not hold a runner slot), and the answer's body is never
+        read: only its status counts."""
         headers = {"content-type": "application/fhir+json"}
         for line in _json_list(subscription["headers"]):
             name, _, value = line.partition(":")
             headers[name.strip()] = value.strip()
+        timeout = float(subscription["timeout_seconds"])
         try:
-            response = await self.http.post(
-                subscription["endpoint"],
-                content=bundle_bytes(bundle),
-                headers=headers,
-                timeout=float(subscription["timeout_seconds"]),
-            )
+            async with asyncio.timeout(timeout):
+                request = self.http.build_request(
+                    "POST",
+                    subscription["endpoint"],
+                    content=bundle_bytes(bundle),
+                    headers=headers,
+                    timeout=timeout,
+                )
+                response = await self.http.send(request, stream=True)
+                await response.aclose()
+        except TimeoutError:
+            return "the endpoint did not answer in time"
         except OutboundRefused:
             return "the endpoint is refused by the outbound address policy"
         except httpx.TimeoutException:
             return "the endpoint did not answer in time"
         except httpx.HTTPError as exc:
             return f"transport error {type(exc).__name__}"
-        await response.aclose()
         if 200 <= response.status_code < 300:
             return None
         return f"{ANSWERED} {response.status_code}"
@@ -247,14 +299,19 @@ class Delivery:
         access = await owner_access(conn, subscription)
         return None if access is None else self.repositories.for_client(conn, access)
 
-    async def _set_status(self, conn: Connection, subscription_id: str, status: str, *, expect: str) -> None:
+    async def _set_status(
+        self, conn: Connection, subscription_id: str, status: str, *, expect: str, version: int | None = None
+    ) -> None:
         """Change the Subscription resource's status (a bookkeeping write: a new version, and the
-        write hook updates the working state in the same transaction)."""
+        write hook updates the working state in the same transaction), only from ``expect`` and,
+        when ``version`` is given, only if that is still the current version."""
         repo = self.repositories.for_bookkeeping(conn)
         for _ in range(3):
             try:
                 current = await repo.read_for_update("Subscription", subscription_id)
             except FHIRError:
+                return
+            if version is not None and current.version_id != version:
                 return
             data = jsonio.loads(current.body or "{}")
             if data.get("status") != expect:
@@ -264,15 +321,26 @@ class Delivery:
                 await repo.update("Subscription", subscription_id, data, if_match=current.version_id)
                 return
             except PreconditionFailed:
+                if version is not None:
+                    return
                 continue
 
-    async def _audit(self, conn: Connection, subscription_id: str, kind: str, error: str | None) -> None:
-        """An AuditEvent for each attempt (transmit, outcome success or failure)."""
+    async def _audit(
+        self,
+        conn: Connection,
+        subscription_id: str,
+        kind: str,
+        error: str | None,
+        *,
+        shown: Sequence[tuple[str, str, int]] = (),
+    ) -> None:
+        """An AuditEvent for each attempt (transmit, outcome success or failure), naming the
+        Subscription and every resource the notification disclosed."""
         event = build_event(
             interaction="transaction",
             status=200 if error is None else 502,
             access=self._audit_access,
-            touched=[("Subscription", subscription_id, 0)],
+            touched=[("Subscription", subscription_id, 0), *shown],
             query=None,
             address=None,
             fhir_base=self.fhir_base,
@@ -282,9 +350,38 @@ class Delivery:
         await self.repositories.for_bookkeeping(conn).create("AuditEvent", event)
 
 
+_CURRENT = "SELECT * FROM subscription WHERE fhir_id = $1"
+_VERSION = "SELECT version_id FROM resource WHERE resource_type = 'Subscription' AND fhir_id = $1"
+_VERSION_LOCKED = _VERSION + " FOR UPDATE"
+
+
 async def _subscription(conn: Connection, subscription_id: str) -> Record | None:
-    row: Record | None = await conn.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
+    row: Record | None = await conn.fetchrow(_CURRENT, subscription_id)
     return row
+
+
+async def _resource_version(conn: Connection, subscription_id: str, *, lock: bool = False) -> int | None:
+    """The current version of the Subscription resource (what a handshake is about); ``lock``
+    row-locks it until the transaction ends."""
+    version: int | None = await conn.fetchval(_VERSION_LOCKED if lock else _VERSION, subscription_id)
+    return version
+
+
+def _ended(subscription: Record) -> bool:
+    """Past its ``end`` (R4 Subscription.end): nothing more is sent."""
+    end: datetime | None = subscription["end_at"]
+    return end is not None and end <= datetime.now(UTC)
+
+
+def _shown(bundle: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(type, id, version) of what a notification Bundle names (its entries after the status)."""
+    shown = []
+    for entry in bundle.get("entry", [])[1:]:
+        resource_type, _, fhir_id = str(entry.get("fullUrl", "")).rpartition("/")
+        etag = str(entry.get("response", {}).get("etag", ""))
+        version = int(etag[3:-1]) if etag.startswith('W/"') and etag[3:-1].isdigit() else 0
+        shown.append((resource_type.rpartition("/")[2], fhir_id, version))
+    return shown
 
 
 def _json_list(value: Any) -> list[str]:

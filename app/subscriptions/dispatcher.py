@@ -102,8 +102,10 @@ class Dispatcher:
             return
         topics = sorted({t.url for c in changes for t in BY_TYPE[c.resource_type]})
         subscriptions = await conn.fetch(
+            # A subscription past its ``end`` counts nothing more (R4 Subscription.end).
             "SELECT * FROM subscription WHERE topic = ANY($1::text[])"
-            " AND status IN ('requested', 'active', 'error') ORDER BY fhir_id",
+            " AND status IN ('requested', 'active', 'error') AND (end_at IS NULL OR end_at > now())"
+            " ORDER BY fhir_id",
             topics,
         )
         if not subscriptions:

@@ -31,10 +31,16 @@ ON CONFLICT (fhir_id) DO UPDATE SET topic = EXCLUDED.topic, filters = EXCLUDED.f
     content = EXCLUDED.content, heartbeat_seconds = EXCLUDED.heartbeat_seconds,
     timeout_seconds = EXCLUDED.timeout_seconds, max_count = EXCLUDED.max_count,
     end_at = EXCLUDED.end_at, status = EXCLUDED.status,
-    failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0 ELSE subscription.failures END
+    failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0 ELSE subscription.failures END,
+    -- Only the owner's client writes its Subscription (app/fhir/access.py OWNED_TYPES): its
+    -- latest token is what its notifications are judged with from now on.
+    owner_scope = EXCLUDED.owner_scope, owner_organization = EXCLUDED.owner_organization,
+    owner_patient = EXCLUDED.owner_patient, owner_unrestricted = EXCLUDED.owner_unrestricted
 """
 
-_DELIVERY_FIELDS = ("criteria", "_criteria", "channel", "end")
+_DELIVERY_FIELDS = ("criteria", "_criteria", "channel", "end", "extension")
+"""What a handshake is about: a change to any of them needs a new one (``extension`` holds the
+topic in the older backport form)."""
 
 
 class SubscriptionHooks:
@@ -42,6 +48,7 @@ class SubscriptionHooks:
 
     def __init__(self, settings: Settings) -> None:
         self._allowlist = parse_allowlist(settings.outbound_allowlist)
+        self._max_per_client = settings.subscription_max_per_client
 
     async def before_write(
         self,
@@ -53,12 +60,26 @@ class SubscriptionHooks:
         if data is None or repo.bookkeeping:
             return
         spec = read_spec(data)
-        if spec.endpoint is not None:
+        if previous is None and not repo.access.unrestricted:
+            owned = await repo.connection.fetchval(
+                "SELECT count(*) FROM subscription s JOIN resource r ON r.resource_type = 'Subscription'"
+                " AND r.fhir_id = s.fhir_id AND NOT r.deleted WHERE s.owner_client = $1",
+                repo.access.client_id,
+            )
+            if owned >= self._max_per_client:
+                raise BusinessRule(
+                    f"this client has {owned} subscriptions, the most one may have"
+                    " (CARECOORD_SUBSCRIPTION_MAX_PER_CLIENT); delete one first"
+                )
+        if spec.endpoint is not None and (previous is None or _endpoint(previous) != spec.endpoint):
             try:
                 await check_url(self._allowlist, spec.endpoint)
             except OutboundRefused as exc:
+                # One answer for every refusal (a name that does not resolve, or resolves to a
+                # private address), so that the answer does not map internal names.
                 raise BusinessRule(
-                    f"the channel endpoint is refused: {exc} (CARECOORD_OUTBOUND_ALLOWLIST)",
+                    "the channel endpoint is refused by the outbound address policy"
+                    " (CARECOORD_OUTBOUND_ALLOWLIST)",
                     expression=("Subscription.channel.endpoint",),
                 ) from exc
         asked = data.get("status")
@@ -83,8 +104,11 @@ class SubscriptionHooks:
     ) -> None:
         conn = repo.connection
         if data is None:
-            # Deleting a Subscription stops it: its state, events and pending deliveries go.
-            await conn.execute("DELETE FROM subscription WHERE fhir_id = $1", version.fhir_id)
+            # Deleting a Subscription stops it: its events and pending deliveries go; its state
+            # stays, off, because it says whose the (deleted) resource is (OWNED_TYPES: its owner
+            # still reads its history and gets 410, others 404).
+            await conn.execute("UPDATE subscription SET status = 'off' WHERE fhir_id = $1", version.fhir_id)
+            await conn.execute("DELETE FROM subscription_event WHERE subscription_id = $1", version.fhir_id)
             await jobs.cancel_deliveries(conn, version.fhir_id)
             return
         status = str(data.get("status") or "requested")
@@ -119,3 +143,8 @@ class SubscriptionHooks:
             await jobs.request_handshake(conn, version.fhir_id)
         elif status == "off":
             await jobs.cancel_deliveries(conn, version.fhir_id)
+
+
+def _endpoint(resource: dict[str, Any]) -> object:
+    channel = resource.get("channel")
+    return channel.get("endpoint") if isinstance(channel, dict) else None

@@ -1,7 +1,10 @@
-"""The subscription jobs on the job runner (app/jobs): what is scheduled, under which kind.
+"""The subscription jobs on the job runner (app/jobs): one kind, ``subscription``, whose
+payload says what to do (``handshake``, ``notify`` or ``heartbeat``) for which Subscription.
 
-One job of each kind per subscription at a time (the job key is the Subscription id), so a
-subscription's notifications go out one at a time, in event order.
+One kind, so that the runner's per-kind limit bounds all subscription work together: endpoints
+that are slow or hang never hold every slot (referral work keeps at least one, and so does
+this). The job key is ``action:subscription id``: at most one job of each action per
+subscription at a time, so a subscription's notifications go out one at a time, in order.
 """
 
 from __future__ import annotations
@@ -12,35 +15,43 @@ from asyncpg import Connection
 
 from app.jobs import queue
 
-HANDSHAKE = "subscription.handshake"
-NOTIFY = "subscription.notify"
-HEARTBEAT = "subscription.heartbeat"
-KINDS = (HANDSHAKE, NOTIFY, HEARTBEAT)
+KIND = "subscription"
+HANDSHAKE = "handshake"
+NOTIFY = "notify"
+HEARTBEAT = "heartbeat"
+ACTIONS = (HANDSHAKE, NOTIFY, HEARTBEAT)
+
+
+def _key(action: str, subscription_id: str) -> str:
+    return f"{action}:{subscription_id}"
+
+
+async def _enqueue(conn: Connection, action: str, subscription_id: str, due: datetime | None = None) -> None:
+    payload = {"action": action, "subscription": subscription_id}
+    await queue.enqueue(conn, KIND, payload, key=_key(action, subscription_id), not_before=due)
 
 
 async def request_handshake(conn: Connection, subscription_id: str) -> None:
-    """Handshake now (a new, changed or reactivated subscription); its earlier jobs end."""
+    """Handshake now (a new, changed or reactivated subscription); its waiting jobs end (a
+    handshake already running compares versions when it ends, delivery.py)."""
     await cancel_deliveries(conn, subscription_id)
-    await queue.enqueue(conn, HANDSHAKE, {"subscription": subscription_id}, key=subscription_id)
+    await _enqueue(conn, HANDSHAKE, subscription_id)
 
 
 async def request_delivery(conn: Connection, subscription_id: str) -> None:
     """Deliver the subscription's undelivered events. A job already waiting keeps its time (a
     subscription in backoff stays in backoff); one that is running sees the new events before
     it ends (delivery.py, under the subscription's row lock)."""
-    await queue.enqueue(conn, NOTIFY, {"subscription": subscription_id}, key=subscription_id)
+    await _enqueue(conn, NOTIFY, subscription_id)
 
 
 async def schedule_heartbeat(conn: Connection, subscription_id: str, period: float) -> None:
     """Start the subscription's heartbeats: the job runs every ``period`` seconds (it reschedules
     itself, delivery.py) and sends one when nothing else was sent for that long."""
-    due = datetime.now(UTC) + timedelta(seconds=period)
-    await queue.enqueue(
-        conn, HEARTBEAT, {"subscription": subscription_id}, key=subscription_id, not_before=due
-    )
+    await _enqueue(conn, HEARTBEAT, subscription_id, datetime.now(UTC) + timedelta(seconds=period))
 
 
 async def cancel_deliveries(conn: Connection, subscription_id: str) -> None:
     """End the subscription's waiting jobs (a running one finds the subscription changed)."""
-    for kind in KINDS:
-        await queue.close(conn, kind, subscription_id, error="subscription changed or removed")
+    for action in ACTIONS:
+        await queue.close(conn, KIND, _key(action, subscription_id), error="subscription changed or removed")

@@ -24,13 +24,17 @@ from fastapi.responses import Response
 from app.fhir.context import FhirContext
 from app.fhir.errors import BadRequest, NotFound
 from app.fhir.operations import Operation, OperationParameter, OperationParameters
-from app.fhir.repository import FhirRepository, RepositoryFactory, fhir_instant
+from app.fhir.repository import FhirRepository, fhir_instant
 from app.fhir.responses import json_response
 from app.subscriptions.notifications import CONTENT_CODES, load_events, notification_bundle, status_parameters
 from app.subscriptions.owner import owner_access
 
 MAX_EVENTS = 1000
 """The most events one ``$events`` answer carries (ask again from the last number for more)."""
+MAX_FULL_EVENTS = 100
+"""The most with ``full-resource`` content (each may be a large resource)."""
+MAX_STATUS = 1000
+"""The most subscriptions a type-level ``$status`` reports."""
 
 
 async def status_bundle(
@@ -40,7 +44,14 @@ async def status_bundle(
     with one of ``statuses`` when given."""
     wanted: list[str] = list(dict.fromkeys(ids))
     if not wanted:
-        rows = await repo.connection.fetch("SELECT fhir_id FROM subscription ORDER BY fhir_id")
+        # The caller's own (a Subscription is its owner's only, app/fhir/access.py OWNED_TYPES).
+        access = repo.access
+        rows = await repo.connection.fetch(
+            "SELECT fhir_id FROM subscription WHERE $1 OR owner_client = $2 ORDER BY fhir_id LIMIT $3",
+            access.unrestricted,
+            access.client_id,
+            MAX_STATUS,
+        )
         wanted = [r["fhir_id"] for r in rows]
         explicit = False
     else:
@@ -75,7 +86,6 @@ async def status_bundle(
 
 async def events_bundle(
     repo: FhirRepository,
-    repositories: RepositoryFactory,
     fhir_base: str,
     subscription_id: str,
     since: str | None,
@@ -92,10 +102,15 @@ async def events_bundle(
     last = _number(until, "eventsUntilNumber", None)
     if content is not None and content not in CONTENT_CODES:
         raise BadRequest(f"content must be one of {', '.join(CONTENT_CODES)}", expression=("content",))
-    events = await load_events(conn, subscription_id, first - 1, last, MAX_EVENTS)
-    access = await owner_access(conn, row)
-    owner_repo = None if access is None else repositories.for_client(conn, access)
-    return await notification_bundle(owner_repo, row, fhir_base, "query-event", events, content=content)
+    full = (content or row["content"]) == "full-resource"
+    events = await load_events(
+        conn, subscription_id, first - 1, last, MAX_FULL_EVENTS if full else MAX_EVENTS
+    )
+    # Read with the caller's own token (its owner's client: only it reads the Subscription), so
+    # that what the answer carries is what this token may read now, and is audited as its read.
+    if await owner_access(conn, row) is None:
+        raise NotFound(f"Subscription/{subscription_id} is not known")
+    return await notification_bundle(repo, row, fhir_base, "query-event", events, content=content)
 
 
 def _number(value: str | None, name: str, default: int | None) -> int | None:
@@ -126,7 +141,6 @@ async def _events(
     assert fhir_id is not None  # instance level only
     bundle = await events_bundle(
         ctx.repo,
-        ctx.request.app.state.repositories,
         ctx.settings.fhir_base,
         fhir_id,
         parameters.text("eventsSinceNumber"),

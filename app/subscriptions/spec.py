@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import httpx
+
 from app.fhir.errors import BadRequest, BusinessRule
 from app.fhir.fhirdate import date_range
 from app.subscriptions.filters import Filter, parse_filters
@@ -114,9 +116,13 @@ def read_spec(data: dict[str, Any]) -> SubscriptionSpec:
             expression=("Subscription.channel.type",),
         )
     endpoint = channel.get("endpoint")
-    if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+    if (
+        not isinstance(endpoint, str)
+        or not endpoint.startswith(("https://", "http://"))
+        or not _valid_url(endpoint)
+    ):
         raise BadRequest(
-            "a rest-hook channel needs an http(s) endpoint", expression=("Subscription.channel.endpoint",)
+            "a rest-hook channel needs an http(s) endpoint URL", expression=("Subscription.channel.endpoint",)
         )
     payload = channel.get("payload")
     content = _one_value(channel.get("_payload"), PAYLOAD_CONTENT, "valueCode")
@@ -172,3 +178,16 @@ def _bounded(
             f"{name} must be a whole number from {low} to {high}", expression=("Subscription.channel",)
         )
     return value
+
+
+def _valid_url(url: str) -> bool:
+    """Whether an endpoint is a URL carecoord could connect to at all (parsable, a host name
+    IDNA can encode, no longer than 2,000 characters)."""
+    if len(url) > 2000:
+        return False
+    try:
+        host = httpx.URL(url).host
+        host.encode("idna")
+    except (httpx.InvalidURL, UnicodeError, ValueError):
+        return False
+    return bool(host)
