@@ -12,6 +12,10 @@ from asyncpg import Connection
 
 from app.jobs import queue
 
+EVENTS_CHANNEL = "subscription_events"
+"""PostgreSQL NOTIFY channel: the payload is a Subscription id whose events or state changed
+(websocket subscriptions only; app/subscriptions/websocket.py listens)."""
+
 HANDSHAKE = "subscription.handshake"
 NOTIFY = "subscription.notify"
 HEARTBEAT = "subscription.heartbeat"
@@ -44,3 +48,9 @@ async def cancel_deliveries(conn: Connection, subscription_id: str) -> None:
     """End the subscription's waiting jobs (a running one finds the subscription changed)."""
     for kind in KINDS:
         await queue.close(conn, kind, subscription_id, error="subscription changed or removed")
+
+
+async def announce(conn: Connection, subscription_id: str) -> None:
+    """Tell every API process (``NOTIFY subscription_events``, delivered when the transaction
+    commits) that the subscription has new events or changed: its bound websockets look again."""
+    await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, subscription_id)
