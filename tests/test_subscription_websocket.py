@@ -10,12 +10,14 @@ the ``websockets`` library and httpx. Tests await messages with a timeout, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +35,7 @@ from app.settings import Settings
 from app.subscriptions.websocket import WS_MAX_MESSAGE_BYTES, binding_token, load_binding_tokens
 from tests.conftest import bearer
 from tests.partner_support import free_port
+from tests.server_support import running_server
 from tests.test_subscriptions import BACKPORT, TASK_TOPIC, status_of, task, wait_until
 
 RECEIVE_TIMEOUT = 15.0
@@ -416,3 +419,29 @@ async def test_a_client_that_reads_too_slowly_is_closed_and_memory_stays_bounded
             "SELECT delivered_through FROM subscription WHERE fhir_id = $1", subscription_id
         )
         assert delivered < total
+
+
+async def test_sockets_in_two_processes_get_the_events_of_a_dispatcher_in_a_third(
+    served: Served, database_url: str, tmp_path: Path
+) -> None:
+    """A real `carecoord serve --no-worker` process holds one socket, the in-process uvicorn
+    server another, and the dispatcher runs in neither (the session app's): each process learns
+    of the events through its own LISTEN. A token one process issued binds in the other."""
+    with contextlib.ExitStack() as stack:
+        other = await asyncio.to_thread(stack.enter_context, running_server(database_url, tmp_path))
+        try:
+            subscription_id = await create_ws_subscription(served)
+            token = parameter(await get_token(served, subscription_id), "token")
+            sockets = []
+            for base in (served.base, other.base):
+                ws = await connect(base.replace("http://", "ws://") + "/fhir/ws", proxy=None)
+                sockets.append(ws)
+                await ws.send(f"bind-with-token: {token}")
+                assert status_of(await receive(ws))["type"] == "handshake"
+            await served.http.post(f"{served.fhir}/Task", json=task())
+            await served.http.post(f"{served.fhir}/Task", json=task())
+            for ws in sockets:
+                assert (await event_numbers(ws, 2))[0] == [1, 2]
+                await ws.close()
+        finally:
+            await asyncio.to_thread(stack.close)
