@@ -251,7 +251,7 @@ class SocketHub:
             self._task = asyncio.create_task(self._listen(), name="subscription-websocket-listen")
         try:
             await asyncio.wait_for(self._ready.wait(), LISTEN_READY_SECONDS)
-        except TimeoutError:
+        except BaseException:  # not listening in time, or the socket went meanwhile
             self.detach(subscription_id, wake)
             raise
 
@@ -354,7 +354,7 @@ class _Session:
             return
         self.close_code, self.close_reason = code, reason[:120]
         if outcome is not None:
-            code_name = "security" if code == CLOSE_POLICY else "processing"
+            code_name = {CLOSE_POLICY: "security", CLOSE_NORMAL: "informational"}.get(code, "processing")
             self.close_outcome = operation_outcome([Issue(code_name, outcome, severity=severity)])
         self.closing.set()
 
@@ -454,9 +454,13 @@ class _Session:
             binding = _Binding(subscription_id, expires, cursor=0)
             # Listening before the cursor is read: no event committed after it goes unnoticed.
             await self.hub.attach(subscription_id, binding.wake)
-            count = await self.pool.fetchval(
-                "SELECT events_count FROM subscription WHERE fhir_id = $1", subscription_id
-            )
+            try:
+                count = await self.pool.fetchval(
+                    "SELECT events_count FROM subscription WHERE fhir_id = $1", subscription_id
+                )
+            except BaseException:
+                self.hub.detach(subscription_id, binding.wake)
+                raise
             binding.cursor = int(count or 0)
             self.bindings[subscription_id] = binding
             binding.task = asyncio.create_task(self._serve(binding))
