@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.subscriptions.websocket import WS_MAX_MESSAGE_BYTES
 
     settings = _settings_with_database(get_settings(), args)
     if args.no_worker:
@@ -100,6 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=uvicorn_log_config(settings.log_format, settings.log_level),
             access_log=False,
             proxy_headers=True,
+            # Clients send only 'bind-with-token: <token>' on the subscription websocket.
+            ws_max_size=WS_MAX_MESSAGE_BYTES,
         )
     else:
         uvicorn.run(
@@ -113,6 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=uvicorn_log_config(settings.log_format, settings.log_level),
             access_log=False,
             proxy_headers=True,
+            # Clients send only 'bind-with-token: <token>' on the subscription websocket.
+            ws_max_size=WS_MAX_MESSAGE_BYTES,
         )
     return 0
 

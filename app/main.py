@@ -28,6 +28,8 @@ from app.openapi import install_openapi
 from app.outbound import outbound_client
 from app.routers import auth, fhir, health, metadata
 from app.settings import Settings, get_settings
+from app.subscriptions import websocket as subscription_websocket
+from app.subscriptions.websocket import SocketHub
 
 logger = logging.getLogger("carecoord")
 
@@ -101,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.audit = AuditTrail(
                 app.state.pool, app.state.repositories, enabled=settings.audit_enabled
             )
+            # The websocket channel's LISTEN connection, opened at the first binding.
+            app.state.ws_hub = SocketHub(app.state.pool, settings, app.state.repositories)
             app.state.audit.start()
             try:
                 async with contextlib.AsyncExitStack() as background:
@@ -110,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         )
                     yield
             finally:
+                await app.state.ws_hub.close()
                 await app.state.audit.close()
         finally:
             await app.state.http.aclose()
@@ -149,6 +154,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metadata.router)
     # Before the FHIR routes: their /fhir/{type}/{id} would take /fhir/.well-known/smart-configuration.
     app.include_router(auth.router)
+    # Before the FHIR routes (which take only HTTP requests): the websocket channel's endpoint.
+    app.include_router(subscription_websocket.router)
     app.include_router(fhir.router)
     app.include_router(fhir.unsupported_routes())
     install_openapi(app)

@@ -148,6 +148,19 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds between looks at the change feed for subscription events when it was empty",
     )
+    subscription_ws_token_lifetime: float = Field(
+        default=300,
+        gt=0,
+        le=86400,
+        description="Seconds a websocket binding token ($get-ws-binding-token) stays valid; a socket"
+        " bound with it is unbound when it expires unless the client binds again with a new one",
+    )
+    subscription_ws_send_timeout: float = Field(
+        default=30,
+        gt=0,
+        description="Seconds a websocket's full send queue may wait for the client to read before the"
+        " socket is closed (it recovers missed events with $events)",
+    )
     outbound_allowlist: str = Field(
         default="",
         description="Comma list of what outgoing requests may reach besides global addresses:"

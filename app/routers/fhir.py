@@ -49,7 +49,11 @@ from app.fhir.search_params import registry
 from app.fhir.search_service import run_search, subset_version
 from app.fhir.types import SERVED_TYPES
 from app.fhir.validation import check_id, check_resource_type, parse_body, parse_resource
-from app.subscriptions.operations import SUBSCRIPTION_EVENTS, SUBSCRIPTION_STATUS
+from app.subscriptions.operations import (
+    SUBSCRIPTION_EVENTS,
+    SUBSCRIPTION_STATUS,
+    SUBSCRIPTION_WS_BINDING_TOKEN,
+)
 
 FHIR_JSON_CONTENT = "application/fhir+json"
 
@@ -287,7 +291,9 @@ async def compartment_search(ctx: FhirContext, resource_type: str) -> Response:
 
 # -- operations (R4 operations.html) ------------------------------------------------------------
 
-OPERATIONS = OperationRegistry((VALIDATE, META, SUBSCRIPTION_STATUS, SUBSCRIPTION_EVENTS))
+OPERATIONS = OperationRegistry(
+    (VALIDATE, META, SUBSCRIPTION_STATUS, SUBSCRIPTION_EVENTS, SUBSCRIPTION_WS_BINDING_TOKEN)
+)
 """Every ``$operation`` the server offers; routes, OperationDefinitions, the CapabilityStatement
 and the OpenAPI document all come from it. Register a new operation here."""
 

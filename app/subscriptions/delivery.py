@@ -44,6 +44,7 @@ from app.settings import Settings
 from app.subscriptions import jobs, metrics
 from app.subscriptions.notifications import bundle_bytes, load_events, notification_bundle
 from app.subscriptions.owner import owner_access
+from app.subscriptions.spec import REST_HOOK
 
 logger = logging.getLogger("carecoord.subscriptions")
 
@@ -153,6 +154,8 @@ class Delivery:
             subscription = await _subscription(conn, subscription_id)
             if subscription is None or subscription["status"] != "active" or _ended(subscription):
                 return Done(error="subscription not active")
+            if subscription["channel_type"] != REST_HOOK:
+                return Done(error="not a rest-hook subscription")
             events = await load_events(
                 conn, subscription_id, subscription["delivered_through"], None, subscription["max_count"]
             )

@@ -13,6 +13,11 @@ version it deleted), and the subscription's owner may read that version (owner.p
 subscription never learns of what its owner could not read, not even an id, nor does its
 counter move for it. Subscriptions that are ``requested`` (handshake pending), ``active`` or
 ``error`` count events; ``off`` ones do not.
+
+An active rest-hook subscription's new events get a delivery job (delivery.py); an active
+websocket subscription's are announced with ``NOTIFY subscription_events`` in the same
+transaction, so the API processes holding its sockets send them once they are committed
+(app/subscriptions/websocket.py; Backport IG 1.1, "Channels: Websockets").
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from app.settings import Settings
 from app.subscriptions import jobs
 from app.subscriptions.filters import Filter, matches
 from app.subscriptions.owner import owner_access
+from app.subscriptions.spec import WEBSOCKET
 from app.subscriptions.topics import BY_TYPE, BY_URL
 
 logger = logging.getLogger("carecoord.subscriptions")
@@ -188,7 +194,7 @@ class Dispatcher:
         """Number the events (the subscription's counter, row-locked) and store them."""
         row = await conn.fetchrow(
             "UPDATE subscription SET events_count = events_count + $2 WHERE fhir_id = $1"
-            " RETURNING events_count, status",
+            " RETURNING events_count, status, channel_type",
             subscription_id,
             len(changes),
         )
@@ -211,7 +217,11 @@ class Dispatcher:
             [c.action for c in changes],
             [c.changed_at for c in changes],
         )
-        if row["status"] == "active":
+        if row["status"] != "active":
+            return
+        if row["channel_type"] == WEBSOCKET:
+            await jobs.announce(conn, subscription_id)
+        else:
             await jobs.request_delivery(conn, subscription_id)
 
 

@@ -6,6 +6,12 @@ policy (a refused endpoint is a 422), and its status is the server's to set: a n
 subscription, or one its owner reactivates, is ``requested`` until its handshake succeeds
 (delivery.py), and only ``off`` may be asked for directly. carecoord's own status changes are
 bookkeeping writes (RepositoryFactory.for_bookkeeping) and pass unchanged.
+
+A ``websocket`` subscription has no endpoint to verify (Backport IG 1.1, "Channels: Websockets":
+the server "creates the subscription" and its workflow diagram answers ``status: active``): it is
+``active`` as soon as it is written, unless ``off`` is asked for, and has no rest-hook jobs.
+Every write of one (deletion included) is announced with ``NOTIFY subscription_events`` so that
+the sockets bound to it, in whichever API process, see the change (app/subscriptions/websocket.py).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from app.fhir.repository import FhirRepository, StoredVersion
 from app.outbound import OutboundRefused, check_url, parse_allowlist
 from app.settings import Settings
 from app.subscriptions import jobs
-from app.subscriptions.spec import read_spec
+from app.subscriptions.spec import WEBSOCKET, read_spec
 
 _UPSERT = """
 INSERT INTO subscription (fhir_id, topic, filters, channel_type, endpoint, headers, content,
@@ -89,6 +95,9 @@ class SubscriptionHooks:
             )
         if asked == "off":
             return
+        if spec.channel_type == WEBSOCKET:
+            data["status"] = "active"  # nothing to verify: the client connects to the server
+            return
         was = (previous or {}).get("status")
         unchanged = previous is not None and all(previous.get(k) == data.get(k) for k in _DELIVERY_FIELDS)
         # Active stays active when nothing about delivery changed; anything else (new, changed,
@@ -110,6 +119,7 @@ class SubscriptionHooks:
             await conn.execute("UPDATE subscription SET status = 'off' WHERE fhir_id = $1", version.fhir_id)
             await conn.execute("DELETE FROM subscription_event WHERE subscription_id = $1", version.fhir_id)
             await jobs.cancel_deliveries(conn, version.fhir_id)
+            await jobs.announce(conn, version.fhir_id)  # its sockets, if any, are unbound
             return
         status = str(data.get("status") or "requested")
         if repo.bookkeeping:
@@ -139,7 +149,12 @@ class SubscriptionHooks:
             access.patient,
             access.unrestricted,
         )
-        if status == "requested":
+        if spec.channel_type == WEBSOCKET:
+            # No rest-hook jobs (a rest-hook subscription changed to websocket loses its own);
+            # bound sockets look again (status, max-count, content).
+            await jobs.cancel_deliveries(conn, version.fhir_id)
+            await jobs.announce(conn, version.fhir_id)
+        elif status == "requested":
             await jobs.request_handshake(conn, version.fhir_id)
         elif status == "off":
             await jobs.cancel_deliveries(conn, version.fhir_id)

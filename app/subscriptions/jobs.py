@@ -15,6 +15,10 @@ from asyncpg import Connection
 
 from app.jobs import queue
 
+EVENTS_CHANNEL = "subscription_events"
+"""PostgreSQL NOTIFY channel: the payload is a Subscription id whose events or state changed
+(websocket subscriptions only; app/subscriptions/websocket.py listens)."""
+
 KIND = "subscription"
 HANDSHAKE = "handshake"
 NOTIFY = "notify"
@@ -55,3 +59,9 @@ async def cancel_deliveries(conn: Connection, subscription_id: str) -> None:
     """End the subscription's waiting jobs (a running one finds the subscription changed)."""
     for action in ACTIONS:
         await queue.close(conn, KIND, _key(action, subscription_id), error="subscription changed or removed")
+
+
+async def announce(conn: Connection, subscription_id: str) -> None:
+    """Tell every API process (``NOTIFY subscription_events``, delivered when the transaction
+    commits) that the subscription has new events or changed: its bound websockets look again."""
+    await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, subscription_id)

@@ -28,6 +28,7 @@ from app.fhir.repository import FhirRepository, fhir_instant
 from app.fhir.responses import json_response
 from app.subscriptions.notifications import CONTENT_CODES, load_events, notification_bundle, status_parameters
 from app.subscriptions.owner import owner_access
+from app.subscriptions.websocket import binding_token
 
 MAX_EVENTS = 1000
 """The most events one ``$events`` answer carries (ask again from the last number for more)."""
@@ -210,5 +211,37 @@ SUBSCRIPTION_EVENTS = Operation(
             codes=CONTENT_CODES,
         ),
         OperationParameter("return", "out", "Bundle", min=1, documentation="The events"),
+    ),
+)
+
+
+async def _ws_binding_token(
+    ctx: FhirContext, resource_type: str | None, fhir_id: str | None, parameters: OperationParameters
+) -> Response:
+    assert fhir_id is not None  # instance level only
+    return json_response(await binding_token(ctx.repo, ctx.settings, fhir_id), ctx.fmt)
+
+
+SUBSCRIPTION_WS_BINDING_TOKEN = Operation(
+    name="get-ws-binding-token",
+    definition_id="Subscription-get-ws-binding-token",
+    base=f"{BACKPORT_OPERATIONS}/backport-subscription-get-ws-binding-token",
+    title="Get a websocket binding token",
+    description=(
+        "A short-lived token (CARECOORD_SUBSCRIPTION_WS_TOKEN_LIFETIME) that binds a websocket"
+        " connection to this websocket-channel subscription: the client connects to websocket-url"
+        " and sends 'bind-with-token: <token>'. Only the subscription's owner may ask (404"
+        " otherwise); 422 for a subscription of another channel type or that is off."
+    ),
+    levels=("instance",),
+    resource_types=("Subscription",),
+    handler=_ws_binding_token,
+    ok_schema="Parameters",
+    errors=(400, 401, 403, 404, 405, 410, 422),
+    parameters=(
+        OperationParameter("token", "out", "string", min=1, documentation="The binding token"),
+        OperationParameter("expiration", "out", "dateTime", min=1, documentation="When the token expires"),
+        OperationParameter("subscription", "out", "string", min=1, max="*", documentation="The subscription"),
+        OperationParameter("websocket-url", "out", "url", min=1, documentation="Where to connect"),
     ),
 )

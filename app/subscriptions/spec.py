@@ -6,6 +6,11 @@ the topic in a ``backport-topic-canonical`` extension); the filters are
 ``backport-heartbeat-period``, ``backport-timeout`` and ``backport-max-count``, its payload the
 ``backport-payload-content`` (empty, id-only, full-resource). Whatever carecoord cannot honour
 is refused when the Subscription is written (400 or 422), never accepted and ignored.
+
+Channels (Backport IG 1.1, "Channels"): ``rest-hook`` needs an http(s) ``endpoint``;
+``websocket`` is the channel "that does not require the client to have an endpoint" (the
+client connects to the server, app/subscriptions/websocket.py), so a websocket channel with an
+``endpoint`` or ``header`` lines (which only rest-hook conveys) is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ MAX_COUNT = f"{BACKPORT}/backport-max-count"
 PAYLOAD_CONTENT = f"{BACKPORT}/backport-payload-content"
 BACKPORT_PROFILE = f"{BACKPORT}/backport-subscription"
 
-CHANNEL_TYPES = ("rest-hook",)
+REST_HOOK = "rest-hook"
+WEBSOCKET = "websocket"
+CHANNEL_TYPES = (REST_HOOK, WEBSOCKET)
 """Channels carecoord delivers on (R4 subscription-channel-type codes)."""
 PAYLOAD_TYPES = ("application/fhir+json", "application/json")
 DEFAULT_TIMEOUT = 10
@@ -116,7 +123,20 @@ def read_spec(data: dict[str, Any]) -> SubscriptionSpec:
             expression=("Subscription.channel.type",),
         )
     endpoint = channel.get("endpoint")
-    if (
+    if channel_type == WEBSOCKET:
+        if endpoint is not None:
+            raise BadRequest(
+                "a websocket channel has no endpoint: the client connects to the server"
+                " (Subscription/[id]/$get-ws-binding-token gives the URL)",
+                expression=("Subscription.channel.endpoint",),
+            )
+        if channel.get("header") is not None:
+            raise BadRequest(
+                "channel.header lines are HTTP headers of rest-hook notifications; a websocket"
+                " channel has none",
+                expression=("Subscription.channel.header",),
+            )
+    elif (
         not isinstance(endpoint, str)
         or not endpoint.startswith(("https://", "http://"))
         or not _valid_url(endpoint)
