@@ -1,5 +1,5 @@
 """The ``carecoord`` console script: serve, worker, migrate, openapi, clients, keys, partners,
-referrals."""
+referrals, subscriptions."""
 
 from __future__ import annotations
 
@@ -283,6 +283,28 @@ def cmd_referrals_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_subscriptions_list(args: argparse.Namespace) -> int:
+    from app.subscriptions.status import subscription_list
+
+    settings = _settings_with_database(get_settings(), args)
+    rows = _with_connection(settings, subscription_list)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        lag = f"lag={row['lag_events']}"
+        if row["lag_seconds"] is not None:
+            lag += f" ({row['lag_seconds']:.1f} s)"
+        error = f"  last error: {row['last_error'][:200]}" if row["last_error"] else ""
+        print(
+            f"Subscription/{row['id']}  {row['status']:<9} {row['channel_type']}"
+            f"  {row['endpoint_host'] or '-'}  topic={row['topic']}"
+            f"  events={row['events_count']} delivered={row['delivered_through']} {lag}"
+            f"  failures={row['failures']}{error}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carecoord", description="carecoord FHIR R4 care-coordination server"
@@ -312,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_referrals_status)
     add_partner_commands(commands)
+    subscriptions = commands.add_parser("subscriptions", help="subscription notification state")
+    subscription_commands = subscriptions.add_subparsers(dest="subscriptions_command", required=True)
+    subscription_listing = subscription_commands.add_parser(
+        "list",
+        help="every subscription: topic, channel, status, endpoint host, events, delivered, lag, failures",
+    )
+    subscription_listing.add_argument("--json", action="store_true")
+    subscription_listing.set_defaults(func=cmd_subscriptions_list)
     migrate = commands.add_parser("migrate", help="apply the Alembic migrations and exit")
     migrate.set_defaults(func=cmd_migrate)
     openapi = commands.add_parser(

@@ -320,7 +320,13 @@ def test_cli_help_shows_defaults_and_init() -> None:
     assert "CARECOORD_DATA_DIR" in text and "--init" not in text
     openapi = _carecoord(env, "openapi", "--help")
     assert "(default: openapi/openapi.json)" in " ".join(openapi.stdout.split())
-    for admin in (("clients", "list"), ("keys", "rotate"), ("partners", "list"), ("referrals", "status")):
+    for admin in (
+        ("clients", "list"),
+        ("keys", "rotate"),
+        ("partners", "list"),
+        ("referrals", "status"),
+        ("subscriptions", "list"),
+    ):
         assert "--init" in _carecoord(env, *admin, "--help").stdout, admin
     for service in ("worker", "migrate"):
         assert "--init" not in _carecoord(env, service, "--help").stdout
@@ -397,3 +403,53 @@ async def test_cli_introspection_flag_and_removal_revokes_tokens(
     assert inactive.json() == {"active": False}
     refused = await http.post("/auth/token", data=form, auth=(plain["client_id"], plain["client_secret"]))
     assert refused.status_code == 401
+
+
+async def test_cli_subscriptions_list_shows_lag_and_the_endpoint_host_only(
+    database_url: str, app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    from app.subscriptions.dispatcher import Dispatcher
+    from tests.test_subscriptions import subscription, task
+
+    endpoint = "http://127.0.0.1:9/hook/path-secret?token=query-secret"
+    body = subscription(endpoint, headers=("Authorization: Bearer header-secret",))
+    created = await client.post("/fhir/Subscription", json=body)
+    assert created.status_code == 201, created.text
+    subscription_id = created.json()["id"]
+    for _ in range(2):
+        assert (await client.post("/fhir/Task", json=task())).status_code == 201
+    # The dispatcher numbers the two events (a pending handshake counts them); no worker runs,
+    # so nothing is delivered. Dispatch until the feed's window holds both writes.
+    dispatcher = Dispatcher(app.state.pool, app.state.settings, app.state.repositories)
+    deadline = time.monotonic() + 15
+    while (
+        await app.state.pool.fetchval(
+            "SELECT events_count FROM subscription WHERE fhir_id = $1", subscription_id
+        )
+        < 2
+    ):
+        assert time.monotonic() < deadline, "the dispatcher did not count the two events"
+        await dispatcher.dispatch_once()
+
+    listed = await _acli(database_url, "subscriptions", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sum("database: " in line for line in listed.stderr.splitlines()) == 1
+    [row] = json.loads(listed.stdout)
+    assert row["id"] == subscription_id
+    assert row["topic"] == body["criteria"] and row["channel_type"] == "rest-hook"
+    assert row["status"] == "requested" and row["endpoint_host"] == "127.0.0.1:9"
+    assert (row["events_count"], row["delivered_through"], row["lag_events"]) == (2, 0, 2)
+    assert row["lag_seconds"] is not None and row["lag_seconds"] >= 0
+    assert row["failures"] == 0 and row["last_error"] is None
+
+    text = await _acli(database_url, "subscriptions", "list")
+    assert text.returncode == 0, text.stderr
+    [line] = text.stdout.splitlines()
+    assert line.startswith(f"Subscription/{subscription_id}  requested")
+    assert " 127.0.0.1:9 " in line and "events=2 delivered=0 lag=2 (" in line and "failures=0" in line
+    for output in (listed, text):
+        everything = output.stdout + output.stderr
+        assert "secret" not in everything and "/hook" not in everything
+
+    help_text = await _acli(database_url, "subscriptions", "list", "--help")
+    assert "--init" in help_text.stdout and "--json" in help_text.stdout

@@ -49,9 +49,11 @@ SYSTEM = identifier_system(f"{BASE_URL}/fhir")
 class WorkerProcesses:
     """``carecoord worker`` subprocesses on the tests' database."""
 
-    def __init__(self, database_url: str, workdir: Path) -> None:
+    def __init__(self, database_url: str, workdir: Path, **settings: str) -> None:
+        """``settings``: environment variables that replace the defaults below."""
         self.database_url = database_url
         self.workdir = workdir
+        self.settings = settings
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> subprocess.Popen[bytes]:
@@ -68,6 +70,7 @@ class WorkerProcesses:
                 "CARECOORD_REFERRAL_POLL_INTERVAL": "3600",
                 "CARECOORD_LOG_LEVEL": "warning",
                 "CARECOORD_OUTBOUND_ALLOWLIST": LOOPBACK_ALLOWLIST,
+                **self.settings,
             }
         )
         log = (self.workdir / f"worker-{len(self.processes)}.log").open("wb")
@@ -90,6 +93,7 @@ class WorkerProcesses:
                 process.wait(15)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait(15)
 
 
 @pytest.fixture
