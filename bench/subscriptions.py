@@ -261,7 +261,8 @@ async def quiet(conn: asyncpg.Connection, expected_active: int) -> None:
             SELECT (SELECT count(*) FROM subscription WHERE status = 'active') AS active,
                    (SELECT count(*) FROM subscription
                        WHERE status = 'active' AND events_count > delivered_through) AS behind,
-                   (SELECT count(*) FROM job WHERE kind IN ('subscription.notify', 'subscription.handshake')
+                   (SELECT count(*) FROM job WHERE kind = 'subscription'
+                       AND split_part(key, ':', 1) IN ('notify', 'handshake')
                        AND state IN ('pending', 'leased')) AS jobs,
                    (SELECT count(*) FROM resource_change r, change_cursor c
                        WHERE c.consumer = 'subscriptions' AND r.txid >= c.lower

@@ -76,7 +76,7 @@ def worker_logs(workers: WorkerProcesses) -> str:
 
 async def job_state(app: FastAPI, subscription_id: str) -> str | None:
     state: str | None = await app.state.pool.fetchval(
-        "SELECT state FROM job WHERE kind = 'subscription.notify' AND key = $1"
+        "SELECT state FROM job WHERE kind = 'subscription' AND key = 'notify:' || $1"
         " AND state IN ('pending', 'leased') ORDER BY id DESC LIMIT 1",
         subscription_id,
     )
@@ -137,7 +137,8 @@ async def test_a_worker_killed_mid_notification_is_replaced_and_every_number_arr
 
     await wait_until(recorded, "delivered_through to reach the last event")
     attempts = await app.state.pool.fetchval(
-        "SELECT max(attempts) FROM job WHERE kind = 'subscription.notify' AND key = $1", subscription_id
+        "SELECT max(attempts) FROM job WHERE kind = 'subscription' AND key = 'notify:' || $1",
+        subscription_id,
     )
     assert attempts >= 2  # the killed attempt, then the one that took the job over
 
