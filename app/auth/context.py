@@ -27,6 +27,7 @@ def access_context(claims: TokenClaims) -> AccessContext:
         patient=claims.patient,
         permissions=parse_scopes(claims.scope),
         unrestricted=False,
+        external=claims.external,
     )
 
 

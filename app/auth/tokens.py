@@ -70,6 +70,9 @@ class TokenClaims:
     organization: str | None = None  # "Organization/ID"
     token_id: str | None = None  # jti
     issued_at: int | None = None  # iat, when the token has one
+    external: bool = False
+    """Issued by a trusted external issuer (CARECOORD_TRUSTED_ISSUERS), not by this server: its
+    client id is the issuer's, not one registered here."""
 
 
 class InvalidToken(Exception):
@@ -388,6 +391,7 @@ class TokenService:
             ),
             token_id=jti if isinstance(jti, str) else None,
             issued_at=issued_at,
+            external=True,
         )
 
 

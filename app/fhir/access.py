@@ -84,6 +84,10 @@ class AccessContext:
     """Patient id of the token's patient context, or None."""
     permissions: tuple[Permission, ...] = ()
     unrestricted: bool = True
+    external: bool = False
+    """A token of a trusted external issuer: its ``client_id`` names no client registered here,
+    so it owns nothing of the OWNED_TYPES (another issuer's, or another user's, client id could
+    be the same string)."""
     _cache: dict[tuple[str, str], tuple[Permission, ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -167,7 +171,7 @@ class AccessContext:
 
     def _owner_condition(self, compiler: ConditionCompiler, alias: str) -> str:
         """Rows of an OWNED_TYPES type that this token's client created (app/subscriptions)."""
-        if self.client_id is None:
+        if self.client_id is None or self.external:
             return "FALSE"
         client = compiler.bind(self.client_id)
         return (

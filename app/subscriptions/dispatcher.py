@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import defaultdict
 from typing import Any
 
-from asyncpg import Connection, Pool
+from asyncpg import Connection, Pool, Record
 
 from app.events.changes import Change, ChangeFeed, prune
 from app.fhir import jsonio
@@ -41,7 +42,7 @@ from app.subscriptions import jobs
 from app.subscriptions.filters import Filter, matches
 from app.subscriptions.owner import owner_access
 from app.subscriptions.spec import WEBSOCKET
-from app.subscriptions.topics import BY_TYPE, BY_URL
+from app.subscriptions.topics import BY_TYPE
 
 logger = logging.getLogger("carecoord.subscriptions")
 
@@ -51,6 +52,17 @@ PRUNE_EVERY = 600.0
 """Seconds between removals of consumed changes and expired events."""
 CHANGE_RETENTION = 3600.0
 """Seconds consumed changes stay in the feed (for inspection; nothing reads them again)."""
+
+FILTER_CACHE = 100_000
+"""Parsed filters kept between batches (cleared when there are more subscriptions than this)."""
+
+_SUBSCRIPTIONS = """
+SELECT fhir_id, topic, filters, status, owner_client, owner_scope, owner_organization,
+    owner_patient, owner_unrestricted
+FROM subscription
+WHERE topic = ANY($1::text[]) AND status IN ('requested', 'active', 'error')
+    AND (end_at IS NULL OR end_at > now())  -- past its end a subscription counts nothing more
+"""
 
 _VERSIONS = """
 SELECT h.resource_type, h.fhir_id, h.version_id, h.body
@@ -65,6 +77,7 @@ class Dispatcher:
         self.settings = settings
         self.repositories = repositories
         self.feed = ChangeFeed(CONSUMER)
+        self._filters: dict[str, tuple[str, Filter]] = {}
         self.fhir_base = settings.fhir_base
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -107,21 +120,18 @@ class Dispatcher:
         if not changes:
             return
         topics = sorted({t.url for c in changes for t in BY_TYPE[c.resource_type]})
-        subscriptions = await conn.fetch(
-            # A subscription past its ``end`` counts nothing more (R4 Subscription.end).
-            "SELECT * FROM subscription WHERE topic = ANY($1::text[])"
-            " AND status IN ('requested', 'active', 'error') AND (end_at IS NULL OR end_at > now())"
-            " ORDER BY fhir_id",
-            topics,
-        )
+        subscriptions = await conn.fetch(_SUBSCRIPTIONS, topics)
         if not subscriptions:
             return
+        by_topic: dict[str, list[Record]] = defaultdict(list)
+        for subscription in subscriptions:
+            by_topic[subscription["topic"]].append(subscription)
         versions = await self._versions(conn, changes)
         matched: dict[str, list[Change]] = defaultdict(list)
-        filters = {s["fhir_id"]: Filter.from_json(_json(s["filters"])) for s in subscriptions}
         rows_cache: dict[tuple[str, str, int], IndexRows] = {}
-        # Each owner's access once per batch (its client's registration is read once).
-        owners = {s["fhir_id"]: await owner_access(conn, s) for s in subscriptions}
+        # An owner's access is read (its client's registration) only once a change passes its
+        # filters, and once per batch: most subscriptions match most changes not at all.
+        owners: dict[str, AccessContext | None] = {}
         for change in changes:
             previous = versions.get((change.resource_type, change.fhir_id, change.version_id - 1))
             current = versions.get((change.resource_type, change.fhir_id, change.version_id))
@@ -129,31 +139,42 @@ class Dispatcher:
             judged = previous if change.action == "delete" else current
             if judged is None:
                 continue  # the version is gone (a resource removed by an operator): nothing to judge
-            key = (change.resource_type, change.fhir_id, judged_version)
-            rows = rows_cache.get(key)
-            if rows is None:
-                rows = rows_cache[key] = extract(change.resource_type, judged, self.fhir_base)
-            for subscription in subscriptions:
-                topic = BY_URL[subscription["topic"]]
-                if topic.resource_type != change.resource_type or change.action not in topic.interactions:
+            rows: IndexRows | None = None
+            for topic in BY_TYPE[change.resource_type]:
+                # The topic's rules once per change, then only its own subscriptions.
+                if change.action not in topic.interactions or not topic.qualifies(previous, current):
                     continue
-                if not topic.qualifies(previous, current):
-                    continue
-                if not matches(
-                    filters[subscription["fhir_id"]], change.fhir_id, change.changed_at, rows, self.fhir_base
-                ):
-                    continue
-                if not await self._owner_reads(
-                    conn,
-                    owners[subscription["fhir_id"]],
-                    change.resource_type,
-                    change.fhir_id,
-                    judged_version,
-                ):
-                    continue
-                matched[subscription["fhir_id"]].append(change)
+                for subscription in by_topic.get(topic.url, ()):
+                    subscription_id = subscription["fhir_id"]
+                    if rows is None:
+                        key = (change.resource_type, change.fhir_id, judged_version)
+                        rows = rows_cache.get(key)
+                        if rows is None:
+                            rows = rows_cache[key] = extract(change.resource_type, judged, self.fhir_base)
+                    flt = self._filter(subscription_id, subscription["filters"])
+                    if not matches(flt, change.fhir_id, change.changed_at, rows, self.fhir_base):
+                        continue
+                    if subscription_id not in owners:
+                        owners[subscription_id] = await owner_access(conn, subscription)
+                    if not await self._owner_reads(
+                        conn, owners[subscription_id], change.resource_type, change.fhir_id, judged_version
+                    ):
+                        continue
+                    matched[subscription_id].append(change)
         for subscription_id, events in matched.items():
             await self._record(conn, subscription_id, events)
+
+    def _filter(self, subscription_id: str, stored: Any) -> Filter:
+        """A subscription's filters, parsed once per version of them (kept between batches)."""
+        text = stored if isinstance(stored, str) else json.dumps(stored)
+        cached = self._filters.get(subscription_id)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        parsed = Filter.from_json(json.loads(text))  # plain strings: the standard library's parser
+        if len(self._filters) > FILTER_CACHE:
+            self._filters.clear()
+        self._filters[subscription_id] = (text, parsed)
+        return parsed
 
     async def _versions(
         self, conn: Connection, changes: list[Change]
@@ -223,7 +244,3 @@ class Dispatcher:
             await jobs.announce(conn, subscription_id)
         else:
             await jobs.request_delivery(conn, subscription_id)
-
-
-def _json(value: Any) -> list[dict[str, Any]]:
-    return jsonio.loads(value) if isinstance(value, str) else list(value)

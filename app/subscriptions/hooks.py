@@ -66,7 +66,17 @@ class SubscriptionHooks:
         if data is None or repo.bookkeeping:
             return
         spec = read_spec(data)
+        if repo.access.external:
+            raise BusinessRule(
+                "a Subscription belongs to a client registered on this server (carecoord clients add);"
+                " tokens of an external issuer cannot own one"
+            )
         if previous is None and not repo.access.unrestricted:
+            # One count at a time per client: concurrent creations must not all see room.
+            await repo.connection.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 11))",
+                f"subscriptions:{repo.access.client_id}",
+            )
             owned = await repo.connection.fetchval(
                 "SELECT count(*) FROM subscription s JOIN resource r ON r.resource_type = 'Subscription'"
                 " AND r.fhir_id = s.fhir_id AND NOT r.deleted WHERE s.owner_client = $1",

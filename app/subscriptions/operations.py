@@ -22,7 +22,7 @@ from typing import Any
 from fastapi.responses import Response
 
 from app.fhir.context import FhirContext
-from app.fhir.errors import BadRequest, NotFound
+from app.fhir.errors import BadRequest, Gone, NotFound
 from app.fhir.operations import Operation, OperationParameter, OperationParameters
 from app.fhir.repository import FhirRepository, fhir_instant
 from app.fhir.responses import json_response
@@ -34,6 +34,8 @@ MAX_EVENTS = 1000
 """The most events one ``$events`` answer carries (ask again from the last number for more)."""
 MAX_FULL_EVENTS = 100
 """The most with ``full-resource`` content (each may be a large resource)."""
+NO_STORE = {"cache-control": "no-store"}
+"""Answers that carry a credential (a binding token) or what resources say."""
 MAX_STATUS = 1000
 """The most subscriptions a type-level ``$status`` reports."""
 
@@ -48,7 +50,9 @@ async def status_bundle(
         # The caller's own (a Subscription is its owner's only, app/fhir/access.py OWNED_TYPES).
         access = repo.access
         rows = await repo.connection.fetch(
-            "SELECT fhir_id FROM subscription WHERE $1 OR owner_client = $2 ORDER BY fhir_id LIMIT $3",
+            "SELECT s.fhir_id FROM subscription s JOIN resource r ON r.resource_type = 'Subscription'"
+            " AND r.fhir_id = s.fhir_id AND NOT r.deleted WHERE $1 OR s.owner_client = $2"
+            " ORDER BY s.fhir_id LIMIT $3",
             access.unrestricted,
             access.client_id,
             MAX_STATUS,
@@ -61,7 +65,7 @@ async def status_bundle(
     for subscription_id in wanted:
         try:
             await repo.read("Subscription", subscription_id)  # 404 unless the caller may read it
-        except NotFound:
+        except (NotFound, Gone):
             if explicit:
                 raise
             continue
@@ -148,7 +152,7 @@ async def _events(
         parameters.text("eventsUntilNumber"),
         parameters.text("content"),
     )
-    return json_response(bundle, ctx.fmt)
+    return json_response(bundle, ctx.fmt, headers=NO_STORE)
 
 
 SUBSCRIPTION_STATUS = Operation(
@@ -219,7 +223,7 @@ async def _ws_binding_token(
     ctx: FhirContext, resource_type: str | None, fhir_id: str | None, parameters: OperationParameters
 ) -> Response:
     assert fhir_id is not None  # instance level only
-    return json_response(await binding_token(ctx.repo, ctx.settings, fhir_id), ctx.fmt)
+    return json_response(await binding_token(ctx.repo, ctx.settings, fhir_id), ctx.fmt, headers=NO_STORE)
 
 
 SUBSCRIPTION_WS_BINDING_TOKEN = Operation(
