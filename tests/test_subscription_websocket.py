@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app.auth.clients import remove_client
 from app.background import background_tasks
 from app.fhir.errors import BadRequest, BusinessRule, Gone, NotFound
 from app.main import create_app
@@ -448,3 +449,39 @@ async def test_sockets_in_two_processes_get_the_events_of_a_dispatcher_in_a_thir
                 await ws.close()
         finally:
             await asyncio.to_thread(stack.close)
+
+
+async def test_frames_are_audited_and_a_removed_clients_socket_ends(served: Served) -> None:
+    """Each notification over a socket is an AuditEvent naming what it disclosed; once the
+    owner's client is removed its bindings end (and its tokens bind nothing)."""
+    owner = await bearer(served.app, "system/*.cruds", client_id="ws-owner")
+    subscription_id = await create_ws_subscription(served, headers=owner, content="full-resource")
+    token = await get_token(served, subscription_id, owner)
+    ws = await connect(parameter(token, "websocket-url"), proxy=None)
+    await ws.send(f"bind-with-token: {parameter(token, 'token')}")
+    assert status_of(await receive(ws))["type"] == "handshake"
+    created = await served.http.post(f"{served.fhir}/Task", json=task())
+    task_id = created.json()["id"]
+    notification = await receive(ws)
+    assert [e["resource"]["id"] for e in notification["entry"][1:]] == [task_id]
+    pool = served.app.state.pool
+
+    async def audited() -> bool:
+        count = await pool.fetchval(
+            "SELECT count(*) FROM resource r WHERE r.resource_type = 'AuditEvent'"
+            " AND r.body LIKE '%subscription event-notification (websocket)%'"
+            " AND r.body LIKE '%Task/' || $1 || '%'",
+            task_id,
+        )
+        return bool(count)
+
+    await wait_until(audited, "the notification's AuditEvent")
+    assert await remove_client(pool, "ws-owner")  # as `carecoord clients remove` does
+    close, before = await closed(ws)
+    assert close.rcvd is not None and close.rcvd.code == 1000
+    assert "no longer registered" in before[-1]["issue"][0]["diagnostics"]
+    again = await connect(parameter(token, "websocket-url"), proxy=None)
+    await again.send(f"bind-with-token: {parameter(token, 'token')}")
+    refused, said = await closed(again)
+    assert refused.rcvd is not None and refused.rcvd.code == 1008
+    assert "no longer registered" in said[-1]["issue"][0]["diagnostics"]

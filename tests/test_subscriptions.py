@@ -641,3 +641,23 @@ async def test_a_subscription_past_its_end_sends_nothing(
         lambda: event_numbers(misbehaving_server, "/live") == [1], "the live subscription's event"
     )
     assert misbehaving_server.requests_to("/ended") == []
+
+
+async def test_an_external_issuers_token_owns_no_subscription(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A trusted external issuer's client id is that issuer's, not a client registered here: the
+    same string must not open a registered client's Subscription, nor may such a token own one."""
+    from app.auth.scopes import parse_scopes
+    from app.fhir.access import AccessContext
+    from app.fhir.errors import BusinessRule, NotFound
+
+    existing = await create_subscription(client, subscription("http://127.0.0.1:9/x"))  # test-client's
+    external = AccessContext(
+        client_id="test-client", permissions=parse_scopes("system/*.cruds"), unrestricted=False, external=True
+    )
+    async with app.state.pool.acquire() as conn:
+        repo = app.state.repositories.for_client(conn, external)
+        with pytest.raises(NotFound):
+            await repo.read("Subscription", existing)
+        with pytest.raises(BusinessRule):
+            async with conn.transaction():
+                await repo.create("Subscription", subscription("http://127.0.0.1:9/y"))

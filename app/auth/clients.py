@@ -269,4 +269,13 @@ async def remove_client(db: asyncpg.Pool | asyncpg.Connection, client_id: str) -
     tokens.CLIENT_CHECK_INTERVAL seconds in every process (the registration check of
     TokenService.verify), long before they expire."""
     status: str = await db.execute("DELETE FROM oauth_client WHERE client_id = $1", client_id)
-    return status.endswith(" 1")
+    if not status.endswith(" 1"):
+        return False
+    # Its subscriptions' websocket bindings (app/subscriptions/websocket.py) look again at once
+    # and end, rather than at their next periodic check.
+    await db.execute(
+        "SELECT pg_notify('subscription_events', fhir_id) FROM subscription"
+        " WHERE owner_client = $1 AND channel_type = 'websocket'",
+        client_id,
+    )
+    return True

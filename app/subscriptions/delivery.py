@@ -63,7 +63,6 @@ class Delivery:
         self.settings = settings
         self.repositories = repositories
         self.fhir_base = settings.fhir_base
-        self._audit_access = AccessContext(client_id="carecoord-subscriptions", unrestricted=False)
 
     def register(self, runner: Runner) -> None:
         # One kind for all subscription work, at most all slots but one: slow or hanging
@@ -169,7 +168,7 @@ class Delivery:
         error = await self._post(subscription, bundle)
         last = events[-1].number
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._audit(conn, subscription_id, "event-notification", error, shown=_shown(bundle))
+            await self._audit(conn, subscription_id, "event-notification", error, shown=disclosed(bundle))
             # Under the subscription's row lock, which the dispatcher takes to add events: either
             # it added them before this looks, or it schedules a new job after this one ended.
             if error is None:
@@ -337,20 +336,35 @@ class Delivery:
         *,
         shown: Sequence[tuple[str, str, int]] = (),
     ) -> None:
-        """An AuditEvent for each attempt (transmit, outcome success or failure), naming the
-        Subscription and every resource the notification disclosed."""
-        event = build_event(
-            interaction="transaction",
-            status=200 if error is None else 502,
-            access=self._audit_access,
-            touched=[("Subscription", subscription_id, 0), *shown],
-            query=None,
-            address=None,
-            fhir_base=self.fhir_base,
-        )
-        event["entity"][0]["what"] = {"reference": f"Subscription/{subscription_id}"}
-        event["entity"][0]["description"] = f"subscription {kind}" + (f": {error}" if error else "")
-        await self.repositories.for_bookkeeping(conn).create("AuditEvent", event)
+        await audit_attempt(self.repositories, conn, subscription_id, kind, error, shown)
+
+
+AUDIT_ACCESS = AccessContext(client_id="carecoord-subscriptions", unrestricted=False)
+"""The agent of notification AuditEvents."""
+
+
+async def audit_attempt(
+    repositories: RepositoryFactory,
+    conn: Connection,
+    subscription_id: str,
+    kind: str,
+    error: str | None,
+    shown: Sequence[tuple[str, str, int]] = (),
+) -> None:
+    """An AuditEvent for each attempt (transmit, outcome success or failure) on any channel,
+    naming the Subscription and every resource the notification disclosed."""
+    event = build_event(
+        interaction="transaction",
+        status=200 if error is None else 502,
+        access=AUDIT_ACCESS,
+        touched=[("Subscription", subscription_id, 0), *shown],
+        query=None,
+        address=None,
+        fhir_base=repositories.fhir_base,
+    )
+    event["entity"][0]["what"] = {"reference": f"Subscription/{subscription_id}"}
+    event["entity"][0]["description"] = f"subscription {kind}" + (f": {error}" if error else "")
+    await repositories.for_bookkeeping(conn).create("AuditEvent", event)
 
 
 _CURRENT = "SELECT * FROM subscription WHERE fhir_id = $1"
@@ -376,7 +390,7 @@ def _ended(subscription: Record) -> bool:
     return end is not None and end <= datetime.now(UTC)
 
 
-def _shown(bundle: dict[str, Any]) -> list[tuple[str, str, int]]:
+def disclosed(bundle: dict[str, Any]) -> list[tuple[str, str, int]]:
     """(type, id, version) of what a notification Bundle names (its entries after the status)."""
     shown = []
     for entry in bundle.get("entry", [])[1:]:

@@ -75,6 +75,7 @@ from app.fhir.repository import FhirRepository, RepositoryFactory, fhir_instant
 from app.fhir.validation import check_id
 from app.settings import Settings
 from app.subscriptions import metrics
+from app.subscriptions.delivery import audit_attempt, disclosed
 from app.subscriptions.jobs import EVENTS_CHANNEL
 from app.subscriptions.notifications import load_events, notification_bundle
 from app.subscriptions.owner import owner_access
@@ -93,6 +94,10 @@ WS_MAX_MESSAGE_BYTES = 16 * 1024
 (1009) before they are buffered."""
 MAX_BINDINGS = 32
 """Subscriptions one socket may be bound to at once."""
+MAX_SOCKETS_PER_SUBSCRIPTION = 8
+"""Sockets of one server process bound to one subscription (a token binds any number)."""
+MAX_BINDINGS_PER_PROCESS = 2000
+"""Bindings one server process serves at once (each polls and builds its notifications)."""
 SEND_QUEUE = 16
 """Notifications waiting to be written to one socket."""
 BIND_WITHIN = 30.0
@@ -197,11 +202,11 @@ async def binding_token(repo: FhirRepository, settings: Settings, subscription_i
     check_id(subscription_id)
     await repo.read("Subscription", subscription_id)
     conn = repo.connection
-    row = await conn.fetchrow(
-        "SELECT channel_type, status, owner_client FROM subscription WHERE fhir_id = $1", subscription_id
-    )
+    row = await conn.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
     if row is None:
         raise NotFound(f"Subscription/{subscription_id} is not known")
+    if row["end_at"] is not None and row["end_at"] <= datetime.now(UTC):
+        raise BusinessRule(f"Subscription/{subscription_id} has ended", expression=("Subscription.end",))
     if row["channel_type"] != WEBSOCKET:
         raise BusinessRule(
             f"Subscription/{subscription_id} is not a websocket subscription"
@@ -265,6 +270,10 @@ class SocketHub:
     def bound(self, subscription_id: str) -> int:
         """How many sockets of this process are bound to the subscription."""
         return len(self._waiters.get(subscription_id, ()))
+
+    def total(self) -> int:
+        """How many bindings this process serves."""
+        return sum(len(waiters) for waiters in self._waiters.values())
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         for wake in self._waiters.get(payload, ()):
@@ -331,6 +340,8 @@ class _Outgoing:
     last_event: int = 0
     events: int = 0
     oldest: datetime | None = None
+    shown: tuple[tuple[str, str, int], ...] = ()
+    """(type, id, version) of the resources the notification names (its AuditEvent's entities)."""
 
 
 class _Session:
@@ -437,6 +448,15 @@ class _Session:
                 refusal = _unbindable(row, subscription_id)
                 if refusal is None and row is not None and row["owner_client"] != owner:
                     refusal = f"Subscription/{subscription_id} changed hands since the token was issued"
+                if refusal is None and row is not None and await owner_access(conn, row) is None:
+                    refusal = f"Subscription/{subscription_id}: its client is no longer registered"
+                if refusal is None and self.hub.bound(subscription_id) >= MAX_SOCKETS_PER_SUBSCRIPTION:
+                    refusal = (
+                        f"Subscription/{subscription_id} has {MAX_SOCKETS_PER_SUBSCRIPTION} sockets bound"
+                        " in this server process already"
+                    )
+                if refusal is None and self.hub.total() >= MAX_BINDINGS_PER_PROCESS:
+                    refusal = "this server process has as many websocket bindings as it serves; try later"
                 if refusal is not None:
                     raise TokenRefused(refusal)
                 rows[subscription_id] = row
@@ -491,6 +511,8 @@ class _Session:
             async with self.pool.acquire() as conn:
                 row = await _subscription(conn, binding.subscription_id)
                 refusal = _unbindable(row, binding.subscription_id)
+                if refusal is None and row is not None and await owner_access(conn, row) is None:
+                    refusal = "the subscription's client is no longer registered"
                 if refusal is not None or row is None:
                     self._unbind(binding, refusal or "gone")
                     return
@@ -525,10 +547,15 @@ class _Session:
             return None
         access = await owner_access(conn, row)
         repo = None if access is None else self.hub.repositories.for_client(conn, access)
-        text = await _text(repo, row, self.fhir_base, "event-notification", events)
+        bundle = await notification_bundle(repo, row, self.fhir_base, "event-notification", events)
         binding.cursor = events[-1].number
         return _Outgoing(
-            text, binding.subscription_id, events[-1].number, len(events), min(e.occurred_at for e in events)
+            jsonio.dumps(bundle).decode(),
+            binding.subscription_id,
+            events[-1].number,
+            len(events),
+            min(e.occurred_at for e in events),
+            tuple(disclosed(bundle)),
         )
 
     def _unbind(self, binding: _Binding, reason: str) -> None:
@@ -574,12 +601,22 @@ class _Session:
 
     async def _delivered(self, outgoing: _Outgoing) -> None:
         try:
-            await self.pool.execute(
-                "UPDATE subscription SET delivered_through = GREATEST(delivered_through, $2),"
-                " last_sent_at = now() WHERE fhir_id = $1",
-                outgoing.subscription_id,
-                outgoing.last_event,
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "UPDATE subscription SET delivered_through = GREATEST(delivered_through, $2),"
+                    " last_sent_at = now() WHERE fhir_id = $1",
+                    outgoing.subscription_id,
+                    outgoing.last_event,
+                )
+                # Each notification sent is audited with what it disclosed, as on rest-hook.
+                await audit_attempt(
+                    self.hub.repositories,
+                    conn,
+                    str(outgoing.subscription_id),
+                    "event-notification (websocket)",
+                    None,
+                    outgoing.shown,
+                )
         except Exception as exc:  # bookkeeping only: the socket goes on
             logger.error("subscription websocket %s: %s", outgoing.subscription_id, type(exc).__name__)
 
@@ -602,6 +639,8 @@ def _unbindable(row: Record | None, subscription_id: str) -> str | None:
         return f"Subscription/{subscription_id} is no longer a websocket subscription"
     if row["status"] == "off":
         return f"Subscription/{subscription_id} is off"
+    if row["end_at"] is not None and row["end_at"] <= datetime.now(UTC):
+        return f"Subscription/{subscription_id} has ended (Subscription.end)"
     return None
 
 
