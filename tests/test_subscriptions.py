@@ -661,3 +661,27 @@ async def test_an_external_issuers_token_owns_no_subscription(app: FastAPI, clie
         with pytest.raises(BusinessRule):
             async with conn.transaction():
                 await repo.create("Subscription", subscription("http://127.0.0.1:9/y"))
+
+
+async def test_filters_of_every_form_find_their_changes(
+    client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, running: None
+) -> None:
+    """Codes, bare ids, system-only tokens and :not all match as search would, whichever
+    subscriptions the dispatcher's index files under a value and which it judges every time."""
+    server = misbehaving_server
+    forms = {
+        "/status": ("Task?status=accepted",),
+        "/bare-id": ("Task?owner=o1",),
+        "/system-only": ("Task?code=http://example.org/codes|",),
+        "/not": ("Task?status:not=requested",),
+        "/both": ("Task?owner=Organization/o1&status=requested,accepted",),
+    }
+    for path, filters in forms.items():
+        await active_subscription(client, server, path, filters=filters)
+    coded = task(code={"coding": [{"system": "http://example.org/codes", "code": "fulfill"}]})
+    created = (await client.post(f"{FHIR}/Task", json=coded)).json()
+    await client.put(f"{FHIR}/Task/{created['id']}", json={**created, "status": "accepted"})
+    expected = {"/status": [1], "/bare-id": [1, 2], "/system-only": [1, 2], "/not": [1], "/both": [1, 2]}
+    await wait_until(
+        lambda: {path: event_numbers(server, path) for path in forms} == expected, "each filter's events"
+    )
