@@ -643,7 +643,9 @@ async def test_a_subscription_past_its_end_sends_nothing(
     assert misbehaving_server.requests_to("/ended") == []
 
 
-async def test_an_external_issuers_token_owns_no_subscription(app: FastAPI, client: httpx.AsyncClient) -> None:
+async def test_an_external_issuers_token_owns_no_subscription(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
     """A trusted external issuer's client id is that issuer's, not a client registered here: the
     same string must not open a registered client's Subscription, nor may such a token own one."""
     from app.auth.scopes import parse_scopes
