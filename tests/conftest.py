@@ -108,6 +108,8 @@ async def clean_db(engine: AsyncEngine) -> None:
                 " subscription RESTART IDENTITY CASCADE"
             )
         )
+        # The dispatcher keeps the subscriptions in memory until this number moves.
+        await conn.execute(text("UPDATE subscription_generation SET generation = generation + 1"))
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any
 
 from asyncpg import Connection, Pool, Record
@@ -56,12 +57,15 @@ CHANGE_RETENTION = 3600.0
 FILTER_CACHE = 100_000
 """Parsed filters kept between batches (cleared when there are more subscriptions than this)."""
 
+REFRESH_SECONDS = 30.0
+"""The longest the dispatcher keeps its copy of the subscriptions without reading them again."""
+
 _SUBSCRIPTIONS = """
-SELECT fhir_id, topic, filters, status, owner_client, owner_scope, owner_organization,
+SELECT fhir_id, topic, filters, status, end_at, owner_client, owner_scope, owner_organization,
     owner_patient, owner_unrestricted
 FROM subscription
-WHERE topic = ANY($1::text[]) AND status IN ('requested', 'active', 'error')
-    AND (end_at IS NULL OR end_at > now())  -- past its end a subscription counts nothing more
+WHERE status IN ('requested', 'active', 'error') AND (end_at IS NULL OR end_at > now())
+ORDER BY fhir_id
 """
 
 _VERSIONS = """
@@ -78,6 +82,9 @@ class Dispatcher:
         self.repositories = repositories
         self.feed = ChangeFeed(CONSUMER)
         self._filters: dict[str, tuple[str, Filter]] = {}
+        self._by_topic: dict[str, _TopicIndex] = {}
+        self._generation: int | None = None
+        self._loaded_at = 0.0
         self.fhir_base = settings.fhir_base
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -119,14 +126,10 @@ class Dispatcher:
     async def _dispatch(self, conn: Connection, changes: list[Change]) -> None:
         if not changes:
             return
-        topics = sorted({t.url for c in changes for t in BY_TYPE[c.resource_type]})
-        subscriptions = await conn.fetch(_SUBSCRIPTIONS, topics)
-        if not subscriptions:
+        by_topic = await self._subscriptions(conn)
+        if not by_topic:
             return
-        by_topic: dict[str, _TopicIndex] = defaultdict(_TopicIndex)
-        for subscription in subscriptions:
-            flt = self._filter(subscription["fhir_id"], subscription["filters"])
-            by_topic[subscription["topic"]].add(subscription, flt, self.fhir_base)
+        now = datetime.now(UTC)
         versions = await self._versions(conn, changes)
         matched: dict[str, list[Change]] = defaultdict(list)
         rows_cache: dict[tuple[str, str, int], IndexRows] = {}
@@ -155,6 +158,8 @@ class Dispatcher:
                         rows = rows_cache[key] = extract(change.resource_type, judged, self.fhir_base)
                 for subscription, flt in index.candidates(change.fhir_id, rows):
                     subscription_id = subscription["fhir_id"]
+                    if subscription["end_at"] is not None and subscription["end_at"] <= now:
+                        continue  # past its end a subscription counts nothing more
                     if not matches(flt, change.fhir_id, change.changed_at, rows, self.fhir_base):
                         continue
                     if subscription_id not in owners:
@@ -166,6 +171,21 @@ class Dispatcher:
                     matched[subscription_id].append(change)
         for subscription_id, events in matched.items():
             await self._record(conn, subscription_id, events)
+
+    async def _subscriptions(self, conn: Connection) -> dict[str, _TopicIndex]:
+        """The subscriptions that count events, by topic, indexed: kept in memory and read again
+        when a Subscription was written since (``subscription_generation``, raised by every write
+        in its transaction, so this transaction sees it once the write is in the feed's window)
+        or every REFRESH_SECONDS."""
+        generation = await conn.fetchval("SELECT generation FROM subscription_generation WHERE id = 1")
+        loop = asyncio.get_running_loop()
+        if generation != self._generation or loop.time() - self._loaded_at > REFRESH_SECONDS:
+            by_topic: dict[str, _TopicIndex] = defaultdict(_TopicIndex)
+            for subscription in await conn.fetch(_SUBSCRIPTIONS):
+                flt = self._filter(subscription["fhir_id"], subscription["filters"])
+                by_topic[subscription["topic"]].add(subscription, flt, self.fhir_base)
+            self._by_topic, self._generation, self._loaded_at = dict(by_topic), generation, loop.time()
+        return self._by_topic
 
     def _filter(self, subscription_id: str, stored: Any) -> Filter:
         """A subscription's filters, parsed once per version of them (kept between batches)."""

@@ -122,6 +122,8 @@ class SubscriptionHooks:
         data: dict[str, Any] | None,
     ) -> None:
         conn = repo.connection
+        # Whatever changed, the dispatcher's copy of the subscriptions is out of date.
+        await conn.execute("UPDATE subscription_generation SET generation = generation + 1 WHERE id = 1")
         if data is None:
             # Deleting a Subscription stops it: its events and pending deliveries go; its state
             # stays, off, because it says whose the (deleted) resource is (OWNED_TYPES: its owner

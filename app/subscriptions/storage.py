@@ -76,3 +76,13 @@ class SubscriptionEventRow(SQLModel, table=True):
     created_at: datetime = Field(
         sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
     )
+
+
+class SubscriptionGenerationRow(SQLModel, table=True):
+    """One row: a number every write of a Subscription (and every status change) raises in its
+    transaction, so the dispatcher knows when the subscriptions it keeps in memory changed."""
+
+    __tablename__ = "subscription_generation"
+
+    id: int = Field(sa_column=sa.Column(sa.Integer, primary_key=True))
+    generation: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False, server_default="0"))

@@ -67,9 +67,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("subscription_id", "event_number", name="pk_subscription_event"),
     )
     op.create_index("ix_subscription_event_created_at", "subscription_event", ["created_at"])
+    op.create_table(
+        "subscription_generation",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("generation", sa.BigInteger(), server_default="0", nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_subscription_generation"),
+    )
+    op.execute("INSERT INTO subscription_generation (id, generation) VALUES (1, 0)")
 
 
 def downgrade() -> None:
+    op.drop_table("subscription_generation")
     op.drop_table("subscription_event")
     op.drop_index("ix_subscription_topic", table_name="subscription")
     op.drop_table("subscription")
