@@ -242,10 +242,13 @@ async def activate(conn: asyncpg.Connection, ids: Sequence[str]) -> None:
     """Make exactly ``ids`` active and every other subscription ``off``, in the working state the
     dispatcher reads (app/subscriptions/storage.py), not through the API: a benchmark shortcut,
     so that the scenarios can alternate without a thousand updates and handshakes each time."""
-    await conn.execute(
-        "UPDATE subscription SET status = CASE WHEN fhir_id = ANY($1::text[]) THEN 'active' ELSE 'off' END",
-        list(ids),
-    )
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE subscription SET status = CASE WHEN fhir_id = ANY($1::text[]) THEN 'active' ELSE 'off' END",
+            list(ids),
+        )
+        # As the Subscription write hook does: the dispatcher reads the subscriptions again.
+        await conn.execute("UPDATE subscription_generation SET generation = generation + 1")
 
 
 async def quiet(conn: asyncpg.Connection, expected_active: int) -> None:
