@@ -244,7 +244,8 @@ async def activate(conn: asyncpg.Connection, ids: Sequence[str]) -> None:
     so that the scenarios can alternate without a thousand updates and handshakes each time."""
     async with conn.transaction():
         await conn.execute(
-            "UPDATE subscription SET status = CASE WHEN fhir_id = ANY($1::text[]) THEN 'active' ELSE 'off' END",
+            "UPDATE subscription SET status ="
+            " CASE WHEN fhir_id = ANY($1::text[]) THEN 'active' ELSE 'off' END",
             list(ids),
         )
         # As the Subscription write hook does: the dispatcher reads the subscriptions again.
