@@ -687,3 +687,21 @@ async def test_filters_of_every_form_find_their_changes(
     await wait_until(
         lambda: {path: event_numbers(server, path) for path in forms} == expected, "each filter's events"
     )
+
+
+async def test_one_clients_hanging_endpoints_do_not_hold_back_another_clients(
+    app: FastAPI, client: httpx.AsyncClient, misbehaving_server: MisbehavingServer, running: None
+) -> None:
+    """Each owner gets a fair share of the runner's subscription slots: eight handshakes of one
+    client hanging at its endpoint leave room for another client's handshake."""
+    server = misbehaving_server
+    server.script("/hangs", Hang(8))
+    hog = await bearer(app, "system/Subscription.cruds system/Task.rs", client_id="hog")
+    for _ in range(8):
+        created = await client.post(
+            f"{FHIR}/Subscription", json=subscription(server.url("/hangs"), timeout=10), headers=hog
+        )
+        assert created.status_code == 201
+    await wait_until(lambda: len(server.requests_to("/hangs")) >= 2, "the hog's handshakes to hang")
+    subscription_id = await active_subscription(client, server, "/fair")
+    assert await subscription_status(client, subscription_id) == "active"

@@ -50,6 +50,10 @@ logger = logging.getLogger("carecoord.subscriptions")
 
 MAX_BACKOFF = 600.0
 """Longest wait between two attempts at a failing endpoint (10 minutes)."""
+OWNER_SHARE = 2
+"""Subscription jobs of one owner client that one runner runs at once."""
+OWNER_WAIT = 0.5
+"""Seconds a job over its owner's share waits before it is claimed again."""
 ANSWERED = "the endpoint answered"
 """How an error that is the endpoint's own answer (not a transport fault) begins."""
 
@@ -63,6 +67,8 @@ class Delivery:
         self.settings = settings
         self.repositories = repositories
         self.fhir_base = settings.fhir_base
+        self._running: dict[str, int] = {}
+        """Subscription jobs this runner is running, per owner client."""
 
     def register(self, runner: Runner) -> None:
         # One kind for all subscription work, at most all slots but one: slow or hanging
@@ -77,13 +83,30 @@ class Delivery:
 
     async def run(self, job: Job) -> Outcome | None:
         action = job.payload.get("action")
-        if action == jobs.HANDSHAKE:
-            return await self.handshake(job)
-        if action == jobs.NOTIFY:
-            return await self.notify(job)
-        if action == jobs.HEARTBEAT:
-            return await self.heartbeat(job)
-        return Failed(error=f"unknown subscription action {str(action)[:40]!r}")
+        handler = {
+            jobs.HANDSHAKE: self.handshake,
+            jobs.NOTIFY: self.notify,
+            jobs.HEARTBEAT: self.heartbeat,
+        }.get(str(action))
+        if handler is None:
+            return Failed(error=f"unknown subscription action {str(action)[:40]!r}")
+        # A fair share per owner: one client's slow or hanging endpoints hold at most
+        # OWNER_SHARE of this runner's subscription slots; its other jobs wait a moment and
+        # leave the slots to other clients' subscriptions.
+        async with self.pool.acquire() as conn:
+            owner = await conn.fetchval(
+                "SELECT owner_client FROM subscription WHERE fhir_id = $1", str(job.payload["subscription"])
+            )
+        key = str(owner)
+        if self._running.get(key, 0) >= OWNER_SHARE:
+            return Retry(delay=OWNER_WAIT)
+        self._running[key] = self._running.get(key, 0) + 1
+        try:
+            return await handler(job)
+        finally:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
 
     # -- handlers -------------------------------------------------------------------------
 
