@@ -140,7 +140,7 @@ class Delivery:
             if unreachable and job.attempts < self.settings.subscription_max_failures:
                 # Not refused, not reached (a receiver still starting, a network fault): try
                 # again, as a notification would be; an answer other than 2xx is final.
-                delay = min(self.settings.delivery_backoff * 2 ** (job.attempts - 1), MAX_BACKOFF)
+                delay = self._backoff(job.attempts)
                 await conn.execute(
                     "UPDATE subscription SET last_error = $2 WHERE fhir_id = $1", subscription_id, error
                 )
@@ -212,21 +212,11 @@ class Delivery:
                 await record(conn, job, Retry(delay=0) if more else Done())
                 return None
             metrics.NOTIFICATIONS_FAILED.inc()
-            await _resource_version(conn, subscription_id, lock=True)  # resource row first
-            failures = await conn.fetchval(
-                "UPDATE subscription SET failures = failures + 1, last_error = $2 WHERE fhir_id = $1"
-                " RETURNING failures",
-                subscription_id,
-                error,
-            )
-            if failures is not None and failures >= self.settings.subscription_max_failures:
-                await self._set_status(conn, subscription_id, "error", expect="active")
+            failures = await self._failed(conn, subscription_id, error)
+            if failures is None:
                 await record(conn, job, Done(error=error))
-                logger.warning(
-                    "subscription %s: %s failed deliveries, now in error", subscription_id, failures
-                )
                 return None
-            delay = min(self.settings.delivery_backoff * 2 ** max((failures or 1) - 1, 0), MAX_BACKOFF)
+            delay = self._backoff(failures)
             await record(conn, job, Retry(delay=delay, error=error))
         logger.info(
             "subscription %s: delivery failed (attempt %s), retrying in %.0f s",
@@ -266,24 +256,37 @@ class Delivery:
                     "UPDATE subscription SET last_sent_at = now(), failures = 0 WHERE fhir_id = $1",
                     subscription_id,
                 )
-            else:
-                # A failed heartbeat counts like a failed notification: an endpoint that stays
-                # down puts the subscription in error and its heartbeats stop.
-                await _resource_version(conn, subscription_id, lock=True)  # resource row first
-                failures = await conn.fetchval(
-                    "UPDATE subscription SET failures = failures + 1, last_error = $2 WHERE fhir_id = $1"
-                    " RETURNING failures",
-                    subscription_id,
-                    error,
-                )
-                if failures is not None and failures >= self.settings.subscription_max_failures:
-                    await self._set_status(conn, subscription_id, "error", expect="active")
-                    await record(conn, job, Done(error=error))
-                    return None
+            # A failed heartbeat counts like a failed notification: an endpoint that stays down
+            # puts the subscription in error and its heartbeats stop.
+            elif await self._failed(conn, subscription_id, error) is None:
+                await record(conn, job, Done(error=error))
+                return None
             await record(conn, job, Retry(delay=period, error=error))
         return None
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        """The wait before attempt ``attempt + 1``: CARECOORD_DELIVERY_BACKOFF, doubling, at
+        most MAX_BACKOFF (no jitter: the Backport IG asks for nothing, the issue for doubling)."""
+        return min(self.settings.delivery_backoff * 2.0 ** max(attempt - 1, 0), MAX_BACKOFF)
+
+    async def _failed(self, conn: Connection, subscription_id: str, error: str) -> int | None:
+        """Count a failed delivery (notification or heartbeat) in the caller's transaction; the
+        consecutive failures so far, or None once they reach CARECOORD_SUBSCRIPTION_MAX_FAILURES
+        and the subscription went to ``error``."""
+        await _resource_version(conn, subscription_id, lock=True)  # resource row first
+        failures: int | None = await conn.fetchval(
+            "UPDATE subscription SET failures = failures + 1, last_error = $2 WHERE fhir_id = $1"
+            " RETURNING failures",
+            subscription_id,
+            error,
+        )
+        if failures is not None and failures >= self.settings.subscription_max_failures:
+            await self._set_status(conn, subscription_id, "error", expect="active")
+            logger.warning("subscription %s: %s failed deliveries, now in error", subscription_id, failures)
+            return None
+        return failures or 1
 
     async def _post(self, subscription: Record, bundle: dict[str, Any]) -> str | None:
         """POST a notification; None on a 2xx answer, else what went wrong (no PHI: the status or
