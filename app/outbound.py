@@ -239,19 +239,28 @@ _RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_pre
 slowly must not tie up the default executor that everything else uses."""
 
 
+def parse_url(url: str) -> httpx.URL | None:
+    """``url`` parsed, when carecoord could connect to it at all: parsable, with a host name IDNA
+    can encode (what resolving it needs); None otherwise."""
+    try:
+        parsed = httpx.URL(url)
+        parsed.host.encode("idna")
+    except (httpx.InvalidURL, UnicodeError, ValueError):
+        return None
+    return parsed if parsed.host else None
+
+
 async def check_url(allowlist: Allowlist, url: str, *, resolve_timeout: float = 2.0) -> None:
     """Judge ``url`` as a connection to it would be judged now (scheme, resolved addresses);
     raise OutboundRefused when the policy would refuse it, the URL is malformed or the name does
     not resolve in time. For refusing a configured address early (a Subscription endpoint: 422
     at creation); every connection is checked again when it is made, so a name that later
     resolves elsewhere gains nothing."""
-    try:
-        parsed = httpx.URL(url)
-        host = parsed.host
-        host.encode("idna")
-    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
-        raise OutboundRefused(url[:100], None, "not a valid URL") from exc
-    if parsed.scheme not in ALLOWED_SCHEMES or not host:
+    parsed = parse_url(url)
+    if parsed is None:
+        raise OutboundRefused(url[:100], None, "not a valid URL")
+    host = parsed.host
+    if parsed.scheme not in ALLOWED_SCHEMES:
         raise OutboundRefused(host or url[:100], parsed.port, "only http and https")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     loop = asyncio.get_running_loop()

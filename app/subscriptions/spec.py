@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
-
 from app.fhir.errors import BadRequest, BusinessRule
 from app.fhir.fhirdate import date_range
+from app.outbound import parse_url
 from app.subscriptions.filters import Filter, parse_filters
 from app.subscriptions.notifications import CONTENT_CODES as CONTENTS
 from app.subscriptions.topics import TOPICS, Topic, topic_of
@@ -48,6 +47,7 @@ DEFAULT_MAX_COUNT = 20
 MAX_MAX_COUNT = 100
 MIN_HEARTBEAT = 1
 MAX_FILTERS = 10
+MAX_ENDPOINT_CHARS = 2000
 
 _HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}):[ \t]*([\x20-\x7e\t]{0,2000})")
 _RESERVED_HEADERS = frozenset(
@@ -139,7 +139,8 @@ def read_spec(data: dict[str, Any]) -> SubscriptionSpec:
     elif (
         not isinstance(endpoint, str)
         or not endpoint.startswith(("https://", "http://"))
-        or not _valid_url(endpoint)
+        or len(endpoint) > MAX_ENDPOINT_CHARS
+        or parse_url(endpoint) is None
     ):
         raise BadRequest(
             "a rest-hook channel needs an http(s) endpoint URL", expression=("Subscription.channel.endpoint",)
@@ -198,16 +199,3 @@ def _bounded(
             f"{name} must be a whole number from {low} to {high}", expression=("Subscription.channel",)
         )
     return value
-
-
-def _valid_url(url: str) -> bool:
-    """Whether an endpoint is a URL carecoord could connect to at all (parsable, a host name
-    IDNA can encode, no longer than 2,000 characters)."""
-    if len(url) > 2000:
-        return False
-    try:
-        host = httpx.URL(url).host
-        host.encode("idna")
-    except (httpx.InvalidURL, UnicodeError, ValueError):
-        return False
-    return bool(host)
