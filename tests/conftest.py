@@ -7,12 +7,16 @@ PostgreSQL in a temporary directory, as ``carecoord serve`` would.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -197,6 +201,22 @@ async def count_rows(engine: AsyncEngine, table: str = "resource_history") -> in
     async with engine.connect() as conn:
         sql = f"SELECT count(*) FROM {table} WHERE resource_type <> 'AuditEvent'"
         return int((await conn.execute(text(sql))).scalar_one())
+
+
+async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll ``check`` (a function, or one returning an awaitable) until it returns something
+    truthy, and return that; fail the test when it never does. Races are waited for with this,
+    never with a fixed sleep: a slow machine makes a sleep too short, a fast one wastes it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 os.environ.setdefault("CARECOORD_LOG_LEVEL", "warning")

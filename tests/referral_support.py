@@ -8,8 +8,6 @@ thread; each partner under its own path), so the worker talks real HTTP; jobs ar
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import threading
 import time
@@ -18,7 +16,6 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-import pytest
 import uvicorn
 from fastapi import FastAPI
 
@@ -180,20 +177,6 @@ async def deliver(app: FastAPI, client: httpx.AsyncClient, worker: Worker, org: 
     return task_id
 
 
-async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll ``check`` (a function, or one returning an awaitable) until it returns something
-    truthy, and return that; fail the test when it never does. Races are waited for with this,
-    never with a fixed sleep: a slow machine makes a sleep too short, a fast one wastes it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def lease_until(app: FastAPI, task_id: str, worker: str) -> datetime | None:

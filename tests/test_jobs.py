@@ -10,7 +10,6 @@ never with a fixed sleep.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 import uuid
@@ -24,21 +23,7 @@ from fastapi import FastAPI
 
 from app import db
 from app.jobs import Done, Failed, Job, LeaseLost, Paused, Retry, Runner, backoff, queue, record
-
-
-async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll ``check`` (a function, or one returning an awaitable) until it returns something
-    truthy, and return that; fail the test when it never does."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
+from tests.conftest import wait_until
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from app.referrals.bundle import identifier_system
 from app.referrals.worker import Worker
 from tests import REPO_ROOT
-from tests.conftest import BASE_URL, LOOPBACK_ALLOWLIST, TEST_SECRET_KEY
+from tests.conftest import BASE_URL, LOOPBACK_ALLOWLIST, TEST_SECRET_KEY, wait_until
 from tests.partner_support import PartnerServer, partner_server_fixture  # noqa: F401  (fixture)
 from tests.referral_support import (
     FakePartner,
@@ -38,7 +38,6 @@ from tests.referral_support import (
     make_worker,
     partner_http,
     run_due,
-    wait_until,
 )
 from tests.test_referrals import add_partner, delivery_state, make_referral, partner_token
 from tests.test_search_support import JSON

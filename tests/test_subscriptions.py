@@ -21,9 +21,16 @@ from fastapi import FastAPI
 from app.background import background_tasks
 from app.settings import Settings
 from tests.conftest import FHIR, bearer
+from tests.conftest import wait_until as conftest_wait_until
 from tests.partner_support import Hang, MisbehavingServer, Recorded, Reply, misbehaving_server_fixture
 
 misbehaving_server = misbehaving_server_fixture
+
+
+async def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """tests/conftest.py wait_until with 15 s by default: a handshake or a notification goes
+    through the dispatcher's poll, the runner and a loopback receiver."""
+    return await conftest_wait_until(check, what, timeout)
 
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 TASK_TOPIC = "http://hl7.org/fhir/us/sdoh-clinicalcare/SubscriptionTopic/Task"
@@ -37,19 +44,6 @@ async def running(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         yield
 
 
-async def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def subscription(
