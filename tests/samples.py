@@ -124,4 +124,27 @@ SAMPLES: dict[str, dict[str, Any]] = {
             },
         },
     },
+    # Issue 12: a caseload or programme roster.
+    "Group": {
+        "resourceType": "Group",
+        "type": "person",
+        "actual": True,
+        "name": "Eastside caseload",
+        "member": [{"entity": PATIENT_REF}],
+    },
+    # Issue 13: the human-services directory and documents.
+    "HealthcareService": {"resourceType": "HealthcareService", "name": "Emergency shelter intake"},
+    "Location": {
+        "resourceType": "Location",
+        "name": "Eastside shelter",
+        "position": {"longitude": -72.5, "latitude": 42.1},
+    },
+    "OrganizationAffiliation": {"resourceType": "OrganizationAffiliation", "active": True},
+    "DocumentReference": {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": PATIENT_REF,
+        "content": [{"attachment": {"contentType": "text/plain", "data": "aGVsbG8=", "title": "Note"}}],
+    },
+    "Basic": {"resourceType": "Basic", "code": {"text": "housing-application"}, "subject": PATIENT_REF},
 }

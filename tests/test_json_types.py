@@ -90,6 +90,12 @@ BOOLEAN_AS_STRING: list[Row] = [
         True,
     ),
     ("Subscription", ext("valueBoolean"), "Subscription.extension[0].valueBoolean", "true", True),
+    ("Group", {"actual": V}, "Group.actual", "true", True),
+    ("HealthcareService", {"appointmentRequired": V}, "HealthcareService.appointmentRequired", "no", False),
+    ("Location", ext("valueBoolean"), "Location.extension[0].valueBoolean", "true", True),
+    ("OrganizationAffiliation", {"active": V}, "OrganizationAffiliation.active", "true", True),
+    ("DocumentReference", ext("valueBoolean"), "DocumentReference.extension[0].valueBoolean", "true", True),
+    ("Basic", ext("valueBoolean"), "Basic.extension[0].valueBoolean", "false", False),
 ]
 INTEGER_AS_STRING: list[Row] = [
     ("Patient", {"multipleBirthInteger": V}, "Patient.multipleBirthInteger", "2", 2),
@@ -145,6 +151,18 @@ INTEGER_AS_STRING: list[Row] = [
     ("Provenance", ext("valueInteger"), "Provenance.extension[0].valueInteger", "1", 1),
     ("AuditEvent", ext("valueInteger"), "AuditEvent.extension[0].valueInteger", "1", 1),
     ("Subscription", ext("valueInteger"), "Subscription.extension[0].valueInteger", "1", 1),
+    ("Group", {"quantity": V}, "Group.quantity", "12", 12),
+    ("HealthcareService", rank(), "HealthcareService.telecom[0].rank", "1", 1),
+    ("Location", rank(), "Location.telecom[0].rank", "1", 1),
+    ("OrganizationAffiliation", rank(), "OrganizationAffiliation.telecom[0].rank", "1", 1),
+    (
+        "DocumentReference",
+        {"content": [{"attachment": {"size": V}}]},
+        "DocumentReference.content[0].attachment.size",
+        "5",
+        5,
+    ),
+    ("Basic", ext("valueInteger"), "Basic.extension[0].valueInteger", "1", 1),
 ]
 STRING_AS_NUMBER: list[Row] = [
     ("Patient", {"birthDate": V}, "Patient.birthDate", 19700101, "1970-01-01"),
@@ -176,6 +194,18 @@ STRING_AS_NUMBER: list[Row] = [
     ("Provenance", {"recorded": V}, "Provenance.recorded", 2026, "2026-01-01T10:00:00Z"),
     ("AuditEvent", {"outcomeDesc": V}, "AuditEvent.outcomeDesc", 0, "ok"),
     ("Subscription", {"reason": V}, "Subscription.reason", 1, "Follow referrals"),
+    ("Group", {"name": V}, "Group.name", 7, "Eastside caseload"),
+    ("HealthcareService", {"comment": V}, "HealthcareService.comment", 3, "Walk-ins welcome"),
+    ("Location", {"description": V}, "Location.description", 4, "Shelter"),
+    (
+        "OrganizationAffiliation",
+        ext("valueString"),
+        "OrganizationAffiliation.extension[0].valueString",
+        1,
+        "x",
+    ),
+    ("DocumentReference", {"description": V}, "DocumentReference.description", 9, "Lease"),
+    ("Basic", {"created": V}, "Basic.created", 2026, "2026-01-01"),
 ]
 NULL: list[Row] = [
     ("Patient", {"gender": V}, "Patient.gender", None, "female"),
@@ -207,6 +237,18 @@ NULL: list[Row] = [
     ("Provenance", {"policy": [V]}, "Provenance.policy[0]", None, "http://policy.example"),
     ("AuditEvent", {"action": V}, "AuditEvent.action", None, "C"),
     ("Subscription", {"reason": V}, "Subscription.reason", None, "Follow referrals"),
+    ("Group", {"name": V}, "Group.name", None, "Eastside caseload"),
+    ("HealthcareService", {"comment": V}, "HealthcareService.comment", None, "Walk-ins welcome"),
+    ("Location", {"description": V}, "Location.description", None, "Shelter"),
+    (
+        "OrganizationAffiliation",
+        {"period": V},
+        "OrganizationAffiliation.period",
+        None,
+        {"start": "2026-01-01"},
+    ),
+    ("DocumentReference", {"description": V}, "DocumentReference.description", None, "Lease"),
+    ("Basic", {"created": V}, "Basic.created", None, "2026-01-01"),
 ]
 EMPTY_ARRAY: list[Row] = [
     ("Patient", {"name": V}, "Patient.name", [], [{"family": "Rivera"}]),
@@ -238,6 +280,18 @@ EMPTY_ARRAY: list[Row] = [
     ("Provenance", {"reason": V}, "Provenance.reason", [], [{"text": "x"}]),
     ("AuditEvent", {"purposeOfEvent": V}, "AuditEvent.purposeOfEvent", [], [{"text": "TREAT"}]),
     ("Subscription", {"contact": V}, "Subscription.contact", [], [{"system": "email", "value": "a@x.org"}]),
+    (
+        "Group",
+        {"characteristic": V},
+        "Group.characteristic",
+        [],
+        [{"code": {"text": "programme"}, "valueBoolean": True, "exclude": False}],
+    ),
+    ("HealthcareService", {"category": V}, "HealthcareService.category", [], [{"text": "housing"}]),
+    ("Location", {"alias": V}, "Location.alias", [], ["Eastside"]),
+    ("OrganizationAffiliation", {"code": V}, "OrganizationAffiliation.code", [], [{"text": "provider"}]),
+    ("DocumentReference", {"category": V}, "DocumentReference.category", [], [{"text": "lease"}]),
+    ("Basic", {"identifier": V}, "Basic.identifier", [], [{"value": "1"}]),
 ]
 MORE: list[Row] = [
     ("Patient", {"active": V}, "Patient.active", 1, True),

@@ -30,6 +30,12 @@ SERVED_TYPES: tuple[str, ...] = (
     "Provenance",
     "AuditEvent",
     "Subscription",
+    "Group",
+    "HealthcareService",
+    "Location",
+    "OrganizationAffiliation",
+    "DocumentReference",
+    "Basic",
 )
 
 SERVED_TYPE_SET: frozenset[str] = frozenset(SERVED_TYPES)
