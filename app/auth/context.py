@@ -25,6 +25,7 @@ def access_context(claims: TokenClaims) -> AccessContext:
         client_id=claims.client_id,
         organization=claims.organization,
         patient=claims.patient,
+        user=claims.fhir_user,
         permissions=parse_scopes(claims.scope),
         unrestricted=False,
         external=claims.external,

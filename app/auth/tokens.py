@@ -70,6 +70,9 @@ class TokenClaims:
     organization: str | None = None  # "Organization/ID"
     token_id: str | None = None  # jti
     issued_at: int | None = None  # iat, when the token has one
+    fhir_user: str | None = None
+    """``Practitioner/ID``, ``Patient/ID`` or ``RelatedPerson/ID``: the person a user token
+    (SMART App Launch, claim ``fhirUser``) acts for; None for a machine client."""
     external: bool = False
     """Issued by a trusted external issuer (CARECOORD_TRUSTED_ISSUERS), not by this server: its
     client id is the issuer's, not one registered here."""
@@ -241,6 +244,7 @@ class TokenService:
         scope: str,
         patient: str | None = None,
         organization: str | None = None,
+        fhir_user: str | None = None,
     ) -> tuple[str, int]:
         """Sign an access token for ``client_id``; returns (jwt, expires_in seconds).
 
@@ -263,6 +267,8 @@ class TokenService:
             claims["patient"] = patient
         if organization is not None:
             claims["organization"] = organization
+        if fhir_user is not None:
+            claims["fhirUser"] = fhir_user
         header = {"alg": SIGNING_ALG, "kid": signing.kid, "typ": "at+jwt"}
         token = jwt.encode(header, claims, signing.key, algorithms=[SIGNING_ALG])
         return token, self.ttl
@@ -352,6 +358,7 @@ class TokenService:
         if not isinstance(client_id, str) or not isinstance(scope, str) or not isinstance(subject, str):
             raise InvalidToken("token lacks client_id, scope or sub")
         patient, organization, jti = claims.get("patient"), claims.get("organization"), claims.get("jti")
+        fhir_user = claims.get("fhirUser")
         return TokenClaims(
             client_id=client_id,
             scope=scope,
@@ -362,6 +369,7 @@ class TokenService:
             organization=organization if isinstance(organization, str) else None,
             token_id=jti if isinstance(jti, str) else None,
             issued_at=issued_at,
+            fhir_user=fhir_user if isinstance(fhir_user, str) else None,
         )
 
     @staticmethod

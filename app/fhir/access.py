@@ -82,6 +82,9 @@ class AccessContext:
     """``Organization/ID`` of a partner client, or None."""
     patient: str | None = None
     """Patient id of the token's patient context, or None."""
+    user: str | None = None
+    """``Practitioner/ID``, ``Patient/ID`` or ``RelatedPerson/ID`` of a person's token (SMART
+    ``fhirUser``), or None for a machine client."""
     permissions: tuple[Permission, ...] = ()
     unrestricted: bool = True
     external: bool = False
