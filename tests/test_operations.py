@@ -401,7 +401,7 @@ def test_registry_derives_methods_and_checks_declarations() -> None:
     with pytest.raises(ValueError):
         registry.register(status)  # twice
     with pytest.raises(ValueError):
-        Operation("s", "t", "d", ("type",), _noop, resource_types=("Group",))  # not served
+        Operation("s", "t", "d", ("type",), _noop, resource_types=("Medication",))  # not served
     with pytest.raises(ValueError):
         Operation("s", "t", "d", ("type",), _noop, body_resource="resource")  # no such parameter
     with pytest.raises(ValueError):
