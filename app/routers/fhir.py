@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from app.audit.fhir import SEARCH_PARAMETERS as AUDIT_SEARCH_PARAMETERS
 from app.deps import RepositoryDep, read_body
 from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
@@ -557,8 +558,12 @@ def _search_parameters_doc(resource_type: str) -> list[dict[str, Any]]:
     documented = [
         _query_doc(name, f"{param.type} search parameter ({param.url})")
         for name, param in sorted(registry().for_type(resource_type).items())
+        if resource_type not in IMMUTABLE_TYPES or name in AUDIT_SEARCH_PARAMETERS
     ]
-    return documented + [_query_doc(name, text) for name, text in SEARCH_RESULT_PARAMETERS]
+    results = SEARCH_RESULT_PARAMETERS
+    if resource_type in IMMUTABLE_TYPES:  # the audit store: sorted by date, no includes
+        results = tuple(p for p in results if p[0] not in ("_include", "_revinclude"))
+    return documented + [_query_doc(name, text) for name, text in results]
 
 
 def _path_doc(names: list[str]) -> list[dict[str, Any]]:
