@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.repositories,
                 enabled=settings.audit_enabled,
                 buffer_size=settings.audit_buffer_size,
+                flush_interval=settings.audit_flush_interval,
             )
             # This month's audit partition and the next ones exist before the first write
             # (the maintenance job keeps creating them ahead, app/audit/jobs.py).

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         description="AuditEvents of reads and refusals held in memory before they are written; when"
         " full, requests wait (back-pressure) until the database has caught up",
     )
+    audit_flush_interval: float = Field(
+        default=0.25,
+        gt=0,
+        le=60,
+        description="Seconds a buffered AuditEvent may wait before it is written (sooner when 500 are"
+        " waiting; all are written at shutdown)",
+    )
     token_ttl: int = Field(
         default=300, ge=30, le=86400, description="Lifetime of the access tokens /auth/token issues, seconds"
     )

@@ -38,7 +38,7 @@ from app.fhir.repository import RepositoryFactory, fhir_instant
 logger = logging.getLogger("carecoord.audit")
 
 FLUSH_INTERVAL = 0.25
-"""Seconds a buffered AuditEvent may wait before it is written."""
+"""Seconds a buffered AuditEvent may wait before it is written (CARECOORD_AUDIT_FLUSH_INTERVAL)."""
 BATCH_SIZE = 500
 """Buffered events that wake the writer before its interval is over."""
 MAX_COPY = 2000
@@ -209,12 +209,19 @@ class AuditTrail:
     """
 
     def __init__(
-        self, pool: Pool, repositories: RepositoryFactory, *, enabled: bool, buffer_size: int = 10_000
+        self,
+        pool: Pool,
+        repositories: RepositoryFactory,
+        *,
+        enabled: bool,
+        buffer_size: int = 10_000,
+        flush_interval: float = FLUSH_INTERVAL,
     ) -> None:
         self._pool = pool
         self._fhir_base = repositories.fhir_base
         self.enabled = enabled
         self.buffer_size = buffer_size
+        self.flush_interval = flush_interval
         self._buffer: deque[Row] = deque()
         self._in_flight = 0
         self._wake = asyncio.Event()
@@ -268,7 +275,7 @@ class AuditTrail:
         while not self._closing:
             if len(self._buffer) < BATCH_SIZE:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
             try:
                 await self.flush()

@@ -560,7 +560,7 @@ def _search_parameters_doc(resource_type: str) -> list[dict[str, Any]]:
         for name, param in sorted(registry().for_type(resource_type).items())
         if resource_type not in IMMUTABLE_TYPES or name in AUDIT_SEARCH_PARAMETERS
     ]
-    results = SEARCH_RESULT_PARAMETERS
+    results: tuple[tuple[str, str], ...] = SEARCH_RESULT_PARAMETERS
     if resource_type in IMMUTABLE_TYPES:  # the audit store: sorted by date, no includes
         results = tuple(p for p in results if p[0] not in ("_include", "_revinclude"))
     return documented + [_query_doc(name, text) for name, text in results]
