@@ -33,6 +33,7 @@ async def test_capability_statement_lists_every_type_and_search(client: httpx.As
                 "site", "subtype", "type",
             }
             assert resource["searchInclude"] == [] and resource["searchRevInclude"] == []
+            assert resource["versioning"] == "versioned" and resource["readHistory"] is False
             continue
         assert codes == every
         assert resource["conditionalCreate"] is True

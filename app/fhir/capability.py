@@ -41,8 +41,9 @@ def capability_statement(
             "type": resource_type,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
             "interaction": [{"code": code} for code in routed],
-            "versioning": "versioned-update",
-            "readHistory": "vread" in routed,
+            # An AuditEvent has one version (versionId 1): vread works, there is no past version.
+            "versioning": "versioned" if resource_type in IMMUTABLE_TYPES else "versioned-update",
+            "readHistory": "vread" in routed and resource_type not in IMMUTABLE_TYPES,
             "updateCreate": "update" in routed,
             "conditionalCreate": "create" in routed,
             "conditionalRead": "full-support",
