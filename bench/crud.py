@@ -960,7 +960,14 @@ def audit_main(args: argparse.Namespace) -> int:
     name = f"{BENCH_DB}_audit_{os.getpid()}"
     with bench_database(name, f"carecoord-bench-audit-{os.getpid()}.log") as bench:
         bench.migrate()
-        print("\n".join(machine_info(bench.pg_version, args.client, args.rounds)), flush=True)
+        info = machine_info(bench.pg_version, args.client, args.rounds)
+        print("\n".join(line for line in info if not line.startswith("per scenario")), flush=True)
+        print(
+            f"per server and round: {AUDIT_REQUESTS} reads at each c in {AUDIT_CONCURRENCY} after"
+            f" {WARMUP} warm-up reads, {AUDIT_PATIENTS} Patients; servers alternate audit off/on;"
+            f" {args.rounds} rounds, medians reported; authorization off in both",
+            flush=True,
+        )
         for round_no in range(args.rounds):
             for audit in (False, True) if round_no % 2 == 0 else (True, False):
                 bench.env["CARECOORD_AUDIT_ENABLED"] = "true" if audit else "false"

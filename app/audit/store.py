@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 import uuid
@@ -282,8 +281,3 @@ async def maintain(conn: Connection, retention_days: int, now: datetime | None =
     """Partition maintenance: create ahead, drop what the retention no longer keeps."""
     await ensure_partitions(conn, now)
     await drop_expired(conn, retention_days, now)
-
-
-def decode_body(body: str) -> dict[str, Any]:
-    parsed: dict[str, Any] = json.loads(body)
-    return parsed
