@@ -36,6 +36,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 async def get_access(request: Request) -> AccessContext:
     """The caller's access context from its bearer token (OPEN_ACCESS when auth is off)."""
     state = request.app.state
+    # Back-pressure: while the audit buffer is full, a request waits here, before any work.
+    await state.audit.admit()
     if not state.settings.auth_enabled:
         return OPEN_ACCESS
     try:

@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
+from app.audit.store import ensure_partitions
 from app.auth.audit import AuditTrail
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
@@ -101,8 +102,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
             app.state.audit = AuditTrail(
-                app.state.pool, app.state.repositories, enabled=settings.audit_enabled
+                app.state.pool,
+                app.state.repositories,
+                enabled=settings.audit_enabled,
+                buffer_size=settings.audit_buffer_size,
+                flush_interval=settings.audit_flush_interval,
             )
+            # This month's audit partition and the next ones exist before the first write
+            # (the maintenance job keeps creating them ahead, app/audit/jobs.py).
+            async with app.state.pool.acquire() as connection:
+                await ensure_partitions(connection)
             # The websocket channel's LISTEN connection, opened at the first binding.
             app.state.ws_hub = SocketHub(app.state.pool, settings, app.state.repositories)
             app.state.audit.start()

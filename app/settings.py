@@ -85,6 +85,25 @@ class Settings(BaseSettings):
         description="Require SMART bearer tokens on /fhir (false only for local development and benchmarks)",
     )
     audit_enabled: bool = Field(default=True, description="Record an AuditEvent for every FHIR interaction")
+    audit_retention: int = Field(
+        default=2190,
+        ge=1,
+        description="Days AuditEvents are kept (the audit store drops a month's partition once all of it"
+        " is older; default six years)",
+    )
+    audit_buffer_size: int = Field(
+        default=10_000,
+        ge=10,
+        description="AuditEvents of reads and refusals held in memory before they are written; when"
+        " full, requests wait (back-pressure) until the database has caught up",
+    )
+    audit_flush_interval: float = Field(
+        default=0.25,
+        gt=0,
+        le=60,
+        description="Seconds a buffered AuditEvent may wait before it is written (sooner when 500 are"
+        " waiting; all are written at shutdown)",
+    )
     token_ttl: int = Field(
         default=300, ge=30, le=86400, description="Lifetime of the access tokens /auth/token issues, seconds"
     )

@@ -6,6 +6,10 @@ Run from the repository root (about 2 minutes)::
 
 Options: ``--client httpx`` drives the API with one shared ``httpx.AsyncClient``
 instead of the default lean client (see 3. below); ``--rounds N`` (default 3).
+``--audit`` measures something else: FHIR read at 1 and 16 connections against servers
+started alternately with ``CARECOORD_AUDIT_ENABLED=false`` and ``true`` (authorization off in
+both), and prints req/s and p50/p95/p99 of each and the on/off throughput ratio: the cost of
+the audit trail (issue 14).
 
 What it does
 ------------
@@ -257,6 +261,7 @@ class RunStats:
     ops_per_s: float
     p50_ms: float
     p95_ms: float
+    p99_ms: float
     client_cpu_ms_per_op: float
     server_cpu_ms_per_op: float
     client_core_share: float
@@ -294,6 +299,7 @@ async def drive(
         ops_per_s=total / wall,
         p50_ms=percentile(latencies, 0.50) * 1000,
         p95_ms=percentile(latencies, 0.95) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
         client_cpu_ms_per_op=(after.client - before.client) / total * 1000,
         server_cpu_ms_per_op=(after.server - before.server) / total * 1000,
         client_core_share=(after.client - before.client) / wall,
@@ -886,13 +892,100 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--client", choices=sorted(CLIENTS), default="lean", help="HTTP load generator")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds; medians are reported")
+    parser.add_argument(
+        "--audit",
+        action="store_true",
+        help="instead: FHIR read at 1 and 16 connections with CARECOORD_AUDIT_ENABLED false vs true"
+        " (the audit trail's cost: req/s, p50/p95/p99, ratios)",
+    )
     return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- audit on vs off
+
+AUDIT_CONCURRENCY = (1, 16)
+AUDIT_REQUESTS = 3000
+"""Reads per concurrency, server and round (enough for a p99 of 30 samples)."""
+AUDIT_PATIENTS = 200
+
+
+async def audit_round(
+    base_url: str, server_pid: int, client_kind: str, ids: list[str]
+) -> dict[int, RunStats]:
+    """One server's reads at each of AUDIT_CONCURRENCY (the patients created on first use)."""
+    url = urlsplit(base_url)
+    client: HttpClient = (
+        LeanClient(url.hostname or "127.0.0.1", url.port or 80)
+        if client_kind == "lean"
+        else HttpxClient(base_url)
+    )
+    payload = json.dumps(patient_payload(), separators=(",", ":")).encode()
+    api = ApiSide(client, payload, ids)
+    try:
+        while len(ids) < AUDIT_PATIENTS:
+            await api.create()
+        await drive(api.read, WARMUP, 16)
+        return {c: await drive(api.read, AUDIT_REQUESTS, c, server_pid) for c in AUDIT_CONCURRENCY}
+    finally:
+        await client.aclose()
+
+
+def audit_report(results: dict[bool, list[dict[int, RunStats]]]) -> list[str]:
+    header = (
+        f"{'audit':<5} {'c':>3} | {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} | "
+        f"{'p99/p50':>7} | {'req/s per round':>20}"
+    )
+    out = [header, "-" * len(header)]
+    for concurrency in AUDIT_CONCURRENCY:
+        for audit in (False, True):
+            runs = [r[concurrency] for r in results[audit]]
+            p50, p99 = med(runs, "p50_ms"), med(runs, "p99_ms")
+            out.append(
+                f"{'on' if audit else 'off':<5} {concurrency:>3} | {med(runs, 'ops_per_s'):>7.0f} {p50:>7.2f}"
+                f" {med(runs, 'p95_ms'):>7.2f} {p99:>7.2f} | {p99 / p50:>6.1f}x | {per_round(runs):>20}"
+            )
+    out.append("")
+    for concurrency in AUDIT_CONCURRENCY:
+        on = med([r[concurrency] for r in results[True]], "ops_per_s")
+        off = med([r[concurrency] for r in results[False]], "ops_per_s")
+        out.append(f"c={concurrency}: audit on keeps {on / off:.1%} of the throughput with audit off")
+    return out
+
+
+def audit_main(args: argparse.Namespace) -> int:
+    """Servers alternate between audit off and on, round by round, on one database."""
+    started = time.perf_counter()
+    results: dict[bool, list[dict[int, RunStats]]] = {False: [], True: []}
+    ids: list[str] = []
+    name = f"{BENCH_DB}_audit_{os.getpid()}"
+    with bench_database(name, f"carecoord-bench-audit-{os.getpid()}.log") as bench:
+        bench.migrate()
+        info = machine_info(bench.pg_version, args.client, args.rounds)
+        print("\n".join(line for line in info if not line.startswith("per scenario")), flush=True)
+        print(
+            f"per server and round: {AUDIT_REQUESTS} reads at each c in {AUDIT_CONCURRENCY} after"
+            f" {WARMUP} warm-up reads, {AUDIT_PATIENTS} Patients; servers alternate audit off/on;"
+            f" {args.rounds} rounds, medians reported; authorization off in both",
+            flush=True,
+        )
+        for round_no in range(args.rounds):
+            for audit in (False, True) if round_no % 2 == 0 else (True, False):
+                bench.env["CARECOORD_AUDIT_ENABLED"] = "true" if audit else "false"
+                server = bench.serve()
+                results[audit].append(runner_run(audit_round(bench.base_url, server.pid, args.client, ids)))
+                stop_server(server)
+                bench.server = None
+            print(f"round {round_no + 1}/{args.rounds} done", flush=True)
+    print_report(audit_report(results), started)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.client == "httpx":
         disable_failed_sniffio_import()
+    if args.audit:
+        return audit_main(args)
     started = time.perf_counter()
     with bench_database(BENCH_DB, f"carecoord-bench-server-{os.getpid()}.log") as bench:
         bench.migrate()

@@ -25,9 +25,15 @@ async def test_capability_statement_lists_every_type_and_search(client: httpx.As
              "search-type"}
     for resource in by_type.values():
         codes = {i["code"] for i in resource["interaction"]}
-        if resource["type"] == "AuditEvent":  # records of what happened: the server writes them
-            assert codes == every - {"create", "update", "patch", "delete"}
+        if resource["type"] == "AuditEvent":  # records of what happened, in the audit store (issue 14)
+            assert codes == {"read", "vread", "search-type"}
             assert resource["conditionalDelete"] == "not-supported"
+            assert {p["name"] for p in resource["searchParam"]} == {
+                "_id", "_lastUpdated", "action", "address", "agent", "date", "entity", "outcome", "patient",
+                "site", "subtype", "type",
+            }
+            assert resource["searchInclude"] == [] and resource["searchRevInclude"] == []
+            assert resource["versioning"] == "versioned" and resource["readHistory"] is False
             continue
         assert codes == every
         assert resource["conditionalCreate"] is True
@@ -47,6 +53,7 @@ async def test_capability_statement_lists_every_type_and_search(client: httpx.As
     assert "Goal:subject" in by_type["Goal"]["searchInclude"]
     assert "Goal:subject" in by_type["Patient"]["searchRevInclude"]
     assert "Provenance:target" in by_type["Patient"]["searchRevInclude"]
+    assert not [r for r in by_type["Patient"]["searchRevInclude"] if r.startswith("AuditEvent:")]
 
 
 async def test_metadata_needs_no_body_and_honours_format(client: httpx.AsyncClient) -> None:

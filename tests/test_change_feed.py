@@ -101,14 +101,13 @@ async def test_every_kind_of_write_records_one_change(app: FastAPI, client: http
     assert await _drain(app, feed) == []  # consumed once
 
 
-async def test_the_audit_trail_is_bookkeeping(app: FastAPI, client: httpx.AsyncClient) -> None:
-    """A write's AuditEvent is in the feed only as bookkeeping, never as a clinical change."""
+async def test_the_audit_trail_is_not_in_the_feed(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A write's AuditEvent is in the audit store (app/audit), not in the change feed."""
     feed = ChangeFeed("test-bookkeeping")
     await _drain(app, feed)
     await client.post(f"{FHIR}/Patient", json=_patient("Audited"))
     changes = await _drain_through(app, feed, 1)
-    assert [c.resource_type for c in changes if not c.bookkeeping] == ["Patient"]
-    assert all(c.bookkeeping for c in changes if c.resource_type == "AuditEvent")
+    assert [c.resource_type for c in changes] == ["Patient"]
 
 
 async def test_a_change_committed_late_is_not_skipped(app: FastAPI, client: httpx.AsyncClient) -> None:

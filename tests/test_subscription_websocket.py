@@ -468,9 +468,9 @@ async def test_frames_are_audited_and_a_removed_clients_socket_ends(served: Serv
 
     async def audited() -> bool:
         count = await pool.fetchval(
-            "SELECT count(*) FROM resource r WHERE r.resource_type = 'AuditEvent'"
-            " AND r.body LIKE '%subscription event-notification (websocket)%'"
-            " AND r.body LIKE '%Task/' || $1 || '%'",
+            "SELECT count(*) FROM audit_event a"
+            " WHERE a.body LIKE '%subscription event-notification (websocket)%'"
+            " AND ('Task/' || $1) = ANY(a.entity)",
             task_id,
         )
         return bool(count)

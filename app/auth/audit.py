@@ -2,15 +2,17 @@
 
 Each interaction that reads or changes data becomes one R4 AuditEvent: ``type`` rest,
 ``subtype`` the restful-interaction code, ``action`` C/R/U/D/E, ``outcome`` 0/4/8,
-``agent`` the OAuth client (and its partner organisation), ``source`` this server,
-``entity`` the resources touched (or, for a search, the query, base64 as R4 requires).
+``agent`` the OAuth client (and the user it acts for, and its partner organisation),
+``source`` this server, ``entity`` the resources touched (or, for a search, the query,
+base64 as R4 requires).
 
+AuditEvents live in the audit store (app/audit, issue 14), not among the clinical resources.
 A successful write's AuditEvent is stored in the request's own transaction, so a change
 is never committed without its record. Reads and failed interactions are recorded through
-:class:`AuditTrail`'s buffer, written in batches by one background task (at most
-``FLUSH_INTERVAL`` later, and on shutdown): a read must not pay for a commit of its own.
-AuditEvents hold what was accessed (ids, the query), never resource content, and are
-stored as ordinary AuditEvent resources, searchable with AuditEvent scopes only.
+:class:`AuditTrail`'s bounded buffer, written with COPY by one background task (at most
+``FLUSH_INTERVAL`` later, and on shutdown): a read pays neither a commit nor an index write.
+AuditEvents hold what was accessed (ids, the query), never resource content; they are read
+and searched as AuditEvent resources with AuditEvent scopes only (app/audit/fhir.py).
 """
 
 from __future__ import annotations
@@ -18,23 +20,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
+from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from asyncpg import Connection, Pool
 
+from app.audit import metrics, store
+from app.audit.store import CLIENT_SYSTEM, Row
 from app.fhir.access import AccessContext
-from app.fhir.fhirdate import date_range
-from app.fhir.indexing import MAX_STRING, IndexRows, normalize, split_reference
 from app.fhir.repository import RepositoryFactory, fhir_instant
 
 logger = logging.getLogger("carecoord.audit")
 
 FLUSH_INTERVAL = 0.25
-"""Seconds a buffered AuditEvent may wait before it is written."""
-BATCH_SIZE = 200
+"""Seconds a buffered AuditEvent may wait before it is written (CARECOORD_AUDIT_FLUSH_INTERVAL)."""
+BATCH_SIZE = 500
+"""Buffered events that wake the writer before its interval is over."""
+MAX_COPY = 2000
+"""Rows per COPY statement."""
+RETRY_DELAY = 0.5
+"""Seconds before a failed COPY is tried again (the events stay buffered)."""
 MAX_ENTITIES = 100
 """Entities listed per event (a 1,000-entry transaction lists its first 100)."""
 
@@ -44,7 +54,7 @@ EVENT_TYPE = {
     "display": "RESTful Operation",
 }
 INTERACTION_SYSTEM = "http://hl7.org/fhir/restful-interaction"
-CLIENT_SYSTEM = "urn:carecoord:oauth-client"
+__all__ = ["CLIENT_SYSTEM", "AuditTrail", "build_event", "interaction_of", "outcome_code"]
 ACTIONS = {
     "create": "C",
     "read": "R",
@@ -91,6 +101,12 @@ def outcome_code(status: int) -> str:
     return "4" if status < 500 else "8"
 
 
+@functools.lru_cache(maxsize=8)
+def _site(fhir_base: str) -> str:
+    """AuditEvent.source.site (searchable as ``site``): the host serving the FHIR base."""
+    return urlsplit(fhir_base).netloc or fhir_base
+
+
 def build_event(
     *,
     interaction: str,
@@ -118,6 +134,10 @@ def build_event(
             **({"network": {"address": address, "type": "2"}} if address else {}),
         }
     ]
+    if access.user:
+        # The person the token acts for (SMART fhirUser): a Patient user puts the event in their
+        # compartment (R4 AuditEvent ``patient`` covers agent.who).
+        agents.append({"who": {"reference": access.user}, "requestor": True})
     if access.organization:
         agents.append({"who": {"reference": access.organization}, "requestor": False})
     entities: list[dict[str, Any]] = []
@@ -156,6 +176,7 @@ def build_event(
         "outcome": outcome_code(status),
         "agent": agents,
         "source": {
+            "site": _site(fhir_base),
             "observer": {"display": f"carecoord {fhir_base}"},
             "type": [
                 {
@@ -173,66 +194,47 @@ def build_event(
     return event
 
 
-_ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
-_OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
-
-
-def event_index_rows(event: dict[str, Any], fhir_base: str) -> IndexRows:
-    """The search-index rows of an AuditEvent built by :func:`build_event`, without walking the
-    generic extractor: a read pays for its AuditEvent, so the hot path builds exactly the rows
-    ``indexing.extract`` would (a test holds the two equal for every shape build_event makes)."""
-    rows = IndexRows()
-    rows.token.append(("action", None, event["action"], None, None, None))
-    rows.token.append(("outcome", None, event["outcome"], None, None, None))
-    rows.token.append(
-        ("type", EVENT_TYPE["system"], EVENT_TYPE["code"], normalize(EVENT_TYPE["display"]), None, None)
-    )
-    for subtype in event["subtype"]:
-        rows.token.append(("subtype", subtype["system"], subtype["code"], None, None, None))
-    recorded = date_range(event["recorded"])
-    if recorded is not None:
-        rows.date.append(("date", *recorded))
-    for agent in event["agent"]:
-        who = agent.get("who") or {}
-        identifier = who.get("identifier")
-        if identifier:
-            rows.reference.append(("agent", None, None, None, identifier["system"], identifier["value"]))
-        if "reference" in who:
-            target_type, target_id, url = split_reference(who["reference"], fhir_base)
-            rows.reference.append(("agent", target_type, target_id, url, None, None))
-        address = (agent.get("network") or {}).get("address")
-        if address:
-            rows.string.append(("address", normalize(address), address[:MAX_STRING]))
-    for entity in event.get("entity", []):
-        entity_type = entity.get("type")
-        if entity_type:
-            rows.token.append(("entity-type", entity_type["system"], entity_type["code"], None, None, None))
-        role = entity.get("role")
-        if role:
-            rows.token.append(
-                ("entity-role", role["system"], role["code"], normalize(role["display"]), None, None)
-            )
-        what = (entity.get("what") or {}).get("reference")
-        if isinstance(what, str):
-            target_type, target_id, url = split_reference(what, fhir_base)
-            rows.reference.append(("entity", target_type, target_id, url, None, None))
-            if target_type == "Patient":
-                rows.reference.append(("patient", target_type, target_id, url, None, None))
-    return rows
-
-
 class AuditTrail:
-    """Writes AuditEvents: in the caller's transaction (``write``) or batched (``record``)."""
+    """Writes AuditEvents into the audit store (app/audit/store.py): in the caller's transaction
+    (``write``, a successful write's own record) or through a bounded buffer (``record``: reads,
+    refusals, failures) that one background task writes with COPY, off the request path.
 
-    def __init__(self, pool: Pool, repositories: RepositoryFactory, *, enabled: bool) -> None:
+    Back-pressure: the buffer holds at most ``buffer_size`` events (written and being written
+    together). A FHIR request first waits in :meth:`admit` while it is full, so when the database
+    is slow, requests slow down instead of memory growing; events are never dropped for being
+    slow. Events recorded without waiting (``record`` from outside a request) may overshoot the
+    bound by the requests already admitted; past twice the bound such an event is dropped,
+    counted (``carecoord_audit_events_dropped``) and logged (its type only). On shutdown
+    :meth:`close` writes what is left.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        repositories: RepositoryFactory,
+        *,
+        enabled: bool,
+        buffer_size: int = 10_000,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> None:
         self._pool = pool
-        self._repositories = repositories
         self._fhir_base = repositories.fhir_base
         self.enabled = enabled
-        self._buffer: list[dict[str, Any]] = []
+        self.buffer_size = buffer_size
+        self.flush_interval = flush_interval
+        self._buffer: deque[Row] = deque()
+        self._in_flight = 0
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._flush_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+
+    @property
+    def pending(self) -> int:
+        """Events buffered or being written."""
+        return len(self._buffer) + self._in_flight
 
     def start(self) -> None:
         if self.enabled and self._task is None:
@@ -241,41 +243,66 @@ class AuditTrail:
     async def write(self, connection: Connection, event: dict[str, Any]) -> None:
         """Store an event in ``connection``'s current transaction (a write's own record)."""
         if self.enabled:
-            # The audit trail is bookkeeping: in the change feed, never an event for subscribers.
-            await self._repositories.for_bookkeeping(connection).create("AuditEvent", event)
+            await store.insert_event(connection, event, self._fhir_base)
+
+    async def admit(self) -> None:
+        """Wait while the buffer is full (back-pressure on the requests that will add to it)."""
+        if not self.enabled or self.pending < self.buffer_size:
+            return
+        metrics.WAITING.inc()
+        try:
+            while self.pending >= self.buffer_size:
+                self._wake.set()
+                self._room.clear()
+                await self._room.wait()
+        finally:
+            metrics.WAITING.dec()
 
     def record(self, event: dict[str, Any]) -> None:
-        """Queue an event for the next batch (reads, failures)."""
+        """Queue an event for the next COPY (reads, refusals, failures)."""
         if not self.enabled:
             return
-        self._buffer.append(event)
-        if len(self._buffer) >= BATCH_SIZE:
+        if self.pending >= 2 * self.buffer_size:
+            metrics.DROPPED.inc()
+            logger.error("audit buffer over twice its bound: an AuditEvent was dropped")
+            return
+        self._buffer.append(store.event_row(event, self._fhir_base))
+        metrics.BUFFERED.set(self.pending)
+        if len(self._buffer) >= BATCH_SIZE or self.pending >= self.buffer_size:
             self._wake.set()
 
     async def _run(self) -> None:
         while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+            if len(self._buffer) < BATCH_SIZE:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
             try:
                 await self.flush()
             except Exception as exc:  # keep the events and retry: an audit record is never dropped
+                metrics.FLUSH_FAILURES.inc()
                 logger.error("audit flush failed: %s", type(exc).__name__)
-                await asyncio.sleep(FLUSH_INTERVAL)
+                await asyncio.sleep(RETRY_DELAY)
 
     async def flush(self) -> None:
-        """Write every buffered event in one transaction; on failure they stay buffered."""
-        if not self._buffer:
-            return
-        batch, self._buffer = self._buffer, []
-        try:
-            async with self._pool.acquire() as connection:
-                repo = self._repositories.for_bookkeeping(connection)
-                rows = [event_index_rows(event, self._fhir_base) for event in batch]
-                await repo.create_records("AuditEvent", batch, rows)  # one statement, one commit
-        except BaseException:
-            self._buffer[:0] = batch
-            raise
+        """Write every buffered event (COPY, ``MAX_COPY`` per statement); on failure the unwritten
+        ones stay buffered, in order."""
+        async with self._flush_lock:
+            while self._buffer:
+                batch = [self._buffer.popleft() for _ in range(min(MAX_COPY, len(self._buffer)))]
+                self._in_flight = len(batch)
+                try:
+                    async with self._pool.acquire() as connection:
+                        await store.copy_rows(connection, batch)
+                except BaseException:
+                    self._buffer.extendleft(reversed(batch))
+                    raise
+                finally:
+                    self._in_flight = 0
+                    metrics.BUFFERED.set(self.pending)
+                    if self.pending < self.buffer_size:
+                        self._room.set()
+                metrics.WRITTEN.inc(len(batch))
 
     async def close(self) -> None:
         """Stop the background task and write what is left (application shutdown)."""
@@ -285,5 +312,15 @@ class AuditTrail:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self.enabled:
-            await self.flush()
+        if not self.enabled:
+            return
+        for attempt in range(3):
+            try:
+                await self.flush()
+                return
+            except Exception as exc:
+                logger.error("audit flush at shutdown failed (%d): %s", attempt + 1, type(exc).__name__)
+                await asyncio.sleep(RETRY_DELAY)
+        if self._buffer:
+            metrics.DROPPED.inc(len(self._buffer))
+            logger.error("audit: %d AuditEvents could not be written before shutdown", len(self._buffer))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.audit.fhir import search_capabilities as audit_search_capabilities
 from app.fhir.models import FHIR_VERSION
 from app.fhir.operations import Level, OperationRegistry, definition_url
 from app.fhir.repository import IMMUTABLE_TYPES
@@ -33,14 +34,16 @@ def capability_statement(
         routed = [
             code
             for code in interactions.get(resource_type, [])
-            if not (resource_type in IMMUTABLE_TYPES and code in ("create", "update", "patch", "delete"))
+            # AuditEvents: read-only, one version each, in the audit store (app/audit/fhir.py).
+            if not (resource_type in IMMUTABLE_TYPES and code not in ("read", "vread", "search-type"))
         ]
         entry: dict[str, Any] = {
             "type": resource_type,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
             "interaction": [{"code": code} for code in routed],
-            "versioning": "versioned-update",
-            "readHistory": "vread" in routed,
+            # An AuditEvent has one version (versionId 1): vread works, there is no past version.
+            "versioning": "versioned" if resource_type in IMMUTABLE_TYPES else "versioned-update",
+            "readHistory": "vread" in routed and resource_type not in IMMUTABLE_TYPES,
             "updateCreate": "update" in routed,
             "conditionalCreate": "create" in routed,
             "conditionalRead": "full-support",
@@ -51,7 +54,9 @@ def capability_statement(
                 else "not-supported"
             ),
         }
-        if "search-type" in routed:
+        if resource_type in IMMUTABLE_TYPES:
+            entry.update(audit_search_capabilities())
+        elif "search-type" in routed:
             entry.update(_search_capabilities(search, resource_type))
         # What a feature adds to its type's entry (the subscription topics on Subscription).
         entry.update((resource_details or {}).get(resource_type, {}))
@@ -164,6 +169,7 @@ def _search_capabilities(search: SearchRegistry, resource_type: str) -> dict[str
     revincludes = sorted(
         f"{other}:{name}"
         for other in SERVED_TYPES
+        if other not in IMMUTABLE_TYPES  # the audit store is searched on its own
         for name, param in search.for_type(other).items()
         if param.type == "reference" and (resource_type in param.targets or not param.targets)
     )

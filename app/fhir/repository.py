@@ -458,6 +458,10 @@ class FhirRepository:
         self, request: SearchRequest, after: tuple[Any, ...] | None, backwards: bool
     ) -> SearchPage:
         """search.html: one page of matches, their includes and (when asked) a total."""
+        if request.store == "audit_event":
+            from app.audit import fhir as audit_fhir  # the audit store's adapter imports this module
+
+            return await audit_fhir.search(self._conn, request, after, backwards)
         return await SearchExecutor(self._conn, self.fhir_base).search(request, after, backwards)
 
     async def create(
@@ -468,7 +472,8 @@ class FhirRepository:
         ``fhir_id`` is an id the server chose beforehand (a transaction assigns the ids of
         its POST entries before writing, to rewrite references to them).
         """
-        if resource_type in IMMUTABLE_TYPES and not self.access.unrestricted:
+        if resource_type in IMMUTABLE_TYPES:
+            # The server records them in their own store (app/audit), never through this repository.
             raise MethodNotAllowed(f"{resource_type} resources are written by the server, not by clients")
         self.access.require(resource_type, "c")
         return await self._insert(resource_type, fhir_id or new_id(), data, method="POST", letter="c")
@@ -509,7 +514,7 @@ class FhirRepository:
         items: Sequence[dict[str, Any]],
         index_rows: Sequence[IndexRows] | None = None,
     ) -> int:
-        """Create many server-written resources of one type in one statement (AuditEvents).
+        """Create many server-written resources of one type in one statement.
 
         No access checks and no write hooks: these are carecoord's own records, not a
         client's writes. ``index_rows``, when given, are the items' search-index rows (as
@@ -546,6 +551,11 @@ class FhirRepository:
 
     async def vread(self, resource_type: str, fhir_id: str, version_id: int) -> StoredVersion:
         """http.html#vread: one version; a deletion version answers 410."""
+        if resource_type in IMMUTABLE_TYPES:  # one version each, in the audit store
+            version = await self._current(resource_type, fhir_id, "r")
+            if version_id != 1:
+                raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
+            return version
         limited = self.access.is_limited(resource_type, "r")
         if limited:
             await self.read_any(resource_type, fhir_id)  # 404 unless the token may see it
@@ -626,6 +636,12 @@ class FhirRepository:
     async def _current(
         self, resource_type: str, fhir_id: str, letter: str, *, lock: bool = False
     ) -> StoredVersion:
+        if resource_type in IMMUTABLE_TYPES:
+            from app.audit import fhir as audit_fhir  # the audit store's adapter imports this module
+
+            version = await audit_fhir.read(self._conn, self.access, self.fhir_base, fhir_id, letter)
+            self.touched.append((resource_type, fhir_id, 1))
+            return version
         row = await self._current_row(resource_type, fhir_id, letter, lock=lock)
         self.touched.append((resource_type, fhir_id, row["version_id"]))
         return StoredVersion(
@@ -763,6 +779,10 @@ class FhirRepository:
         Pages by keyset on the history sequence (``cursor`` = the last ``hid`` seen), so
         writes between page requests neither duplicate nor skip entries.
         """
+        if resource_type in IMMUTABLE_TYPES:
+            raise MethodNotAllowed(
+                f"{resource_type} has no history: each is one version, read and searched in the audit store"
+            )
         compiler = self._compiler()
         bind = compiler.bind
         clauses = []
@@ -845,8 +865,9 @@ class FhirRepository:
 
 
 IMMUTABLE_TYPES = frozenset({"AuditEvent"})
-"""Records of what happened: written by the server, never created (by an authorized client),
-updated, patched or deleted through the API."""
+"""Records of what happened: written by the server into the audit store (app/audit), never
+created, updated, patched or deleted through the API; read and searched there (read, vread,
+search-type)."""
 
 
 def _check_mutable(resource_type: str) -> None:

@@ -195,6 +195,9 @@ class SearchRequest:
     """The caller's limits; included resources are filtered by them too."""
     where_count: int = 0
     """How many of the binder's values the WHERE clause uses (they come first)."""
+    store: str = "resource"
+    """The table the conditions are over: ``resource`` (alias r) or ``audit_event`` (alias a,
+    app/audit/fhir.py)."""
 
     @property
     def drivable(self) -> bool:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from app.audit.fhir import AUDIT_TYPE, parse_audit_search
 from app.fhir import jsonio
 from app.fhir.cursors import CursorCodec
 from app.fhir.errors import BadRequest, operation_outcome
@@ -37,16 +38,26 @@ async def run_search(
     path: str,
     compartment: tuple[str, str] | None = None,
 ) -> str:
-    request = parse_search(
-        resource_types,
-        pairs,
-        registry=registry(),
-        fhir_base=repo.fhir_base,
-        strict=strict,
-        compartment=compartment,
-        access=repo.access,
-        limits=repo.search_limits,
-    )
+    if resource_types == (AUDIT_TYPE,):  # the audit store (app/audit), not the clinical tables
+        request = parse_audit_search(
+            pairs,
+            fhir_base=repo.fhir_base,
+            strict=strict,
+            access=repo.access,
+            compartment=compartment,
+            limits=repo.search_limits,
+        )
+    else:
+        request = parse_search(
+            resource_types,
+            pairs,
+            registry=registry(),
+            fhir_base=repo.fhir_base,
+            strict=strict,
+            compartment=compartment,
+            access=repo.access,
+            limits=repo.search_limits,
+        )
     after: tuple[Any, ...] | None = None
     backwards = False
     if request.cursor:

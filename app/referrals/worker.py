@@ -30,6 +30,7 @@ import httpx
 from asyncpg import Connection, Pool
 
 from app import db
+from app.audit.store import insert_event
 from app.auth.audit import build_event
 from app.auth.scopes import Permission
 from app.fhir import jsonio
@@ -627,7 +628,7 @@ class Worker:
         event["entity"][0]["description"] = (
             f"referral {short_kind(job.kind)} to Organization/{job.payload['partner_org']}"
         )
-        await self.repositories.for_bookkeeping(conn).create("AuditEvent", event)
+        await insert_event(conn, event, self.fhir_base)  # the audit store, in the job's transaction
 
 
 async def _valid_task(task: dict[str, Any], max_bytes: int) -> bool:

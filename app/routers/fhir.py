@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from app.audit.fhir import SEARCH_PARAMETERS as AUDIT_SEARCH_PARAMETERS
 from app.deps import RepositoryDep, read_body
 from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
@@ -33,7 +34,7 @@ from app.fhir.errors import (
 )
 from app.fhir.operations import Level, Operation, OperationParameters, OperationRegistry, parse_parameters
 from app.fhir.params import parse_count, parse_etag, parse_instant, parse_version_id
-from app.fhir.repository import version_headers
+from app.fhir.repository import IMMUTABLE_TYPES, version_headers
 from app.fhir.resource_operations import META, VALIDATE
 from app.fhir.responses import (
     check_request_media_type,
@@ -557,8 +558,12 @@ def _search_parameters_doc(resource_type: str) -> list[dict[str, Any]]:
     documented = [
         _query_doc(name, f"{param.type} search parameter ({param.url})")
         for name, param in sorted(registry().for_type(resource_type).items())
+        if resource_type not in IMMUTABLE_TYPES or name in AUDIT_SEARCH_PARAMETERS
     ]
-    return documented + [_query_doc(name, text) for name, text in SEARCH_RESULT_PARAMETERS]
+    results: tuple[tuple[str, str], ...] = SEARCH_RESULT_PARAMETERS
+    if resource_type in IMMUTABLE_TYPES:  # the audit store: sorted by date, no includes
+        results = tuple(p for p in results if p[0] not in ("_include", "_revinclude"))
+    return documented + [_query_doc(name, text) for name, text in results]
 
 
 def _path_doc(names: list[str]) -> list[dict[str, Any]]:
@@ -610,6 +615,10 @@ _UNLISTED_OPERATIONS: dict[Handler, str] = {
 }
 
 
+READ_ONLY_HANDLERS: frozenset[Handler] = frozenset({read, vread, search_type, compartment_search})
+"""What the read-only types (repository.IMMUTABLE_TYPES) document and list."""
+
+
 def _dispatch_methods(method: str) -> list[str]:
     """HEAD is answered wherever GET is: the same headers, no body (RFC 9110 9.3.2)."""
     return [method, "HEAD"] if method == "GET" else [method]
@@ -640,6 +649,8 @@ def _register() -> None:
         if in_compartment:
             entries.append((compartment, f"/Patient/{{id}}/{resource_type}"))
         for interaction, path in entries:
+            if resource_type in IMMUTABLE_TYPES and interaction.handler not in READ_ONLY_HANDLERS:
+                continue  # AuditEvent: read-only (app/audit/fhir.py); writes and history answer 405
             operation = interaction.code or _UNLISTED_OPERATIONS.get(
                 interaction.handler, "search-compartment"
             )
@@ -673,8 +684,16 @@ async def system_search(ctx: FhirContext) -> Response:
     for resource_type in requested:
         check_resource_type(resource_type)
         access.require(resource_type, "s")
-    # Without _type: every type the token may search (SMART: "s" on each).
-    types = tuple(dict.fromkeys(requested)) or tuple(t for t in SERVED_TYPES if access.allows(t, "s"))
+    if len(set(requested)) > 1 and set(requested) & IMMUTABLE_TYPES:
+        raise BadRequest(
+            "AuditEvent is searched on its own (_type=AuditEvent alone, or GET [base]/AuditEvent)",
+            expression=("_type",),
+        )
+    # Without _type: every type the token may search (SMART: "s" on each), the clinical store's;
+    # the audit trail (its own store) only when asked for.
+    types = tuple(dict.fromkeys(requested)) or tuple(
+        t for t in SERVED_TYPES if t not in IMMUTABLE_TYPES and access.allows(t, "s")
+    )
     if not types:
         raise Forbidden("the access token does not allow searching any resource type")
     body = await run_search(

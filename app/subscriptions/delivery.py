@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 from asyncpg import Connection, Pool, Record
 
+from app.audit.store import insert_event
 from app.auth.audit import build_event
 from app.fhir import jsonio
 from app.fhir.access import AccessContext
@@ -390,7 +391,7 @@ async def audit_attempt(
     )
     event["entity"][0]["what"] = {"reference": f"Subscription/{subscription_id}"}
     event["entity"][0]["description"] = f"subscription {kind}" + (f": {error}" if error else "")
-    await repositories.for_bookkeeping(conn).create("AuditEvent", event)
+    await insert_event(conn, event, repositories.fhir_base)  # the audit store (app/audit)
 
 
 _CURRENT = "SELECT * FROM subscription WHERE fhir_id = $1"
