@@ -830,6 +830,7 @@ class FhirRepository:
         )
         current = {(row["resource_type"], row["fhir_id"]): row["version_id"] for row in rows}
         refused = set()
+        person_judged: dict[int, tuple[StoredVersion, list[tuple[str, str | None, str | None]]]] = {}
         for version in judged:
             if current.get((version.resource_type, version.fhir_id)) == version.version_id:
                 continue
@@ -841,7 +842,32 @@ class FhirRepository:
             references = [(r[0], r[1], r[2]) for r in rows_of.reference]
             if not self.access.version_allowed(version.resource_type, version.fhir_id, references, letter):
                 refused.add(id(version))
+            elif self.access.user_limits(version.resource_type):
+                person_judged[len(person_judged)] = (version, references)
+        if person_judged:
+            inside = await self._inside_person_limits(person_judged)
+            refused.update(id(v) for n, (v, _) in person_judged.items() if n not in inside)
         return [v for v in versions if id(v) not in refused]
+
+    async def _inside_person_limits(
+        self, judged: dict[int, tuple[StoredVersion, list[tuple[str, str | None, str | None]]]]
+    ) -> set[int]:
+        """The numbers of the older versions whose own references put them inside the person's
+        limits, judged in SQL by the same conditions as the current rows
+        (AccessContext.user_reference_condition; a Patient version names itself as ``_id``)."""
+        rows: list[tuple[int, str, str, str | None, str | None]] = []
+        for number, (version, references) in judged.items():
+            itself = ("_id", version.resource_type, version.fhir_id)
+            rows.extend((number, version.resource_type, *reference) for reference in [itself, *references])
+        compiler = self._compiler()
+        arrays = [compiler.bind([row[column] for row in rows]) for column in range(5)]
+        condition = self.access.user_reference_condition(compiler, "v")
+        sql = (
+            f"SELECT DISTINCT v.n FROM unnest(CAST({arrays[0]} AS int[]), CAST({arrays[1]} AS text[]),"
+            f" CAST({arrays[2]} AS text[]), CAST({arrays[3]} AS text[]), CAST({arrays[4]} AS text[]))"
+            f" AS v(n, resource_type, param, target_type, target_id) WHERE {condition}"
+        )
+        return {row["n"] for row in await self._conn.fetch(sql, *compiler.bind.values)}
 
 
 IMMUTABLE_TYPES = frozenset({"AuditEvent"})
