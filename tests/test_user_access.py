@@ -15,7 +15,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.conftest import bearer
+from app.auth.scopes import parse_scopes
+from app.fhir.access import AccessContext
+from app.fhir.search import parse_search
+from app.fhir.search_params import registry
+from tests.conftest import BASE_URL, bearer
 from tests.test_search_support import JSON, match_ids, put, search, typed_ids
 
 READ = "user/*.rs"
@@ -345,3 +349,24 @@ async def test_an_unknown_kind_of_user_sees_no_patient_data(
     assert await _ids(client, "Patient", device) == []
     assert await _ids(client, "Observation", device) == []
     assert await _status(client, "Organization/org", device) == 200
+
+
+@pytest.mark.parametrize("user", ["Practitioner/dr", "Patient/p1", "RelatedPerson/rp-on"])
+def test_a_persons_search_keeps_the_index_driven_page(user: str) -> None:
+    """The person's limits are a set of rids, so a page is still cut from the index rows
+    (repository.py ``_driver``) instead of reading and sorting every match."""
+    access = AccessContext(user=user, permissions=parse_scopes(READ), unrestricted=False)
+    for resource_type, pairs in (
+        ("Task", [("owner", "Practitioner/dr"), ("status", "requested")]),
+        ("Patient", [("name", "One")]),
+        ("Observation", []),
+    ):
+        request = parse_search(
+            (resource_type,),
+            pairs,
+            registry=registry(),
+            fhir_base=BASE_URL + "/fhir",
+            strict=False,
+            access=access,
+        )
+        assert request.drivable and request.driven_limits, resource_type

@@ -227,56 +227,34 @@ class AccessContext:
     # -- a person's limits (issue 11) ---------------------------------------------------------
 
     def _user_patients(self, compiler: ConditionCompiler, column: str) -> str:
-        """``column`` (a Patient id) is one of the Patients whose compartment the person sees."""
+        """``column`` (a Patient id) is one of the Patients whose compartment the person sees.
+
+        A RelatedPerson's Patient and a Practitioner's caseload come from the database function
+        ``carecoord_person_patients`` (migration 0018: RelatedPerson.patient while active; the
+        subjects of the active CareTeams the practitioner or one of its roles is a participant
+        of, and the patients of the active EpisodeOfCares it manages), called in a scalar
+        subquery: PostgreSQL evaluates it once per statement, on every request, and looks the
+        ids up in the indexes; the statement stays small to plan."""
         kind, ident = self.user_reference or ("", "")
         if kind == "Patient":
             return f"{column} = {compiler.bind(ident)}"
-        if kind == "RelatedPerson":
+        if kind in ("RelatedPerson", "Practitioner"):
             return (
-                f"{column} IN (SELECT ul.target_id FROM resource ur JOIN search_reference ul"
-                " ON ul.rid = ur.rid AND ul.resource_type = 'RelatedPerson' AND ul.param = 'patient'"
-                " AND ul.target_type = 'Patient'"
-                f" WHERE ur.resource_type = 'RelatedPerson' AND ur.fhir_id = {compiler.bind(ident)}"
-                " AND NOT ur.deleted AND EXISTS (SELECT 1 FROM search_token ua WHERE ua.rid = ur.rid"
-                " AND ua.resource_type = 'RelatedPerson' AND ua.param = 'active' AND ua.code = 'true'))"
+                f"{column} = ANY(CAST((SELECT carecoord_person_patients("
+                f"{compiler.bind(kind)}, {compiler.bind(ident)})) AS text[]))"
             )
-        if kind == "Practitioner":
-            return f"{column} IN ({self._caseload(compiler, ident)})"
         return "FALSE"
 
     @staticmethod
-    def _actors(compiler: ConditionCompiler, practitioner: str) -> str:
-        """``(type, id)`` rows naming the practitioner: itself and its PractitionerRoles
-        (PractitionerRole.practitioner) not marked inactive. Index rows exist only for live
-        resources, so a deleted role names no one."""
+    def _names_practitioner(compiler: ConditionCompiler, alias: str, practitioner: str) -> str:
+        """Reference row ``alias`` names the practitioner: itself, or one of its PractitionerRoles
+        (``carecoord_practitioner_roles``, migration 0018: PractitionerRole.practitioner, not
+        marked inactive)."""
         return (
-            f"SELECT 'Practitioner', CAST({compiler.bind(practitioner)} AS text)"
-            " UNION ALL SELECT 'PractitionerRole', uo.fhir_id FROM search_reference un"
-            " JOIN resource uo ON uo.rid = un.rid WHERE un.resource_type = 'PractitionerRole'"
-            " AND un.param = 'practitioner' AND un.target_type = 'Practitioner'"
-            f" AND un.target_id = {compiler.bind(practitioner)} AND NOT EXISTS (SELECT 1 FROM search_token ui"
-            " WHERE ui.rid = un.rid AND ui.resource_type = 'PractitionerRole' AND ui.param = 'active'"
-            " AND ui.code = 'false')"
+            f"(({alias}.target_type = 'Practitioner' AND {alias}.target_id = {compiler.bind(practitioner)})"
+            f" OR ({alias}.target_type = 'PractitionerRole' AND {alias}.target_id"
+            f" = ANY(CAST((SELECT carecoord_practitioner_roles({compiler.bind(practitioner)})) AS text[]))))"
         )
-
-    def _caseload(self, compiler: ConditionCompiler, practitioner: str) -> str:
-        """The ids of the practitioner's Patients: subject of an active CareTeam it (or one of
-        its roles) participates in, or patient of an active EpisodeOfCare it manages."""
-        parts = []
-        for care_type, member, patient in (
-            ("CareTeam", "participant", "subject"),
-            ("EpisodeOfCare", "care-manager", "patient"),
-        ):
-            parts.append(
-                "SELECT us.target_id FROM search_reference um JOIN search_reference us ON us.rid = um.rid"
-                f" AND us.resource_type = '{care_type}' AND us.param = '{patient}'"
-                " AND us.target_type = 'Patient'"
-                f" WHERE um.resource_type = '{care_type}' AND um.param = '{member}'"
-                f" AND (um.target_type, um.target_id) IN ({self._actors(compiler, practitioner)})"
-                " AND EXISTS (SELECT 1 FROM search_token ut WHERE ut.rid = um.rid"
-                f" AND ut.resource_type = '{care_type}' AND ut.param = 'status' AND ut.code = 'active')"
-            )
-        return " UNION ".join(parts)
 
     def _user_condition(self, compiler: ConditionCompiler, alias: str, resource_type: str) -> str:
         """Rows ``alias`` of ``resource_type`` (a type of the Patient compartment) the person may
@@ -303,7 +281,7 @@ class AccessContext:
                 "SELECT uw.rid FROM search_reference uw"
                 f" WHERE uw.resource_type = {compiler.bind(resource_type)}"
                 f" AND uw.param = ANY({compiler.bind(list(OWN_WORK[resource_type]))})"
-                f" AND (uw.target_type, uw.target_id) IN ({self._actors(compiler, ident)})"
+                f" AND {self._names_practitioner(compiler, 'uw', ident)}"
             )
         return f"{alias}.rid IN ({' UNION ALL '.join(parts)})"
 
@@ -329,7 +307,7 @@ class AccessContext:
                 f"(({alias}.resource_type, {alias}.param) IN (SELECT * FROM unnest("
                 f"CAST({compiler.bind([t for t, _ in own])} AS text[]),"
                 f" CAST({compiler.bind([p for _, p in own])} AS text[])))"
-                f" AND ({alias}.target_type, {alias}.target_id) IN ({self._actors(compiler, ident)}))"
+                f" AND {self._names_practitioner(compiler, alias, ident)})"
             )
         return "(" + " OR ".join(clauses) + ")"
 

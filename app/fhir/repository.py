@@ -940,14 +940,18 @@ class SearchExecutor:
         self._fhir_base = fhir_base
 
     @staticmethod
-    def _where(request: SearchRequest) -> str:
+    def _where(request: SearchRequest, driven: bool = False) -> str:
+        """The WHERE clause; ``driven``: the page is cut by the driver, which enforces the
+        access limits that are sets of rids (``request.driven_limits``) on its own (repeated
+        here, PostgreSQL would check them again row by row, rescanning a caseload per row)."""
         placeholder = request.type_placeholder
         if len(request.resource_types) == 1:
             clauses = [f"r.resource_type = {placeholder}"]
         else:
             clauses = [f"r.resource_type = ANY({placeholder})"]
         clauses.append("NOT r.deleted")
-        clauses.extend(request.conditions)
+        skipped = request.driven_limits if driven else frozenset()
+        clauses.extend(c for n, c in enumerate(request.conditions) if n not in skipped)
         return " AND ".join(clauses)
 
     async def search(
@@ -981,10 +985,11 @@ class SearchExecutor:
         selected = ", ".join(f"{expression} AS k{i}" for i, (expression, _, _) in enumerate(keys))
         limit = request.count + 1
         driver = self._driver(request, after, backwards, limit) if not request.sort else ""
+        page_where = self._where(request, driven=True) if driver else where
         # Every identifier and operator above comes from the parameter table; values are bound.
         sql = (
             f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
-            f" WHERE {where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
+            f" WHERE {page_where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
         )
         rows = [] if request.summary == "count" else list(await self._conn.fetch(sql, *bind.values))
         more = len(rows) > request.count

@@ -195,6 +195,9 @@ class SearchRequest:
     """The caller's limits; included resources are filtered by them too."""
     where_count: int = 0
     """How many of the binder's values the WHERE clause uses (they come first)."""
+    driven_limits: frozenset[int] = frozenset()
+    """Positions in ``conditions`` of access limits that are sets of rids: a page cut from the
+    index by the driver (repository.py ``_driver``) is within them already."""
 
     @property
     def drivable(self) -> bool:
@@ -952,6 +955,7 @@ def parse_search(
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
     rid_sets = [rid_set(condition, type_placeholder) for condition in conditions]
     limited = False
+    driven_limits: set[int] = set()
     for letter in letters:
         if len(resource_types) == 1:
             limits_of_type = access.condition_parts(compiler, "r", resource_types[0], letter)
@@ -960,10 +964,12 @@ def parse_search(
             limits_of_type = [] if limit is None else [limit]
         for limit in limits_of_type:
             limited = True
-            conditions.append(limit)
             # A set of rids (a person's limits) drives the page like an index condition; any
             # other limit keeps the page from being cut from the index.
             rid_sets.append(rid_set(limit, type_placeholder))
+            if rid_sets[-1] is not None:
+                driven_limits.add(len(conditions))
+            conditions.append(limit)
     # The WHERE clause's values are bound first: the count and estimate statements send only them
     # (PostgreSQL cannot type a parameter no statement text uses, such as a sort key's).
     where_count = len(binder.values)
@@ -990,5 +996,6 @@ def parse_search(
         issues=issues,
         type_placeholder=type_placeholder,
         rid_sets=rid_sets,
+        driven_limits=frozenset(driven_limits),
         access=access,
     )
