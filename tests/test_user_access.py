@@ -19,7 +19,9 @@ from app.auth.scopes import parse_scopes
 from app.fhir.access import AccessContext
 from app.fhir.search import parse_search
 from app.fhir.search_params import registry
-from tests.conftest import BASE_URL, bearer
+from tests import test_subscriptions as subscriptions
+from tests.conftest import BASE_URL, bearer, wait_until
+from tests.partner_support import MisbehavingServer, Reply, misbehaving_server_fixture
 from tests.test_search_support import JSON, match_ids, put, search, typed_ids
 
 READ = "user/*.rs"
@@ -370,3 +372,42 @@ def test_a_persons_search_keeps_the_index_driven_page(user: str) -> None:
             access=access,
         )
         assert request.drivable and request.driven_limits, resource_type
+
+
+# -- subscriptions -----------------------------------------------------------------------------
+
+misbehaving_server = misbehaving_server_fixture
+running = subscriptions.running
+
+
+async def test_a_practitioners_subscription_learns_only_of_its_caseload(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    world: None,
+    misbehaving_server: MisbehavingServer,
+    running: None,
+) -> None:
+    """The notifications of a Subscription a practitioner created are judged with its caseload
+    (the person is kept with the subscription, migration 0018): a Task of p2 moves nothing."""
+    server = misbehaving_server
+    dr = await bearer(
+        app, "user/Task.rs user/Subscription.crud", client_id="dr-app", fhir_user="Practitioner/dr"
+    )
+    server.script("/dr", Reply(200))
+    created = await client.post(
+        "/fhir/Subscription", json=subscriptions.subscription(server.url("/dr")), headers={**JSON, **dr}
+    )
+    assert created.status_code == 201, created.text
+    subscription_id = created.json()["id"]
+
+    async def active() -> bool:
+        answer = await client.get(f"/fhir/Subscription/{subscription_id}", headers=dr)
+        return answer.json().get("status") == "active"
+
+    await wait_until(active, "the practitioner's subscription to be active")
+    hidden = await put(client, "Task", "task-p2-new", _task("p2", owner="Organization/org"))
+    seen = await put(client, "Task", "task-p1-new", _task("p1", owner="Organization/org"))
+    await wait_until(lambda: subscriptions.event_numbers(server, "/dr"), "the practitioner's event")
+    assert subscriptions.event_numbers(server, "/dr") == [1]
+    sent = b"".join(r.body for r in server.requests_to("/dr"))
+    assert seen["id"].encode() in sent and hidden["id"].encode() not in sent
