@@ -320,6 +320,31 @@ async def test_writes_outside_the_caseload_are_refused_and_change_nothing(
     assert await _count(client, "Condition") == before + 1
 
 
+async def test_a_person_writes_no_directory_resource_but_its_own(
+    app: FastAPI, client: httpx.AsyncClient, world: None
+) -> None:
+    """Taking over dr2's PractitionerRole would hand dr the CareTeams of dr2's role."""
+    dr = await bearer(app, WRITE, fhir_user="Practitioner/dr")
+    headers = {**JSON, **dr}
+    role = {
+        "resourceType": "PractitionerRole",
+        "id": "role-dr2",
+        "practitioner": {"reference": "Practitioner/dr"},
+    }
+    assert (
+        await client.put("/fhir/PractitionerRole/role-dr2", json=role, headers=headers)
+    ).status_code == 404
+    assert await _ids(client, "Patient", dr) == ["p1"]
+    new_role = {"resourceType": "PractitionerRole", "practitioner": {"reference": "Practitioner/dr"}}
+    assert (await client.post("/fhir/PractitionerRole", json=new_role, headers=headers)).status_code == 403
+    assert (await client.delete("/fhir/Organization/org", headers=dr)).status_code == 404
+    me = {"resourceType": "Practitioner", "id": "dr", "name": [{"family": "Renamed"}]}
+    assert (await client.put("/fhir/Practitioner/dr", json=me, headers=headers)).status_code == 200
+    current = (await client.get("/fhir/PractitionerRole/role-dr2")).json()
+    assert current["practitioner"]["reference"] == "Practitioner/dr2" and current["meta"]["versionId"] == "1"
+    assert (await client.get("/fhir/Organization/org")).status_code == 200
+
+
 async def test_a_transaction_of_a_practitioner_inside_its_caseload(
     app: FastAPI, client: httpx.AsyncClient, world: None
 ) -> None:
@@ -404,10 +429,13 @@ async def test_a_practitioners_subscription_learns_only_of_its_caseload(
         answer = await client.get(f"/fhir/Subscription/{subscription_id}", headers=dr)
         return answer.json().get("status") == "active"
 
-    await wait_until(active, "the practitioner's subscription to be active")
+    # Generous: the dispatcher and the delivery share a busy machine with the test.
+    await wait_until(active, "the practitioner's subscription to be active", timeout=30)
     hidden = await put(client, "Task", "task-p2-new", _task("p2", owner="Organization/org"))
     seen = await put(client, "Task", "task-p1-new", _task("p1", owner="Organization/org"))
-    await wait_until(lambda: subscriptions.event_numbers(server, "/dr"), "the practitioner's event")
+    await wait_until(
+        lambda: subscriptions.event_numbers(server, "/dr"), "the practitioner's event", timeout=30
+    )
     assert subscriptions.event_numbers(server, "/dr") == [1]
     sent = b"".join(r.body for r in server.requests_to("/dr"))
     assert seen["id"].encode() in sent and hidden["id"].encode() not in sent

@@ -36,7 +36,8 @@ Rules (SMART App Launch 2.x scopes-and-launch-context.html; FHIR R4 security.htm
       the Patient or the careManager of an ``active`` EpisodeOfCare of the Patient; the
       compartments of those Patients; and the Tasks they own or requested and the
       ServiceRequests they requested or perform;
-    * any other kind of user: nothing of those types.
+    * any other kind of user: nothing of those types;
+  on directory types a person writes only its own resource (its Practitioner, say);
   Membership is evaluated in the SQL of every request, so a change of CareTeam takes effect
   on the next one. Writes are judged the same way (the version written must lie inside).
   A ``user/`` permission on a token without a person grants what the client itself was
@@ -150,12 +151,17 @@ class AccessContext:
         kind, _, ident = self.user.partition("/")
         return kind, ident
 
-    def user_limits(self, resource_type: str) -> bool:
-        """Whether the person's limits apply to ``resource_type`` (the types of the Patient
-        compartment; directory types are readable as they are for ``patient/`` permissions)."""
-        return self.user is not None and (
-            resource_type == "Patient" or resource_type in registry().patient_compartment
-        )
+    def user_limits(self, resource_type: str, letter: str) -> bool:
+        """Whether the person's limits apply to ``letter`` on ``resource_type``: always on the
+        types of the Patient compartment; on directory types only to writes (they are readable
+        as for ``patient/`` permissions, but a person changes only its own resource there: a
+        practitioner re-pointing another's PractitionerRole at itself would take over that
+        role's CareTeams). OWNED_TYPES have their own owner limit."""
+        if self.user is None or resource_type in OWNED_TYPES:
+            return False
+        if resource_type == "Patient" or resource_type in registry().patient_compartment:
+            return True
+        return letter in ("c", "u", "d")
 
     def system_level(self, resource_type: str, letter: str) -> bool:
         """A backend service acting for the server's own organisation: a ``system/`` permission
@@ -178,7 +184,9 @@ class AccessContext:
         """Whether ``condition`` would return a condition (cheap test for the fast paths)."""
         if self.unrestricted:
             return False
-        if self.organization is not None or resource_type in OWNED_TYPES or self.user_limits(resource_type):
+        if self.organization is not None or resource_type in OWNED_TYPES:
+            return True
+        if self.user_limits(resource_type, letter):
             return True
         return not any(_is_open(resource_type, p) for p in self.matching(resource_type, letter))
 
@@ -220,7 +228,7 @@ class AccessContext:
                 clauses.append(self._owner_condition(compiler, alias))
         elif self.organization is not None:
             clauses.append(self._organization_condition(compiler, alias, letter))
-        if self.user_limits(resource_type):
+        if self.user_limits(resource_type, letter):
             clauses.append(self._user_condition(compiler, alias, resource_type))
         return clauses
 
@@ -260,7 +268,13 @@ class AccessContext:
         """Rows ``alias`` of ``resource_type`` (a type of the Patient compartment) the person may
         see, as ``alias.rid IN (<rids>)``: a set of row ids, so that a search can cut its page
         from it like from any index condition (search.py ``rid_set``). Every subquery is
-        uncorrelated and yields live rows of the type only."""
+        uncorrelated and yields live rows of the type only. On a directory type (a write): the
+        person's own resource only."""
+        kind, ident = self.user_reference or ("", "")
+        if resource_type != "Patient" and resource_type not in registry().patient_compartment:
+            if resource_type != kind:
+                return "FALSE"
+            return f"{alias}.fhir_id = {compiler.bind(ident)}"
         parts = []
         if resource_type == "Patient":
             parts.append(
@@ -275,7 +289,6 @@ class AccessContext:
                 f" AND uk.param = ANY({compiler.bind(list(params))}) AND uk.target_type = 'Patient'"
                 f" AND {self._user_patients(compiler, 'uk.target_id')}"
             )
-        kind, ident = self.user_reference or ("", "")
         if kind == "Practitioner" and resource_type in OWN_WORK:
             parts.append(
                 "SELECT uw.rid FROM search_reference uw"

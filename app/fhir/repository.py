@@ -842,7 +842,7 @@ class FhirRepository:
             references = [(r[0], r[1], r[2]) for r in rows_of.reference]
             if not self.access.version_allowed(version.resource_type, version.fhir_id, references, letter):
                 refused.add(id(version))
-            elif self.access.user_limits(version.resource_type):
+            elif self.access.user_limits(version.resource_type, letter):
                 person_judged[len(person_judged)] = (version, references)
         if person_judged:
             inside = await self._inside_person_limits(person_judged)
