@@ -25,6 +25,23 @@ Rules (SMART App Launch 2.x scopes-and-launch-context.html; FHIR R4 security.htm
     * updates and deletes only what its clients wrote last and its own Tasks (owner or
       requester; the Task state machine decides what may change);
   that holds under every permission it has;
+- a person's token (SMART ``fhirUser``, :attr:`AccessContext.user`) sees what that person may
+  see (issue 11), under every permission it has, on the types of the Patient compartment
+  (directory types stay readable as for ``patient/`` permissions):
+    * a Patient user: their own compartment;
+    * a RelatedPerson user: the compartment of the Patient they are linked to
+      (``RelatedPerson.patient``) while the RelatedPerson is ``active`` (true);
+    * a Practitioner user: their caseload, the Patients of whom they (or one of their
+      PractitionerRoles not marked inactive) are a participant of an ``active`` CareTeam about
+      the Patient or the careManager of an ``active`` EpisodeOfCare of the Patient; the
+      compartments of those Patients; and the Tasks they own or requested and the
+      ServiceRequests they requested or perform;
+    * any other kind of user: nothing of those types;
+  on directory types a person writes only its own resource (its Practitioner, say);
+  Membership is evaluated in the SQL of every request, so a change of CareTeam takes effect
+  on the next one. Writes are judged the same way (the version written must lie inside).
+  A ``user/`` permission on a token without a person grants what the client itself was
+  registered for, as before (the scope matrix of tests/test_authorization.py);
 - a resource the token may use the type of but that lies outside these limits is a 404, so
   that its existence is not revealed.
 """
@@ -45,6 +62,9 @@ OWNED_TYPES = frozenset({"Subscription"})
 """Types whose resources belong to the client that created them: only that client reads,
 searches, changes or deletes one (a Subscription's channel carries its owner's secrets and its
 notifications carry what its owner may read; Subscriptions Backport IG, "Security")."""
+
+OWN_WORK = {"Task": ("owner", "requester"), "ServiceRequest": ("requester", "performer")}
+"""Where a Practitioner user is named by the work it owns, asked for or performs (issue 11)."""
 
 REFERRAL_ROOTS = (
     ("ServiceRequest", ("performer",)),
@@ -117,9 +137,31 @@ class AccessContext:
 
     @property
     def limited_writer(self) -> bool:
-        """A token whose writes are judged against its limits (a patient or an organisation):
-        what it points at, and whether it may choose ids (repository.py)."""
-        return not self.unrestricted and (self.organization is not None or self.patient is not None)
+        """A token whose writes are judged against its limits (a patient, an organisation or a
+        person): what it points at, and whether it may choose ids (repository.py)."""
+        return not self.unrestricted and (
+            self.organization is not None or self.patient is not None or self.user is not None
+        )
+
+    @property
+    def user_reference(self) -> tuple[str, str] | None:
+        """The person's ``(type, id)``, or None for a machine client."""
+        if self.user is None:
+            return None
+        kind, _, ident = self.user.partition("/")
+        return kind, ident
+
+    def user_limits(self, resource_type: str, letter: str) -> bool:
+        """Whether the person's limits apply to ``letter`` on ``resource_type``: always on the
+        types of the Patient compartment; on directory types only to writes (they are readable
+        as for ``patient/`` permissions, but a person changes only its own resource there: a
+        practitioner re-pointing another's PractitionerRole at itself would take over that
+        role's CareTeams). OWNED_TYPES have their own owner limit."""
+        if self.user is None or resource_type in OWNED_TYPES:
+            return False
+        if resource_type == "Patient" or resource_type in registry().patient_compartment:
+            return True
+        return letter in ("c", "u", "d")
 
     def system_level(self, resource_type: str, letter: str) -> bool:
         """A backend service acting for the server's own organisation: a ``system/`` permission
@@ -127,7 +169,7 @@ class AccessContext:
         organisation (partner endpoints are changed only by such clients, issue 15)."""
         if self.unrestricted:
             return True
-        if self.organization is not None or self.patient is not None:
+        if self.organization is not None or self.patient is not None or self.user is not None:
             return False
         return any(p.context == "system" for p in self.matching(resource_type, letter))
 
@@ -144,6 +186,8 @@ class AccessContext:
             return False
         if self.organization is not None or resource_type in OWNED_TYPES:
             return True
+        if self.user_limits(resource_type, letter):
+            return True
         return not any(_is_open(resource_type, p) for p in self.matching(resource_type, letter))
 
     def condition(
@@ -151,26 +195,134 @@ class AccessContext:
     ) -> str | None:
         """SQL over resource rows ``alias`` of ``resource_type`` that the token may use with
         ``letter``; None when every row is allowed. 403 when no permission covers it."""
+        parts = self.condition_parts(compiler, alias, resource_type, letter)
+        return " AND ".join(parts) if parts else None
+
+    def condition_parts(
+        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str
+    ) -> list[str]:
+        """``condition`` as the clauses it is the conjunction of (a search can drive its page
+        from those that are sets of row ids, app/fhir/search.py ``rid_set``)."""
         if self.unrestricted:
-            return None
+            return []
         self.require(resource_type, letter)
         permissions = self.matching(resource_type, letter)
         open_permission = any(_is_open(resource_type, p) for p in permissions)
         alternatives: list[str] = []
         if not open_permission:
+            mark = compiler.bind_mark()
             for permission in permissions:
                 parts = self._permission_parts(compiler, alias, resource_type, permission)
+                if parts == []:  # implied by the person's limits, added below
+                    compiler.bind_rollback(mark)  # the other alternatives' values
+                    open_permission = True
+                    alternatives = []
+                    break
                 if parts is not None:  # None: a restriction this type cannot express
                     alternatives.append("(" + " AND ".join(parts) + ")")
-            if not alternatives:
-                return "FALSE"
+            if not alternatives and not open_permission:
+                return ["FALSE"]
         clauses = [] if open_permission else ["(" + " OR ".join(alternatives) + ")"]
         if resource_type in OWNED_TYPES:
             if letter != "c":  # a new one is its writer's (the write hook records the owner)
                 clauses.append(self._owner_condition(compiler, alias))
         elif self.organization is not None:
             clauses.append(self._organization_condition(compiler, alias, letter))
-        return " AND ".join(clauses) if clauses else None
+        if self.user_limits(resource_type, letter):
+            clauses.append(self._user_condition(compiler, alias, resource_type))
+        return clauses
+
+    # -- a person's limits (issue 11) ---------------------------------------------------------
+
+    def _user_patients(self, compiler: ConditionCompiler, column: str) -> str:
+        """``column`` (a Patient id) is one of the Patients whose compartment the person sees.
+
+        A RelatedPerson's Patient and a Practitioner's caseload come from the database function
+        ``carecoord_person_patients`` (migration 0018: RelatedPerson.patient while active; the
+        subjects of the active CareTeams the practitioner or one of its roles is a participant
+        of, and the patients of the active EpisodeOfCares it manages), called in a scalar
+        subquery: PostgreSQL evaluates it once per statement, on every request, and looks the
+        ids up in the indexes; the statement stays small to plan."""
+        kind, ident = self.user_reference or ("", "")
+        if kind == "Patient":
+            return f"{column} = {compiler.bind(ident)}"
+        if kind in ("RelatedPerson", "Practitioner"):
+            return (
+                f"{column} = ANY(CAST((SELECT carecoord_person_patients("
+                f"{compiler.bind(kind)}, {compiler.bind(ident)})) AS text[]))"
+            )
+        return "FALSE"
+
+    @staticmethod
+    def _names_practitioner(compiler: ConditionCompiler, alias: str, practitioner: str) -> str:
+        """Reference row ``alias`` names the practitioner: itself, or one of its PractitionerRoles
+        (``carecoord_practitioner_roles``, migration 0018: PractitionerRole.practitioner, not
+        marked inactive)."""
+        return (
+            f"(({alias}.target_type = 'Practitioner' AND {alias}.target_id = {compiler.bind(practitioner)})"
+            f" OR ({alias}.target_type = 'PractitionerRole' AND {alias}.target_id"
+            f" = ANY(CAST((SELECT carecoord_practitioner_roles({compiler.bind(practitioner)})) AS text[]))))"
+        )
+
+    def _user_condition(self, compiler: ConditionCompiler, alias: str, resource_type: str) -> str:
+        """Rows ``alias`` of ``resource_type`` (a type of the Patient compartment) the person may
+        see, as ``alias.rid IN (<rids>)``: a set of row ids, so that a search can cut its page
+        from it like from any index condition (search.py ``rid_set``). Every subquery is
+        uncorrelated and yields live rows of the type only. On a directory type (a write): the
+        person's own resource only."""
+        kind, ident = self.user_reference or ("", "")
+        if resource_type != "Patient" and resource_type not in registry().patient_compartment:
+            if resource_type != kind:
+                return "FALSE"
+            return f"{alias}.fhir_id = {compiler.bind(ident)}"
+        parts = []
+        if resource_type == "Patient":
+            parts.append(
+                "SELECT up.rid FROM resource up WHERE up.resource_type = 'Patient' AND NOT up.deleted"
+                f" AND {self._user_patients(compiler, 'up.fhir_id')}"
+            )
+        params = registry().patient_compartment.get(resource_type, ())
+        if params:
+            parts.append(
+                "SELECT uk.rid FROM search_reference uk"
+                f" WHERE uk.resource_type = {compiler.bind(resource_type)}"
+                f" AND uk.param = ANY({compiler.bind(list(params))}) AND uk.target_type = 'Patient'"
+                f" AND {self._user_patients(compiler, 'uk.target_id')}"
+            )
+        if kind == "Practitioner" and resource_type in OWN_WORK:
+            parts.append(
+                "SELECT uw.rid FROM search_reference uw"
+                f" WHERE uw.resource_type = {compiler.bind(resource_type)}"
+                f" AND uw.param = ANY({compiler.bind(list(OWN_WORK[resource_type]))})"
+                f" AND {self._names_practitioner(compiler, 'uw', ident)}"
+            )
+        return f"{alias}.rid IN ({' UNION ALL '.join(parts)})"
+
+    def user_reference_condition(self, compiler: ConditionCompiler, alias: str) -> str:
+        """Reference rows ``alias`` (columns resource_type, param, target_type, target_id, as in
+        search_reference) that put their resource inside the person's limits; a row with param
+        ``_id`` names a Patient itself. Judges older versions (history, vread) with the same
+        SQL as the current rows."""
+        pairs = [(t, p) for t, params in registry().patient_compartment.items() for p in params]
+        target = f"{alias}.target_id"
+        clauses = [
+            f"({alias}.resource_type = 'Patient' AND {alias}.param = '_id'"
+            f" AND {self._user_patients(compiler, target)})",
+            f"(({alias}.resource_type, {alias}.param) IN (SELECT * FROM unnest("
+            f"CAST({compiler.bind([t for t, _ in pairs])} AS text[]),"
+            f" CAST({compiler.bind([p for _, p in pairs])} AS text[])))"
+            f" AND {alias}.target_type = 'Patient' AND {self._user_patients(compiler, target)})",
+        ]
+        kind, ident = self.user_reference or ("", "")
+        if kind == "Practitioner":
+            own = [(t, p) for t, params in OWN_WORK.items() for p in params]
+            clauses.append(
+                f"(({alias}.resource_type, {alias}.param) IN (SELECT * FROM unnest("
+                f"CAST({compiler.bind([t for t, _ in own])} AS text[]),"
+                f" CAST({compiler.bind([p for _, p in own])} AS text[])))"
+                f" AND {self._names_practitioner(compiler, alias, ident)})"
+            )
+        return "(" + " OR ".join(clauses) + ")"
 
     def _owner_condition(self, compiler: ConditionCompiler, alias: str) -> str:
         """Rows of an OWNED_TYPES type that this token's client created (app/subscriptions)."""
@@ -191,6 +343,8 @@ class AccessContext:
             permission.context == "patient"
             and self.patient is not None
             and compiler.in_patient_compartment(resource_type)
+            # A Patient user's own compartment: the same rows as the person's limits.
+            and self.user_reference != ("Patient", self.patient)
         ):
             parts.append(compiler.compartment(alias, resource_type, self.patient))
         for name, value in permission.restriction:

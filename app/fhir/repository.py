@@ -850,6 +850,7 @@ class FhirRepository:
         )
         current = {(row["resource_type"], row["fhir_id"]): row["version_id"] for row in rows}
         refused = set()
+        person_judged: dict[int, tuple[StoredVersion, list[tuple[str, str | None, str | None]]]] = {}
         for version in judged:
             if current.get((version.resource_type, version.fhir_id)) == version.version_id:
                 continue
@@ -861,7 +862,32 @@ class FhirRepository:
             references = [(r[0], r[1], r[2]) for r in rows_of.reference]
             if not self.access.version_allowed(version.resource_type, version.fhir_id, references, letter):
                 refused.add(id(version))
+            elif self.access.user_limits(version.resource_type, letter):
+                person_judged[len(person_judged)] = (version, references)
+        if person_judged:
+            inside = await self._inside_person_limits(person_judged)
+            refused.update(id(v) for n, (v, _) in person_judged.items() if n not in inside)
         return [v for v in versions if id(v) not in refused]
+
+    async def _inside_person_limits(
+        self, judged: dict[int, tuple[StoredVersion, list[tuple[str, str | None, str | None]]]]
+    ) -> set[int]:
+        """The numbers of the older versions whose own references put them inside the person's
+        limits, judged in SQL by the same conditions as the current rows
+        (AccessContext.user_reference_condition; a Patient version names itself as ``_id``)."""
+        rows: list[tuple[int, str, str, str | None, str | None]] = []
+        for number, (version, references) in judged.items():
+            itself = ("_id", version.resource_type, version.fhir_id)
+            rows.extend((number, version.resource_type, *reference) for reference in [itself, *references])
+        compiler = self._compiler()
+        arrays = [compiler.bind([row[column] for row in rows]) for column in range(5)]
+        condition = self.access.user_reference_condition(compiler, "v")
+        sql = (
+            f"SELECT DISTINCT v.n FROM unnest(CAST({arrays[0]} AS int[]), CAST({arrays[1]} AS text[]),"
+            f" CAST({arrays[2]} AS text[]), CAST({arrays[3]} AS text[]), CAST({arrays[4]} AS text[]))"
+            f" AS v(n, resource_type, param, target_type, target_id) WHERE {condition}"
+        )
+        return {row["n"] for row in await self._conn.fetch(sql, *compiler.bind.values)}
 
 
 IMMUTABLE_TYPES = frozenset({"AuditEvent"})
@@ -935,14 +961,18 @@ class SearchExecutor:
         self._fhir_base = fhir_base
 
     @staticmethod
-    def _where(request: SearchRequest) -> str:
+    def _where(request: SearchRequest, driven: bool = False) -> str:
+        """The WHERE clause; ``driven``: the page is cut by the driver, which enforces the
+        access limits that are sets of rids (``request.driven_limits``) on its own (repeated
+        here, PostgreSQL would check them again row by row, rescanning a caseload per row)."""
         placeholder = request.type_placeholder
         if len(request.resource_types) == 1:
             clauses = [f"r.resource_type = {placeholder}"]
         else:
             clauses = [f"r.resource_type = ANY({placeholder})"]
         clauses.append("NOT r.deleted")
-        clauses.extend(request.conditions)
+        skipped = request.driven_limits if driven else frozenset()
+        clauses.extend(c for n, c in enumerate(request.conditions) if n not in skipped)
         return " AND ".join(clauses)
 
     async def search(
@@ -976,10 +1006,11 @@ class SearchExecutor:
         selected = ", ".join(f"{expression} AS k{i}" for i, (expression, _, _) in enumerate(keys))
         limit = request.count + 1
         driver = self._driver(request, after, backwards, limit) if not request.sort else ""
+        page_where = self._where(request, driven=True) if driver else where
         # Every identifier and operator above comes from the parameter table; values are bound.
         sql = (
             f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
-            f" WHERE {where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
+            f" WHERE {page_where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
         )
         rows = [] if request.summary == "count" else list(await self._conn.fetch(sql, *bind.values))
         more = len(rows) > request.count

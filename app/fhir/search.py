@@ -198,6 +198,9 @@ class SearchRequest:
     store: str = "resource"
     """The table the conditions are over: ``resource`` (alias r) or ``audit_event`` (alias a,
     app/audit/fhir.py)."""
+    driven_limits: frozenset[int] = frozenset()
+    """Positions in ``conditions`` of access limits that are sets of rids: a page cut from the
+    index by the driver (repository.py ``_driver``) is within them already."""
 
     @property
     def drivable(self) -> bool:
@@ -253,16 +256,21 @@ def unescape(value: str) -> str:
 
 _EXISTS_HEAD = re.compile(r"^EXISTS \(SELECT 1 FROM (search_[a-z]+) ([a-z]+\d+) WHERE \2\.rid = r\.rid AND ")
 _OUTER_ALIAS = re.compile(r"(?<![\w.])r\.")
+_RID_IN = "r.rid IN ("
 
 
 def rid_set(condition: str, type_placeholder: str) -> str | None:
     """A top-level condition as ``SELECT rid ...`` of the rows it matches, or None.
 
     Positive index conditions (``EXISTS (SELECT 1 FROM search_x i WHERE i.rid = r.rid AND
-    ...)``) and ``_lastUpdated`` qualify; negations, ``_has``, compartments and anything else
-    that needs other columns of the resource row do not. The text keeps the condition's bind
-    placeholders, so both forms can appear in one statement.
+    ...)``), ``_lastUpdated`` and ``r.rid IN (<uncorrelated rids of live rows of the type>)``
+    (a person's limits, app/fhir/access.py) qualify; negations, ``_has``, compartments and
+    anything else that needs other columns of the resource row do not. The text keeps the
+    condition's bind placeholders, so both forms can appear in one statement.
     """
+    if condition.startswith(_RID_IN) and _closes_at_end(condition, len(_RID_IN) - 1):
+        inner = condition[len(_RID_IN) : -1]
+        return None if _OUTER_ALIAS.search(inner) else inner
     if condition.startswith(("(r.last_updated", "r.last_updated", "NOT (r.last_updated")):
         inner = _OUTER_ALIAS.sub("lu.", condition)
         if _OUTER_ALIAS.search(inner):
@@ -950,15 +958,21 @@ def parse_search(
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
     rid_sets = [rid_set(condition, type_placeholder) for condition in conditions]
     limited = False
+    driven_limits: set[int] = set()
     for letter in letters:
         if len(resource_types) == 1:
-            limit = access.condition(compiler, "r", resource_types[0], letter)
+            limits_of_type = access.condition_parts(compiler, "r", resource_types[0], letter)
         else:
             limit = access.row_filter(compiler, "r", letter, resource_types)
-        if limit is not None:
+            limits_of_type = [] if limit is None else [limit]
+        for limit in limits_of_type:
             limited = True
+            # A set of rids (a person's limits) drives the page like an index condition; any
+            # other limit keeps the page from being cut from the index.
+            rid_sets.append(rid_set(limit, type_placeholder))
+            if rid_sets[-1] is not None:
+                driven_limits.add(len(conditions))
             conditions.append(limit)
-            rid_sets.append(None)  # not a set of index rids: the page cannot be cut from the index
     # The WHERE clause's values are bound first: the count and estimate statements send only them
     # (PostgreSQL cannot type a parameter no statement text uses, such as a sort key's).
     where_count = len(binder.values)
@@ -985,5 +999,6 @@ def parse_search(
         issues=issues,
         type_placeholder=type_placeholder,
         rid_sets=rid_sets,
+        driven_limits=frozenset(driven_limits),
         access=access,
     )

@@ -62,7 +62,7 @@ REFRESH_SECONDS = 30.0
 
 _SUBSCRIPTIONS = """
 SELECT fhir_id, topic, filters, status, end_at, owner_client, owner_scope, owner_organization,
-    owner_patient, owner_unrestricted
+    owner_patient, owner_user, owner_unrestricted
 FROM subscription
 WHERE status IN ('requested', 'active', 'error') AND (end_at IS NULL OR end_at > now())
 ORDER BY fhir_id

@@ -30,8 +30,8 @@ from app.subscriptions.spec import WEBSOCKET, read_spec
 _UPSERT = """
 INSERT INTO subscription (fhir_id, topic, filters, channel_type, endpoint, headers, content,
     heartbeat_seconds, timeout_seconds, max_count, end_at, status, owner_client, owner_scope,
-    owner_organization, owner_patient, owner_unrestricted)
-VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    owner_organization, owner_patient, owner_unrestricted, owner_user)
+VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
 ON CONFLICT (fhir_id) DO UPDATE SET topic = EXCLUDED.topic, filters = EXCLUDED.filters,
     channel_type = EXCLUDED.channel_type, endpoint = EXCLUDED.endpoint, headers = EXCLUDED.headers,
     content = EXCLUDED.content, heartbeat_seconds = EXCLUDED.heartbeat_seconds,
@@ -41,7 +41,8 @@ ON CONFLICT (fhir_id) DO UPDATE SET topic = EXCLUDED.topic, filters = EXCLUDED.f
     -- Only the owner's client writes its Subscription (app/fhir/access.py OWNED_TYPES): its
     -- latest token is what its notifications are judged with from now on.
     owner_scope = EXCLUDED.owner_scope, owner_organization = EXCLUDED.owner_organization,
-    owner_patient = EXCLUDED.owner_patient, owner_unrestricted = EXCLUDED.owner_unrestricted
+    owner_patient = EXCLUDED.owner_patient, owner_unrestricted = EXCLUDED.owner_unrestricted,
+    owner_user = EXCLUDED.owner_user
 """
 
 _DELIVERY_FIELDS = ("criteria", "_criteria", "channel", "end", "extension")
@@ -160,6 +161,7 @@ class SubscriptionHooks:
             access.organization,
             access.patient,
             access.unrestricted,
+            access.user,
         )
         if spec.channel_type == WEBSOCKET:
             # No rest-hook jobs (a rest-hook subscription changed to websocket loses its own);

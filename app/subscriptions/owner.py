@@ -1,10 +1,10 @@
 """Whose notifications they are: the access a subscription's events are judged with.
 
-A Subscription belongs to the client that created it (its token's scopes, organisation and
-patient, kept with the subscription). Its notifications carry only what that client may read
+A Subscription belongs to the client that created it (its token's scopes, organisation,
+patient and person, kept with the subscription). Its notifications carry only what that client may read
 when they are sent: read permissions of the kept scopes that the client's registration still
 covers (a client removed or narrowed by ``carecoord clients`` loses them), with the same
-organisation and patient limits as its requests (app/fhir/access.py).
+organisation, patient and person limits as its requests (app/fhir/access.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ async def owner_access(conn: Connection, subscription: Record) -> AccessContext 
         client_id=client_id,
         organization=subscription["owner_organization"],
         patient=subscription["owner_patient"],
+        user=subscription["owner_user"],
         permissions=tuple(readable),
         unrestricted=False,
     )

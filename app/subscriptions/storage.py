@@ -42,6 +42,8 @@ class SubscriptionRow(SQLModel, table=True):
     owner_scope: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     owner_organization: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     owner_patient: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    owner_user: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    """The person of the owner's token (``fhirUser``): notifications carry only what they see."""
     owner_unrestricted: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False))
     """Created with authorization off (local development): notifications are not filtered."""
     events_count: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False, server_default="0"))
