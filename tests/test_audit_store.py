@@ -47,7 +47,15 @@ async def test_every_interaction_is_one_event_in_the_audit_store(
 ) -> None:
     created = await client.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=JSON)
     patient = created.json()["id"]
-    reader = await bearer(app, "system/Patient.rs", client_id="store-reader", fhir_user="Practitioner/dr1")
+    # dr1's caseload: a practitioner's token sees the Patients of its active CareTeams (issue 11).
+    team = {
+        "resourceType": "CareTeam",
+        "status": "active",
+        "subject": {"reference": f"Patient/{patient}"},
+        "participant": [{"member": {"reference": "Practitioner/dr1"}}],
+    }
+    assert (await client.post("/fhir/CareTeam", json=team, headers=JSON)).status_code == 201
+    reader = await bearer(app, "user/Patient.rs", client_id="store-reader", fhir_user="Practitioner/dr1")
     assert (await client.get(f"/fhir/Patient/{patient}", headers=reader)).status_code == 200
     assert (await client.get("/fhir/Patient", params={"_id": patient}, headers=reader)).status_code == 200
     assert (await client.get("/fhir/Observation/x", headers=reader)).status_code == 403
