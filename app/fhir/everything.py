@@ -216,6 +216,7 @@ class EverythingQuery:
         self.request = request
         self.compiler = SearchCompiler(registry(), repo.fhir_base, Binder(), repo.access)
         self.bind = self.compiler.bind
+        self._statement: tuple[str, list[Any]] | None = None
 
     # -- building blocks ---------------------------------------------------------------------
 
@@ -265,9 +266,8 @@ class EverythingQuery:
     def _result_filters(self, alias: str) -> list[str]:
         """``_type`` and ``_since`` over every entry."""
         clauses = []
-        returned = [t for t in SERVED_TYPES if self.request.returns(t)]
-        if len(returned) != len(SERVED_TYPES):
-            clauses.append(f"{alias}.resource_type = ANY({self._array(returned)})")
+        if self.request.types is not None:
+            clauses.append(f"{alias}.resource_type = ANY({self._array(self.request.types)})")
         if self.request.since is not None:
             clauses.append(f"{alias}.last_updated >= {self.bind(self.request.since)}")
         return clauses
@@ -289,7 +289,7 @@ class EverythingQuery:
         outside = self._array(outside_types())
         included_access = self._included_access("t")
         filters = self._result_filters("e")
-        after = f" AND f.rid > {self.bind(request.after)}" if request.after is not None else ""
+        after = f" AND e.rid > {self.bind(request.after)}" if request.after is not None else ""
         where = f" WHERE {' AND '.join(filters)}" if filters else ""
         return (
             "WITH record AS MATERIALIZED ("
@@ -301,18 +301,21 @@ class EverythingQuery:
             f"  WHERE p.resource_type = 'Patient' AND p.fhir_id = {patient})"
             f" AND {record_limits}),"
             " included AS MATERIALIZED ("
-            " SELECT DISTINCT t.rid, t.resource_type, t.last_updated FROM search_reference i"
-            " JOIN resource t ON t.resource_type = i.target_type AND t.fhir_id = i.target_id"
-            f" WHERE i.rid IN (SELECT rid FROM record) AND i.target_type = ANY({outside})"
-            f" AND NOT t.deleted{included_access}),"
+            " SELECT t.rid, t.resource_type, t.last_updated FROM (SELECT DISTINCT i.target_type, i.target_id"
+            "  FROM search_reference i WHERE i.rid IN (SELECT rid FROM record)"
+            f"  AND i.target_type = ANY({outside})) d"
+            " JOIN resource t ON t.resource_type = d.target_type AND t.fhir_id = d.target_id"
+            f" WHERE NOT t.deleted{included_access}),"
             " entries AS ("
             " SELECT e.rid, e.record, count(*) OVER () AS total FROM ("
             "  SELECT rid, resource_type, last_updated, TRUE AS record FROM record"
             "  UNION ALL SELECT rid, resource_type, last_updated, FALSE FROM included) e"
             f"{where})"
-            " SELECT f.record, f.total, r.rid, r.resource_type, r.fhir_id, r.version_id, r.body"
-            f" FROM entries f JOIN resource r ON r.rid = f.rid WHERE TRUE{after}"
-            f" ORDER BY f.rid LIMIT {request.count + 1}"
+            # The page is cut before the bodies are read: only its rows are fetched.
+            " SELECT f.record, f.total, r.rid, r.resource_type, r.fhir_id, r.version_id, r.body FROM ("
+            f" SELECT e.rid, e.record, e.total FROM entries e WHERE TRUE{after}"
+            f" ORDER BY e.rid LIMIT {request.count + 1}) f"
+            " JOIN resource r ON r.rid = f.rid ORDER BY f.rid"
         )
 
     def type_sql(self) -> str:
@@ -347,9 +350,16 @@ class EverythingQuery:
             f" FROM resource r WHERE {' AND '.join(clauses)} ORDER BY r.rid LIMIT {request.count + 1}"
         )
 
+    def statement(self) -> tuple[str, list[Any]]:
+        """The page's SQL and its bind values (built once: building binds the values)."""
+        if self._statement is None:
+            sql = self.instance_sql() if self.request.patient_id is not None else self.type_sql()
+            self._statement = (sql, list(self.bind.values))
+        return self._statement
+
     async def page(self) -> EverythingPage:
-        sql = self.instance_sql() if self.request.patient_id is not None else self.type_sql()
-        rows = await self.repo.connection.fetch(sql, *self.bind.values)
+        sql, values = self.statement()
+        rows = await self.repo.connection.fetch(sql, *values)
         more = len(rows) > self.request.count
         rows = rows[: self.request.count]
         entries = [
