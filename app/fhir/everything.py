@@ -41,6 +41,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 from urllib.parse import urlencode
 
@@ -91,12 +92,14 @@ ACCESS_LOG = "AuditEvent"
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 
 
+@cache
 def compartment_types() -> tuple[str, ...]:
     """The served types of the R4 Patient compartment, Patient first."""
     compartment = registry().patient_compartment
     return ("Patient", *(t for t in SERVED_TYPES if t in compartment and t != "Patient"))
 
 
+@cache
 def outside_types() -> tuple[str, ...]:
     """The served types a record resource may point to that are not record resources themselves."""
     inside = set(compartment_types())
@@ -285,23 +288,41 @@ class EverythingQuery:
         assert request.patient_id is not None
         patient = self.bind(request.patient_id)
         pairs = self._compartment_pairs()
-        record_limits = self._record_limits("r")
+        members = (
+            f"SELECT k.rid, k.resource_type FROM search_reference k JOIN {pairs}"
+            " ON c.resource_type = k.resource_type AND c.param = k.param"
+            f" WHERE k.target_id = {patient} AND k.target_type = 'Patient'"
+        )
+        access = self.repo.access.row_filter(self.compiler, "r", "r", request.record_types)
+        patient_row = "SELECT p.rid, p.resource_type FROM resource p WHERE p.resource_type = 'Patient'"
+        if access is None and request.since is None:
+            # Index rows exist only for live resources (a deletion drops them), so without access
+            # limits or _since the record comes from the index alone: no resource row is read
+            # until the page's bodies are.
+            care = self._care_date("m")
+            record = (
+                f"SELECT m.rid, m.resource_type, NULL::timestamptz AS last_updated FROM ({members}"
+                f" UNION {patient_row} AND p.fhir_id = {patient} AND NOT p.deleted) m"
+                + (f" WHERE {care}" if care else "")
+            )
+        else:
+            care = self._care_date("r")
+            limits = " AND ".join(c for c in ("NOT r.deleted", care, access) if c)
+            record = (
+                "SELECT r.rid, r.resource_type, r.last_updated FROM resource r"
+                f" WHERE r.rid IN (SELECT m.rid FROM ({members} UNION ALL {patient_row}"
+                f" AND p.fhir_id = {patient}) m) AND {limits}"
+            )
         outside = self._array(outside_types())
         included_access = self._included_access("t")
         filters = self._result_filters("e")
         after = f" AND e.rid > {self.bind(request.after)}" if request.after is not None else ""
         where = f" WHERE {' AND '.join(filters)}" if filters else ""
         return (
-            "WITH record AS MATERIALIZED ("
-            " SELECT r.rid, r.resource_type, r.last_updated FROM resource r WHERE r.rid IN ("
-            f"  SELECT k.rid FROM search_reference k JOIN {pairs}"
-            "   ON c.resource_type = k.resource_type AND c.param = k.param"
-            f"  WHERE k.target_id = {patient} AND k.target_type = 'Patient'"
-            "  UNION ALL SELECT p.rid FROM resource p"
-            f"  WHERE p.resource_type = 'Patient' AND p.fhir_id = {patient})"
-            f" AND {record_limits}),"
+            f"WITH record AS MATERIALIZED ({record}),"
             " included AS MATERIALIZED ("
-            " SELECT t.rid, t.resource_type, t.last_updated FROM (SELECT DISTINCT i.target_type, i.target_id"
+            " SELECT t.rid, t.resource_type, t.last_updated FROM ("
+            "  SELECT DISTINCT i.target_type, i.target_id"
             "  FROM search_reference i WHERE i.rid IN (SELECT rid FROM record)"
             f"  AND i.target_type = ANY({outside})) d"
             " JOIN resource t ON t.resource_type = d.target_type AND t.fhir_id = d.target_id"
@@ -312,7 +333,8 @@ class EverythingQuery:
             "  UNION ALL SELECT rid, resource_type, last_updated, FALSE FROM included) e"
             f"{where})"
             # The page is cut before the bodies are read: only its rows are fetched.
-            " SELECT f.record, f.total, r.rid, r.resource_type, r.fhir_id, r.version_id, r.body FROM ("
+            " SELECT f.record, f.total, r.rid, r.resource_type, r.fhir_id, r.version_id, r.body"
+            " FROM ("
             f" SELECT e.rid, e.record, e.total FROM entries e WHERE TRUE{after}"
             f" ORDER BY e.rid LIMIT {request.count + 1}) f"
             " JOIN resource r ON r.rid = f.rid ORDER BY f.rid"
