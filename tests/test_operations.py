@@ -99,11 +99,13 @@ async def test_meta_at_the_three_levels(client: httpx.AsyncClient) -> None:
     assert {t["code"] for t in _meta(await client.get("/fhir/Patient/$meta"))["tag"]} == {"vip"}
 
 
-async def test_everything_is_an_operation_not_a_compartment_search(client: httpx.AsyncClient) -> None:
+async def test_an_operation_path_is_not_a_compartment_search(client: httpx.AsyncClient) -> None:
     await _two_patients(client)
-    issues = _outcome(await client.get("/fhir/Patient/p1/$everything"), 404, "not-supported")
-    assert "unknown operation $everything" in issues[0]["diagnostics"]
-    _outcome(await client.get("/fhir/$everything"), 404, "not-supported")
+    issues = _outcome(await client.get("/fhir/Patient/p1/$lastn"), 404, "not-supported")
+    assert "unknown operation $lastn" in issues[0]["diagnostics"]
+    # $everything is offered on Patient only (tests/test_everything.py), not at the system level.
+    issues = _outcome(await client.get("/fhir/$everything"), 404, "not-supported")
+    assert "system level" in issues[0]["diagnostics"]
     _outcome(
         await client.post("/fhir/Patient/$nothing", json=_parameters(), headers=JSON), 404, "not-supported"
     )
@@ -289,7 +291,10 @@ async def test_capability_statement_lists_operations_with_resolvable_definitions
     assert rest["operation"] == [{"name": "meta", "definition": f"{FHIR}/OperationDefinition/Resource-meta"}]
     by_type = {r["type"]: r for r in rest["resource"]}
     for resource_type in SERVED_TYPES:
-        extra = {"status", "events", "get-ws-binding-token"} if resource_type == "Subscription" else set()
+        extra = {
+            "Subscription": {"status", "events", "get-ws-binding-token"},
+            "Patient": {"everything"},
+        }.get(resource_type, set())
         assert {o["name"] for o in by_type[resource_type]["operation"]} == {"meta", "validate", *extra}
     assert {i["code"] for i in by_type["OperationDefinition"]["interaction"]} == {"read", "search-type"}
     definitions = [o["definition"] for r in rest["resource"] for o in r.get("operation", [])]

@@ -238,6 +238,10 @@ class Operation:
     """OpenAPI schema of a 200 answer: ``Parameters``, a resource type or ``{type}``."""
     errors: tuple[int, ...] = (400, 404, 405)
     """Statuses of the OperationOutcomes the OpenAPI document lists for it."""
+    query_only: tuple[str, ...] = ()
+    """Query-string parameters the server writes into its own links (a paging ``_cursor``):
+    accepted in the URL and handed to the handler, but not parameters of the OperationDefinition
+    (search.html#paging: the server chooses how its next links carry their state)."""
 
     def __post_init__(self) -> None:
         if not self.levels or set(self.levels) - set(LEVELS):
@@ -341,6 +345,9 @@ def parse_parameters(
     values: list[ParameterValue] = []
     for name, raw in query:
         if name in QUERY_ONLY:
+            continue
+        if name in operation.query_only:
+            values.append(ParameterValue(name, raw))
             continue
         parameter = _declared(operation, declared, name)
         if parameter.kind != "primitive":

@@ -98,8 +98,8 @@ async def run_search(
     if page.total is not None:
         head["total"] = page.total
     head["link"] = links
-    entries = [_entry(repo.fhir_base, found, "match", request) for found in page.matches]
-    entries.extend(_entry(repo.fhir_base, found, "include", None) for found in page.included)
+    entries = [bundle_entry(repo.fhir_base, found, "match", request) for found in page.matches]
+    entries.extend(bundle_entry(repo.fhir_base, found, "include", None) for found in page.included)
     if request.issues:
         outcome = json.dumps(operation_outcome(request.issues), separators=(",", ":"))
         entries.append('{"resource":' + outcome + ',"search":{"mode":"outcome"}}')
@@ -109,7 +109,9 @@ async def run_search(
     return rendered[:-1] + ',"entry":[' + ",".join(entries) + "]}"
 
 
-def _entry(base: str, found: Found, mode: str, request: SearchRequest | None) -> str:
+def bundle_entry(base: str, found: Found, mode: str, request: SearchRequest | None) -> str:
+    """One searchset entry (bundle.html#searchset): fullUrl, the resource (subsetted when the
+    search asks), search.mode."""
     body = found.body
     if request is not None and (request.elements or request.summary in ("true", "text", "data")):
         body = subset(body, found.resource_type, summary=request.summary, elements=request.elements)

@@ -32,6 +32,7 @@ from app.fhir.errors import (
     UnsupportedMediaType,
     operation_outcome,
 )
+from app.fhir.everything import EVERYTHING
 from app.fhir.operations import Level, Operation, OperationParameters, OperationRegistry, parse_parameters
 from app.fhir.params import parse_count, parse_etag, parse_instant, parse_version_id
 from app.fhir.repository import IMMUTABLE_TYPES, version_headers
@@ -293,7 +294,7 @@ async def compartment_search(ctx: FhirContext, resource_type: str) -> Response:
 # -- operations (R4 operations.html) ------------------------------------------------------------
 
 OPERATIONS = OperationRegistry(
-    (VALIDATE, META, SUBSCRIPTION_STATUS, SUBSCRIPTION_EVENTS, SUBSCRIPTION_WS_BINDING_TOKEN)
+    (VALIDATE, META, SUBSCRIPTION_STATUS, SUBSCRIPTION_EVENTS, SUBSCRIPTION_WS_BINDING_TOKEN, EVERYTHING)
 )
 """Every ``$operation`` the server offers; routes, OperationDefinitions, the CapabilityStatement
 and the OpenAPI document all come from it. Register a new operation here."""
@@ -374,6 +375,9 @@ def _operation_doc(
             if parameter.codes:
                 doc["schema"] = {"type": "string", "enum": list(parameter.codes)}
             parameters.append(doc)
+    if method == "GET":
+        for name in operation.query_only:
+            parameters.append(_query_doc(name, "Paging state from a next link (opaque; do not build it)"))
     if method == "POST":
         extra["requestBody"] = _operation_body_doc(operation, resource_type)
     return extra
