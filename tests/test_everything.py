@@ -282,22 +282,23 @@ async def test_type_limits_every_entry(client: httpx.AsyncClient, record: None) 
     assert typed_ids(only_directory, "include") == ["Practitioner/dr1"]
 
 
-async def test_audit_events_only_when_asked_for(
+async def test_audit_events_are_not_part_of_the_record(
     app: FastAPI, client: httpx.AsyncClient, record: None
 ) -> None:
-    """Every read of p1 writes an AuditEvent into p1's compartment (the server's access log): part
-    of the result only when _type names AuditEvent, and only for a token with AuditEvent scopes."""
+    """Every read of p1 leaves an AuditEvent naming p1 (the server's access log, in the audit store
+    of its own): $everything returns the record without them, even when _type names AuditEvent;
+    AuditEvent?patient= is where they are read."""
     await client.get("/fhir/Patient/p1")
     auditor = await bearer(app, "system/*.rs system/AuditEvent.rs", client_id="auditor")
 
-    async def logged() -> list[str]:
-        bundle = await _everything(client, [("_type", "AuditEvent")], headers=auditor)
-        return typed_ids(bundle, "match")
+    async def logged() -> list[dict[str, Any]]:
+        await app.state.audit.flush()
+        found = await client.get("/fhir/AuditEvent", params={"patient": "p1"}, headers=auditor)
+        return list(found.json().get("entry", []))
 
     assert await wait_until(logged, "the AuditEvent of the read of Patient/p1")
     assert set(typed_ids(await _everything(client, headers=auditor), "match")) == RECORD
-    # system/*: every type but the access log (app/auth/scopes.py).
-    assert typed_ids(await _everything(client, [("_type", "AuditEvent")]), "match") == []
+    assert typed_ids(await _everything(client, [("_type", "AuditEvent")], headers=auditor), "match") == []
 
 
 # -- paging -------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ Parameters (the OperationDefinition's):
   resources that point to them.
 - ``_since`` (instant): only resources whose last change is at or after it (all entries).
 - ``_type`` (code, comma lists, repeatable): only these resource types (all entries). AuditEvents
-  (the server's access log, which grows with every read, this one included) are part of the
-  result only when ``_type`` names AuditEvent.
+  are never part of the result: they are the server's access log (every read adds one, this
+  operation's own included), kept in the audit store of app/audit, not among the record's
+  resources; ``AuditEvent?patient=ID`` reads them.
 - ``_count``: entries per page (default :data:`DEFAULT_COUNT`, at most :data:`MAX_COUNT`).
 
 Paging is keyset paging over the resource row id (search.html#paging): the ``next`` link carries
@@ -64,7 +65,6 @@ MAX_COUNT = 1000
 
 CARE_DATES: dict[str, str] = {
     "Appointment": "date",  # Appointment.start
-    "AuditEvent": "date",  # AuditEvent.recorded
     "Basic": "created",  # Basic.created
     "CarePlan": "date",  # CarePlan.period
     "CareTeam": "date",  # CareTeam.period
@@ -87,7 +87,7 @@ the generated table) whose values ``start``/``end`` are compared with. The Opera
 RelatedPerson, Group) have none: their resources are always kept. Also in README.md."""
 
 ACCESS_LOG = "AuditEvent"
-"""Part of the result only when ``_type`` asks for it (module docstring)."""
+"""Never part of the result (module docstring)."""
 
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 
@@ -130,14 +130,12 @@ class EverythingRequest:
         return hashlib.sha256(f"Patient/{self.patient_id or ''}/$everything?{text}".encode()).hexdigest()[:16]
 
     def returns(self, resource_type: str) -> bool:
-        if self.types is None:
-            return resource_type != ACCESS_LOG
-        return resource_type in self.types
+        return resource_type != ACCESS_LOG and (self.types is None or resource_type in self.types)
 
     @property
     def record_types(self) -> tuple[str, ...]:
         """The compartment types whose resources make up the record (and point to the includes)."""
-        return tuple(t for t in compartment_types() if t != ACCESS_LOG or self.returns(t))
+        return tuple(t for t in compartment_types() if t != ACCESS_LOG)
 
 
 def _date(parameters: OperationParameters, name: str, edge: int) -> datetime | None:
@@ -500,7 +498,7 @@ EVERYTHING = Operation(
             "code",
             max="*",
             documentation=(
-                "Only these resource types (comma-separated, repeatable); AuditEvents only when named."
+                "Only these resource types (comma-separated, repeatable); never AuditEvents (audit store)."
             ),
         ),
         OperationParameter(
