@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import db
 from app.auth.audit import AuditTrail
+from app.auth.authorize import AuthorizationEndpoint
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
 from app.background import background_tasks
@@ -96,12 +97,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.http = outbound_client(settings)
         try:
             app.state.tokens = await build_token_service(settings, app.state.pool, app.state.http)
-            app.state.oauth = AuthorizationServer(
-                settings=settings, pool=app.state.pool, tokens=app.state.tokens
-            )
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
             app.state.audit = AuditTrail(
                 app.state.pool, app.state.repositories, enabled=settings.audit_enabled
+            )
+            app.state.oauth = AuthorizationServer(
+                settings=settings, pool=app.state.pool, tokens=app.state.tokens, audit=app.state.audit
+            )
+            # SMART App Launch: the authorization endpoint and its sign-in pages.
+            app.state.authorize = AuthorizationEndpoint(
+                settings=settings, pool=app.state.pool, audit=app.state.audit
             )
             # The websocket channel's LISTEN connection, opened at the first binding.
             app.state.ws_hub = SocketHub(app.state.pool, settings, app.state.repositories)

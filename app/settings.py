@@ -104,6 +104,25 @@ class Settings(BaseSettings):
         default=10, ge=1, description="Failed /auth requests per client or address before 429"
     )
     auth_failure_window: int = Field(default=60, ge=1, description="Window of auth_failure_limit, seconds")
+    login_failure_limit: int = Field(
+        default=5,
+        ge=1,
+        description="Failed sign-ins at /auth/authorize per username, and per source address, within"
+        " login_failure_window before sign-in is refused (counted in the database: all processes)",
+    )
+    login_failure_window: int = Field(
+        default=900, ge=1, description="Window of login_failure_limit, seconds"
+    )
+    refresh_token_ttl: int = Field(
+        default=30 * 86400,
+        ge=60,
+        description="Lifetime of an offline_access refresh token, seconds (each refresh issues a new one)",
+    )
+    online_refresh_token_ttl: int = Field(
+        default=12 * 3600,
+        ge=60,
+        description="Lifetime of an online_access refresh token, seconds (each refresh issues a new one)",
+    )
     organization: str | None = Field(
         default=None,
         description="Organization/ID of the case-management organisation running this server: the role"
