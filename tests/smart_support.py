@@ -155,15 +155,16 @@ def form_with(reader: FormReader, field_name: str) -> Form:
 
 async def sign_in(
     http: httpx.AsyncClient,
-    query: dict[str, str],
+    query: dict[str, str] | str,
     *,
     username: str,
     password: str,
     patient: str | None = None,
     decision: str = "approve",
 ) -> httpx.Response:
-    """Follow the pages from the authorization request to the redirect (not followed)."""
-    page = await http.get("/auth/authorize", params=query)
+    """Follow the pages from the authorization request (its parameters, or its whole URL) to the
+    redirect (not followed)."""
+    page = await (http.get(query) if isinstance(query, str) else http.get("/auth/authorize", params=query))
     assert page.status_code == 200, page.text
     login = form_with(read_page(page.text), "password")
     page = await post_form(http, str(page.url), login, username=username, password=password)
