@@ -17,6 +17,7 @@ from app.auth.audit import AuditTrail
 from app.auth.authorize import AuthorizationEndpoint
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
+from app.auth.upstream import UpstreamProvider
 from app.background import background_tasks
 from app.cancellation import CancelOnDisconnect
 from app.fhir.capability import SOFTWARE_VERSION
@@ -106,7 +107,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             # SMART App Launch: the authorization endpoint and its sign-in pages.
             app.state.authorize = AuthorizationEndpoint(
-                settings=settings, pool=app.state.pool, audit=app.state.audit
+                settings=settings,
+                pool=app.state.pool,
+                audit=app.state.audit,
+                # Optional: people sign in at a trusted OpenID Connect provider (CARECOORD_OIDC_*).
+                upstream=UpstreamProvider.from_settings(settings, app.state.http, app.state.tokens.jwks),
             )
             # The websocket channel's LISTEN connection, opened at the first binding.
             app.state.ws_hub = SocketHub(app.state.pool, settings, app.state.repositories)

@@ -118,6 +118,27 @@ class Settings(BaseSettings):
         ge=60,
         description="Lifetime of an offline_access refresh token, seconds (each refresh issues a new one)",
     )
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="Issuer URL of a trusted upstream OpenID Connect provider people may sign in with at"
+        " /auth/authorize instead of a password (its discovery document is {issuer}/.well-known/"
+        "openid-configuration); unset: password sign-in only",
+    )
+    oidc_client_id: str | None = Field(
+        default=None, description="carecoord's client id at the upstream provider"
+    )
+    oidc_client_secret: str | None = Field(
+        default=None, description="carecoord's client secret at the upstream provider (client_secret_basic)"
+    )
+    oidc_user_claim: str = Field(
+        default="fhirUser",
+        description="id_token claim naming the person's FHIR resource (Practitioner/ID, Patient/ID or"
+        " RelatedPerson/ID, or an absolute URL ending so)",
+    )
+    oidc_scope: str = Field(default="openid", description="Scopes asked of the upstream provider")
+    oidc_display_name: str = Field(
+        default="your organisation's sign-in", description="Shown on the button: 'Sign in with ...'"
+    )
     online_refresh_token_ttl: int = Field(
         default=12 * 3600,
         ge=60,

@@ -43,6 +43,7 @@ from app.auth.clients import Client, get_client
 from app.auth.grants import narrow_scopes
 from app.auth.pages import FlowFields, consent_page, error_page, login_page, patient_page
 from app.auth.scopes import looks_like_resource_scope, parse_resource_scope, parse_scope
+from app.auth.upstream import UpstreamError, UpstreamProvider, UpstreamRequest, upstream_user
 from app.auth.users import LoginLimiter, User, caseload, check_password, find_user, get_user
 from app.settings import Settings
 
@@ -57,6 +58,10 @@ LAUNCH_SCOPES = frozenset({"openid", "fhirUser", "launch/patient", "offline_acce
 """The non-resource scopes of the standalone launch this server grants (``launch``, the EHR
 launch, and ``launch/encounter`` are not supported and are never granted)."""
 COOKIE_PREFIX = "cc_flow_"
+_FLOW_COLUMNS = (
+    "flow_id, browser_hash, csrf_token, client_id, redirect_uri, scope, state, nonce, code_challenge, step,"
+    " user_id, patient, upstream"
+)
 COOKIE_PATH = "/auth/authorize"
 
 
@@ -106,6 +111,7 @@ class Flow:
     step: str
     user_id: str | None
     patient: str | None
+    upstream: str | None = None
 
     @property
     def fields(self) -> FlowFields:
@@ -176,8 +182,16 @@ class AuthorizeError(Exception):
 class AuthorizationEndpoint:
     """/auth/authorize and its pages; one per process (app.state.authorize)."""
 
-    def __init__(self, *, settings: Settings, pool: asyncpg.Pool, audit: AuditTrail) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        audit: AuditTrail,
+        upstream: UpstreamProvider | None = None,
+    ) -> None:
         self.settings = settings
+        self.upstream = upstream
         self.pool = pool
         self.audit = audit
         self.fhir_base = settings.fhir_base
@@ -247,7 +261,7 @@ class AuthorizationEndpoint:
                 FLOW_LIFETIME,
             )
             await conn.execute("DELETE FROM auth_flow WHERE expires_at < now()")
-        page = self._login(flow, client)
+        page = await self._login(flow, client)
         page.cookies[COOKIE_PREFIX + flow_id] = (browser_secret, int(FLOW_LIFETIME.total_seconds()))
         return page
 
@@ -291,11 +305,18 @@ class AuthorizationEndpoint:
     def _bad_request(self, message: str) -> Page:
         return Page(error_page("This sign-in link does not work", message + " Go back to the app."), 400)
 
-    def _login(
+    async def _login(
         self, flow: Flow, client: Client, *, error: str | None = None, username: str = "", status: int = 200
     ) -> Page:
-        html = login_page(flow.fields, client_name=client.name, error=error, username=username)
-        return Page(html, status, form_target=form_target(flow.redirect_uri))
+        upstream_name = self.upstream.display_name if self.upstream is not None else None
+        html = login_page(
+            flow.fields, client_name=client.name, error=error, username=username, upstream_name=upstream_name
+        )
+        targets = form_target(flow.redirect_uri)
+        if self.upstream is not None:
+            origin = await self.upstream.origin()
+            targets += f" {origin}" if origin else ""
+        return Page(html, status, form_target=targets)
 
     async def _load(self, form: Mapping[str, str], cookies: Mapping[str, str]) -> Flow | Page:
         """The flow a form belongs to, after the CSRF checks; a 403 page when they fail."""
@@ -303,9 +324,7 @@ class AuthorizationEndpoint:
         token = form.get("csrf_token", "")
         row = (
             await self.pool.fetchrow(
-                "SELECT flow_id, browser_hash, csrf_token, client_id, redirect_uri, scope, state, nonce,"
-                " code_challenge, step, user_id, patient FROM auth_flow"
-                " WHERE flow_id = $1 AND expires_at > now()",
+                f"SELECT {_FLOW_COLUMNS} FROM auth_flow WHERE flow_id = $1 AND expires_at > now()",  # noqa: S608
                 flow_id,
             )
             if 0 < len(flow_id) <= 64
@@ -344,13 +363,15 @@ class AuthorizationEndpoint:
         username = form.get("username", "")[:128]
         password = form.get("password", "")
         if not username or not password:
-            return self._login(flow, client, error="Enter your username and password.", username=username)
+            return await self._login(
+                flow, client, error="Enter your username and password.", username=username
+            )
         keys = self.limiter.keys(username, address)
         wait = await self.limiter.retry_after(keys)
         if wait is not None:
             await self._audit("login", "4", None, client.client_id, address, "too many failed sign-ins")
             minutes = max(1, round(wait / 60))
-            return self._login(
+            return await self._login(
                 flow,
                 client,
                 error=f"Too many failed sign-ins. Try again in about {minutes} minute{'s' * (minutes != 1)}.",
@@ -368,12 +389,16 @@ class AuthorizationEndpoint:
                 address,
                 "wrong username or password",
             )
-            return self._login(
+            return await self._login(
                 flow, client, error="The username or password is not right.", username=username, status=401
             )
         assert user is not None
         await self.limiter.forgive(attempt)
         await self._audit("login", "0", user, client.client_id, address, None)
+        return await self._signed_in(flow, client, user)
+
+    async def _signed_in(self, flow: Flow, client: Client, user: User) -> Page:
+        """After a sign-in (password or upstream): the patient picker or the consent page."""
         patient: str | None = None
         step = "consent"
         if user.kind == "Patient":
@@ -383,7 +408,8 @@ class AuthorizationEndpoint:
         # The flow now belongs to this user; a fresh CSRF token for the pages after sign-in.
         csrf = secrets.token_urlsafe(32)
         await self.pool.execute(
-            "UPDATE auth_flow SET step = $2, user_id = $3, patient = $4, csrf_token = $5 WHERE flow_id = $1",
+            "UPDATE auth_flow SET step = $2, user_id = $3, patient = $4, csrf_token = $5, upstream = NULL"
+            " WHERE flow_id = $1",
             flow.flow_id,
             step,
             user.user_id,
@@ -391,11 +417,87 @@ class AuthorizationEndpoint:
             csrf,
         )
         flow = Flow(
-            **{**flow.__dict__, "step": step, "user_id": user.user_id, "patient": patient, "csrf_token": csrf}
+            **{
+                **flow.__dict__,
+                "step": step,
+                "user_id": user.user_id,
+                "patient": patient,
+                "csrf_token": csrf,
+                "upstream": None,
+            }
         )
         if step == "patient":
             return await self._patient_page(flow, client, user)
         return self._consent_page(flow, client, user)
+
+    # --- step 1b: sign-in at the upstream OpenID Connect provider ---------------------------------
+
+    async def upstream_start(self, form: Mapping[str, str], cookies: Mapping[str, str]) -> Answer:
+        flow = await self._load(form, cookies)
+        if isinstance(flow, Page):
+            return flow
+        client = await self._client(flow)
+        if client is None or flow.step != "login" or self.upstream is None:
+            return await self._gone(flow)
+        try:
+            url, request = await self.upstream.authorization_url(flow.flow_id)
+        except UpstreamError as exc:
+            return await self._login(
+                flow, client, error=f"{exc}. Sign in with your password instead.", status=502
+            )
+        await self.pool.execute(
+            "UPDATE auth_flow SET upstream = $2 WHERE flow_id = $1", flow.flow_id, request.dumps()
+        )
+        return Redirect(url)
+
+    async def upstream_callback(
+        self, params: Mapping[str, str], cookies: Mapping[str, str], address: str | None
+    ) -> Answer:
+        """The provider sends the person back (OpenID Connect Core §3.1.2.5): ``state`` names the
+        flow and must be the one stored with it, from the browser that started it."""
+        state = params.get("state", "")
+        flow_id = state.split(".", 1)[0]
+        row = (
+            await self.pool.fetchrow(
+                f"SELECT {_FLOW_COLUMNS} FROM auth_flow WHERE flow_id = $1 AND expires_at > now()",  # noqa: S608
+                flow_id,
+            )
+            if 0 < len(flow_id) <= 64
+            else None
+        )
+        browser_secret = cookies.get(COOKIE_PREFIX + flow_id, "")
+        request = UpstreamRequest.loads(row["upstream"]) if row is not None and row["upstream"] else None
+        if (
+            row is None
+            or request is None
+            or self.upstream is None
+            or not hmac.compare_digest(state.encode(), request.state.encode())
+            or not hmac.compare_digest(code_hash(browser_secret).encode(), row["browser_hash"].encode())
+        ):
+            logger.info("upstream sign-in refused: unknown state or another browser")
+            return Page(error_page("This sign-in has expired", "Go back to the app and start again."), 403)
+        flow = Flow(**dict(row))
+        client = await self._client(flow)
+        if client is None or flow.step != "login":
+            return await self._gone(flow)
+        await self.pool.execute("UPDATE auth_flow SET upstream = NULL WHERE flow_id = $1", flow.flow_id)
+        code = params.get("code")
+        if not code:
+            return await self._login(
+                flow, client, error="The sign-in provider did not sign you in.", status=401
+            )
+        try:
+            subject, fhir_user = await self.upstream.finish(code, request)
+        except UpstreamError as exc:
+            logger.info("upstream sign-in failed: %s", exc)
+            await self._audit("login", "4", None, client.client_id, address, f"upstream: {exc}")
+            return await self._login(flow, client, error=f"Sign-in failed: {exc}.", status=401)
+        user = await upstream_user(self.pool, subject, fhir_user)
+        if user.disabled:
+            await self._audit("login", "4", None, client.client_id, address, "upstream: user disabled")
+            return await self._login(flow, client, error="This account may not sign in.", status=401)
+        await self._audit("login", "0", user, client.client_id, address, "upstream OpenID Connect")
+        return await self._signed_in(flow, client, user)
 
     # --- step 2: the patient picker ----------------------------------------------------------
 

@@ -74,7 +74,14 @@ def _alert(message: str | None) -> str:
     return f'<div class="alert" role="alert" id="form-error">{escape(message)}</div>'
 
 
-def login_page(fields: FlowFields, *, client_name: str, error: str | None = None, username: str = "") -> str:
+def login_page(
+    fields: FlowFields,
+    *,
+    client_name: str,
+    error: str | None = None,
+    username: str = "",
+    upstream_name: str | None = None,
+) -> str:
     described = ' aria-describedby="form-error"' if error else ""
     invalid = ' aria-invalid="true"' if error else ""
     body = (
@@ -92,6 +99,13 @@ def login_page(fields: FlowFields, *, client_name: str, error: str | None = None
         '<button type="submit">Sign in</button>'
         "</form>"
     )
+    if upstream_name:
+        body += (
+            '<form method="post" action="/auth/authorize/upstream">'
+            f"{fields.html()}"
+            f'<button type="submit" class="secondary">Sign in with {escape(upstream_name)}</button>'
+            "</form>"
+        )
     return _page("Sign in", body)
 
 

@@ -134,6 +134,11 @@ class AuthFlowRow(SQLModel, table=True):
     step: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     user_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     patient: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    upstream: str | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.Text, nullable=True),
+        description="JSON: state, nonce and PKCE verifier of a sign-in at the upstream OpenID provider",
+    )
     expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
 
 

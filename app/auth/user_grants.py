@@ -109,7 +109,9 @@ class UserGrants:
                     await self._revoke_family(conn, family)
                     logger.warning("authorization code reused: its refresh tokens are revoked")
                 raise GrantError("invalid_grant", "the code is invalid, expired or already used")
+            # Spent rows go as codes are redeemed (a day later: reuse is still recognised meanwhile).
             await conn.execute("DELETE FROM auth_code WHERE expires_at < now() - interval '1 day'")
+            await conn.execute("DELETE FROM auth_refresh_token WHERE expires_at < now() - interval '1 day'")
         if not row["fresh"]:
             raise GrantError("invalid_grant", "the code is invalid, expired or already used")
         if row["client_id"] != client.client_id:

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from app.auth.authorize import COOKIE_PATH, Answer, AuthorizationEndpoint, Page
 from app.auth.pages import STYLESHEET, STYLESHEET_PATH, error_page
 from app.auth.server import FORM_CONTENT_TYPE, AuthorizationServer, OAuthError, OAuthRequest, parse_form
+from app.auth.upstream import CALLBACK_PATH
 from app.fhir.params import declared_length
 
 router = APIRouter(tags=["auth"])
@@ -324,6 +325,25 @@ async def authorize_consent(request: Request) -> Response:
     endpoint: AuthorizationEndpoint = request.app.state.authorize
     answer = await endpoint.consent(form, request.cookies, _address(request))
     return _answer(answer, request, after_post=True)
+
+
+@router.post("/auth/authorize/upstream", include_in_schema=False)
+async def authorize_upstream(request: Request) -> Response:
+    """Sign in at the upstream OpenID Connect provider instead (CARECOORD_OIDC_ISSUER)."""
+    try:
+        form = await _form(request)
+    except OAuthError as exc:
+        return _bad_form(exc)
+    endpoint: AuthorizationEndpoint = request.app.state.authorize
+    return _answer(await endpoint.upstream_start(form, request.cookies), request, after_post=True)
+
+
+@router.get(CALLBACK_PATH, include_in_schema=False)
+async def authorize_upstream_callback(request: Request) -> Response:
+    endpoint: AuthorizationEndpoint = request.app.state.authorize
+    params = {name: value for name, value in request.query_params.items() if len(value) <= 4096}
+    answer = await endpoint.upstream_callback(params, request.cookies, _address(request))
+    return _answer(answer, request, after_post=False)
 
 
 @router.get(STYLESHEET_PATH, include_in_schema=False)

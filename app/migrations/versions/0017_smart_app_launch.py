@@ -71,6 +71,7 @@ def upgrade() -> None:
         sa.Column("step", sa.Text(), nullable=False),
         sa.Column("user_id", sa.Text(), nullable=True),
         sa.Column("patient", sa.Text(), nullable=True),
+        sa.Column("upstream", sa.Text(), nullable=True),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("flow_id", name="pk_auth_flow"),
     )
