@@ -444,6 +444,7 @@ async def test_bad_requests_redirect_with_error_and_state(
         {"redirect_uri": "REPLACED/callback/"},
         {"client_id": "no-such-client"},
         {"client_id": ""},
+        {"client_id": "nul\x00byte"},
     ],
 )
 async def test_bad_client_or_redirect_uri_is_shown_never_redirected(
@@ -711,3 +712,33 @@ def test_login_limit_is_shared_by_two_server_processes(database_url: str, tmp_pa
             limited = attempt(base, PASSWORD)
             assert limited.status_code == 429, limited.text
             assert "Too many failed sign-ins" in limited.text
+
+
+async def test_nul_characters_are_refused_without_a_server_error(
+    browser: httpx.AsyncClient, world: dict[str, str]
+) -> None:
+    token = await browser.post(
+        "/auth/token", data={"grant_type": "authorization_code", "client_id": "a\x00b"}
+    )
+    assert token.status_code == 400 and token.json()["error"] == "invalid_request"
+    login = await browser.post("/auth/authorize/login", data={"flow": "x", "username": "a\x00b"})
+    assert login.status_code == 400
+
+
+async def test_related_person_picks_the_patient_they_are_related_to(
+    smart_app: FastAPI, browser: httpx.AsyncClient, world: dict[str, str], receiver: CodeReceiver
+) -> None:
+    s = _suffix()
+    await _put(
+        smart_app,
+        {"resourceType": "RelatedPerson", "id": f"rp-{s}", "patient": {"reference": f"Patient/{world['c']}"}},
+    )
+    await add_user(
+        smart_app.state.pool, username=f"carer-{s}", fhir_user=f"RelatedPerson/rp-{s}", password=PASSWORD
+    )
+    _, challenge = pkce_pair()
+    page = await browser.get("/auth/authorize", params=_query(world, receiver, challenge))
+    login = form_with(read_page(page.text), "password")
+    picker_page = await post_form(browser, str(page.url), login, username=f"carer-{s}", password=PASSWORD)
+    picker = form_with(read_page(picker_page.text), "patient")
+    assert {item["value"] for item in picker.inputs if item.get("name") == "patient"} == {world["c"]}

@@ -195,7 +195,6 @@ class AuthorizationEndpoint:
         self.pool = pool
         self.audit = audit
         self.fhir_base = settings.fhir_base
-        self.secure_cookies = settings.base_url.startswith("https://")
         self.limiter = LoginLimiter(
             pool, limit=settings.login_failure_limit, window=settings.login_failure_window
         )
@@ -205,6 +204,8 @@ class AuthorizationEndpoint:
     async def start(self, params: list[tuple[str, str]], address: str | None) -> Answer:
         query: dict[str, str] = {}
         for name, value in params:
+            if "\x00" in name or "\x00" in value:
+                return self._bad_request("The sign-in link is malformed.")
             if name in query:
                 if name in ("client_id", "redirect_uri"):
                     return self._bad_request("The request names its app or return address twice.")

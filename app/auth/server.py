@@ -147,6 +147,9 @@ def parse_form(content_type: str | None, body: bytes) -> dict[str, str]:
         raise OAuthError("invalid_request", "the request body cannot be parsed") from exc
     form: dict[str, str] = {}
     for name, value in pairs:
+        if "\x00" in name or "\x00" in value:
+            # PostgreSQL text cannot hold NUL: refused here, not as a database error later.
+            raise OAuthError("invalid_request", "the request body contains a NUL character")
         if name in form:
             raise OAuthError("invalid_request", f"parameter {name} given more than once")
         form[name] = value

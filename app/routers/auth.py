@@ -341,7 +341,11 @@ async def authorize_upstream(request: Request) -> Response:
 @router.get(CALLBACK_PATH, include_in_schema=False)
 async def authorize_upstream_callback(request: Request) -> Response:
     endpoint: AuthorizationEndpoint = request.app.state.authorize
-    params = {name: value for name, value in request.query_params.items() if len(value) <= 4096}
+    params = {
+        name: value
+        for name, value in request.query_params.items()
+        if len(value) <= 4096 and "\x00" not in value
+    }
     answer = await endpoint.upstream_callback(params, request.cookies, _address(request))
     return _answer(answer, request, after_post=False)
 
