@@ -1,5 +1,5 @@
-"""The ``carecoord`` console script: serve, worker, migrate, openapi, clients, keys, partners,
-referrals, subscriptions."""
+"""The ``carecoord`` console script: serve, worker, migrate, openapi, clients, users, keys,
+partners, referrals, subscriptions."""
 
 from __future__ import annotations
 
@@ -175,6 +175,8 @@ def cmd_clients_add(args: argparse.Namespace) -> int:
                 jwks=jwks,
                 jwks_url=args.jwks_url,
                 introspection=args.introspection,
+                redirect_uris=args.redirect_uri or (),
+                public=args.public,
             ),
         )
     except ClientRegistrationError as exc:
@@ -206,6 +208,8 @@ def cmd_clients_list(args: argparse.Namespace) -> int:
         )
         if client.introspection:
             extra += " introspection"
+        if client.redirect_uris:
+            extra += " redirect_uris=" + ",".join(client.redirect_uris)
         line = f"{client.client_id}  {client.name!r}  {client.auth_method}  scope={client.scopes!r} {extra}"
         print(line.rstrip())
     return 0
@@ -219,6 +223,90 @@ def cmd_clients_remove(args: argparse.Namespace) -> int:
         print(f"error: no client {args.client_id}", file=sys.stderr)
         return 1
     print(f"removed {args.client_id}")
+    return 0
+
+
+def _password_from_stdin() -> str:
+    """The password: the first line of standard input (never an argument: argv is visible to
+    every user of the machine and lands in shell histories)."""
+    line = sys.stdin.readline()
+    password = line.rstrip("\r\n")
+    if not password:
+        raise CommandError("give the password on standard input (--password-stdin)")
+    return password
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from app.auth.users import UserError, add_user
+
+    password = _password_from_stdin()
+    settings = _settings_with_database(get_settings(), args)
+    try:
+        user = _with_connection(
+            settings,
+            lambda conn: add_user(conn, username=args.username, fhir_user=args.fhir_user, password=password),
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(user.summary()))
+    else:
+        print(f"added {user.username} ({user.fhir_user})")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    from app.auth.users import list_users
+
+    settings = _settings_with_database(get_settings(), args)
+    users = _with_connection(settings, list_users)
+    if args.json:
+        print(json.dumps([user.summary() for user in users]))
+        return 0
+    for user in users:
+        print(f"{user.username}  {user.fhir_user}{'  disabled' if user.disabled else ''}")
+    return 0
+
+
+def cmd_users_disable(args: argparse.Namespace) -> int:
+    from app.auth.users import set_disabled
+
+    settings = _settings_with_database(get_settings(), args)
+    if not _with_connection(
+        settings, lambda conn: set_disabled(conn, args.username, disabled=not args.enable)
+    ):
+        print(f"error: no user {args.username}", file=sys.stderr)
+        return 1
+    print(f"{'enabled' if args.enable else 'disabled'} {args.username}")
+    return 0
+
+
+def cmd_users_remove(args: argparse.Namespace) -> int:
+    from app.auth.users import remove_user
+
+    settings = _settings_with_database(get_settings(), args)
+    if not _with_connection(settings, lambda conn: remove_user(conn, args.username)):
+        print(f"error: no user {args.username}", file=sys.stderr)
+        return 1
+    print(f"removed {args.username}")
+    return 0
+
+
+def cmd_users_set_password(args: argparse.Namespace) -> int:
+    from app.auth.users import UserError, set_password
+
+    password = _password_from_stdin()
+    settings = _settings_with_database(get_settings(), args)
+    try:
+        found = _with_connection(settings, lambda conn: set_password(conn, args.username, password))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"error: no user {args.username}", file=sys.stderr)
+        return 1
+    print(f"password changed for {args.username}; their refresh tokens are revoked")
     return 0
 
 
@@ -374,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="may introspect tokens issued to other clients (POST /auth/introspect, RFC 7662); without"
         ' it a client learns only about its own tokens, others are {"active": false}',
     )
+    add.add_argument(
+        "--redirect-uri",
+        action="append",
+        metavar="URI",
+        help="an app client's redirect URI for the authorization code flow (SMART App Launch; repeat for"
+        " more; matched exactly): https, http on loopback, or a private-use scheme (org.example.app:/cb)",
+    )
+    add.add_argument(
+        "--public",
+        action="store_true",
+        help="a public app client (mobile or browser app): no secret, PKCE S256 required;"
+        " needs --redirect-uri",
+    )
     add.add_argument("--json", action="store_true", help='print {"client_id": ..., "client_secret": ...}')
     add.set_defaults(func=cmd_clients_add)
     listing = client_commands.add_parser("list", help="list registered clients (no secrets)")
@@ -384,6 +485,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remove.add_argument("client_id")
     remove.set_defaults(func=cmd_clients_remove)
+
+    users = commands.add_parser("users", help="people who sign in to apps (SMART App Launch)")
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    user_add = user_commands.add_parser(
+        "add", help="add a user: the FHIR resource they are, and a password read from standard input"
+    )
+    user_add.add_argument("--username", required=True)
+    user_add.add_argument(
+        "--fhir-user", required=True, help="Practitioner/ID, Patient/ID or RelatedPerson/ID"
+    )
+    user_add.add_argument(
+        "--password-stdin", action="store_true", required=True, help="read the password from standard input"
+    )
+    user_add.add_argument("--json", action="store_true")
+    user_add.set_defaults(func=cmd_users_add)
+    user_list = user_commands.add_parser("list", help="list users (no password hashes)")
+    user_list.add_argument("--json", action="store_true")
+    user_list.set_defaults(func=cmd_users_list)
+    user_disable = user_commands.add_parser(
+        "disable", help="stop a user signing in; their refresh tokens are revoked"
+    )
+    user_disable.add_argument("username")
+    user_disable.add_argument("--enable", action="store_true", help="enable the user again instead")
+    user_disable.set_defaults(func=cmd_users_disable)
+    user_remove = user_commands.add_parser("remove", help="remove a user and revoke their refresh tokens")
+    user_remove.add_argument("username")
+    user_remove.set_defaults(func=cmd_users_remove)
+    user_password = user_commands.add_parser(
+        "set-password", help="set a new password (standard input); revokes the user's refresh tokens"
+    )
+    user_password.add_argument("username")
+    user_password.add_argument("--password-stdin", action="store_true", required=True)
+    user_password.set_defaults(func=cmd_users_set_password)
 
     keys = commands.add_parser("keys", help="access-token signing keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)

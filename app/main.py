@@ -15,8 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import db
 from app.audit.store import ensure_partitions
 from app.auth.audit import AuditTrail
+from app.auth.authorize import AuthorizationEndpoint
 from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
+from app.auth.upstream import UpstreamProvider
 from app.background import background_tasks
 from app.cancellation import CancelOnDisconnect
 from app.fhir.capability import SOFTWARE_VERSION
@@ -97,9 +99,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.http = outbound_client(settings)
         try:
             app.state.tokens = await build_token_service(settings, app.state.pool, app.state.http)
-            app.state.oauth = AuthorizationServer(
-                settings=settings, pool=app.state.pool, tokens=app.state.tokens
-            )
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
             app.state.audit = AuditTrail(
                 app.state.pool,
@@ -112,6 +111,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # (the maintenance job keeps creating them ahead, app/audit/jobs.py).
             async with app.state.pool.acquire() as connection:
                 await ensure_partitions(connection)
+            app.state.oauth = AuthorizationServer(
+                settings=settings, pool=app.state.pool, tokens=app.state.tokens, audit=app.state.audit
+            )
+            # SMART App Launch: the authorization endpoint and its sign-in pages.
+            app.state.authorize = AuthorizationEndpoint(
+                settings=settings,
+                pool=app.state.pool,
+                audit=app.state.audit,
+                # Optional: people sign in at a trusted OpenID Connect provider (CARECOORD_OIDC_*).
+                upstream=UpstreamProvider.from_settings(settings, app.state.http, app.state.tokens.jwks),
+            )
             # The websocket channel's LISTEN connection, opened at the first binding.
             app.state.ws_hub = SocketHub(app.state.pool, settings, app.state.repositories)
             app.state.audit.start()

@@ -46,14 +46,33 @@ OPEN_PATHS = (
 
 
 def _document_security(document: dict[str, Any]) -> None:
-    """OAuth2 client credentials (SMART Backend Services) on every FHIR interaction, and the
+    """OAuth2 authorization code (SMART App Launch) and client credentials (SMART Backend
+    Services) on every FHIR interaction, and the
     401/403 OperationOutcomes they can answer (issue 4)."""
     document["components"]["securitySchemes"] = {
         "smart": {
             "type": "oauth2",
-            "description": "SMART Backend Services: client_credentials with private_key_jwt or a client "
-            "secret; scopes are SMART 2.x (system|user|patient)/(Type|*).cruds",
+            "description": "SMART on FHIR. Apps that sign a person in: the authorization code flow with"
+            " PKCE S256 (SMART App Launch standalone launch; public clients send client_id only); send"
+            " aud={FHIR base} on the authorization request. Backend services: client_credentials with"
+            " private_key_jwt or a client secret. Scopes are SMART 2.x (system|user|patient)/(Type|*).cruds",
             "flows": {
+                "authorizationCode": {
+                    "authorizationUrl": "/auth/authorize",
+                    "tokenUrl": "/auth/token",
+                    "refreshUrl": "/auth/token",
+                    "scopes": {
+                        "openid": "an id_token for the signed-in person",
+                        "fhirUser": "the person's FHIR resource in the id_token (fhirUser)",
+                        "launch/patient": "choose a patient at sign-in (the token's patient context)",
+                        "offline_access": "a refresh token that outlives the app session",
+                        "online_access": "a refresh token for the app session",
+                        "patient/*.rs": "read and search the chosen patient's records",
+                        "patient/*.cruds": "read and write the chosen patient's records",
+                        "user/*.rs": "read and search what the signed-in person may see",
+                        "user/*.cruds": "read and write what the signed-in person may see",
+                    },
+                },
                 "clientCredentials": {
                     "tokenUrl": "/auth/token",
                     "scopes": {
@@ -61,7 +80,7 @@ def _document_security(document: dict[str, Any]) -> None:
                         "system/*.rs": "read and search every type",
                         "patient/*.rs": "read and search one patient's compartment",
                     },
-                }
+                },
             },
         },
     }

@@ -123,6 +123,46 @@ class Settings(BaseSettings):
         default=10, ge=1, description="Failed /auth requests per client or address before 429"
     )
     auth_failure_window: int = Field(default=60, ge=1, description="Window of auth_failure_limit, seconds")
+    login_failure_limit: int = Field(
+        default=5,
+        ge=1,
+        description="Failed sign-ins at /auth/authorize per username, and per source address, within"
+        " login_failure_window before sign-in is refused (counted in the database: all processes)",
+    )
+    login_failure_window: int = Field(
+        default=900, ge=1, description="Window of login_failure_limit, seconds"
+    )
+    refresh_token_ttl: int = Field(
+        default=30 * 86400,
+        ge=60,
+        description="Lifetime of an offline_access refresh token, seconds (each refresh issues a new one)",
+    )
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="Issuer URL of a trusted upstream OpenID Connect provider people may sign in with at"
+        " /auth/authorize instead of a password (its discovery document is {issuer}/.well-known/"
+        "openid-configuration); unset: password sign-in only",
+    )
+    oidc_client_id: str | None = Field(
+        default=None, description="carecoord's client id at the upstream provider"
+    )
+    oidc_client_secret: str | None = Field(
+        default=None, description="carecoord's client secret at the upstream provider (client_secret_basic)"
+    )
+    oidc_user_claim: str = Field(
+        default="fhirUser",
+        description="id_token claim naming the person's FHIR resource (Practitioner/ID, Patient/ID or"
+        " RelatedPerson/ID, or an absolute URL ending so)",
+    )
+    oidc_scope: str = Field(default="openid", description="Scopes asked of the upstream provider")
+    oidc_display_name: str = Field(
+        default="your organisation's sign-in", description="Shown on the button: 'Sign in with ...'"
+    )
+    online_refresh_token_ttl: int = Field(
+        default=12 * 3600,
+        ge=60,
+        description="Lifetime of an online_access refresh token, seconds (each refresh issues a new one)",
+    )
     organization: str | None = Field(
         default=None,
         description="Organization/ID of the case-management organisation running this server: the role"

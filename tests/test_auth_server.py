@@ -713,25 +713,23 @@ async def test_smart_configuration(http: httpx.AsyncClient, path: str) -> None:
     assert config["token_endpoint"] == TOKEN_URL
     assert config["jwks_uri"] == f"{BASE}/auth/jwks"
     assert config["introspection_endpoint"] == INTROSPECT_URL
-    assert config["grant_types_supported"] == ["client_credentials"]
+    assert config["grant_types_supported"] == ["authorization_code", "refresh_token", "client_credentials"]
     assert set(config["token_endpoint_auth_methods_supported"]) == {
         "private_key_jwt",
         "client_secret_basic",
         "client_secret_post",
+        "none",  # public app clients (SMART App Launch, tests/test_smart_launch.py)
     }
     assert config["token_endpoint_auth_signing_alg_values_supported"] == ["RS384", "ES384"]
     assert {"system/*.cruds", "system/*.rs", "patient/*.rs", "system/*.read"} <= set(
         config["scopes_supported"]
     )
-    # No authorization endpoint, hence none of its metadata, and no OpenID Connect issuer
-    # (app/auth/server.py smart_configuration; tests/test_discovery.py checks every entry works).
-    for absent in (
-        "authorization_endpoint",
-        "response_types_supported",
-        "code_challenge_methods_supported",
-        "issuer",
-    ):
-        assert absent not in config
+    # The authorization code flow (tests/test_smart_launch.py; tests/test_discovery.py checks
+    # every entry works).
+    assert config["authorization_endpoint"] == f"{BASE}/auth/authorize"
+    assert config["response_types_supported"] == ["code"]
+    assert config["code_challenge_methods_supported"] == ["S256"]
+    assert config["issuer"] == BASE
     assert {
         "client-confidential-asymmetric",
         "client-confidential-symmetric",

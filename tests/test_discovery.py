@@ -9,7 +9,7 @@ shown working. An entry added without a check here fails the first test.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -19,22 +19,39 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from app.auth.clients import register_client
+from app.auth.users import add_user
 from app.main import create_app
 from app.settings import Settings
 from tests.auth_support import assertion_form, client_key, public_jwks, sign_assertion
-from tests.conftest import BASE_URL, bearer
+from tests.conftest import BASE_URL, FHIR, bearer
+from tests.smart_support import (
+    CodeReceiver,
+    authorize_query,
+    code_receiver,
+    follow_to_receiver,
+    pkce_pair,
+    sign_in,
+)
 
 CHECKED_ENTRIES = {
+    "issuer",
     "jwks_uri",
+    "authorization_endpoint",
     "token_endpoint",
     "introspection_endpoint",
+    "revocation_endpoint",
     "grant_types_supported",
+    "response_types_supported",
+    "code_challenge_methods_supported",
     "token_endpoint_auth_methods_supported",
     "token_endpoint_auth_signing_alg_values_supported",
     "introspection_endpoint_auth_methods_supported",
+    "revocation_endpoint_auth_methods_supported",
     "scopes_supported",
     "capabilities",
 }
+LAUNCH_SCOPES = {"openid", "fhirUser", "launch/patient", "offline_access", "online_access"}
+PASSWORD = "discovery-test-password"
 
 GRANT_TYPES = (
     "client_credentials",
@@ -56,6 +73,12 @@ async def discovery_app(settings: Settings) -> AsyncIterator[FastAPI]:
     app = create_app(settings.model_copy(update={"auth_failure_limit": 10_000}))
     async with app.router.lifespan_context(app):
         yield app
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[CodeReceiver]:
+    with code_receiver() as running:
+        yield running
 
 
 @pytest.fixture
@@ -87,12 +110,130 @@ async def _token(http: httpx.AsyncClient, url: str, auth: tuple[str, str], scope
     return body
 
 
-async def test_discovery_has_only_checked_entries_and_no_authorization_endpoint(
-    config: dict[str, Any],
-) -> None:
+async def _launch(
+    app: FastAPI,
+    http: httpx.AsyncClient,
+    receiver: CodeReceiver,
+    scope: str,
+    *,
+    patient_id: str | None = None,
+    public: bool = True,
+) -> dict[str, Any]:
+    """A standalone launch of a new app client by a new practitioner user (with ``patient_id`` in
+    their caseload, picked when ``launch/patient`` is asked for); the token response."""
+    s = uuid.uuid4().hex[:10]
+    practitioner = f"disc-pr-{s}"
+    username = f"disc-{s}"
+    await add_user(
+        app.state.pool, username=username, fhir_user=f"Practitioner/{practitioner}", password=PASSWORD
+    )
+    if patient_id is not None:
+        team = {
+            "resourceType": "CareTeam",
+            "id": f"disc-team-{s}",
+            "status": "active",
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "participant": [{"member": {"reference": f"Practitioner/{practitioner}"}}],
+        }
+        put = await http.put(
+            f"/fhir/CareTeam/{team['id']}", json=team, headers={**await bearer(app), **FHIR_JSON}
+        )
+        assert put.status_code == 201, put.text
+    client_id, secret = await register_client(
+        app.state.pool,
+        name="discovery app",
+        scope=scope,
+        redirect_uris=[receiver.redirect_uri],
+        public=public,
+    )
+    verifier, challenge = pkce_pair()
+    query = authorize_query(
+        client_id=client_id,
+        redirect_uri=receiver.redirect_uri,
+        scope=scope,
+        aud=FHIR,
+        challenge=challenge,
+        state=s,
+    )
+    response = await sign_in(http, query, username=username, password=PASSWORD, patient=patient_id)
+    await follow_to_receiver(response)
+    assert receiver.last()["state"] == s
+    form = {
+        "grant_type": "authorization_code",
+        "code": receiver.last()["code"],
+        "redirect_uri": receiver.redirect_uri,
+        "code_verifier": verifier,
+    }
+    if public:
+        token = await http.post(config_token_url(), data={**form, "client_id": client_id})
+    else:
+        assert secret is not None
+        token = await http.post(config_token_url(), data=form, auth=(client_id, secret))
+    assert token.status_code == 200, token.text
+    body: dict[str, Any] = token.json()
+    body["client_id"] = client_id
+    return body
+
+
+def config_token_url() -> str:
+    return f"{BASE_URL}/auth/token"
+
+
+async def _refreshes(http: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    response = await http.post(
+        config_token_url(),
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": body["refresh_token"],
+            "client_id": body["client_id"],
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["refresh_token"] != body["refresh_token"]
+
+
+async def test_discovery_has_only_checked_entries(config: dict[str, Any]) -> None:
     assert set(config) == CHECKED_ENTRIES
-    for url in (config["jwks_uri"], config["token_endpoint"], config["introspection_endpoint"]):
+    assert config["issuer"] == BASE_URL
+    for url in (
+        config["jwks_uri"],
+        config["authorization_endpoint"],
+        config["token_endpoint"],
+        config["introspection_endpoint"],
+        config["revocation_endpoint"],
+    ):
         assert url.startswith(f"{BASE_URL}/auth/")
+    assert config["response_types_supported"] == ["code"]
+    assert config["code_challenge_methods_supported"] == ["S256"]
+
+
+async def test_authorization_endpoint_does_the_advertised_response_type_and_pkce_method_only(
+    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any], receiver: CodeReceiver
+) -> None:
+    client_id, _ = await register_client(
+        discovery_app.state.pool, name="d", scope="openid", redirect_uris=[receiver.redirect_uri], public=True
+    )
+    _, challenge = pkce_pair()
+    base = authorize_query(
+        client_id=client_id,
+        redirect_uri=receiver.redirect_uri,
+        scope="openid",
+        aud=FHIR,
+        challenge=challenge,
+        state="x",
+    )
+    for response_type in ("code", "token", "id_token", "code id_token"):
+        page = await http.get(
+            config["authorization_endpoint"], params={**base, "response_type": response_type}
+        )
+        assert (page.status_code == 200) == (response_type in config["response_types_supported"]), (
+            response_type
+        )
+    for method in ("S256", "plain"):
+        page = await http.get(
+            config["authorization_endpoint"], params={**base, "code_challenge_method": method}
+        )
+        assert (page.status_code == 200) == (method in config["code_challenge_methods_supported"]), method
 
 
 async def test_jwks_uri_publishes_the_keys_that_sign_access_tokens(
@@ -107,40 +248,66 @@ async def test_jwks_uri_publishes_the_keys_that_sign_access_tokens(
 
 
 async def test_token_endpoint_accepts_exactly_the_advertised_grant_types(
-    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any]
+    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any], receiver: CodeReceiver
 ) -> None:
-    client_id, secret = await _secret_client(discovery_app, "system/*.rs")
-    assert config["grant_types_supported"] == ["client_credentials"]
+    """client_credentials answers a token; authorization_code and refresh_token reach their
+    grant (a made-up code is invalid_grant; tests/test_smart_launch.py does them in full);
+    anything else is unsupported_grant_type."""
+    client_id, secret = await _secret_client(
+        discovery_app, "system/*.rs", redirect_uris=["https://app.example/callback"]
+    )
+    assert config["grant_types_supported"] == ["authorization_code", "refresh_token", "client_credentials"]
     for grant_type in GRANT_TYPES:
         response = await http.post(
             config["token_endpoint"],
             data={
                 "grant_type": grant_type,
                 "code": "x",
+                "redirect_uri": "https://app.example/callback",
+                "code_verifier": "x" * 43,
                 "refresh_token": "x",
                 "username": "x",
                 "password": "x",
             },
             auth=(client_id, secret),
         )
-        if grant_type in config["grant_types_supported"]:
+        if grant_type == "client_credentials":
             assert response.status_code == 200, (grant_type, response.text)
+        elif grant_type in config["grant_types_supported"]:
+            assert response.status_code == 400, grant_type
+            assert response.json()["error"] == "invalid_grant", (grant_type, response.text)
         else:
             assert response.status_code == 400, grant_type
             assert response.json()["error"] == "unsupported_grant_type", grant_type
+    launched = await _launch(discovery_app, http, receiver, "openid offline_access")
+    await _refreshes(http, launched)
 
 
 async def _authenticate(
-    http: httpx.AsyncClient, app: FastAPI, url: str, method: str, extra: dict[str, str], *, alg: str = "ES384"
+    http: httpx.AsyncClient,
+    app: FastAPI,
+    url: str,
+    method: str,
+    extra: dict[str, str],
+    *,
+    alg: str = "ES384",
+    redirect_uris: list[str] | None = None,
 ) -> httpx.Response:
-    """A request to ``url`` authenticated with ``method`` by a freshly registered client."""
+    """A request to ``url`` authenticated with ``method`` by a freshly registered client (an
+    app client when ``redirect_uris`` are given)."""
     scope = "system/*.rs"
+    uris = {"redirect_uris": redirect_uris} if redirect_uris else {}
     if method == "private_key_jwt":
         key = client_key(alg, f"key-{alg}")
-        client_id, _ = await register_client(app.state.pool, name="jwt", scope=scope, jwks=public_jwks(key))
+        client_id, _ = await register_client(
+            app.state.pool, name="jwt", scope=scope, jwks=public_jwks(key), **uris
+        )
         assertion = sign_assertion(key, client_id, url, alg=alg)
         return await http.post(url, data=assertion_form(assertion, **extra))
-    client_id, secret = await _secret_client(app, scope)
+    if method == "none" and redirect_uris:  # a public app client: its id alone
+        client_id, _ = await register_client(app.state.pool, name="public", scope=scope, public=True, **uris)
+        return await http.post(url, data={"client_id": client_id, **extra})
+    client_id, secret = await _secret_client(app, scope, **uris)
     if method == "client_secret_basic":
         return await http.post(
             url, data={"grant_type": "client_credentials", **extra}, auth=(client_id, secret)
@@ -156,13 +323,13 @@ async def _authenticate(
 
 
 async def test_every_advertised_token_endpoint_auth_method_and_alg_authenticates(
-    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any]
+    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any], receiver: CodeReceiver
 ) -> None:
     url = config["token_endpoint"]
     methods = config["token_endpoint_auth_methods_supported"]
     assert methods
     for method in methods:
-        if method == "private_key_jwt":
+        if method in ("private_key_jwt", "none"):
             continue
         response = await _authenticate(http, discovery_app, url, method, {})
         assert response.status_code == 200, (method, response.text)
@@ -174,10 +341,27 @@ async def test_every_advertised_token_endpoint_auth_method_and_alg_authenticates
             assert response.status_code == 200, (alg, response.text)
         else:
             assert response.status_code == 401 and response.json()["error"] == "invalid_client", alg
-    # A method that is not advertised does not authenticate.
-    assert "none" not in methods
+    # "none" is a public app client: it has no secret and gets tokens by the code flow alone.
+    assert "none" in methods
+    launched = await _launch(discovery_app, http, receiver, "openid")
+    assert launched["id_token"]
+    # A confidential client that leaves its secret out does not authenticate.
     refused = await _authenticate(http, discovery_app, url, "none", {})
     assert refused.status_code == 401 and refused.json()["error"] == "invalid_client"
+
+
+async def test_every_advertised_revocation_auth_method_authenticates(
+    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any]
+) -> None:
+    url = config["revocation_endpoint"]
+    uris = ["https://app.example/callback"]
+    for method in config["revocation_endpoint_auth_methods_supported"]:
+        extra = {"token": "not-a-token-of-this-client"}
+        response = await _authenticate(http, discovery_app, url, method, extra, redirect_uris=uris)
+        # Authenticated (a failure is a 401); RFC 7009 §2.2: an unknown token is not an error.
+        assert response.status_code == 200, (method, response.text)
+    forged = await http.post(url, data={"token": "x", "client_id": "x", "client_secret": "wrong"})
+    assert forged.status_code == 401
 
 
 async def test_every_advertised_introspection_auth_method_authenticates(
@@ -218,7 +402,7 @@ async def _use(http: httpx.AsyncClient, token: str, scope: str, patient_id: str)
 
 
 async def test_every_advertised_scope_is_granted_and_works(
-    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any]
+    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any], receiver: CodeReceiver
 ) -> None:
     admin = await bearer(discovery_app)
     patient_id = f"disc-{uuid.uuid4().hex[:12]}"
@@ -229,6 +413,9 @@ async def test_every_advertised_scope_is_granted_and_works(
     )
     assert put.status_code == 201, put.text
     for scope in config["scopes_supported"]:
+        if scope in LAUNCH_SCOPES:
+            await _launch_scope_works(discovery_app, http, receiver, scope, patient_id)
+            continue
         context = {"patient": patient_id} if scope.startswith("patient/") else {}
         client_id, secret = await _secret_client(discovery_app, scope, **context)
         body = await _token(http, config["token_endpoint"], (client_id, secret), scope)
@@ -236,8 +423,31 @@ async def test_every_advertised_scope_is_granted_and_works(
         await _use(http, body["access_token"], scope, patient_id)
 
 
+async def _launch_scope_works(
+    app: FastAPI, http: httpx.AsyncClient, receiver: CodeReceiver, scope: str, patient_id: str
+) -> None:
+    """The scopes of the standalone launch, each shown doing what it is for."""
+    keys = KeySet.import_key_set((await http.get("/auth/jwks")).json())
+    if scope == "openid":
+        body = await _launch(app, http, receiver, "openid")
+        assert jwt.decode(body["id_token"], keys).claims["iss"] == BASE_URL
+    elif scope == "fhirUser":
+        body = await _launch(app, http, receiver, "openid fhirUser")
+        assert jwt.decode(body["id_token"], keys).claims["fhirUser"].startswith(f"{FHIR}/Practitioner/")
+    elif scope == "launch/patient":
+        body = await _launch(app, http, receiver, "launch/patient patient/*.rs", patient_id=patient_id)
+        assert body["patient"] == patient_id
+        await _use(http, body["access_token"], "patient/*.rs", patient_id)
+    elif scope in ("offline_access", "online_access"):
+        body = await _launch(app, http, receiver, f"openid {scope}")
+        await _refreshes(http, body)
+    else:
+        raise AssertionError(f"no check for the scope {scope}")
+    assert scope in body["scope"].split()
+
+
 async def test_every_advertised_capability_works(
-    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any]
+    discovery_app: FastAPI, http: httpx.AsyncClient, config: dict[str, Any], receiver: CodeReceiver
 ) -> None:
     url = config["token_endpoint"]
     admin = await bearer(discovery_app)
@@ -257,6 +467,7 @@ async def test_every_advertised_capability_works(
     async def symmetric() -> None:
         response = await _authenticate(http, discovery_app, url, "client_secret_basic", {})
         assert response.status_code == 200, response.text
+        await confidential_launch()
 
     async def scope_form(scope: str) -> None:
         client_id, secret = await _secret_client(discovery_app, scope)
@@ -271,7 +482,45 @@ async def test_every_advertised_capability_works(
         assert (await http.get(f"/fhir/Patient/{own}", headers=headers)).status_code == 200
         assert (await http.get(f"/fhir/Patient/{other}", headers=headers)).status_code == 404
 
+    async def standalone_patient() -> None:
+        body = await _launch(discovery_app, http, receiver, "launch/patient patient/*.rs", patient_id=own)
+        assert body["patient"] == own
+        headers = {"authorization": f"Bearer {body['access_token']}"}
+        assert (await http.get(f"/fhir/Patient/{own}", headers=headers)).status_code == 200
+        assert (await http.get(f"/fhir/Patient/{other}", headers=headers)).status_code == 404
+
+    async def confidential_launch() -> None:
+        body = await _launch(discovery_app, http, receiver, "openid", public=False)
+        assert body["id_token"]
+
+    async def public_launch() -> None:
+        body = await _launch(discovery_app, http, receiver, "openid")
+        assert body["id_token"]
+
+    async def refresh(scope: str) -> None:
+        await _refreshes(http, await _launch(discovery_app, http, receiver, f"openid {scope}"))
+
+    async def user_scopes() -> None:
+        body = await _launch(discovery_app, http, receiver, "openid fhirUser user/Patient.rs")
+        headers = {"authorization": f"Bearer {body['access_token']}"}
+        # A user token works on /fhir; what it may see is app/fhir/access.py's (issue 11 item 5).
+        assert (await http.get("/fhir/Patient", params={"_id": own}, headers=headers)).status_code == 200
+
+    async def openid_connect() -> None:
+        body = await _launch(discovery_app, http, receiver, "openid fhirUser")
+        keys = KeySet.import_key_set((await http.get(config["jwks_uri"])).json())
+        claims = jwt.decode(body["id_token"], keys).claims
+        assert claims["iss"] == config["issuer"] and claims["aud"] == body["client_id"]
+        assert claims["fhirUser"].startswith(f"{FHIR}/Practitioner/")
+
     checks = {
+        "launch-standalone": public_launch,
+        "client-public": public_launch,
+        "context-standalone-patient": standalone_patient,
+        "permission-offline": lambda: refresh("offline_access"),
+        "permission-online": lambda: refresh("online_access"),
+        "permission-user": user_scopes,
+        "sso-openid-connect": openid_connect,
         "client-confidential-asymmetric": asymmetric,
         "client-confidential-symmetric": symmetric,
         "permission-v1": lambda: scope_form("system/*.read"),

@@ -7,6 +7,11 @@ Two kinds (RFC 6749 §2.3, SMART Backend Services):
 * asymmetric clients authenticate with ``private_key_jwt``; they register a public JWK Set,
   either inline (stored here) or as a ``jwks_url`` fetched when needed.
 
+App clients (SMART App Launch, issue 11) register exact ``redirect_uris`` and sign people in at
+/auth/authorize; a *public* app client (a mobile or browser app, which cannot keep a secret) has
+no secret and must use PKCE S256 (RFC 7636, RFC 8252 §8.1); a confidential one authenticates
+with its secret as above.
+
 A client may carry an organisation (``Organization/ID``: its tokens get ``organization``) or a
 patient (its tokens get ``patient`` and only ``patient/`` scopes). A client registered with
 ``introspection`` may introspect tokens issued to other clients (RFC 7662 §4; a resource server);
@@ -27,10 +32,11 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 from joserfc.errors import JoseError
@@ -42,8 +48,12 @@ _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _ORGANIZATION = re.compile(r"Organization/[A-Za-z0-9\-.]{1,64}")
 _COLUMNS = (
-    "client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, introspection, created"
+    "client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, introspection, created,"
+    " redirect_uris, public"
 )
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_PRIVATE_SCHEME = re.compile(r"[a-z][a-z0-9+\-]*(\.[a-z0-9+\-]+)+")
+MAX_REDIRECT_URIS = 10
 
 
 class ClientRegistrationError(ValueError):
@@ -63,9 +73,15 @@ class Client:
     created: datetime | None = None
     introspection: bool = False
     """May introspect tokens issued to other clients (RFC 7662 §4)."""
+    redirect_uris: tuple[str, ...] = ()
+    """Exact redirect URIs of an app client (RFC 6749 §3.1.2; none: no authorization code flow)."""
+    public: bool = False
+    """A public app client: no secret, PKCE S256 (RFC 7636)."""
 
     @property
     def auth_method(self) -> str:
+        if self.public:
+            return "none"
         return "client_secret" if self.secret_hash else "private_key_jwt"
 
     def summary(self) -> dict[str, Any]:
@@ -79,6 +95,8 @@ class Client:
             "auth": self.auth_method,
             "jwks_url": self.jwks_url,
             "introspection": self.introspection,
+            "redirect_uris": list(self.redirect_uris),
+            "public": self.public,
             "created": self.created.isoformat() if self.created else None,
         }
 
@@ -150,6 +168,32 @@ def parse_client_jwks(value: str | Mapping[str, Any]) -> KeySet:
         raise ClientRegistrationError("the JWKS keys cannot be read") from exc
 
 
+def redirect_uri_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be registered as a redirect URI, or None.
+
+    RFC 6749 §3.1.2: absolute, no fragment. RFC 8252 (native apps) and the OAuth 2.0 security
+    BCP: ``https``; ``http`` only to a loopback address; or a private-use scheme in reverse
+    domain form (``org.example.app:/callback``). No wildcards: redirect URIs match exactly.
+    """
+    if len(uri) > 2000 or any(ch.isspace() for ch in uri):
+        return "too long or contains spaces"
+    if "#" in uri:
+        return "a redirect URI may not have a fragment"
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "https":
+        return None if parts.netloc else "needs a host"
+    if scheme == "http":
+        host = parts.netloc.rsplit("@", 1)[-1]
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if host in _LOOPBACK_HOSTS:
+            return None
+        return "http is allowed for loopback addresses only (127.0.0.1, [::1], localhost); use https"
+    if _PRIVATE_SCHEME.fullmatch(scheme):
+        return None
+    return "must be https, http on loopback, or a private-use scheme such as org.example.app:/callback"
+
+
 def _validate(
     *,
     name: str,
@@ -158,6 +202,8 @@ def _validate(
     patient: str | None,
     jwks: str | Mapping[str, Any] | None,
     jwks_url: str | None,
+    redirect_uris: Sequence[str] = (),
+    public: bool = False,
 ) -> None:
     if not name.strip():
         raise ClientRegistrationError("a client needs a name")
@@ -177,8 +223,11 @@ def _validate(
             problem = restriction_problem(parsed.resource_type, permission.restriction)
             if problem is not None:
                 raise ClientRegistrationError(f"scope restriction not allowed in {item}: {problem}")
-        if patient is None and item.startswith("patient/"):
-            raise ClientRegistrationError("patient/ scopes need a patient context (--patient)")
+        if patient is None and item.startswith("patient/") and not redirect_uris:
+            # An app client gets its patient context at launch (launch/patient, a patient user).
+            raise ClientRegistrationError(
+                "patient/ scopes need a patient context (--patient, or an app client with --redirect-uri)"
+            )
         if patient is not None and looks_like_resource_scope(item) and not item.startswith("patient/"):
             raise ClientRegistrationError("a client registered for a patient gets patient/ scopes only")
     if organization is not None and not _ORGANIZATION.fullmatch(organization):
@@ -189,6 +238,18 @@ def _validate(
         raise ClientRegistrationError("give a JWKS or a JWKS URL, not both")
     if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
         raise ClientRegistrationError("the JWKS URL must be an http(s) URL")
+    if public and not redirect_uris:
+        raise ClientRegistrationError("a public client signs people in: give at least one --redirect-uri")
+    if public and any(value is not None for value in (jwks, jwks_url, patient, organization)):
+        raise ClientRegistrationError(
+            "a public client has no credentials and no fixed patient or organization"
+        )
+    if len(redirect_uris) > MAX_REDIRECT_URIS:
+        raise ClientRegistrationError(f"at most {MAX_REDIRECT_URIS} redirect URIs")
+    for uri in redirect_uris:
+        problem = redirect_uri_problem(uri)
+        if problem is not None:
+            raise ClientRegistrationError(f"redirect URI {uri[:200]!r}: {problem}")
 
 
 async def register_client(
@@ -201,8 +262,11 @@ async def register_client(
     jwks: str | Mapping[str, Any] | None = None,
     jwks_url: str | None = None,
     introspection: bool = False,
+    redirect_uris: Sequence[str] = (),
+    public: bool = False,
 ) -> tuple[str, str | None]:
-    """Register a client; returns ``(client_id, client_secret)``, the secret None for JWKS clients.
+    """Register a client; returns ``(client_id, client_secret)``, the secret None for JWKS and
+    public clients.
 
     ``patient`` may be given as ``ID`` or ``Patient/ID``; ``introspection`` lets the client
     introspect other clients' tokens. Raises :class:`ClientRegistrationError`.
@@ -210,22 +274,31 @@ async def register_client(
     if patient is not None and patient.startswith("Patient/"):
         patient = patient.removeprefix("Patient/")
     _validate(
-        name=name, scope=scope, organization=organization, patient=patient, jwks=jwks, jwks_url=jwks_url
+        name=name,
+        scope=scope,
+        organization=organization,
+        patient=patient,
+        jwks=jwks,
+        jwks_url=jwks_url,
+        redirect_uris=redirect_uris,
+        public=public,
     )
+    if public and introspection:
+        raise ClientRegistrationError("a public client cannot introspect tokens")
     jwks_text: str | None = None
     if jwks is not None:
         jwks_text = json.dumps(parse_client_jwks(jwks).as_dict(private=False))
     secret: str | None = None
     secret_hash: str | None = None
-    if jwks is None and jwks_url is None:
+    if jwks is None and jwks_url is None and not public:
         # Never a leading '-': a secret pasted into a command line must not read as an option.
         secret = "s" + secrets.token_urlsafe(32)
         secret_hash = await asyncio.to_thread(hash_secret, secret)
     client_id = str(uuid.uuid4())
     await db.execute(
         "INSERT INTO oauth_client"
-        " (client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, introspection)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        " (client_id, name, secret_hash, scopes, organization, patient, jwks, jwks_url, introspection,"
+        " redirect_uris, public) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         client_id,
         name.strip(),
         secret_hash,
@@ -235,6 +308,8 @@ async def register_client(
         jwks_text,
         jwks_url,
         introspection,
+        list(dict.fromkeys(redirect_uris)),
+        public,
     )
     return client_id, secret
 
@@ -251,6 +326,8 @@ def _client(row: Mapping[str, Any]) -> Client:
         jwks_url=row["jwks_url"],
         created=row["created"],
         introspection=bool(row["introspection"]),
+        redirect_uris=tuple(row["redirect_uris"] or ()),
+        public=bool(row["public"]),
     )
 
 

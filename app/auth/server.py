@@ -1,9 +1,14 @@
-"""The token and introspection endpoints' logic (RFC 6749 §4.4, §5; RFC 7523; RFC 7662; SMART).
+"""The token, revocation and introspection endpoints' logic (RFC 6749 §4.1, §4.4, §5, §6;
+RFC 7523; RFC 7009; RFC 7662; SMART App Launch and Backend Services).
 
 * ``POST /auth/token``: the ``client_credentials`` grant (RFC 6749 §4.4) for clients that
   authenticate with ``client_secret_basic``, ``client_secret_post`` (§2.3.1) or
   ``private_key_jwt`` (RFC 7523 §2.2 as profiled by SMART Backend Services: RS384 or ES384,
-  ``kid`` required, ``exp`` at most five minutes ahead, ``jti`` never reused).
+  ``kid`` required, ``exp`` at most five minutes ahead, ``jti`` never reused); and for app
+  clients the ``authorization_code`` and ``refresh_token`` grants of people who signed in at
+  /auth/authorize (app/auth/user_grants.py). A public app client identifies itself with
+  ``client_id`` only (no secret: PKCE binds its code); a confidential one authenticates as above.
+* ``POST /auth/revoke``: RFC 7009, for app clients (app/auth/user_grants.py).
 * ``POST /auth/introspect``: RFC 7662 for an authenticated client. Only the client a token was
   issued to, or a client registered with ``introspection``, learns about it; any other caller
   gets ``{"active": false}`` (RFC 7662 §2.2 and §4: the server may answer so to protect
@@ -30,11 +35,13 @@ import asyncpg
 from joserfc import jwt
 from joserfc.errors import JoseError
 
+from app.auth.audit import AuditTrail
 from app.auth.clients import Client, ClientRegistrationError, check_secret, get_client, parse_client_jwks
 from app.auth.grants import narrow_scopes
 from app.auth.jwks import JwksUnavailable, select_key
 from app.auth.ratelimit import FailureLimiter, pair_key
 from app.auth.tokens import InvalidToken, TokenService, peek
+from app.auth.user_grants import GrantError, UserGrants
 from app.settings import Settings
 
 logger = logging.getLogger("carecoord.auth")
@@ -47,6 +54,11 @@ MAX_FORM_FIELDS = 32
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 SCOPES_SUPPORTED = [
+    "openid",
+    "fhirUser",
+    "launch/patient",
+    "offline_access",
+    "online_access",
     "system/*.cruds",
     "system/*.rs",
     "system/*.read",
@@ -55,6 +67,7 @@ SCOPES_SUPPORTED = [
     "user/*.cruds",
     "user/*.rs",
     "user/*.read",
+    "patient/*.cruds",
     "patient/*.rs",
     "patient/*.read",
 ]
@@ -134,6 +147,9 @@ def parse_form(content_type: str | None, body: bytes) -> dict[str, str]:
         raise OAuthError("invalid_request", "the request body cannot be parsed") from exc
     form: dict[str, str] = {}
     for name, value in pairs:
+        if "\x00" in name or "\x00" in value:
+            # PostgreSQL text cannot hold NUL: refused here, not as a database error later.
+            raise OAuthError("invalid_request", "the request body contains a NUL character")
         if name in form:
             raise OAuthError("invalid_request", f"parameter {name} given more than once")
         form[name] = value
@@ -160,12 +176,23 @@ def _parse_basic(authorization: str | None) -> tuple[str, str] | None:
 class AuthorizationServer:
     """The /auth endpoints of one process; built in the lifespan."""
 
-    def __init__(self, *, settings: Settings, pool: asyncpg.Pool, tokens: TokenService) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        tokens: TokenService,
+        audit: AuditTrail | None = None,
+    ) -> None:
         self.pool = pool
         self.tokens = tokens
+        self.issuer = settings.base_url
         self.token_url = f"{settings.base_url}/auth/token"
         self.introspection_url = f"{settings.base_url}/auth/introspect"
         self.jwks_url = f"{settings.base_url}/auth/jwks"
+        self.authorize_url = f"{settings.base_url}/auth/authorize"
+        self.revocation_url = f"{settings.base_url}/auth/revoke"
+        self.user_grants = UserGrants(settings=settings, pool=pool, tokens=tokens, audit=audit)
         self.limiter = FailureLimiter(limit=settings.auth_failure_limit, window=settings.auth_failure_window)
         self._next_jti_cleanup = 0.0
 
@@ -174,6 +201,10 @@ class AuthorizationServer:
     async def token(self, request: OAuthRequest) -> dict[str, Any]:
         """RFC 6749 §4.4.2-4.4.3: the client_credentials grant; the token response body."""
         return await self._limited(request, self._token)
+
+    async def revoke(self, request: OAuthRequest) -> dict[str, Any]:
+        """RFC 7009 §2: revoke a refresh token (and its family); an empty answer on success."""
+        return await self._limited(request, self._revoke)
 
     async def introspect(self, request: OAuthRequest) -> dict[str, Any]:
         """RFC 7662 §2: ``{"active": false}`` for any token that is not valid here, and for
@@ -219,9 +250,21 @@ class AuthorizationServer:
         grant_type = form.get("grant_type")
         if not grant_type:
             raise OAuthError("invalid_request", "grant_type is required")
+        if grant_type in ("authorization_code", "refresh_token"):
+            client = await self.app_client(request)
+            try:
+                if grant_type == "authorization_code":
+                    return await self.user_grants.authorization_code(form, client, request.address)
+                return await self.user_grants.refresh(form, client, request.address)
+            except GrantError as exc:
+                raise OAuthError(exc.error, exc.description) from exc
         if grant_type != "client_credentials":
-            raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
+            raise OAuthError(
+                "unsupported_grant_type", "supported: authorization_code, refresh_token, client_credentials"
+            )
         client = await self.authenticate(request, audiences=(self.token_url,))
+        if client.public:
+            raise _invalid_client("a public client cannot use client_credentials")
         requested = form.get("scope") or None
         granted = narrow_scopes(client.scopes, requested, patient_context=client.patient is not None)
         if not granted:
@@ -240,6 +283,38 @@ class AuthorizationServer:
         if client.patient is not None:
             body["patient"] = client.patient
         return body
+
+    async def _revoke(self, request: OAuthRequest) -> dict[str, Any]:
+        client = await self.app_client(request)
+        try:
+            await self.user_grants.revoke(request.form, client, request.address)
+        except GrantError as exc:
+            raise OAuthError(exc.error, exc.description) from exc
+        return {}
+
+    async def app_client(self, request: OAuthRequest) -> Client:
+        """The app client of an authorization_code, refresh_token or revocation request: a
+        confidential one authenticates (RFC 6749 §3.2.1); a public one only names itself
+        (``client_id``, §2.3: it has no credentials; PKCE and the code's binding protect it)."""
+        form = request.form
+        credentials = request.basic is not None or any(
+            name in form for name in ("client_secret", "client_assertion", "client_assertion_type")
+        )
+        if credentials:
+            client = await self.authenticate(request, audiences=(self.token_url, self.revocation_url))
+        else:
+            client_id = form.get("client_id")
+            if not client_id:
+                raise _invalid_client("client_id is required")
+            found = await get_client(self.pool, client_id)
+            if found is None or not found.public:
+                raise _invalid_client("client authentication failed")
+            client = found
+        if not client.redirect_uris:
+            raise OAuthError(
+                "unauthorized_client", "this client is not registered for the authorization code flow"
+            )
+        return client
 
     async def _introspect(self, request: OAuthRequest) -> dict[str, Any]:
         caller = await self.authenticate(request, audiences=(self.introspection_url, self.token_url))
@@ -406,31 +481,28 @@ class AuthorizationServer:
     def smart_configuration(self) -> dict[str, Any]:
         """SMART App Launch 2.x §Well-Known Uniform Resource Identifiers (conformance-smart-config).
 
-        It advertises only what this server does; tests/test_discovery.py exercises every entry.
-        There is no authorization endpoint (Backend Services: ``client_credentials`` only), so:
-
-        * no ``authorization_endpoint`` and no ``response_types_supported`` (the response types
-          of an authorization endpoint; ``token`` would announce the implicit flow);
-        * no ``code_challenge_methods_supported``. SMART 2.x lists it as REQUIRED, but PKCE
-          (RFC 7636) protects an authorization code between the authorization and the token
-          endpoint: the field describes the authorization code flow, where it must include S256.
-          Advertising ``S256`` would promise a flow that does not exist, and an empty list would
-          break the rule that S256 be included. Backend Services clients do not read it (the
-          SMART Backend Services example discovery document has none); it comes back with an
-          authorization endpoint;
-        * no ``issuer``: SMART defines it as the OpenID Connect issuer, "required if the
-          server's capabilities include sso-openid-connect; otherwise, omitted". Access tokens
-          carry ``iss`` = the server root (README, Authorization server) all the same.
+        It advertises only what this server does; tests/test_discovery.py and
+        tests/test_smart_launch.py exercise every entry. ``issuer`` and ``jwks_uri`` are there
+        because of ``sso-openid-connect`` (the id_token's issuer and keys). Not advertised, as
+        not supported: the EHR launch (``launch-ehr``, the ``launch`` scope), ``launch/encounter``,
+        ``context-ehr-*``, ``context-banner``/``context-style``, and asymmetric authentication of
+        app clients at the authorization code flow beyond what ``private_key_jwt`` already does.
         """
         return {
+            "issuer": self.issuer,
             "jwks_uri": self.jwks_url,
+            "authorization_endpoint": self.authorize_url,
             "token_endpoint": self.token_url,
             "introspection_endpoint": self.introspection_url,
-            "grant_types_supported": ["client_credentials"],
+            "revocation_endpoint": self.revocation_url,
+            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+            "response_types_supported": ["code"],
+            "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": [
                 "private_key_jwt",
                 "client_secret_basic",
                 "client_secret_post",
+                "none",
             ],
             "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
             "introspection_endpoint_auth_methods_supported": [
@@ -438,12 +510,44 @@ class AuthorizationServer:
                 "client_secret_basic",
                 "client_secret_post",
             ],
+            "revocation_endpoint_auth_methods_supported": [
+                "private_key_jwt",
+                "client_secret_basic",
+                "client_secret_post",
+                "none",
+            ],
             "scopes_supported": SCOPES_SUPPORTED,
             "capabilities": [
-                "client-confidential-asymmetric",
+                "launch-standalone",
+                "client-public",
                 "client-confidential-symmetric",
+                "client-confidential-asymmetric",
+                "context-standalone-patient",
+                "permission-offline",
+                "permission-online",
+                "permission-patient",
+                "permission-user",
                 "permission-v1",
                 "permission-v2",
-                "permission-patient",
+                "sso-openid-connect",
             ],
+        }
+
+    def openid_configuration(self) -> dict[str, Any]:
+        """OpenID Connect Discovery 1.0 §3 for the id_tokens of ``openid`` sign-ins."""
+        return {
+            "issuer": self.issuer,
+            "authorization_endpoint": self.authorize_url,
+            "token_endpoint": self.token_url,
+            "jwks_uri": self.jwks_url,
+            "revocation_endpoint": self.revocation_url,
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+            "scopes_supported": ["openid", "fhirUser", "launch/patient", "offline_access", "online_access"],
+            "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser"],
         }

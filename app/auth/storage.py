@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Field, SQLModel
 
 from app.fhir import storage as _fhir_storage  # noqa: F401  (sets the metadata's naming convention first)
@@ -36,6 +37,18 @@ class OAuthClientRow(SQLModel, table=True):
         default=False,
         sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false()),
         description="May introspect tokens issued to other clients (RFC 7662 section 4)",
+    )
+    redirect_uris: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(
+            postgresql.ARRAY(sa.Text), nullable=False, server_default=sa.text("'{}'::text[]")
+        ),
+        description="Exact redirect URIs of an app client (SMART App Launch, RFC 6749 section 3.1.2)",
+    )
+    public: bool = Field(
+        default=False,
+        sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false()),
+        description="A public app client: no secret, PKCE S256 required (RFC 7636)",
     )
     created: datetime = Field(
         sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
@@ -69,3 +82,107 @@ class AuthJtiRow(SQLModel, table=True):
     issuer: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     jti: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
     expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+
+
+class AppUserRow(SQLModel, table=True):
+    """A person who signs in at /auth/authorize (SMART App Launch): ``fhir_user`` is the FHIR
+    resource they are (``Practitioner/ID``, ``Patient/ID`` or ``RelatedPerson/ID``)."""
+
+    __tablename__ = "app_user"
+    __table_args__ = (sa.UniqueConstraint("username", name="uq_app_user_username"),)
+
+    user_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    username: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    fhir_user: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    password_hash: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    disabled: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    created: datetime = Field(
+        sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
+    )
+
+
+class AuthLoginFailureRow(SQLModel, table=True):
+    """One failed sign-in, once per key it counts against (``user:NAME``, ``address:A``)."""
+
+    __tablename__ = "auth_login_failure"
+    __table_args__ = (sa.Index("ix_auth_login_failure_key_at", "key", "at"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(), primary_key=True))
+    key: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    at: datetime = Field(
+        sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
+    )
+
+
+class AuthFlowRow(SQLModel, table=True):
+    """An authorization request between its pages (login, patient, consent)."""
+
+    __tablename__ = "auth_flow"
+    __table_args__ = (sa.Index("ix_auth_flow_expires_at", "expires_at"),)
+
+    flow_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    browser_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    csrf_token: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    client_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    redirect_uri: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    scope: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    state: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    nonce: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    code_challenge: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    step: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    user_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    patient: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    upstream: str | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.Text, nullable=True),
+        description="JSON: state, nonce and PKCE verifier of a sign-in at the upstream OpenID provider",
+    )
+    expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+
+
+class AuthCodeRow(SQLModel, table=True):
+    """A one-time authorization code (stored hashed), bound to client, redirect URI and PKCE."""
+
+    __tablename__ = "auth_code"
+    __table_args__ = (sa.Index("ix_auth_code_expires_at", "expires_at"),)
+
+    code_hash: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    client_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    redirect_uri: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    code_challenge: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    scope: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    patient: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    nonce: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    family: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+    used_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+
+
+class AuthRefreshTokenRow(SQLModel, table=True):
+    """A refresh token (stored hashed); each use rotates it, reuse revokes its family."""
+
+    __tablename__ = "auth_refresh_token"
+    __table_args__ = (
+        sa.Index("ix_auth_refresh_token_family", "family"),
+        sa.Index("ix_auth_refresh_token_user_id", "user_id"),
+        sa.Index("ix_auth_refresh_token_expires_at", "expires_at"),
+    )
+
+    token_hash: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    family: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    client_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    scope: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    user_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    patient: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+    rotated_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )

@@ -143,15 +143,18 @@ def _security(base_url: str, *, cors: bool) -> dict[str, Any]:
                         "code": "SMART-on-FHIR",
                     }
                 ],
-                "text": "OAuth2 bearer tokens with SMART on FHIR scopes (Backend Services)",
+                "text": "OAuth2 bearer tokens with SMART on FHIR scopes (App Launch standalone, Backend"
+                " Services)",
             }
         ],
         "extension": [
             {
                 "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
                 "extension": [
+                    {"url": "authorize", "valueUri": f"{base_url}/auth/authorize"},
                     {"url": "token", "valueUri": f"{base_url}/auth/token"},
                     {"url": "introspect", "valueUri": f"{base_url}/auth/introspect"},
+                    {"url": "revoke", "valueUri": f"{base_url}/auth/revoke"},
                 ],
             }
         ],
