@@ -13,6 +13,7 @@ import httpx
 from asyncpg import Pool
 
 from app import db
+from app.exports.jobs import ExportJobs
 from app.fhir.repository import RepositoryFactory
 from app.hooks import write_hooks
 from app.jobs import Runner
@@ -32,7 +33,8 @@ def job_runner(
 ) -> Runner:
     """A runner sized by ``CARECOORD_WORKER_CONCURRENCY`` and ``CARECOORD_WORKER_LEASE``,
     woken by ``NOTIFY`` on its own connection, with the referral handlers (delivery, tracking,
-    cancellation) and the subscription handlers (handshake, notification, heartbeat)."""
+    cancellation), the subscription handlers (handshake, notification, heartbeat) and the
+    Bulk Data export handlers (export, expiry)."""
     repositories = repositories or RepositoryFactory.from_settings(settings, write_hooks(settings))
     runner = Runner(
         pool,
@@ -43,6 +45,7 @@ def job_runner(
     )
     Worker(pool, http, settings, repositories=repositories, runner=runner)
     Delivery(pool, http, settings, repositories).register(runner)
+    ExportJobs(pool, settings).register(runner)
     return runner
 
 
