@@ -286,10 +286,15 @@ async def test_capability_statement_lists_operations_with_resolvable_definitions
     client: httpx.AsyncClient,
 ) -> None:
     rest = (await client.get("/fhir/metadata")).json()["rest"][0]
-    assert rest["operation"] == [{"name": "meta", "definition": f"{FHIR}/OperationDefinition/Resource-meta"}]
+    assert rest["operation"] == [
+        {"name": "export", "definition": f"{FHIR}/OperationDefinition/export"},
+        {"name": "meta", "definition": f"{FHIR}/OperationDefinition/Resource-meta"},
+    ]
     by_type = {r["type"]: r for r in rest["resource"]}
     for resource_type in SERVED_TYPES:
         extra = {"status", "events", "get-ws-binding-token"} if resource_type == "Subscription" else set()
+        if resource_type in ("Patient", "Group"):
+            extra = {"export"}  # Bulk Data: Patient/$export, Group/[id]/$export
         assert {o["name"] for o in by_type[resource_type]["operation"]} == {"meta", "validate", *extra}
     assert {i["code"] for i in by_type["OperationDefinition"]["interaction"]} == {"read", "search-type"}
     definitions = [o["definition"] for r in rest["resource"] for o in r.get("operation", [])]
@@ -401,7 +406,7 @@ def test_registry_derives_methods_and_checks_declarations() -> None:
     with pytest.raises(ValueError):
         registry.register(status)  # twice
     with pytest.raises(ValueError):
-        Operation("s", "t", "d", ("type",), _noop, resource_types=("Group",))  # not served
+        Operation("s", "t", "d", ("type",), _noop, resource_types=("Medication",))  # not served
     with pytest.raises(ValueError):
         Operation("s", "t", "d", ("type",), _noop, body_resource="resource")  # no such parameter
     with pytest.raises(ValueError):
