@@ -197,12 +197,23 @@ class ExportJobs:
             after = int(progress.get("after", 0))
             limit = max(1, min(settings.export_chunk_resources, settings.export_file_max_resources - in_part))
             xmin = int(export.snapshot.split(":", 1)[0])
-            rows = await conn.fetch(query.sql, *query.values(export.snapshot, xmin, after, limit))
+            values = query.values(export.snapshot, xmin, after, limit)
+            elements = _elements_for(parameters.get("elements") or [], resource_type)
+            if kind == "output" and not elements and self.export_dir is None:
+                # The common case: the chunk is assembled from the stored bodies and written
+                # inside PostgreSQL; the bytes never travel to this process.
+                count, last = await store.write_chunk_in_database(
+                    conn, query.sql, values, export_id, resource_type=resource_type, part=part, chunk=chunk
+                )
+                self._advance(progress, position, count, last, limit, part, chunk, in_part)
+                await store.checkpoint(conn, export_id, progress, count)
+                metrics.RESOURCES_EXPORTED.inc(count)
+                return False
+            rows = await conn.fetch(query.sql, *values)
             if rows:
                 if kind == "deleted":
                     lines = [_deleted_line(resource_type, row["fhir_id"]) for row in rows]
                 else:
-                    elements = _elements_for(parameters.get("elements") or [], resource_type)
                     lines = (
                         [subset(row["body"], resource_type, summary=None, elements=elements) for row in rows]
                         if elements
@@ -220,15 +231,31 @@ class ExportJobs:
                     count=len(rows),
                     body="\n".join(lines),
                 )
-            if len(rows) < limit:
-                progress.update(step=position + 1, after=0, part=1, chunk=0, in_part=0)
-            elif in_part + len(rows) >= settings.export_file_max_resources:
-                progress.update(after=rows[-1]["rid"], part=part + 1, chunk=0, in_part=0)
-            else:
-                progress.update(after=rows[-1]["rid"], chunk=chunk + 1, in_part=in_part + len(rows))
+            last = rows[-1]["rid"] if rows else None
+            self._advance(progress, position, len(rows), last, limit, part, chunk, in_part)
             await store.checkpoint(conn, export_id, progress, len(rows))
         metrics.RESOURCES_EXPORTED.inc(len(rows))
         return False
+
+    def _advance(
+        self,
+        progress: dict[str, Any],
+        position: int,
+        count: int,
+        last: int | None,
+        limit: int,
+        part: int,
+        chunk: int,
+        in_part: int,
+    ) -> None:
+        """The checkpoint after a batch of ``count`` rows up to ``rid`` ``last``: the next type
+        when the batch was short, the next file when this one is full, else the next chunk."""
+        if count < limit:
+            progress.update(step=position + 1, after=0, part=1, chunk=0, in_part=0)
+        elif in_part + count >= self.settings.export_file_max_resources:
+            progress.update(after=last, part=part + 1, chunk=0, in_part=0)
+        else:
+            progress.update(after=last, chunk=chunk + 1, in_part=in_part + count)
 
     async def expire(self, job: Job) -> Outcome:
         """Delete an export and its files once its retention ended (``CARECOORD_EXPORT_RETENTION``)."""

@@ -238,6 +238,39 @@ async def write_chunk(
     )
 
 
+async def write_chunk_in_database(
+    conn: Connection,
+    batch_sql: str,
+    values: list[Any],
+    export_id: str,
+    *,
+    resource_type: str,
+    part: int,
+    chunk: int,
+) -> tuple[int, int | None]:
+    """Run a batch statement (app/exports/query.py) and store its bodies, in ``rid`` order and
+    newline-terminated, as one ``output`` chunk, in one statement; (rows, last ``rid``)."""
+    n = len(values)
+    row = await conn.fetchrow(
+        f"WITH batch AS ({batch_sql}),"  # noqa: S608  (compiled batch statement; values are bound)
+        " agg AS (SELECT count(*) AS n, max(rid) AS last,"
+        "   string_agg(body, E'\\n' ORDER BY rid) || E'\\n' AS body FROM batch),"
+        " stored AS (INSERT INTO bulk_export_file"
+        "   (export_id, kind, resource_type, part, chunk, count, bytes, body)"
+        f"   SELECT ${n + 1}, 'output', ${n + 2}, ${n + 3}, ${n + 4}, agg.n, octet_length(agg.body), agg.body"
+        "   FROM agg WHERE agg.n > 0"
+        "   ON CONFLICT (export_id, kind, resource_type, part, chunk) DO UPDATE"
+        "   SET count = EXCLUDED.count, bytes = EXCLUDED.bytes, body = EXCLUDED.body RETURNING 1)"
+        " SELECT agg.n, agg.last, (SELECT count(*) FROM stored) AS stored FROM agg",
+        *values,
+        export_id,
+        resource_type,
+        part,
+        chunk,
+    )
+    return int(row["n"]), row["last"]
+
+
 async def read_file(
     pool: Pool, export_dir: Path | None, export_id: str, entry: FileEntry
 ) -> AsyncIterator[bytes]:
