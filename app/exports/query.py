@@ -107,21 +107,31 @@ def batch_query(
 
     if compartment:
         conditions.append(_compartment(resource_type, patients, bind))
-    if kind == "output":
-        conditions.append("h.method <> 'DELETE'")
-    else:
-        conditions.append("h.method = 'DELETE'")
-    if since is not None:
-        conditions.append(f"h.last_updated > {bind(since)}")
+    since_value = bind(since) if since is not None else None
     n = len(values)
     snapshot, xmin, after, limit = (f"${n + i}" for i in range(1, 5))
+    # The fast path: the resource row's current tuple was written by a transaction that ended
+    # before the snapshot's xmin (its 32-bit xid precedes it, modulo 2^32), so no later write
+    # replaced it and it is the version as of the snapshot. Any other row (written since, or
+    # frozen long ago with an xid that no longer compares) takes the version from the history.
+    old = (
+        f"((({xmin} % 4294967296) - (r.xmin::text)::bigint + 4294967296) % 4294967296)"
+        " BETWEEN 1 AND 2147483647"
+    )
+    exists = "NOT r.deleted" if kind == "output" else "r.deleted"
+    then_exists = "h.method <> 'DELETE'" if kind == "output" else "h.method = 'DELETE'"
+    if since_value is not None:
+        exists += f" AND r.last_updated > {since_value}"
+        then_exists += f" AND h.last_updated > {since_value}"
+    conditions.append(f"CASE WHEN {old} THEN {exists} ELSE h.method IS NOT NULL AND {then_exists} END")
     sql = (
-        "SELECT r.rid, r.fhir_id, h.body FROM resource r CROSS JOIN LATERAL ("  # noqa: S608  (compiled conditions; every value is a bind parameter)
+        f"SELECT r.rid, r.fhir_id, CASE WHEN {old} THEN r.body ELSE h.body END AS body"  # noqa: S608  (compiled conditions; values are bound)
+        " FROM resource r LEFT JOIN LATERAL ("
         " SELECT h.method, h.body, h.last_updated FROM resource_history h"
-        " WHERE h.resource_type = r.resource_type AND h.fhir_id = r.fhir_id"
+        f" WHERE NOT ({old}) AND h.resource_type = r.resource_type AND h.fhir_id = r.fhir_id"
         f" AND (h.txid IS NULL OR h.txid < {xmin}"
         f" OR pg_visible_in_snapshot(h.txid::text::xid8, {snapshot}::text::pg_snapshot))"
-        " ORDER BY h.version_id DESC LIMIT 1) h"
+        " ORDER BY h.version_id DESC LIMIT 1) h ON TRUE"
         f" WHERE {' AND '.join(conditions)} AND r.rid > {after}"
         f" ORDER BY r.rid LIMIT {limit}"
     )
