@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +22,7 @@ from fastapi import FastAPI
 from app.background import job_runner
 from app.main import create_app
 from app.settings import Settings
+from tests import REPO_ROOT
 from tests.conftest import BASE_URL, bearer, wait_until
 
 ASYNC = {"prefer": "respond-async", "accept": "application/fhir+json"}
@@ -419,3 +423,36 @@ async def test_files_hold_the_state_as_of_transaction_time_while_writes_go_on(
     exported = (await lines(http, result["output"]))["Patient"]
     assert len(exported) == len({p["id"] for p in exported})
     assert {p["id"]: p for p in exported} == expected
+
+
+async def test_operators_list_and_cancel_exports_and_see_them_in_metrics(
+    export_app: FastAPI, http: httpx.AsyncClient, database_url: str
+) -> None:
+    """``carecoord exports list|cancel`` (a real CLI process) and the /metrics gauges."""
+    status_url = await kickoff(http, params={"_type": "Organization"})
+    export_id = status_url.rsplit("/", 1)[1]
+    metrics = (await http.get("/metrics")).text
+    assert 'carecoord_exports{state="queued"}' in metrics and "carecoord_export_running_resources" in metrics
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARECOORD_")} | {
+        "DATABASE_URL": database_url
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "exports", *args],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    listed = await asyncio.to_thread(cli, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    row = next(r for r in json.loads(listed.stdout) if r["id"] == export_id)
+    assert row["state"] == "queued" and row["client_id"] == "exporter" and row["level"] == "system"
+    cancelled = await asyncio.to_thread(cli, "cancel", export_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert (await http.get(status_url)).status_code == 404
+    again = await asyncio.to_thread(cli, "cancel", export_id)
+    assert again.returncode == 1 and "no export" in again.stderr

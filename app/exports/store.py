@@ -283,8 +283,9 @@ async def read_file(
                     yield block
             continue
         async with pool.acquire() as conn:
+            # As bytes (bytea): the chunk is sent as stored, without decoding and encoding it here.
             body = await conn.fetchval(
-                "SELECT body FROM bulk_export_file WHERE export_id = $1 AND kind = $2"
+                "SELECT convert_to(body, 'UTF8') FROM bulk_export_file WHERE export_id = $1 AND kind = $2"
                 " AND resource_type = $3 AND part = $4 AND chunk = $5",
                 export_id,
                 entry.kind,
@@ -294,4 +295,4 @@ async def read_file(
             )
         if body is None:
             return  # cancelled or expired meanwhile
-        yield body.encode("utf-8")
+        yield bytes(body)
