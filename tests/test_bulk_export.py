@@ -456,3 +456,22 @@ async def test_operators_list_and_cancel_exports_and_see_them_in_metrics(
     assert (await http.get(status_url)).status_code == 404
     again = await asyncio.to_thread(cli, "cancel", export_id)
     assert again.returncode == 1 and "no export" in again.stderr
+
+
+async def test_an_export_whose_steps_keep_failing_ends_as_failed(
+    export_app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    status_url = await kickoff(http, params={"_type": "Organization"})
+    export_id = status_url.rsplit("/", 1)[1]
+    pool = export_app.state.pool
+    # A snapshot no step can read, on its last allowed try.
+    await pool.execute("UPDATE bulk_export SET snapshot = 'broken' WHERE id = $1", export_id)
+    await pool.execute(
+        "UPDATE job SET payload = payload || '{\"failures\": 4}'::jsonb"
+        " WHERE kind = 'bulk-export' AND key = $1",
+        export_id,
+    )
+    await run_jobs(export_app)
+    failed = await http.get(status_url)
+    assert failed.status_code == 500
+    assert failed.json()["issue"][0]["code"] == "exception" and "internal error" in failed.text

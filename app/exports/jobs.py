@@ -36,7 +36,7 @@ from app.fhir.search import SearchLimits
 from app.fhir.search_service import subset
 from app.jobs import Runner
 from app.jobs.queue import Job
-from app.jobs.runner import Done, Outcome, Retry
+from app.jobs.runner import Done, Failed, Outcome, Retry
 from app.settings import Settings
 
 logger = logging.getLogger("carecoord.exports")
@@ -45,6 +45,8 @@ EXPORT_KIND = "bulk-export"
 EXPIRE_KIND = "bulk-export-expire"
 SLICE_SECONDS = 5.0
 """How long one run of the job goes on before it hands its slot back (and continues at once)."""
+MAX_FAILURES = 5
+"""Consecutive failed runs after which an export is given up on (state ``failed``)."""
 QUEUED_RECHECK = 1.0
 """Seconds between looks at whether a queued export may start."""
 
@@ -122,11 +124,24 @@ class ExportJobs:
             ):
                 return Retry(delay=QUEUED_RECHECK, error="queued behind the client's running exports")
         ends = time.monotonic() + SLICE_SECONDS
-        while time.monotonic() < ends:
-            if await self.step(export_id):
+        try:
+            while time.monotonic() < ends:
+                if await self.step(export_id):
+                    self._forget(export_id)
+                    return Done()
+        except Exception as exc:
+            # By type only (the statement may hold a client's filter values). A step that keeps
+            # failing ends the export as failed: its status then answers 500 with the reason.
+            failures = int(job.payload.get("failures", 0)) + 1
+            error = f"internal error {type(exc).__name__}"
+            logger.error("export %s: step failed (%s), failure %s", export_id, type(exc).__name__, failures)
+            if failures >= MAX_FAILURES:
+                async with self.pool.acquire() as conn:
+                    await store.finish(conn, export_id, "failed", error)
                 self._forget(export_id)
-                return Done()
-        return Retry(delay=0)
+                return Failed(error=error)
+            return Retry(error=error, payload={"failures": failures})
+        return Retry(delay=0, payload={"failures": 0})
 
     def _forget(self, export_id: str) -> None:
         for key in [k for k in self._queries if k[0] == export_id]:
