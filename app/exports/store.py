@@ -31,6 +31,17 @@ _COLUMNS = (
 )
 
 
+_TRANSACTION_TIME = (
+    "LEAST(statement_timestamp(), (SELECT min(xact_start) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL))"
+)
+"""``transactionTime``: now, or the start of the oldest transaction still open, if earlier. A
+write still open at kick-off is not in the snapshot, and its ``lastUpdated`` is not before its
+transaction began: so a later export with ``_since`` = this ``transactionTime`` includes it
+(Bulk Data export.html: everything modified up to ``transactionTime`` is in, later changes may
+be)."""
+
+
 @dataclass(frozen=True)
 class Export:
     id: str
@@ -76,7 +87,7 @@ async def create(
     row = await conn.fetchrow(
         "INSERT INTO bulk_export (id, client_id, access, level, request_url, parameters,"  # noqa: S608  (fixed column list; values are bind parameters)
         " transaction_time, snapshot, state, progress, expires_at)"
-        " VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, statement_timestamp(), pg_current_snapshot()::text,"
+        f" VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, {_TRANSACTION_TIME}, pg_current_snapshot()::text,"
         " 'queued', '{}'::jsonb, now() + make_interval(secs => $7))"
         f" RETURNING {_COLUMNS}",
         uuid.uuid4().hex,
