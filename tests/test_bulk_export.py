@@ -70,11 +70,13 @@ async def manifest(app: FastAPI, http: httpx.AsyncClient, status_url: str) -> di
     return data
 
 
-async def lines(http: httpx.AsyncClient, files: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+async def lines(
+    http: httpx.AsyncClient, files: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Every NDJSON line of ``files``, per type, checking each file's count and media type."""
     found: dict[str, list[dict[str, Any]]] = {}
     for entry in files:
-        response = await http.get(entry["url"])
+        response = await http.get(entry["url"], headers=headers)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("application/fhir+ndjson")
         rows = [json.loads(line) for line in response.text.splitlines() if line]
@@ -475,3 +477,22 @@ async def test_an_export_whose_steps_keep_failing_ends_as_failed(
     failed = await http.get(status_url)
     assert failed.status_code == 500
     assert failed.json()["issue"][0]["code"] == "exception" and "internal error" in failed.text
+
+
+async def test_a_patient_token_exports_only_its_patients_data(
+    export_app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """The token's patient context limits the compartment types inside the export's SQL, as in
+    its searches; directory types (Organization) are not limited."""
+    data = await seed(http)
+    own = data["Patient"][2]["id"]
+    token = await bearer(export_app, "patient/*.rs", client_id="patient-app", patient=own)
+    response = await http.get("/fhir/$export", headers={**ASYNC, **token})
+    assert response.status_code == 202, response.text
+    await run_jobs(export_app)
+    status = await http.get(response.headers["content-location"], headers=token)
+    assert status.status_code == 200
+    exported = await lines(http, status.json()["output"], token)
+    assert [p["id"] for p in exported["Patient"]] == [own]
+    assert {o["subject"]["reference"] for o in exported["Observation"]} == {f"Patient/{own}"}
+    assert len(exported["Organization"]) == 1
