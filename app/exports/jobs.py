@@ -45,6 +45,8 @@ EXPORT_KIND = "bulk-export"
 EXPIRE_KIND = "bulk-export-expire"
 SLICE_SECONDS = 5.0
 """How long one run of the job goes on before it hands its slot back (and continues at once)."""
+QUERY_CACHE_SIZE = 256
+"""Compiled batch statements kept per process (one per export and plan position)."""
 MAX_FAILURES = 5
 """Consecutive failed runs after which an export is given up on (state ``failed``)."""
 QUEUED_RECHECK = 1.0
@@ -168,6 +170,8 @@ class ExportJobs:
                 compartment=bool(parameters.get("compartment")),
                 strict=False,
             )
+            if len(self._queries) >= QUERY_CACHE_SIZE:
+                self._queries.clear()  # exports finished by other processes leave theirs here
             self._queries[key] = query
         return query
 
