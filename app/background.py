@@ -14,6 +14,7 @@ from asyncpg import Pool
 
 from app import db
 from app.audit import jobs as audit_jobs
+from app.exports.jobs import ExportJobs
 from app.fhir.repository import RepositoryFactory
 from app.hooks import write_hooks
 from app.jobs import Runner
@@ -33,8 +34,8 @@ def job_runner(
 ) -> Runner:
     """A runner sized by ``CARECOORD_WORKER_CONCURRENCY`` and ``CARECOORD_WORKER_LEASE``,
     woken by ``NOTIFY`` on its own connection, with the referral handlers (delivery, tracking,
-    cancellation), the subscription handlers (handshake, notification, heartbeat) and the audit
-    store's partition maintenance."""
+    cancellation), the subscription handlers (handshake, notification, heartbeat), the audit
+    store's partition maintenance and the Bulk Data export handlers (export, expiry)."""
     repositories = repositories or RepositoryFactory.from_settings(settings, write_hooks(settings))
     runner = Runner(
         pool,
@@ -46,6 +47,7 @@ def job_runner(
     Worker(pool, http, settings, repositories=repositories, runner=runner)
     Delivery(pool, http, settings, repositories).register(runner)
     audit_jobs.register(runner, pool, settings)
+    ExportJobs(pool, settings).register(runner)
     return runner
 
 

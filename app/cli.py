@@ -393,6 +393,51 @@ def cmd_subscriptions_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exports_list(args: argparse.Namespace) -> int:
+    from app.exports import store
+
+    settings = _settings_with_database(get_settings(), args)
+    exports = _with_connection(settings, store.listing)
+    rows = [
+        {
+            "id": e.id,
+            "client_id": e.client_id,
+            "level": e.level,
+            "state": e.state,
+            "resources": e.resources_total,
+            "transaction_time": e.transaction_time.isoformat(),
+            "expires_at": e.expires_at.isoformat(),
+            "error": e.error,
+        }
+        for e in exports
+    ]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        print(
+            f"{row['id']}  {row['state']:<9} {row['level']:<7} client={row['client_id'] or '-'}"
+            f"  resources={row['resources']}  as of {row['transaction_time']}  expires {row['expires_at']}"
+        )
+    return 0
+
+
+def cmd_exports_cancel(args: argparse.Namespace) -> int:
+    from app.exports import store
+
+    settings = _settings_with_database(get_settings(), args)
+
+    async def cancel(conn: Any) -> bool:
+        async with conn.transaction():
+            return await store.remove(conn, args.export_id, settings.export_dir)
+
+    if not _with_connection(settings, cancel):
+        print(f"no export {args.export_id}", file=sys.stderr)
+        return 1
+    print(f"export {args.export_id} cancelled and its files removed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carecoord", description="carecoord FHIR R4 care-coordination server"
@@ -430,6 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subscription_listing.add_argument("--json", action="store_true")
     subscription_listing.set_defaults(func=cmd_subscriptions_list)
+    exports = commands.add_parser("exports", help="Bulk Data exports ($export)")
+    export_commands = exports.add_subparsers(dest="exports_command", required=True)
+    export_listing = export_commands.add_parser(
+        "list", help="every export kept: id, state, level, client, resources written, expiry"
+    )
+    export_listing.add_argument("--json", action="store_true")
+    export_listing.set_defaults(func=cmd_exports_list)
+    export_cancel = export_commands.add_parser("cancel", help="cancel an export and delete its files")
+    export_cancel.add_argument("export_id")
+    export_cancel.set_defaults(func=cmd_exports_cancel)
     migrate = commands.add_parser("migrate", help="apply the Alembic migrations and exit")
     migrate.set_defaults(func=cmd_migrate)
     openapi = commands.add_parser(

@@ -21,6 +21,7 @@ from app.auth.tokens import build_token_service
 from app.auth.upstream import UpstreamProvider
 from app.background import background_tasks
 from app.cancellation import CancelOnDisconnect
+from app.exports import router as export_router
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
@@ -175,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth.router)
     # Before the FHIR routes (which take only HTTP requests): the websocket channel's endpoint.
     app.include_router(subscription_websocket.router)
+    app.include_router(export_router.router)
     app.include_router(fhir.router)
     app.include_router(fhir.unsupported_routes())
     install_openapi(app)

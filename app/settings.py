@@ -220,6 +220,32 @@ class Settings(BaseSettings):
         description="Seconds a websocket's full send queue may wait for the client to read before the"
         " socket is closed (it recovers missed events with $events)",
     )
+    export_file_max_resources: int = Field(
+        default=100_000, ge=1, description="Most resources in one Bulk Data export NDJSON file"
+    )
+    export_chunk_resources: int = Field(
+        default=5_000,
+        ge=1,
+        description="Resources an export job writes per checkpoint (one transaction; a killed worker"
+        " resumes after the last one)",
+    )
+    export_dir: Path | None = Field(
+        default=None,
+        description="Directory, shared by every carecoord process, for Bulk Data export files;"
+        " unset = the files are stored in PostgreSQL",
+    )
+    export_retention: float = Field(
+        default=86400, gt=0, description="Seconds a Bulk Data export and its files are kept after kick-off"
+    )
+    export_concurrency: int = Field(
+        default=2, ge=1, description="Bulk Data exports of one client that run at once (others queue)"
+    )
+    export_poll_interval: float = Field(
+        default=2,
+        ge=0,
+        description="Seconds a client should wait between status polls of an export (Retry-After);"
+        " polling faster is answered 429",
+    )
     outbound_allowlist: str = Field(
         default="",
         description="Comma list of what outgoing requests may reach besides global addresses:"

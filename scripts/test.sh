@@ -13,6 +13,12 @@ if [ ! -x .venv/bin/pytest ] || [ pyproject.toml -nt .venv/.installed-test ] \
   .venv/bin/pip install --quiet --no-deps -e .
   touch .venv/.installed-test
 fi
+# The SMART bulk-data-client that tests/test_bulk_export_processes.py runs (vendored source; its
+# dependencies from the npm registry). Without npm the test says why it skips.
+if command -v npm >/dev/null && [ ! -d tests/bulk_data_client/node_modules ]; then
+  (cd tests/bulk_data_client && npm ci --omit=dev --no-audit --no-fund --engine-strict=false \
+     --loglevel=error >/dev/null) || echo "bulk-data-client: npm ci failed; its test will be skipped"
+fi
 .venv/bin/ruff check .
 .venv/bin/mypy --strict app
 exec .venv/bin/pytest "$@"

@@ -288,12 +288,16 @@ async def test_capability_statement_lists_operations_with_resolvable_definitions
     client: httpx.AsyncClient,
 ) -> None:
     rest = (await client.get("/fhir/metadata")).json()["rest"][0]
-    assert rest["operation"] == [{"name": "meta", "definition": f"{FHIR}/OperationDefinition/Resource-meta"}]
+    assert rest["operation"] == [
+        {"name": "export", "definition": f"{FHIR}/OperationDefinition/export"},
+        {"name": "meta", "definition": f"{FHIR}/OperationDefinition/Resource-meta"},
+    ]
     by_type = {r["type"]: r for r in rest["resource"]}
     for resource_type in SERVED_TYPES:
         extra = {
             "Subscription": {"status", "events", "get-ws-binding-token"},
-            "Patient": {"everything"},
+            "Patient": {"everything", "export"},  # Bulk Data: Patient/$export
+            "Group": {"export"},  # Bulk Data: Group/[id]/$export
         }.get(resource_type, set())
         assert {o["name"] for o in by_type[resource_type]["operation"]} == {"meta", "validate", *extra}
     assert {i["code"] for i in by_type["OperationDefinition"]["interaction"]} == {"read", "search-type"}

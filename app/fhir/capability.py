@@ -27,6 +27,7 @@ def capability_statement(
     conditional_delete_max: int = 1,
     cors: bool = True,
     resource_details: dict[str, dict[str, Any]] | None = None,
+    instantiates: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     resources = []
     search = registry()
@@ -69,7 +70,7 @@ def capability_statement(
     if operations is not None:
         resources.append(OPERATION_DEFINITION_RESOURCE)
         system_operations = _operations(operations, fhir_base, None)
-    return {
+    statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": RELEASE_DATE,
@@ -94,6 +95,10 @@ def capability_statement(
             }
         ],
     }
+    if instantiates:
+        # What the server conforms to besides core FHIR (Bulk Data IG: CapabilityStatement/bulk-data).
+        statement["instantiates"] = list(instantiates)
+    return statement
 
 
 OPERATION_DEFINITION_RESOURCE: dict[str, Any] = {

@@ -242,6 +242,10 @@ class Operation:
     """Query-string parameters the server writes into its own links (a paging ``_cursor``):
     accepted in the URL and handed to the handler, but not parameters of the OperationDefinition
     (search.html#paging: the server chooses how its next links carry their state)."""
+    get_allowed: bool = False
+    """Offered with GET too although an in-parameter is not a primitive (that one then travels
+    only in a POST body): Bulk Data ``$export`` is kicked off by GET, and ``patient`` (a
+    Reference) is given by POST only (Bulk Data IG export.html)."""
 
     def __post_init__(self) -> None:
         if not self.levels or set(self.levels) - set(LEVELS):
@@ -273,7 +277,9 @@ class Operation:
     def methods(self) -> tuple[str, ...]:
         """operations.html#request: POST always; GET when it changes nothing and every
         in-parameter fits in a URL."""
-        if self.affects_state or any(p.kind != "primitive" for p in self.inputs):
+        if self.affects_state or (
+            not self.get_allowed and any(p.kind != "primitive" for p in self.inputs)
+        ):
             return ("POST",)
         return ("GET", "POST")
 
@@ -282,44 +288,46 @@ class Operation:
 
 
 class OperationRegistry:
-    """The operations the server offers, by name."""
+    """The operations the server offers. One name may be offered by several operations at
+    different levels or types, each with its own definition (Bulk Data ``$export``: system,
+    ``Patient`` and ``Group/[id]``)."""
 
     def __init__(self, operations: Iterable[Operation] = ()) -> None:
-        self.operations: dict[str, Operation] = {}
+        self.operations: list[Operation] = []
         for operation in operations:
             self.register(operation)
 
     def register(self, operation: Operation) -> Operation:
-        if operation.name in self.operations:
-            raise ValueError(f"${operation.name} is registered twice")
-        if any(o.id == operation.id for o in self.operations.values()):
-            raise ValueError(f"OperationDefinition/{operation.id} is used twice")
-        self.operations[operation.name] = operation
+        for other in self.operations:
+            if other.name == operation.name and _overlap(other, operation):
+                raise ValueError(f"${operation.name} is registered twice at one level and type")
+            if other.id == operation.id:
+                raise ValueError(f"OperationDefinition/{operation.id} is used twice")
+        self.operations.append(operation)
         return operation
 
     def __iter__(self) -> Iterator[Operation]:
-        return iter(self.operations.values())
+        return iter(self.operations)
 
     def by_definition_id(self, definition_id: str) -> Operation | None:
-        return next((o for o in self.operations.values() if o.id == definition_id), None)
+        return next((o for o in self.operations if o.id == definition_id), None)
 
     def at(self, level: Level, resource_type: str | None = None) -> list[Operation]:
         """The operations offered at ``level`` (on ``resource_type``), by name."""
-        return sorted(
-            (o for o in self.operations.values() if o.offered(level, resource_type)), key=lambda o: o.name
-        )
+        return sorted((o for o in self.operations if o.offered(level, resource_type)), key=lambda o: o.name)
 
     def resolve(self, name: str, level: Level, resource_type: str | None, method: str) -> Operation:
         """The operation a request names: 404 not-supported when unknown or not offered at
         that level or on that type (as an unknown resource type is), 405 for another method."""
-        operation = self.operations.get(name)
+        named = [o for o in self.operations if o.name == name]
         shown = name[:64]
-        if operation is None:
+        if not named:
             raise NotSupported(f"unknown operation ${shown}")
-        if not operation.offered(level, resource_type):
+        operation = next((o for o in named if o.offered(level, resource_type)), None)
+        if operation is None:
             where = (
                 f"on {resource_type}"
-                if resource_type and level in operation.levels
+                if resource_type and any(level in o.levels for o in named)
                 else f"at the {level} level"
             )
             raise NotSupported(f"${shown} is not offered {where}")
@@ -330,6 +338,14 @@ class OperationRegistry:
                 headers={"Allow": ", ".join(allowed)},
             )
         return operation
+
+
+def _overlap(one: Operation, other: Operation) -> bool:
+    """Whether two operations are offered at some same level on some same type."""
+    for level in set(one.levels) & set(other.levels):
+        if level == "system" or set(one.types) & set(other.types):
+            return True
+    return False
 
 
 # -- parameters ---------------------------------------------------------------------------------

@@ -73,6 +73,14 @@ class ResourceHistoryRow(SQLModel, table=True):
     last_updated: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
     method: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     body: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    txid: int | None = Field(
+        default=None,
+        sa_column=sa.Column(
+            sa.BigInteger, nullable=True, server_default=sa.text("(pg_current_xact_id()::text)::bigint")
+        ),
+        description="The writing transaction (Bulk Data export reads the versions a snapshot sees,"
+        " app/exports); NULL for versions written before revision 0015",
+    )
 
 
 class ServerKeyRow(SQLModel, table=True):

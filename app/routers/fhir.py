@@ -20,6 +20,7 @@ from fastapi.responses import Response
 
 from app.audit.fhir import SEARCH_PARAMETERS as AUDIT_SEARCH_PARAMETERS
 from app.deps import RepositoryDep, read_body
+from app.exports.operations import EXPORT, GROUP_EXPORT, PATIENT_EXPORT
 from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
 from app.fhir.context import FhirContext
@@ -294,7 +295,17 @@ async def compartment_search(ctx: FhirContext, resource_type: str) -> Response:
 # -- operations (R4 operations.html) ------------------------------------------------------------
 
 OPERATIONS = OperationRegistry(
-    (VALIDATE, META, SUBSCRIPTION_STATUS, SUBSCRIPTION_EVENTS, SUBSCRIPTION_WS_BINDING_TOKEN, EVERYTHING)
+    (
+        VALIDATE,
+        META,
+        SUBSCRIPTION_STATUS,
+        SUBSCRIPTION_EVENTS,
+        SUBSCRIPTION_WS_BINDING_TOKEN,
+        EXPORT,
+        PATIENT_EXPORT,
+        GROUP_EXPORT,
+        EVERYTHING,
+    )
 )
 """Every ``$operation`` the server offers; routes, OperationDefinitions, the CapabilityStatement
 and the OpenAPI document all come from it. Register a new operation here."""

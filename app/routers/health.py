@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.exports import metrics as export_metrics
 from app.referrals import metrics
 from app.subscriptions import metrics as subscription_metrics
 
@@ -33,12 +34,13 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get(
     "/metrics",
     operation_id="metrics",
-    summary="Prometheus metrics (referral delivery, subscription notifications)",
+    summary="Prometheus metrics (referral delivery, subscription notifications, Bulk Data exports)",
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}},
 )
 async def prometheus_metrics(request: Request) -> Response:
     async with request.app.state.pool.acquire() as conn:
         await subscription_metrics.refresh(conn)
+        await export_metrics.refresh(conn)
     body, content_type = await metrics.render(request.app.state.pool)
     return Response(body, media_type=content_type)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.deps import SettingsDep
+from app.exports.operations import CAPABILITY_STATEMENT as BULK_DATA_CAPABILITY
 from app.fhir import jsonio
 from app.fhir.capability import capability_statement
 from app.fhir.errors import BadRequest, MethodNotAllowed, NotFound
@@ -49,6 +50,7 @@ async def metadata(request: Request, settings: SettingsDep, fmt: FormatDep) -> R
             conditional_delete_max=settings.conditional_delete_max,
             cors=bool(settings.cors_origins.strip()),
             resource_details={"Subscription": subscription_capabilities()},
+            instantiates=(BULK_DATA_CAPABILITY,),
         )
         cached = request.app.state.capability_json = jsonio.dumps(statement).decode("utf-8")
     return json_response(cached, fmt)
