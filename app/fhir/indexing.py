@@ -46,6 +46,7 @@ class IndexRows:
     )
     quantity: list[tuple[str, Decimal, str | None, str | None, str | None]] = field(default_factory=list)
     uri: list[tuple[str, str]] = field(default_factory=list)
+    position: list[tuple[str, float, float]] = field(default_factory=list)
 
     def columns(self, table: str, width: int) -> list[list[Any]]:
         rows = list(dict.fromkeys(getattr(self, table)))
@@ -200,6 +201,8 @@ def _add(rows: IndexRows, param: SearchParam, element_type: str, value: Any, fhi
         _add_quantity(rows, name, element_type, value)
     elif kind == "uri" and isinstance(value, str):
         rows.uri.append((name, value[:MAX_TOKEN]))
+    elif kind == "special" and element_type == "Location_Position":
+        _add_position(rows, name, value)
 
 
 def _add_token(rows: IndexRows, name: str, element_type: str, value: Any) -> None:
@@ -348,3 +351,15 @@ def _add_quantity(rows: IndexRows, name: str, element_type: str, value: Any) -> 
         number = _decimal(value)
         if number is not None:
             rows.quantity.append((name, number, None, None, None))
+
+
+def _add_position(rows: IndexRows, name: str, value: Any) -> None:
+    """``Location.position`` for ``near`` (R4 location.html#search): WGS84 decimal degrees.
+    A position outside the earth's coordinates is stored but not indexed."""
+    if not isinstance(value, dict):
+        return
+    latitude, longitude = _decimal(value.get("latitude")), _decimal(value.get("longitude"))
+    if latitude is None or longitude is None:
+        return
+    if -90 <= latitude <= 90 and -180 <= longitude <= 180:
+        rows.position.append((name, float(latitude), float(longitude)))

@@ -119,6 +119,7 @@ _INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "quantity": (("value", "numeric"), ("system", "text"), ("code", "text"), ("unit", "text")),
     "uri": (("uri", "text"),),
+    "position": (("latitude", "float8"), ("longitude", "float8")),
 }
 
 

@@ -15,6 +15,7 @@ duplicate nor skip entries for a fixed sort.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -369,6 +370,11 @@ class SearchCompiler:
             return self._any(self._instant(f"{alias}.last_updated", v, name) for v in split_values(raw))
         if param.type == "composite":
             return self._composite(alias, resource_type, param, modifier, raw, name)
+        if param.kind == "position":
+            self._no_modifier(modifier, name)
+            index = self._alias("i")
+            predicate = self._any(self._near(index, value, name) for value in split_values(raw))
+            return self._exists(alias, resource_type, param, predicate, index)
         return self._indexed(alias, resource_type, param, modifier, raw, name)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -637,6 +643,30 @@ class SearchCompiler:
             )
         return f"{index}.uri = {self.bind(value)}"
 
+    def _near(self, index: str, value: str, name: str) -> str:
+        """``near=latitude|longitude|distance|units`` (R4 location.html#search): positions within
+        ``distance`` great-circle (haversine) of the point. A latitude band and a longitude band
+        (split where it crosses the antimeridian, dropped when it reaches a pole) bound the
+        index range scan; the exact distance is checked on what remains."""
+        latitude, longitude, distance_km = parse_near(value, name)
+        box = bounding_box(latitude, longitude, distance_km)
+        clauses = [f"{index}.latitude BETWEEN {self.bind(box.south)} AND {self.bind(box.north)}"]
+        if box.longitude_bands:
+            bands = [
+                f"{index}.longitude BETWEEN {self.bind(west)} AND {self.bind(east)}"
+                for west, east in box.longitude_bands
+            ]
+            clauses.append(self._any(bands))
+        lat, lon = self.bind(latitude), self.bind(longitude)
+        clauses.append(
+            f"{EARTH_RADIUS_KM} * 2 * asin(LEAST(1.0, sqrt("
+            f"power(sin(radians({index}.latitude - {lat}) / 2), 2)"
+            f" + cos(radians({lat})) * cos(radians({index}.latitude))"
+            f" * power(sin(radians({index}.longitude - {lon}) / 2), 2))))"
+            f" <= {self.bind(distance_km)}"
+        )
+        return "(" + " AND ".join(clauses) + ")"
+
     def _composite(
         self, alias: str, resource_type: str, param: SearchParam, modifier: str, raw: str, name: str
     ) -> str:
@@ -770,7 +800,7 @@ class SearchCompiler:
         if name == "_lastUpdated":
             return SortKey(name, descending, f"{alias}.last_updated", "timestamptz")
         param = self.registry.get(resource_type, name)
-        if param is None or param.column or param.type == "composite":
+        if param is None or param.column or param.type in ("composite", "special"):
             raise BadRequest(
                 f"_sort: '{name[:64]}' is not a sortable parameter of {resource_type}", expression=("_sort",)
             )
@@ -791,6 +821,83 @@ class SearchCompiler:
             f" WHERE {index}.rid = {alias}.rid AND {index}.param = {self.bind(param.name)}), {missing})"
         )
         return SortKey(name, descending, expression, sql_type)
+
+
+EARTH_RADIUS_KM = 6371.0088
+"""The mean earth radius (IUGG) of the great-circle distance ``near`` measures."""
+DEFAULT_NEAR_KM = 50.0
+"""``near`` without a distance: R4 leaves "near" to the server; 50 km is a service area."""
+NEAR_UNITS_KM = {
+    "km": 1.0,
+    "m": 0.001,
+    "[mi_i]": 1.609344,
+    "[mi_us]": 1.6093472186944373,
+    "mi": 1.609344,
+}
+"""``near`` units: UCUM codes (unitsofmeasure.org) of lengths, km assumed when omitted."""
+_UCUM = "http://unitsofmeasure.org"
+
+
+def parse_near(value: str, name: str) -> tuple[float, float, float]:
+    """``latitude|longitude[|distance[|units]]`` -> (latitude, longitude, distance in km);
+    a 400 naming the parameter when a part is missing, not a number or out of range."""
+    parts = _split_unescaped(value, "|")
+    if len(parts) == 5 and parts[3] in ("", _UCUM):
+        parts = [*parts[:3], parts[4]]  # distance given as value|system|code (a quantity)
+    if not 2 <= len(parts) <= 4:
+        raise BadRequest(
+            f"{name}: use latitude|longitude|distance|units (e.g. 42.25|-83.69|10|km)", expression=(name,)
+        )
+    numbers: list[float] = []
+    for label, text in zip(("latitude", "longitude", "distance"), parts[:3], strict=False):
+        if not text and label == "distance":
+            continue
+        if not _NUMBER.match(text):
+            raise BadRequest(f"{name}: the {label} '{text[:40]}' is not a number", expression=(name,))
+        numbers.append(float(text))
+    latitude, longitude = numbers[0], numbers[1]
+    if not -90 <= latitude <= 90:
+        raise BadRequest(f"{name}: latitude must lie between -90 and 90", expression=(name,))
+    if not -180 <= longitude <= 180:
+        raise BadRequest(f"{name}: longitude must lie between -180 and 180", expression=(name,))
+    units = parts[3] if len(parts) == 4 and parts[3] else "km"
+    if units not in NEAR_UNITS_KM:
+        raise BadRequest(
+            f"{name}: unknown distance unit '{units[:20]}' (use km, m or [mi_i])", expression=(name,)
+        )
+    distance = numbers[2] * NEAR_UNITS_KM[units] if len(numbers) == 3 else DEFAULT_NEAR_KM
+    if not 0 <= distance <= math.pi * EARTH_RADIUS_KM:
+        raise BadRequest(f"{name}: the distance must be between 0 and half the earth", expression=(name,))
+    return latitude, longitude, distance
+
+
+@dataclass(frozen=True)
+class BoundingBox:
+    south: float
+    north: float
+    longitude_bands: tuple[tuple[float, float], ...]
+    """West-east ranges of longitude; empty when every longitude is within reach."""
+
+
+def bounding_box(latitude: float, longitude: float, distance_km: float) -> BoundingBox:
+    """The smallest latitude/longitude box holding every point within ``distance_km`` of the
+    point on a sphere (the bounding coordinates of J. P. Matuschek, "Finding Points Within a
+    Distance of a Latitude/Longitude Using Bounding Coordinates"), widened by a hair for rounding."""
+    angular = distance_km / EARTH_RADIUS_KM
+    margin = 1e-9
+    south = math.degrees(math.radians(latitude) - angular) - margin
+    north = math.degrees(math.radians(latitude) + angular) + margin
+    if south <= -90 or north >= 90:
+        return BoundingBox(max(south, -90.0), min(north, 90.0), ())
+    spread = math.degrees(math.asin(min(1.0, math.sin(angular) / math.cos(math.radians(latitude))))) + margin
+    west, east = longitude - spread, longitude + spread
+    if spread >= 180:
+        return BoundingBox(south, north, ())
+    if west < -180:
+        return BoundingBox(south, north, ((west + 360, 180.0), (-180.0, east)))
+    if east > 180:
+        return BoundingBox(south, north, ((west, 180.0), (-180.0, east - 360)))
+    return BoundingBox(south, north, ((west, east),))
 
 
 def _prefix(value: str) -> tuple[str, str]:

@@ -35,8 +35,9 @@ class SearchParam:
 
     @property
     def kind(self) -> str:
-        """Which index table holds the values: number and quantity share one."""
-        return "quantity" if self.type == "number" else self.type
+        """Which index table holds the values: number and quantity share one; the one special
+        parameter indexed (``Location.near``) has positions."""
+        return {"number": "quantity", "special": "position"}.get(self.type, self.type)
 
 
 @dataclass(frozen=True)

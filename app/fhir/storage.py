@@ -189,6 +189,23 @@ search_uri = sa.Table(
         postgresql_include=["rid"],
     ),
 )
+search_position = sa.Table(
+    "search_position",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("latitude", sa.Float, nullable=False),
+    sa.Column("longitude", sa.Float, nullable=False),
+    # ``near`` (R4 Location.position): a latitude range (the bounding box) is one index range
+    # scan; longitude is checked from the index too, before the exact great-circle distance.
+    sa.Index(
+        "ix_search_position_lookup",
+        "resource_type",
+        "param",
+        "latitude",
+        "longitude",
+        postgresql_include=["rid"],
+    ),
+)
 
 # Declared for the migrations' review; created in 0002 (the trigram index only where pg_trgm exists).
 sa.Index("ix_resource_type_rid", ResourceRow.__table__.c.resource_type, ResourceRow.__table__.c.rid)  # type: ignore[attr-defined]
