@@ -127,3 +127,97 @@ async def test_a_case_manager_finds_services_near_a_client(client: httpx.AsyncCl
         client, "HealthcareService", ("service-category", category), ("location.near", near("500|km"))
     ) == {"shelter", "far-shelter"}
     await bad_request(client, "HealthcareService", ("location.near", "north|south"), names="near")
+
+
+# -- worklists -------------------------------------------------------------------------------
+
+
+async def _worklist(client: httpx.AsyncClient) -> None:
+    await put(client, "Organization", "cbo", {"name": "Food bank"})
+    tasks: list[tuple[str, str, str | None, str, str]] = [
+        # id, status, priority, authoredOn, executionPeriod.end (the due date)
+        ("t-routine-old", "requested", "routine", "2026-01-01", "2026-03-01"),
+        ("t-routine-new", "accepted", "routine", "2026-02-01", "2026-02-15"),
+        ("t-stat", "requested", "stat", "2026-03-01", "2026-03-02"),
+        ("t-urgent", "accepted", "urgent", "2026-01-15", "2026-04-01"),
+        ("t-asap", "requested", "asap", "2026-02-15", "2026-02-20"),
+        ("t-none", "requested", None, "2026-01-10", "2026-05-01"),
+        ("t-done", "completed", "stat", "2026-01-02", "2026-01-03"),
+    ]
+    for fhir_id, status, priority, authored, due in tasks:
+        body: dict[str, Any] = {
+            "status": status,
+            "intent": "order",
+            "owner": {"reference": "Organization/cbo"},
+            "authoredOn": authored,
+            "executionPeriod": {"start": authored, "end": due},
+        }
+        if priority:
+            body["priority"] = priority
+        await put(client, "Task", fhir_id, body)
+
+
+async def _all_pages(client: httpx.AsyncClient, params: list[tuple[str, str]]) -> list[str]:
+    """The matches of every page (``_count=2``), following ``next`` links."""
+    from tests.test_search_support import get_url, link, match_ids
+
+    bundle = await search(client, "Task", [*params, ("_count", "2")])
+    found = match_ids(bundle)
+    while (url := link(bundle, "next")) is not None:
+        response = await get_url(client, url)
+        assert response.status_code == 200, response.text
+        bundle = response.json()
+        found.extend(match_ids(bundle))
+    return found
+
+
+async def test_worklist_sorts_by_priority_order_then_authored_on(client: httpx.AsyncClient) -> None:
+    """request-priority is ordered (stat > asap > urgent > routine), not alphabetical."""
+    await _worklist(client)
+    worklist = [("owner", "Organization/cbo"), ("status", "requested,accepted")]
+    assert await _all_pages(client, [*worklist, ("_sort", "-priority,authored-on")]) == [
+        "t-stat",
+        "t-asap",
+        "t-urgent",
+        "t-routine-old",
+        "t-routine-new",
+        "t-none",
+    ]
+    assert await _all_pages(client, [*worklist, ("_sort", "priority,-authored-on")]) == [
+        "t-none",
+        "t-routine-new",
+        "t-routine-old",
+        "t-urgent",
+        "t-asap",
+        "t-stat",
+    ]
+    assert await _all_pages(client, [*worklist, ("_sort", "authored-on")]) == [
+        "t-routine-old",
+        "t-none",
+        "t-urgent",
+        "t-routine-new",
+        "t-asap",
+        "t-stat",
+    ]
+
+
+async def test_worklist_sorts_by_period(client: httpx.AsyncClient) -> None:
+    """``_sort=period``: by the start of Task.executionPeriod; ``-period`` by its end (the due date)."""
+    await _worklist(client)
+    worklist = [("owner", "Organization/cbo"), ("status", "requested,accepted")]
+    assert await _all_pages(client, [*worklist, ("_sort", "-period")]) == [
+        "t-none",
+        "t-urgent",
+        "t-stat",
+        "t-routine-old",
+        "t-asap",
+        "t-routine-new",
+    ]
+    assert await _all_pages(client, [*worklist, ("_sort", "period")]) == [
+        "t-routine-old",
+        "t-none",
+        "t-urgent",
+        "t-routine-new",
+        "t-asap",
+        "t-stat",
+    ]

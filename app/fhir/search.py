@@ -816,6 +816,15 @@ class SearchCompiler:
         }[param.type]
         aggregate = "max" if descending else "min"
         index = self._alias("s")
+        if param.order:
+            # An ordered code system (request-priority: routine < urgent < asap < stat) sorts by
+            # its order; codes outside it, and no value, sort below its lowest.
+            rank = f"array_position(CAST({self.bind(list(param.order))} AS text[]), {index}.code)"
+            expression = (
+                f"COALESCE((SELECT {aggregate}({rank}) FROM search_token {index}"
+                f" WHERE {index}.rid = {alias}.rid AND {index}.param = {self.bind(param.name)}), 0)"
+            )
+            return SortKey(name, descending, expression, "integer")
         expression = (
             f"COALESCE((SELECT {aggregate}({index}.{column}) FROM search_{param.kind} {index}"
             f" WHERE {index}.rid = {alias}.rid AND {index}.param = {self.bind(param.name)}), {missing})"
