@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_search_support import JSON, bad_request, ids, put, search, typed_ids
+from tests.test_search_support import bad_request, ids, put, search, typed_ids
 
 HOME = (40.0, -75.0)
 """A client's home; the test sites lie due north of it."""

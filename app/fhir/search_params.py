@@ -1,7 +1,8 @@
 """The R4 search parameters of the served types, from the generated table.
 
 ``generated/search_params.json`` is produced by tools/generate.py from the official
-R4 SearchParameter definitions (and the implementation guides' ones shipped in tools/ig) (FHIRPath compiled into JSON-key paths) and the R4
+R4 SearchParameter definitions and the implementation guides' ones shipped in tools/ig
+(FHIRPath compiled into JSON-key paths) and the R4
 Patient CompartmentDefinition; this module gives it types.
 """
 
