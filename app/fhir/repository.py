@@ -100,7 +100,7 @@ def stamp(
 
 
 # Index tables and their value columns, in IndexRows tuple order (after ``param``).
-_INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "token": (
         ("system", "text"),
         ("code", "text"),
@@ -126,7 +126,7 @@ _INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
 def _index_ctes(source: str, *, replace: bool) -> str:
     """CTEs that write a resource's index rows from array parameters (and drop the old ones)."""
     ctes = []
-    for table, columns in _INDEX_TABLES.items():
+    for table, columns in INDEX_TABLES.items():
         names = ", ".join(name for name, _ in columns)
         arrays = ", ".join(
             f"CAST(:{table}_{name} AS {kind}[])" for name, kind in (("param", "text"), *columns)
@@ -142,7 +142,7 @@ def _index_ctes(source: str, *, replace: bool) -> str:
 
 def _index_params(rows: IndexRows) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    for table, columns in _INDEX_TABLES.items():
+    for table, columns in INDEX_TABLES.items():
         arrays = rows.columns(table, len(columns) + 1)
         for (name, _), values in zip((("param", "text"), *columns), arrays, strict=True):
             params[f"{table}_{name}"] = values
@@ -197,7 +197,7 @@ _WRITE_VERSION = Statement(
 def _insert_many_sql() -> str:
     """One statement that creates many resources of one type (server-written records)."""
     ctes = []
-    for table, columns in _INDEX_TABLES.items():
+    for table, columns in INDEX_TABLES.items():
         names = ", ".join(name for name, _ in columns)
         arrays = ", ".join(
             f"CAST(:{table}_{name} AS {kind}[])"
@@ -525,7 +525,7 @@ class FhirRepository:
             rows = (
                 index_rows[number] if index_rows is not None else extract(resource_type, data, self.fhir_base)
             )
-            for table, columns in _INDEX_TABLES.items():
+            for table, columns in INDEX_TABLES.items():
                 names = ("param", *(name for name, _ in columns))
                 values = rows.columns(table, len(names))
                 index.setdefault(f"{table}_fid", []).extend([fid] * len(values[0]))
