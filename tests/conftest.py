@@ -81,6 +81,7 @@ def settings(database_url: str) -> Settings:
         database_url=database_url,
         base_url=BASE_URL,
         max_body_bytes=64 * 1024,
+        attachment_max_bytes=16 * 1024,  # below the body limit, so the attachment limit is what refuses
         # Referral tests run their workers themselves (tests/test_referrals.py), with short delays.
         run_worker=False,
         referral_poll_interval=0.5,

@@ -221,3 +221,285 @@ async def test_worklist_sorts_by_period(client: httpx.AsyncClient) -> None:
         "t-asap",
         "t-stat",
     ]
+
+
+# -- every R4 search parameter of the directory types ------------------------------------------
+
+SYS = "http://example.org/codes"
+
+
+def _cc(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": SYS, "code": code}]}
+
+
+META = {
+    "profile": ["http://example.org/StructureDefinition/directory"],
+    "tag": [{"system": SYS, "code": "tagged"}],
+    "security": [{"system": SYS, "code": "sec"}],
+    "source": "http://example.org/source",
+}
+ADDRESS = {
+    "use": "work",
+    "line": ["12 Harbor Street"],
+    "city": "Springfield",
+    "state": "IL",
+    "postalCode": "62701",
+    "country": "USA",
+}
+DIRECTORY: dict[str, dict[str, Any]] = {
+    "HealthcareService": {
+        "meta": META,
+        "identifier": [{"system": SYS, "value": "hs-1"}],
+        "active": True,
+        "providedBy": {"reference": "Organization/org"},
+        "category": [_cc("housing")],
+        "type": [_cc("shelter")],
+        "specialty": [_cc("families")],
+        "location": [{"reference": "Location/loc"}],
+        "name": "Family shelter",
+        "coverageArea": [{"reference": "Location/loc"}],
+        "program": [_cc("hud")],
+        "characteristic": [_cc("wheelchair")],
+        "endpoint": [{"reference": "Endpoint/ep"}],
+    },
+    "Location": {
+        "meta": META,
+        "identifier": [{"system": SYS, "value": "loc-1"}],
+        "status": "active",
+        "operationalStatus": {"system": SYS, "code": "open"},
+        "name": "Harbor site",
+        "alias": ["Old harbor"],
+        "type": [_cc("site")],
+        "address": ADDRESS,
+        "position": {"longitude": -89.65, "latitude": 39.78},
+        "managingOrganization": {"reference": "Organization/org"},
+        "partOf": {"reference": "Location/parent"},
+        "endpoint": [{"reference": "Endpoint/ep"}],
+    },
+    "OrganizationAffiliation": {
+        "meta": META,
+        "identifier": [{"system": SYS, "value": "oa-1"}],
+        "active": True,
+        "period": {"start": "2026-01-01", "end": "2026-12-31"},
+        "organization": {"reference": "Organization/org"},
+        "participatingOrganization": {"reference": "Organization/partner"},
+        "network": [{"reference": "Organization/network"}],
+        "code": [_cc("provider")],
+        "specialty": [_cc("families")],
+        "location": [{"reference": "Location/loc"}],
+        "healthcareService": [{"reference": "HealthcareService/hs"}],
+        "telecom": [{"system": "phone", "value": "555-0100"}, {"system": "email", "value": "a@example.org"}],
+        "endpoint": [{"reference": "Endpoint/ep"}],
+    },
+    "DocumentReference": {
+        "meta": META,
+        "masterIdentifier": {"system": SYS, "value": "master-1"},
+        "identifier": [{"system": SYS, "value": "doc-1"}],
+        "status": "current",
+        "type": _cc("referral-note"),
+        "category": [_cc("social")],
+        "subject": {"reference": "Patient/pat"},
+        "date": "2026-03-01T10:00:00Z",
+        "author": [{"reference": "Practitioner/doc"}],
+        "authenticator": {"reference": "Organization/org"},
+        "custodian": {"reference": "Organization/org"},
+        "relatesTo": [{"code": "replaces", "target": {"reference": "DocumentReference/old"}}],
+        "description": "Intake summary",
+        "securityLabel": [_cc("restricted")],
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain",
+                    "language": "en",
+                    "url": "http://example.org/docs/intake.txt",
+                },
+                "format": {"system": SYS, "code": "plain"},
+            }
+        ],
+        "context": {
+            "encounter": [{"reference": "EpisodeOfCare/eoc"}],
+            "event": [_cc("intake")],
+            "period": {"start": "2026-02-01", "end": "2026-02-28"},
+            "facilityType": _cc("community"),
+            "practiceSetting": _cc("social-work"),
+            "related": [{"reference": "ServiceRequest/sr"}],
+        },
+    },
+    "Basic": {
+        "meta": META,
+        "identifier": [{"system": SYS, "value": "basic-1"}],
+        "code": _cc("consent-note"),
+        "subject": {"reference": "Patient/pat"},
+        "created": "2026-03-02",
+        "author": {"reference": "Practitioner/doc"},
+    },
+}
+MINIMAL: dict[str, dict[str, Any]] = {
+    "HealthcareService": {},
+    "Location": {},
+    "OrganizationAffiliation": {},
+    "DocumentReference": {"status": "superseded", "content": [{"attachment": {"contentType": "application/pdf"}}]},
+    "Basic": {"code": _cc("other")},
+}
+"""A resource of each type that none of the searches below may find."""
+COMMON = [
+    ("_id", "it"),
+    ("_lastUpdated", "gt2000-01-01"),
+    ("_profile", "http://example.org/StructureDefinition/directory"),
+    ("_tag", f"{SYS}|tagged"),
+    ("_security", f"{SYS}|sec"),
+    ("_source", "http://example.org/source"),
+]
+SEARCHES: dict[str, list[tuple[str, str]]] = {
+    "HealthcareService": [
+        ("active", "true"),
+        ("characteristic", f"{SYS}|wheelchair"),
+        ("coverage-area", "Location/loc"),
+        ("endpoint", "Endpoint/ep"),
+        ("identifier", f"{SYS}|hs-1"),
+        ("location", "Location/loc"),
+        ("name", "family"),
+        ("organization", "Organization/org"),
+        ("program", f"{SYS}|hud"),
+        ("service-category", f"{SYS}|housing"),
+        ("service-type", f"{SYS}|shelter"),
+        ("specialty", f"{SYS}|families"),
+    ],
+    "Location": [
+        ("address", "12 harbor"),
+        ("address-city", "springfield"),
+        ("address-country", "usa"),
+        ("address-postalcode", "627"),
+        ("address-state", "il"),
+        ("address-use", "work"),
+        ("endpoint", "Endpoint/ep"),
+        ("identifier", f"{SYS}|loc-1"),
+        ("name", "old harbor"),
+        ("near", "39.78|-89.65|1|km"),
+        ("operational-status", f"{SYS}|open"),
+        ("organization", "Organization/org"),
+        ("partof", "Location/parent"),
+        ("status", "active"),
+        ("type", f"{SYS}|site"),
+    ],
+    "OrganizationAffiliation": [
+        ("active", "true"),
+        ("date", "2026"),
+        ("email", "a@example.org"),
+        ("endpoint", "Endpoint/ep"),
+        ("identifier", f"{SYS}|oa-1"),
+        ("location", "Location/loc"),
+        ("network", "Organization/network"),
+        ("participating-organization", "Organization/partner"),
+        ("phone", "555-0100"),
+        ("primary-organization", "Organization/org"),
+        ("role", f"{SYS}|provider"),
+        ("service", "HealthcareService/hs"),
+        ("specialty", f"{SYS}|families"),
+        ("telecom", "555-0100"),
+    ],
+    "DocumentReference": [
+        ("authenticator", "Organization/org"),
+        ("author", "Practitioner/doc"),
+        ("category", f"{SYS}|social"),
+        ("contenttype", "text/plain"),
+        ("custodian", "Organization/org"),
+        ("date", "2026-03-01"),
+        ("description", "intake"),
+        ("encounter", "EpisodeOfCare/eoc"),
+        ("event", f"{SYS}|intake"),
+        ("facility", f"{SYS}|community"),
+        ("format", f"{SYS}|plain"),
+        ("identifier", f"{SYS}|master-1"),
+        ("language", "en"),
+        ("location", "http://example.org/docs/intake.txt"),
+        ("patient", "Patient/pat"),
+        ("period", "2026-02"),
+        ("related", "ServiceRequest/sr"),
+        ("relatesto", "DocumentReference/old"),
+        ("relation", "replaces"),
+        ("relationship", "DocumentReference/old$replaces"),
+        ("security-label", f"{SYS}|restricted"),
+        ("setting", f"{SYS}|social-work"),
+        ("status", "current"),
+        ("subject", "Patient/pat"),
+        ("type", f"{SYS}|referral-note"),
+    ],
+    "Basic": [
+        ("author", "Practitioner/doc"),
+        ("code", f"{SYS}|consent-note"),
+        ("created", "2026-03-02"),
+        ("identifier", f"{SYS}|basic-1"),
+        ("patient", "Patient/pat"),
+        ("subject", "Patient/pat"),
+    ],
+}
+
+
+@pytest.mark.parametrize("resource_type", sorted(DIRECTORY))
+async def test_every_r4_search_parameter_of_the_directory_types(
+    client: httpx.AsyncClient, resource_type: str
+) -> None:
+    from app.fhir.search_params import registry
+
+    searches = [*COMMON, *SEARCHES[resource_type]]
+    assert {name for name, _ in searches} == set(registry().for_type(resource_type)), (
+        "a parameter is untested"
+    )
+    await put(client, resource_type, "it", DIRECTORY[resource_type])
+    await put(client, resource_type, "other", MINIMAL[resource_type])
+    for name, value in searches:
+        expected = {"it", "other"} if name == "_lastUpdated" else {"it"}
+        assert await ids(client, resource_type, (name, value)) == expected, f"{resource_type}?{name}={value}"
+
+
+async def test_document_reference_relationship_pairs_target_and_code(client: httpx.AsyncClient) -> None:
+    body = DIRECTORY["DocumentReference"]
+    await put(client, "DocumentReference", "it", body)
+    assert (
+        await ids(client, "DocumentReference", ("relationship", "DocumentReference/old$transforms")) == set()
+    )
+    assert await ids(client, "DocumentReference", ("relationship", "DocumentReference/new$replaces")) == set()
+    await bad_request(
+        client, "DocumentReference", ("relationship", "DocumentReference/old"), names="relationship"
+    )
+
+
+# -- attachments -------------------------------------------------------------------------------
+
+
+def _document(data: bytes) -> dict[str, Any]:
+    import base64
+
+    return {
+        "status": "current",
+        "content": [
+            {"attachment": {"contentType": "application/pdf", "data": base64.b64encode(data).decode()}}
+        ],
+    }
+
+
+async def test_inline_attachments_are_limited_by_their_decoded_size(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    limit = app.state.settings.attachment_max_bytes
+    stored = await put(client, "DocumentReference", "small", _document(b"%PDF" * 10))
+    assert stored["content"][0]["attachment"]["data"]
+    response = await client.put(
+        "/fhir/DocumentReference/big",
+        json={"resourceType": "DocumentReference", "id": "big", **_document(b"x" * (limit + 1))},
+        headers={"content-type": "application/fhir+json"},
+    )
+    assert response.status_code == 413, response.text
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"] == ["DocumentReference.content[0].attachment.data"]
+    assert (await client.get("/fhir/DocumentReference/big")).status_code == 404
+    # exactly the limit is accepted; a URL instead of inline data always is
+    await put(client, "DocumentReference", "edge", _document(b"x" * limit))
+    await put(
+        client,
+        "DocumentReference",
+        "by-url",
+        {"status": "current", "content": [{"attachment": {"url": "https://files.example.org/big.pdf"}}]},
+    )

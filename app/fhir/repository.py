@@ -40,6 +40,7 @@ from app.fhir.search import (
 from app.fhir.search_params import registry
 from app.fhir.sql import Statement
 from app.fhir.types import SERVED_TYPE_SET, SERVED_TYPES
+from app.fhir.validation import check_attachments
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -290,6 +291,8 @@ class RepositoryFactory:
     max_resource_bytes: int = 5 * 1024 * 1024
     """The largest resource a write may store (CARECOORD_MAX_BODY_BYTES): what a PATCH or a
     partner's data may build here too."""
+    max_attachment_bytes: int = 1024 * 1024
+    """The largest decoded inline attachment a write may store (CARECOORD_ATTACHMENT_MAX_BYTES)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, hooks: Sequence[WriteHook]) -> RepositoryFactory:
@@ -299,6 +302,7 @@ class RepositoryFactory:
             SearchLimits.from_settings(settings),
             settings.organization,
             settings.max_body_bytes,
+            settings.attachment_max_bytes,
         )
 
     def for_client(self, connection: Connection, access: AccessContext) -> FhirRepository:
@@ -323,6 +327,7 @@ class RepositoryFactory:
             search_limits=self.search_limits,
             home_organization=self.home_organization,
             max_resource_bytes=self.max_resource_bytes,
+            max_attachment_bytes=self.max_attachment_bytes,
         )
 
 
@@ -341,6 +346,7 @@ class FhirRepository:
         search_limits: SearchLimits = SearchLimits(),
         home_organization: str | None = None,
         max_resource_bytes: int = 5 * 1024 * 1024,
+        max_attachment_bytes: int = 1024 * 1024,
     ) -> None:
         self._conn = connection
         self.access = access
@@ -350,6 +356,7 @@ class FhirRepository:
         """The complexity budget of every search this repository runs (conditions included)."""
         self._home = tuple(home_organization.split("/", 1)) if home_organization else None
         self.max_resource_bytes = max_resource_bytes
+        self.max_attachment_bytes = max_attachment_bytes
         self.system = system
         """Writes made by carecoord itself (mirroring a partner's Task), not by a client."""
         self.bookkeeping = bookkeeping
@@ -480,6 +487,7 @@ class FhirRepository:
         hooks = self._hooks_for(resource_type)
         for hook in hooks:
             await hook.before_write(self, resource_type, None, data)
+        check_attachments(resource_type, data, self.max_attachment_bytes)
         rows = extract(resource_type, data, self.fhir_base)
         await self._check_references(data)
         now = _now()
@@ -724,6 +732,8 @@ class FhirRepository:
             previous = jsonio.loads(previous_body) if previous_body else None
         for hook in hooks:
             await hook.before_write(self, resource_type, previous, data)
+        if data is not None:
+            check_attachments(resource_type, data, self.max_attachment_bytes)
         rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
         if data is not None:
             await self._check_references(data, previous)
