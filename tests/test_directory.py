@@ -338,7 +338,10 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "HealthcareService": {},
     "Location": {},
     "OrganizationAffiliation": {},
-    "DocumentReference": {"status": "superseded", "content": [{"attachment": {"contentType": "application/pdf"}}]},
+    "DocumentReference": {
+        "status": "superseded",
+        "content": [{"attachment": {"contentType": "application/pdf"}}],
+    },
     "Basic": {"code": _cc("other")},
 }
 """A resource of each type that none of the searches below may find."""
