@@ -109,8 +109,8 @@ async def clean_db(engine: AsyncEngine) -> None:
         await conn.execute(
             text(
                 "TRUNCATE resource, resource_history, search_token, search_string, search_date,"
-                " search_reference, search_quantity, search_uri, search_position, job, resource_change,"
-                " change_cursor,"
+                " search_reference, search_quantity, search_uri, search_position, search_worklist, job,"
+                " resource_change, change_cursor,"
                 " subscription RESTART IDENTITY CASCADE"
             )
         )

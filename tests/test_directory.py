@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import bearer
 from tests.test_search_support import bad_request, ids, put, search, typed_ids
 
 HOME = (40.0, -75.0)
@@ -157,25 +158,40 @@ async def _worklist(client: httpx.AsyncClient) -> None:
         await put(client, "Task", fhir_id, body)
 
 
-async def _all_pages(client: httpx.AsyncClient, params: list[tuple[str, str]]) -> list[str]:
+async def _all_pages(
+    client: httpx.AsyncClient, params: list[tuple[str, str]], headers: dict[str, str] | None = None
+) -> list[str]:
     """The matches of every page (``_count=2``), following ``next`` links."""
-    from tests.test_search_support import get_url, link, match_ids
+    from tests.test_search_support import BASE_URL, link, match_ids
 
-    bundle = await search(client, "Task", [*params, ("_count", "2")])
+    bundle = await search(client, "Task", [*params, ("_count", "2")], headers=headers)
     found = match_ids(bundle)
     while (url := link(bundle, "next")) is not None:
-        response = await get_url(client, url)
+        response = await client.get(url[len(BASE_URL) :], headers=headers)
         assert response.status_code == 200, response.text
         bundle = response.json()
         found.extend(match_ids(bundle))
     return found
 
 
-async def test_worklist_sorts_by_priority_order_then_authored_on(client: httpx.AsyncClient) -> None:
+async def test_worklist_sorts_by_priority_order_then_authored_on(app: Any, client: httpx.AsyncClient) -> None:
     """request-priority is ordered (stat > asap > urgent > routine), not alphabetical."""
     await _worklist(client)
     worklist = [("owner", "Organization/cbo"), ("status", "requested,accepted")]
     assert await _all_pages(client, [*worklist, ("_sort", "-priority,authored-on")]) == [
+        "t-stat",
+        "t-asap",
+        "t-urgent",
+        "t-routine-old",
+        "t-routine-new",
+        "t-none",
+    ]
+    # the general sort (no single owner: sort keys from the index rows) gives the same order
+    general = await _all_pages(client, [("status", "requested,accepted"), ("_sort", "-priority,authored-on")])
+    assert general == ["t-stat", "t-asap", "t-urgent", "t-routine-old", "t-routine-new", "t-none"]
+    # the owner's own (limited) token pages through the same worklist
+    owner = await bearer(app, "system/Task.rs", client_id="cbo-client", organization="Organization/cbo")
+    assert await _all_pages(client, [*worklist, ("_sort", "-priority,authored-on")], owner) == [
         "t-stat",
         "t-asap",
         "t-urgent",
@@ -213,6 +229,8 @@ async def test_worklist_sorts_by_period(client: httpx.AsyncClient) -> None:
         "t-asap",
         "t-routine-new",
     ]
+    general = await _all_pages(client, [("status", "requested,accepted"), ("_sort", "-period")])
+    assert general == ["t-none", "t-urgent", "t-stat", "t-routine-old", "t-asap", "t-routine-new"]
     assert await _all_pages(client, [*worklist, ("_sort", "period")]) == [
         "t-routine-old",
         "t-none",

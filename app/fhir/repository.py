@@ -121,6 +121,16 @@ INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "quantity": (("value", "numeric"), ("system", "text"), ("code", "text"), ("unit", "text")),
     "uri": (("uri", "text"),),
     "position": (("latitude", "float8"), ("longitude", "float8")),
+    "worklist": (
+        ("owner_type", "text"),
+        ("owner_id", "text"),
+        ("status", "text"),
+        ("priority", "int4"),
+        ("authored_low", "timestamptz"),
+        ("authored_high", "timestamptz"),
+        ("period_low", "timestamptz"),
+        ("period_high", "timestamptz"),
+    ),
 }
 
 
@@ -968,7 +978,7 @@ class SearchExecutor:
         driver = self._driver(request, after, backwards, limit) if not request.sort else ""
         # Every identifier and operator above comes from the parameter table; values are bound.
         sql = (
-            f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
+            f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r{request.source}"
             f" WHERE {where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
         )
         rows = [] if request.summary == "count" else list(await self._conn.fetch(sql, *bind.values))

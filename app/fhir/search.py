@@ -196,6 +196,8 @@ class SearchRequest:
     """The caller's limits; included resources are filtered by them too."""
     where_count: int = 0
     """How many of the binder's values the WHERE clause uses (they come first)."""
+    source: str = ""
+    """A join that drives a sorted page from an ordered index (``worklist_source``)."""
 
     @property
     def drivable(self) -> bool:
@@ -909,6 +911,55 @@ def bounding_box(latitude: float, longitude: float, distance_km: float) -> Bound
     return BoundingBox(south, north, ((west, east),))
 
 
+WORKLIST_SORTS = {
+    # name: (ascending column, descending column, SQL type) of search_worklist
+    "priority": ("priority", "priority", "integer"),
+    "authored-on": ("authored_low", "authored_high", "timestamptz"),
+    "period": ("period_low", "period_high", "timestamptz"),
+}
+
+
+def worklist_source(
+    resource_types: tuple[str, ...],
+    pairs: list[tuple[str, str]],
+    sort_specs: list[str],
+    compiler: SearchCompiler,
+) -> tuple[str, list[SortKey]] | None:
+    """A Task search for one owner sorted by priority, authored-on and/or period (a worklist):
+    the join to the owner's ``search_worklist`` rows and sort keys over their columns, so that
+    PostgreSQL reads the page from an ordered index range (app/fhir/storage.py) and stops when
+    it is full, for any token: the WHERE clause (the owner and status conditions, the caller's
+    access limits) still judges every row, the join only orders them. None when the search is
+    not one (the sort keys are then computed from the index rows, sorting every match)."""
+    if resource_types != ("Task",) or not sort_specs:
+        return None
+    if not all(spec.lstrip("-") in (*WORKLIST_SORTS, "_lastUpdated", "_id") for spec in sort_specs):
+        return None
+    owners = [raw for name, raw in pairs if name == "owner"]
+    if not owners or len(split_values(owners[0])) != 1:
+        return None
+    value = unescape(owners[0])
+    owner_type, owner_id, url = split_reference(value, compiler.fhir_base)
+    if url is not None and "/" not in url and ":" not in url:
+        owner_id = url  # a bare id
+    if owner_id is None:
+        return None
+    join = f" JOIN search_worklist w ON w.rid = r.rid AND w.owner_id = {compiler.bind(owner_id)}"
+    if owner_type is not None:
+        join += f" AND w.owner_type = {compiler.bind(owner_type)}"
+    keys = []
+    for spec in sort_specs:
+        descending = spec.startswith("-")
+        name = spec.lstrip("-")
+        if name in WORKLIST_SORTS:
+            ascending_column, descending_column, sql_type = WORKLIST_SORTS[name]
+            column = descending_column if descending else ascending_column
+            keys.append(SortKey(name, descending, f"w.{column}", sql_type))
+        else:
+            keys.append(compiler.sort_key("r", "Task", spec))
+    return join, keys
+
+
 def _prefix(value: str) -> tuple[str, str]:
     match = _PREFIX.match(value)
     assert match is not None
@@ -1075,7 +1126,9 @@ def parse_search(
     # The WHERE clause's values are bound first: the count and estimate statements send only them
     # (PostgreSQL cannot type a parameter no statement text uses, such as a sort key's).
     where_count = len(binder.values)
-    sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
+    worklist = worklist_source(resource_types, pairs, sort_specs, compiler)
+    source = worklist[0] if worklist else ""
+    sort = worklist[1] if worklist else [compiler.sort_key("r", resource_types[0], s) for s in sort_specs]
     if len(binder.values) > limits.bind_values:
         raise too_costly(limits, "bind_values", len(binder.values), "values to bind")
     if total == "estimate" and limited:
@@ -1084,6 +1137,7 @@ def parse_search(
         total = "accurate"
     return SearchRequest(
         where_count=where_count,
+        source=source,
         resource_types=resource_types,
         conditions=conditions,
         binder=binder,
