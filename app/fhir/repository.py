@@ -953,7 +953,8 @@ class SearchExecutor:
         where = self._where(request)
         where_values = bind.values[: request.where_count]  # all the count and estimate statements use
         keys = [(key.expression, key.descending, key.sql_type) for key in request.sort]
-        keys.append(("r.rid", False, "bigint"))
+        # A worklist's rows come in the order of its index, whose last column is the row id.
+        keys.append(("w.rid" if request.worklist_filter else "r.rid", False, "bigint"))
         keyset = ""
         if after is not None:
             if len(after) != len(keys):
@@ -977,10 +978,20 @@ class SearchExecutor:
         limit = request.count + 1
         driver = self._driver(request, after, backwards, limit) if not request.sort else ""
         # Every identifier and operator above comes from the parameter table; values are bound.
-        sql = (
-            f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r{request.source}"
-            f" WHERE {where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
-        )
+        if request.worklist_filter:
+            # The worklist index is read in order and each of its rows judged by the WHERE clause
+            # in a subquery that PostgreSQL may not flatten (OFFSET 0): the scan stops when the
+            # page is full, instead of filtering every row of the type and sorting the matches.
+            sql = (
+                f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM search_worklist w"
+                f" CROSS JOIN LATERAL (SELECT r.* FROM resource r WHERE r.rid = w.rid AND {where} OFFSET 0) r"
+                f" WHERE {request.worklist_filter}{keyset} ORDER BY {order} LIMIT {limit}"
+            )
+        else:
+            sql = (
+                f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
+                f" WHERE {where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
+            )
         rows = [] if request.summary == "count" else list(await self._conn.fetch(sql, *bind.values))
         more = len(rows) > request.count
         rows = rows[: request.count]
@@ -1040,10 +1051,10 @@ class SearchExecutor:
         after: tuple[Any, ...] | None,
     ) -> int | None:
         if request.total == "accurate" or request.summary == "count":
-            sql = f"SELECT count(*) FROM resource r WHERE {where}"
+            sql = f"SELECT count(*) FROM resource r{_worklist_join(request)} WHERE {where}"
             return int(await self._conn.fetchval(sql, *values))
         if request.total == "estimate":
-            sql = f"EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {where}"
+            sql = f"EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r{_worklist_join(request)} WHERE {where}"
             plan = await self._conn.fetchval(sql, *values)
             document = jsonio.loads(plan) if isinstance(plan, str) else plan
             return int(document[0]["Plan"]["Plan Rows"])
@@ -1118,6 +1129,12 @@ class SearchExecutor:
     async def _found(self, sql: str, compiler: SearchCompiler) -> list[Found]:
         rows = await self._conn.fetch(sql, *compiler.bind.values)
         return [Found(r["rid"], r["resource_type"], r["fhir_id"], r["body"]) for r in rows]
+
+
+def _worklist_join(request: SearchRequest) -> str:
+    if not request.worklist_filter:
+        return ""
+    return f" JOIN search_worklist w ON w.rid = r.rid AND {request.worklist_filter}"
 
 
 def _readable(

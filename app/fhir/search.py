@@ -196,8 +196,8 @@ class SearchRequest:
     """The caller's limits; included resources are filtered by them too."""
     where_count: int = 0
     """How many of the binder's values the WHERE clause uses (they come first)."""
-    source: str = ""
-    """A join that drives a sorted page from an ordered index (``worklist_source``)."""
+    worklist_filter: str = ""
+    """Conditions on ``search_worklist w`` rows whose index order drives the page (:class:`Worklist`)."""
 
     @property
     def drivable(self) -> bool:
@@ -919,45 +919,74 @@ WORKLIST_SORTS = {
 }
 
 
-def worklist_source(
-    resource_types: tuple[str, ...],
-    pairs: list[tuple[str, str]],
-    sort_specs: list[str],
-    compiler: SearchCompiler,
-) -> tuple[str, list[SortKey]] | None:
-    """A Task search for one owner sorted by priority, authored-on and/or period (a worklist):
-    the join to the owner's ``search_worklist`` rows and sort keys over their columns, so that
-    PostgreSQL reads the page from an ordered index range (app/fhir/storage.py) and stops when
-    it is full, for any token: the WHERE clause (the owner and status conditions, the caller's
-    access limits) still judges every row, the join only orders them. None when the search is
-    not one (the sort keys are then computed from the index rows, sorting every match)."""
-    if resource_types != ("Task",) or not sort_specs:
+@dataclass(frozen=True)
+class Worklist:
+    """A Task search for one owner sorted by priority, authored-on and/or period (a worklist).
+
+    Its page is read from the owner's ``search_worklist`` rows (app/fhir/storage.py) in the
+    order of an index and stops when full, whatever the number of the owner's Tasks and for any
+    token: the join carries the owner condition (and the status one, for plain codes), which
+    match exactly what the ``owner`` and ``status`` parameters match, and the WHERE clause
+    everything else (other parameters, the caller's access limits)."""
+
+    owner_type: str | None
+    owner_id: str
+    statuses: tuple[str, ...] | None
+    consumed: frozenset[int]
+    """Positions in the search's parameters that the join carries."""
+
+    def filter(self, bind: Binder) -> str:
+        """The conditions on the worklist rows ``w``."""
+        clauses = [f"w.owner_id = {bind(self.owner_id)}"]
+        if self.owner_type is not None:
+            clauses.append(f"w.owner_type = {bind(self.owner_type)}")
+        if self.statuses is not None:
+            clauses.append(f"w.status = ANY(CAST({bind(list(self.statuses))} AS text[]))")
+        return " AND ".join(clauses)
+
+    @staticmethod
+    def sort_keys(specs: list[str], compiler: SearchCompiler) -> list[SortKey]:
+        keys = []
+        for spec in specs:
+            descending = spec.startswith("-")
+            name = spec.lstrip("-")
+            if name in WORKLIST_SORTS:
+                ascending_column, descending_column, sql_type = WORKLIST_SORTS[name]
+                column = descending_column if descending else ascending_column
+                keys.append(SortKey(name, descending, f"w.{column}", sql_type))
+            else:
+                keys.append(compiler.sort_key("r", "Task", spec))
+        return keys
+
+
+def plan_worklist(
+    resource_types: tuple[str, ...], pairs: list[tuple[str, str]], fhir_base: str
+) -> Worklist | None:
+    """The :class:`Worklist` of a search, or None when it is not one (its sort keys are then
+    computed from the index rows of every match, which are sorted before the page is cut)."""
+    specs = [v for name, raw in pairs if name == "_sort" for v in raw.split(",") if v]
+    if resource_types != ("Task",) or not specs:
         return None
-    if not all(spec.lstrip("-") in (*WORKLIST_SORTS, "_lastUpdated", "_id") for spec in sort_specs):
+    if not all(spec.lstrip("-") in (*WORKLIST_SORTS, "_lastUpdated", "_id") for spec in specs):
         return None
-    owners = [raw for name, raw in pairs if name == "owner"]
-    if not owners or len(split_values(owners[0])) != 1:
+    owners = [(n, raw) for n, (name, raw) in enumerate(pairs) if name == "owner"]
+    if not owners or len(split_values(owners[0][1])) != 1:
         return None
-    value = unescape(owners[0])
-    owner_type, owner_id, url = split_reference(value, compiler.fhir_base)
+    position, raw = owners[0]
+    owner_type, owner_id, url = split_reference(unescape(raw), fhir_base)
     if url is not None and "/" not in url and ":" not in url:
         owner_id = url  # a bare id
-    if owner_id is None:
+    if owner_id is None or (owner_type is not None and owner_type not in SERVED_TYPE_SET):
         return None
-    join = f" JOIN search_worklist w ON w.rid = r.rid AND w.owner_id = {compiler.bind(owner_id)}"
-    if owner_type is not None:
-        join += f" AND w.owner_type = {compiler.bind(owner_type)}"
-    keys = []
-    for spec in sort_specs:
-        descending = spec.startswith("-")
-        name = spec.lstrip("-")
-        if name in WORKLIST_SORTS:
-            ascending_column, descending_column, sql_type = WORKLIST_SORTS[name]
-            column = descending_column if descending else ascending_column
-            keys.append(SortKey(name, descending, f"w.{column}", sql_type))
-        else:
-            keys.append(compiler.sort_key("r", "Task", spec))
-    return join, keys
+    consumed = {position}
+    statuses = None
+    status = [(n, raw) for n, (name, raw) in enumerate(pairs) if name == "status"]
+    if status:
+        codes = [unescape(v) for v in split_values(status[0][1])]
+        if all(codes) and not any("|" in v for v in split_values(status[0][1])):
+            statuses = tuple(codes)
+            consumed.add(status[0][0])
+    return Worklist(owner_type, owner_id, statuses, frozenset(consumed))
 
 
 def _prefix(value: str) -> tuple[str, str]:
@@ -1039,7 +1068,9 @@ def parse_search(
     options: dict[str, str] = {}
     if compartment is not None:
         conditions.append(compiler.compartment("r", resource_types[0], compartment[1]))
-    for name, raw in pairs:
+    worklist = plan_worklist(resource_types, pairs, fhir_base)
+    worklist_filter = worklist.filter(binder) if worklist else ""  # bound first: the count uses it
+    for position, (name, raw) in enumerate(pairs):
         if FORBIDDEN_CHARACTERS.search(raw) or FORBIDDEN_CHARACTERS.search(name):
             raise BadRequest(
                 f"{name[:64]!r}: contains a control character or invalid Unicode", expression=(name[:64],)
@@ -1062,6 +1093,9 @@ def parse_search(
             continue
         if base in UNSUPPORTED_PARAMETERS:
             unknown.append(name)
+            continue
+        if worklist is not None and position in worklist.consumed:
+            applied.append((name, raw))  # the worklist join is this condition
             continue
         per_type: list[str] = []
         mark = compiler.bind_mark()
@@ -1126,9 +1160,10 @@ def parse_search(
     # The WHERE clause's values are bound first: the count and estimate statements send only them
     # (PostgreSQL cannot type a parameter no statement text uses, such as a sort key's).
     where_count = len(binder.values)
-    worklist = worklist_source(resource_types, pairs, sort_specs, compiler)
-    source = worklist[0] if worklist else ""
-    sort = worklist[1] if worklist else [compiler.sort_key("r", resource_types[0], s) for s in sort_specs]
+    if worklist is not None:
+        sort = worklist.sort_keys(sort_specs, compiler)
+    else:
+        sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
     if len(binder.values) > limits.bind_values:
         raise too_costly(limits, "bind_values", len(binder.values), "values to bind")
     if total == "estimate" and limited:
@@ -1137,7 +1172,7 @@ def parse_search(
         total = "accurate"
     return SearchRequest(
         where_count=where_count,
-        source=source,
+        worklist_filter=worklist_filter,
         resource_types=resource_types,
         conditions=conditions,
         binder=binder,
