@@ -182,3 +182,22 @@ async def _resume_after_a_kill(app: FastAPI, client: httpx.AsyncClient) -> None:
     assert job.payload["indexed"] == 5
     assert job.payload["after"] > checkpoint["after"]
     assert await ids(client, "Task", ("note-text", "needs a ride")) == {f"t{n}" for n in range(5)}
+
+
+async def test_carecoord_reindex_queues_one_job_per_type(
+    app: FastAPI, client: httpx.AsyncClient, database_url: str
+) -> None:
+    from tests.test_cli import _acli
+
+    queued = await _acli(database_url, "reindex", "--type", "Task", "--type", "Location")
+    assert queued.returncode == 0, queued.stderr
+    assert "Task: job" in queued.stdout and "Location: job" in queued.stdout
+    again = await _acli(database_url, "reindex", "--type", "Task")
+    assert "Task: a reindex is queued or running" in again.stdout  # one at a time per type
+    pool: Pool = app.state.pool
+    async with pool.acquire() as conn:
+        jobs = await queue.find(conn, kinds=[KIND])
+    assert sorted(job.key for job in jobs if job.key) == ["Location", "Task"]
+    unknown = await _acli(database_url, "reindex", "--type", "Spaceship")
+    assert unknown.returncode != 0
+    assert "Spaceship" in unknown.stderr
