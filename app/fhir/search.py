@@ -1150,7 +1150,9 @@ def parse_search(
     limited = False
     for letter in letters:
         if len(resource_types) == 1:
-            limit = access.condition(compiler, "r", resource_types[0], letter)
+            limit = access.condition(
+                compiler, "r", resource_types[0], letter, row_by_row=worklist is not None
+            )
         else:
             limit = access.row_filter(compiler, "r", letter, resource_types)
         if limit is not None:
