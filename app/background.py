@@ -19,6 +19,7 @@ from app.fhir.repository import RepositoryFactory
 from app.hooks import write_hooks
 from app.jobs import Runner
 from app.referrals.worker import Worker
+from app.reindex import Reindexer
 from app.settings import Settings
 from app.subscriptions.delivery import Delivery
 from app.subscriptions.dispatcher import Dispatcher
@@ -48,6 +49,7 @@ def job_runner(
     Delivery(pool, http, settings, repositories).register(runner)
     audit_jobs.register(runner, pool, settings)
     ExportJobs(pool, settings).register(runner)
+    Reindexer(pool, settings.fhir_base, batch=settings.reindex_batch).register(runner)
     return runner
 
 

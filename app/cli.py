@@ -438,6 +438,29 @@ def cmd_exports_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """Queue the reindex job of each type (app/reindex.py); the job runners of `carecoord worker`
+    and `carecoord serve` run it, batch by batch, resuming from their checkpoint after a crash."""
+    from app.fhir.types import SERVED_TYPES
+    from app.reindex import enqueue
+
+    types = tuple(args.type) if args.type else SERVED_TYPES
+    unknown = [t for t in types if t not in SERVED_TYPES]
+    if unknown:
+        raise CommandError(f"not a resource type served here: {', '.join(unknown)}")
+    settings = _settings_with_database(get_settings(), args)
+
+    async def queue_jobs(conn: Any) -> dict[str, int | None]:
+        async with conn.transaction():
+            return await enqueue(conn, types)
+
+    jobs = _with_connection(settings, queue_jobs)
+    for resource_type, job_id in jobs.items():
+        print(f"{resource_type}: " + (f"job {job_id} queued" if job_id else "a reindex is queued or running"))
+    print("the job runner of `carecoord worker` or `carecoord serve` runs them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carecoord", description="carecoord FHIR R4 care-coordination server"
@@ -485,6 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     export_cancel = export_commands.add_parser("cancel", help="cancel an export and delete its files")
     export_cancel.add_argument("export_id")
     export_cancel.set_defaults(func=cmd_exports_cancel)
+    reindex = commands.add_parser(
+        "reindex",
+        help="rebuild search-index rows (after a release adds or changes a search parameter)",
+        description="Queue a resumable job per resource type that rewrites the search-index rows of"
+        " every stored resource in keyset batches (CARECOORD_REINDEX_BATCH); the job runners of"
+        " `carecoord worker` and `carecoord serve` run it.",
+    )
+    reindex.add_argument("--type", action="append", help="only this resource type (repeatable)")
+    reindex.set_defaults(func=cmd_reindex)
     migrate = commands.add_parser("migrate", help="apply the Alembic migrations and exit")
     migrate.set_defaults(func=cmd_migrate)
     openapi = commands.add_parser(

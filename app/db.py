@@ -175,6 +175,10 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
             # search to a generic plan that ignores the values' statistics and the LIKE
             # prefix range (measured at 1M resources: 16 ms custom vs 1.2 s generic).
             "plan_cache_mode": "force_custom_plan",
+            # JIT compiles a statement's expressions when its estimated cost is high, which a
+            # search with access conditions reaches even when it reads 21 rows: ~200 ms of
+            # compiling for a 15 ms worklist page (bench/directory.py). Requests are short.
+            "jit": "off",
             # No statement (a costly search, a lock wait) and no forgotten transaction may hold a
             # backend for longer than this (issue 15); carecoord answers 503 "timeout".
             "statement_timeout": str(int(settings.db_statement_timeout * 1000)),

@@ -184,6 +184,15 @@ class Settings(BaseSettings):
     )
     worker_lease: float = Field(default=60, gt=0, description="Seconds a claimed job stays leased")
     worker_concurrency: int = Field(default=8, ge=1, description="Jobs one runner runs at once")
+    reindex_batch: int = Field(
+        default=500, ge=1, le=10000, description="Resources the reindex job re-indexes per transaction"
+    )
+    attachment_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="Largest decoded size of an inline attachment (Attachment.data) in a resource;"
+        " larger ones are refused (413). Larger documents go by URL (Attachment.url)",
+    )
     run_worker: bool = Field(
         default=True, description="Run the job runner inside each API process (serve --no-worker: false)"
     )

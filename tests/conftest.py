@@ -81,6 +81,7 @@ def settings(database_url: str) -> Settings:
         database_url=database_url,
         base_url=BASE_URL,
         max_body_bytes=64 * 1024,
+        attachment_max_bytes=16 * 1024,  # below the body limit, so the attachment limit is what refuses
         # Referral tests run their workers themselves (tests/test_referrals.py), with short delays.
         run_worker=False,
         referral_poll_interval=0.5,
@@ -108,8 +109,8 @@ async def clean_db(engine: AsyncEngine) -> None:
         await conn.execute(
             text(
                 "TRUNCATE resource, resource_history, search_token, search_string, search_date,"
-                " search_reference, search_quantity, search_uri, job, resource_change, change_cursor,"
-                " subscription, audit_event RESTART IDENTITY CASCADE"
+                " search_reference, search_quantity, search_uri, search_position, search_worklist, job,"
+                " resource_change, change_cursor, subscription, audit_event RESTART IDENTITY CASCADE"
             )
         )
         # The dispatcher keeps the subscriptions in memory until this number moves.

@@ -10,7 +10,12 @@ Writes into app/fhir/generated/ (committed; the product never reads ../shared):
   (the R4 JSON schema encodes required bindings as `enum`).
 - search_params.json: every R4 search parameter of the served types, each FHIRPath
   expression compiled into JSON-key paths (tools/search_params.py), and the R4 Patient
-  CompartmentDefinition's parameters per type.
+  CompartmentDefinition's parameters per type; then the SearchParameters carecoord ships from
+  implementation guides (tools/ig/*.json, Bundles of SearchParameter resources, e.g. the SDOH
+  Clinical Care IG's), compiled the same way and marked ``custom``. A new or changed parameter
+  reaches stored resources through ``carecoord reindex`` (app/reindex.py), not a migration.
+  Token parameters bound to an ordered code system (request-priority) carry its codes in order
+  (``order``), so that ``_sort`` follows the code system's order, not the alphabet.
 - openapi_schemas.json: the R4 JSON-schema definitions reachable from the served types
   (plus Bundle, OperationOutcome, CapabilityStatement, Parameters, OperationDefinition), rewritten
   for OpenAPI components.
@@ -200,6 +205,22 @@ def _bindings(
     return table
 
 
+ORDERED_CODE_SYSTEMS = ("request-priority",)
+"""Value sets whose codes are ordered (R4 valueset-request-priority: routine < urgent < asap <
+stat), listed in that order by their code system."""
+
+
+def _ordered_codes(params: dict[str, Any], value_sets: dict[str, tuple[str, list[str]]]) -> None:
+    """Give a token parameter over a code bound to an ordered value set its codes in order."""
+    for (definition, prop_name), value_set in CODE_BINDINGS.items():
+        if value_set not in ORDERED_CODE_SYSTEMS:
+            continue
+        for spec in params.get(definition, {}).values():
+            paths = spec.get("paths", [])
+            if spec["type"] == "token" and paths and all(p["steps"] == [["key", prop_name]] for p in paths):
+                spec["order"] = value_sets[value_set][1]
+
+
 def _openapi(defs: dict[str, Any], names: list[str]) -> dict[str, Any]:
     def rewrite(node: Any) -> Any:
         if isinstance(node, dict):
@@ -236,10 +257,17 @@ def main() -> None:
     (out_dir / "openapi_schemas.json").write_text(
         json.dumps(_openapi(defs, names), sort_keys=True, separators=(",", ":")) + "\n"
     )
+    params = build_table(json.loads((shared / "search-parameters.json").read_text()), defs, SERVED_TYPES)
+    for path in sorted((ROOT / "tools" / "ig").glob("*.json")):
+        shipped = build_table(json.loads(path.read_text()), defs, SERVED_TYPES, custom=True)
+        for resource_type, by_name in shipped.items():
+            for name, spec in by_name.items():
+                if name in params[resource_type]:
+                    raise SystemExit(f"{path.name}: {resource_type} already has a parameter '{name}'")
+                params[resource_type][name] = spec
+    _ordered_codes(params, _value_sets(shared))
     search = {
-        "params": build_table(
-            json.loads((shared / "search-parameters.json").read_text()), defs, SERVED_TYPES
-        ),
+        "params": params,
         "patient_compartment": compartment(
             json.loads((shared / "compartmentdefinition-patient.json").read_text()), SERVED_TYPES
         ),

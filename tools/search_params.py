@@ -173,7 +173,11 @@ def _finish(paths: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def build_table(bundle: dict[str, Any], defs: dict[str, Any], served: tuple[str, ...]) -> dict[str, Any]:
+def build_table(
+    bundle: dict[str, Any], defs: dict[str, Any], served: tuple[str, ...], *, custom: bool = False
+) -> dict[str, Any]:
+    """The parameters of ``bundle`` (SearchParameter entries) per served type; ``custom``: they
+    come from an implementation guide, not the R4 specification (marked so)."""
     table: dict[str, dict[str, Any]] = {name: {} for name in served}
     by_url: dict[str, dict[str, Any]] = {}
     for entry in bundle["entry"]:
@@ -192,6 +196,8 @@ def build_table(bundle: dict[str, Any], defs: dict[str, Any], served: tuple[str,
             if resource_type not in table:
                 continue
             spec: dict[str, Any] = {"type": sp["type"], "url": sp["url"]}
+            if custom:
+                spec["custom"] = True
             if sp.get("target"):
                 spec["targets"] = sp["target"]
             if code == "_id" or code == "_lastUpdated":

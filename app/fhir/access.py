@@ -191,15 +191,30 @@ class AccessContext:
         return not any(_is_open(resource_type, p) for p in self.matching(resource_type, letter))
 
     def condition(
-        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str
+        self,
+        compiler: ConditionCompiler,
+        alias: str,
+        resource_type: str,
+        letter: str,
+        *,
+        row_by_row: bool = False,
     ) -> str | None:
         """SQL over resource rows ``alias`` of ``resource_type`` that the token may use with
-        ``letter``; None when every row is allowed. 403 when no permission covers it."""
-        parts = self.condition_parts(compiler, alias, resource_type, letter)
+        ``letter``; None when every row is allowed. 403 when no permission covers it.
+        ``row_by_row``: the statement judges a few rows as an ordered index yields them (a
+        worklist page, app/fhir/search.py Worklist), so an organisation's referral roots are
+        looked up per row rather than collected whole first (all of a busy owner's Tasks)."""
+        parts = self.condition_parts(compiler, alias, resource_type, letter, row_by_row=row_by_row)
         return " AND ".join(parts) if parts else None
 
     def condition_parts(
-        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str
+        self,
+        compiler: ConditionCompiler,
+        alias: str,
+        resource_type: str,
+        letter: str,
+        *,
+        row_by_row: bool = False,
     ) -> list[str]:
         """``condition`` as the clauses it is the conjunction of (a search can drive its page
         from those that are sets of row ids, app/fhir/search.py ``rid_set``)."""
@@ -227,7 +242,7 @@ class AccessContext:
             if letter != "c":  # a new one is its writer's (the write hook records the owner)
                 clauses.append(self._owner_condition(compiler, alias))
         elif self.organization is not None:
-            clauses.append(self._organization_condition(compiler, alias, letter))
+            clauses.append(self._organization_condition(compiler, alias, letter, row_by_row=row_by_row))
         if self.user_limits(resource_type, letter):
             clauses.append(self._user_condition(compiler, alias, resource_type))
         return clauses
@@ -358,7 +373,9 @@ class AccessContext:
             parts.append(clause)
         return parts
 
-    def _organization_condition(self, compiler: ConditionCompiler, alias: str, letter: str) -> str:
+    def _organization_condition(
+        self, compiler: ConditionCompiler, alias: str, letter: str, *, row_by_row: bool = False
+    ) -> str:
         """Rows a partner organisation's client may use with ``letter`` (module docstring).
 
         What grants read access is what others asked of the organisation: a Task it owns and
@@ -375,15 +392,12 @@ class AccessContext:
         org_id = compiler.bind(self.organization_id)  # bound only when used: asyncpg types every one
         named = "o.target_type = 'Organization' AND o.target_id = " + org_id
         # Its Tasks: the organisation is their owner or requester.
-        tasks = f"SELECT o.rid FROM search_reference o WHERE {named} AND o.resource_type = 'Task'" + (
-            " AND o.param IN ('owner', 'requester')"
-        )
+        task_rows = f"{named} AND o.resource_type = 'Task' AND o.param IN ('owner', 'requester')"
+        tasks = f"SELECT o.rid FROM search_reference o WHERE {task_rows}"
         if letter in ("u", "d"):
             return f"({own} OR ({alias}.resource_type = 'Task' AND {alias}.rid IN ({tasks})))"
-        performing = (
-            f"SELECT o.rid FROM search_reference o WHERE {named}"
-            " AND o.resource_type = 'ServiceRequest' AND o.param = 'performer'"
-        )
+        performing_rows = f"{named} AND o.resource_type = 'ServiceRequest' AND o.param = 'performer'"
+        performing = f"SELECT o.rid FROM search_reference o WHERE {performing_rows}"
         # A Task ended before the work (cancelled, rejected, entered in error) grants nothing more.
         asked_tasks = (
             f"SELECT o.rid FROM search_reference o WHERE {named} AND o.resource_type = 'Task'"
@@ -410,10 +424,16 @@ class AccessContext:
             f" WHERE p.param = '{GRANT_PARAM}' AND (p.rid IN ({asked_tasks}) OR p.rid IN ({focused})"
             f" OR p.rid IN ({asked_requests}))"
         )
+        roots = f"{alias}.rid IN ({tasks}) OR {alias}.rid IN ({performing})"
+        if row_by_row:
+            roots = " OR ".join(
+                f"EXISTS (SELECT 1 FROM search_reference o WHERE o.rid = {alias}.rid AND {rows})"
+                for rows in (task_rows, performing_rows)
+            )
         return (
             f"({own}"
             f" OR ({alias}.resource_type = 'Organization' AND {alias}.fhir_id = {org_id})"
-            f" OR {alias}.rid IN ({tasks}) OR {alias}.rid IN ({performing}) OR {alias}.rid IN ({focused})"
+            f" OR {roots} OR {alias}.rid IN ({focused})"
             f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({granted}))"
         )
 

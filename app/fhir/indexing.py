@@ -46,6 +46,10 @@ class IndexRows:
     )
     quantity: list[tuple[str, Decimal, str | None, str | None, str | None]] = field(default_factory=list)
     uri: list[tuple[str, str]] = field(default_factory=list)
+    position: list[tuple[str, float, float]] = field(default_factory=list)
+    worklist: list[
+        tuple[str, str | None, str, str | None, int, datetime, datetime, datetime, datetime]
+    ] = field(default_factory=list)
 
     def columns(self, table: str, width: int) -> list[list[Any]]:
         rows = list(dict.fromkeys(getattr(self, table)))
@@ -112,7 +116,50 @@ def extract(resource_type: str, data: dict[str, Any], fhir_base: str) -> IndexRo
         rows.token.append(("deceased", None, "false", None, None, None))
     for element in REFERRAL_GRANTS.get(resource_type, ()):
         _grant_references(rows, data.get(element), fhir_base)
+    if resource_type == "Task":
+        _worklist(rows, data, fhir_base)
     return rows
+
+
+WORKLIST_PARAM = "_worklist"
+
+
+def _worklist(rows: IndexRows, data: dict[str, Any], fhir_base: str) -> None:
+    """A Task's worklist row: its owner, status and the sort values of ``priority``,
+    ``authored-on`` and ``period`` exactly as the general ``_sort`` computes them from the other
+    index rows (app/fhir/search.py sort_key: the rank in the request-priority order or 0, the
+    lowest start and highest end of the dates or the LOWEST stand-in), so that both give the
+    same order. Only a Task with a literal owner reference has one."""
+    owner = data.get("owner")
+    reference = owner.get("reference") if isinstance(owner, dict) else None
+    if not isinstance(reference, str):
+        return
+    owner_type, owner_id, _url = split_reference(reference, fhir_base)
+    if owner_id is None:
+        return
+
+    def span(name: str) -> tuple[datetime, datetime]:
+        dates = [(low, high) for param, low, high in rows.date if param == name]
+        if not dates:
+            return LOWEST, LOWEST
+        return min(low for low, _ in dates), max(high for _, high in dates)
+
+    order = registry().for_type("Task")["priority"].order
+    priority = data.get("priority")
+    rank = order.index(priority) + 1 if isinstance(priority, str) and priority in order else 0
+    status = data.get("status")
+    authored, period = span("authored-on"), span("period")
+    rows.worklist.append(
+        (
+            WORKLIST_PARAM,
+            owner_type,
+            owner_id[:MAX_TOKEN],
+            status[:MAX_TOKEN] if isinstance(status, str) else None,
+            rank,
+            *authored,
+            *period,
+        )
+    )
 
 
 REFERRAL_GRANTS: dict[str, tuple[str, ...]] = {
@@ -200,6 +247,8 @@ def _add(rows: IndexRows, param: SearchParam, element_type: str, value: Any, fhi
         _add_quantity(rows, name, element_type, value)
     elif kind == "uri" and isinstance(value, str):
         rows.uri.append((name, value[:MAX_TOKEN]))
+    elif kind == "special" and element_type == "Location_Position":
+        _add_position(rows, name, value)
 
 
 def _add_token(rows: IndexRows, name: str, element_type: str, value: Any) -> None:
@@ -348,3 +397,15 @@ def _add_quantity(rows: IndexRows, name: str, element_type: str, value: Any) -> 
         number = _decimal(value)
         if number is not None:
             rows.quantity.append((name, number, None, None, None))
+
+
+def _add_position(rows: IndexRows, name: str, value: Any) -> None:
+    """``Location.position`` for ``near`` (R4 location.html#search): WGS84 decimal degrees.
+    A position outside the earth's coordinates is stored but not indexed."""
+    if not isinstance(value, dict):
+        return
+    latitude, longitude = _decimal(value.get("latitude")), _decimal(value.get("longitude"))
+    if latitude is None or longitude is None:
+        return
+    if -90 <= latitude <= 90 and -180 <= longitude <= 180:
+        rows.position.append((name, float(latitude), float(longitude)))

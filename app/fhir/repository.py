@@ -40,6 +40,7 @@ from app.fhir.search import (
 from app.fhir.search_params import registry
 from app.fhir.sql import Statement
 from app.fhir.types import SERVED_TYPE_SET, SERVED_TYPES
+from app.fhir.validation import check_attachments
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -100,7 +101,7 @@ def stamp(
 
 
 # Index tables and their value columns, in IndexRows tuple order (after ``param``).
-_INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "token": (
         ("system", "text"),
         ("code", "text"),
@@ -119,13 +120,24 @@ _INDEX_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "quantity": (("value", "numeric"), ("system", "text"), ("code", "text"), ("unit", "text")),
     "uri": (("uri", "text"),),
+    "position": (("latitude", "float8"), ("longitude", "float8")),
+    "worklist": (
+        ("owner_type", "text"),
+        ("owner_id", "text"),
+        ("status", "text"),
+        ("priority", "int4"),
+        ("authored_low", "timestamptz"),
+        ("authored_high", "timestamptz"),
+        ("period_low", "timestamptz"),
+        ("period_high", "timestamptz"),
+    ),
 }
 
 
 def _index_ctes(source: str, *, replace: bool) -> str:
     """CTEs that write a resource's index rows from array parameters (and drop the old ones)."""
     ctes = []
-    for table, columns in _INDEX_TABLES.items():
+    for table, columns in INDEX_TABLES.items():
         names = ", ".join(name for name, _ in columns)
         arrays = ", ".join(
             f"CAST(:{table}_{name} AS {kind}[])" for name, kind in (("param", "text"), *columns)
@@ -141,7 +153,7 @@ def _index_ctes(source: str, *, replace: bool) -> str:
 
 def _index_params(rows: IndexRows) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    for table, columns in _INDEX_TABLES.items():
+    for table, columns in INDEX_TABLES.items():
         arrays = rows.columns(table, len(columns) + 1)
         for (name, _), values in zip((("param", "text"), *columns), arrays, strict=True):
             params[f"{table}_{name}"] = values
@@ -196,7 +208,7 @@ _WRITE_VERSION = Statement(
 def _insert_many_sql() -> str:
     """One statement that creates many resources of one type (server-written records)."""
     ctes = []
-    for table, columns in _INDEX_TABLES.items():
+    for table, columns in INDEX_TABLES.items():
         names = ", ".join(name for name, _ in columns)
         arrays = ", ".join(
             f"CAST(:{table}_{name} AS {kind}[])"
@@ -289,6 +301,8 @@ class RepositoryFactory:
     max_resource_bytes: int = 5 * 1024 * 1024
     """The largest resource a write may store (CARECOORD_MAX_BODY_BYTES): what a PATCH or a
     partner's data may build here too."""
+    max_attachment_bytes: int = 1024 * 1024
+    """The largest decoded inline attachment a write may store (CARECOORD_ATTACHMENT_MAX_BYTES)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, hooks: Sequence[WriteHook]) -> RepositoryFactory:
@@ -298,6 +312,7 @@ class RepositoryFactory:
             SearchLimits.from_settings(settings),
             settings.organization,
             settings.max_body_bytes,
+            settings.attachment_max_bytes,
         )
 
     def for_client(self, connection: Connection, access: AccessContext) -> FhirRepository:
@@ -322,6 +337,7 @@ class RepositoryFactory:
             search_limits=self.search_limits,
             home_organization=self.home_organization,
             max_resource_bytes=self.max_resource_bytes,
+            max_attachment_bytes=self.max_attachment_bytes,
         )
 
 
@@ -340,6 +356,7 @@ class FhirRepository:
         search_limits: SearchLimits = SearchLimits(),
         home_organization: str | None = None,
         max_resource_bytes: int = 5 * 1024 * 1024,
+        max_attachment_bytes: int = 1024 * 1024,
     ) -> None:
         self._conn = connection
         self.access = access
@@ -349,6 +366,7 @@ class FhirRepository:
         """The complexity budget of every search this repository runs (conditions included)."""
         self._home = tuple(home_organization.split("/", 1)) if home_organization else None
         self.max_resource_bytes = max_resource_bytes
+        self.max_attachment_bytes = max_attachment_bytes
         self.system = system
         """Writes made by carecoord itself (mirroring a partner's Task), not by a client."""
         self.bookkeeping = bookkeeping
@@ -484,6 +502,7 @@ class FhirRepository:
         hooks = self._hooks_for(resource_type)
         for hook in hooks:
             await hook.before_write(self, resource_type, None, data)
+        check_attachments(resource_type, data, self.max_attachment_bytes)
         rows = extract(resource_type, data, self.fhir_base)
         await self._check_references(data)
         now = _now()
@@ -529,7 +548,7 @@ class FhirRepository:
             rows = (
                 index_rows[number] if index_rows is not None else extract(resource_type, data, self.fhir_base)
             )
-            for table, columns in _INDEX_TABLES.items():
+            for table, columns in INDEX_TABLES.items():
                 names = ("param", *(name for name, _ in columns))
                 values = rows.columns(table, len(names))
                 index.setdefault(f"{table}_fid", []).extend([fid] * len(values[0]))
@@ -739,6 +758,8 @@ class FhirRepository:
             previous = jsonio.loads(previous_body) if previous_body else None
         for hook in hooks:
             await hook.before_write(self, resource_type, previous, data)
+        if data is not None:
+            check_attachments(resource_type, data, self.max_attachment_bytes)
         rows = IndexRows() if data is None else extract(resource_type, data, self.fhir_base)
         if data is not None:
             await self._check_references(data, previous)
@@ -983,7 +1004,8 @@ class SearchExecutor:
         where = self._where(request)
         where_values = bind.values[: request.where_count]  # all the count and estimate statements use
         keys = [(key.expression, key.descending, key.sql_type) for key in request.sort]
-        keys.append(("r.rid", False, "bigint"))
+        # A worklist's rows come in the order of its index, whose last column is the row id.
+        keys.append(("w.rid" if request.worklist_filter else "r.rid", False, "bigint"))
         keyset = ""
         if after is not None:
             if len(after) != len(keys):
@@ -1008,10 +1030,20 @@ class SearchExecutor:
         driver = self._driver(request, after, backwards, limit) if not request.sort else ""
         page_where = self._where(request, driven=True) if driver else where
         # Every identifier and operator above comes from the parameter table; values are bound.
-        sql = (
-            f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
-            f" WHERE {page_where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
-        )
+        if request.worklist_filter:
+            # The worklist index is read in order and each of its rows judged by the WHERE clause
+            # in a subquery that PostgreSQL may not flatten (OFFSET 0): the scan stops when the
+            # page is full, instead of filtering every row of the type and sorting the matches.
+            sql = (
+                f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM search_worklist w"
+                f" CROSS JOIN LATERAL (SELECT r.* FROM resource r WHERE r.rid = w.rid AND {where} OFFSET 0) r"
+                f" WHERE {request.worklist_filter}{keyset} ORDER BY {order} LIMIT {limit}"
+            )
+        else:
+            sql = (
+                f"SELECT r.rid, r.resource_type, r.fhir_id, r.body, {selected} FROM resource r"
+                f" WHERE {page_where}{keyset}{driver} ORDER BY {order} LIMIT {limit}"
+            )
         rows = [] if request.summary == "count" else list(await self._conn.fetch(sql, *bind.values))
         more = len(rows) > request.count
         rows = rows[: request.count]
@@ -1071,10 +1103,10 @@ class SearchExecutor:
         after: tuple[Any, ...] | None,
     ) -> int | None:
         if request.total == "accurate" or request.summary == "count":
-            sql = f"SELECT count(*) FROM resource r WHERE {where}"
+            sql = f"SELECT count(*) FROM resource r{_worklist_join(request)} WHERE {where}"
             return int(await self._conn.fetchval(sql, *values))
         if request.total == "estimate":
-            sql = f"EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r WHERE {where}"
+            sql = f"EXPLAIN (FORMAT JSON) SELECT 1 FROM resource r{_worklist_join(request)} WHERE {where}"
             plan = await self._conn.fetchval(sql, *values)
             document = jsonio.loads(plan) if isinstance(plan, str) else plan
             return int(document[0]["Plan"]["Plan Rows"])
@@ -1149,6 +1181,12 @@ class SearchExecutor:
     async def _found(self, sql: str, compiler: SearchCompiler) -> list[Found]:
         rows = await self._conn.fetch(sql, *compiler.bind.values)
         return [Found(r["rid"], r["resource_type"], r["fhir_id"], r["body"]) for r in rows]
+
+
+def _worklist_join(request: SearchRequest) -> str:
+    if not request.worklist_filter:
+        return ""
+    return f" JOIN search_worklist w ON w.rid = r.rid AND {request.worklist_filter}"
 
 
 def _readable(

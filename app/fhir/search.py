@@ -15,6 +15,7 @@ duplicate nor skip entries for a fixed sort.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -201,6 +202,8 @@ class SearchRequest:
     driven_limits: frozenset[int] = frozenset()
     """Positions in ``conditions`` of access limits that are sets of rids: a page cut from the
     index by the driver (repository.py ``_driver``) is within them already."""
+    worklist_filter: str = ""
+    """Conditions on ``search_worklist w`` rows whose index order drives the page (:class:`Worklist`)."""
 
     @property
     def drivable(self) -> bool:
@@ -380,6 +383,11 @@ class SearchCompiler:
             return self._any(self._instant(f"{alias}.last_updated", v, name) for v in split_values(raw))
         if param.type == "composite":
             return self._composite(alias, resource_type, param, modifier, raw, name)
+        if param.kind == "position":
+            self._no_modifier(modifier, name)
+            index = self._alias("i")
+            predicate = self._any(self._near(index, value, name) for value in split_values(raw))
+            return self._exists(alias, resource_type, param, predicate, index)
         return self._indexed(alias, resource_type, param, modifier, raw, name)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -648,6 +656,30 @@ class SearchCompiler:
             )
         return f"{index}.uri = {self.bind(value)}"
 
+    def _near(self, index: str, value: str, name: str) -> str:
+        """``near=latitude|longitude|distance|units`` (R4 location.html#search): positions within
+        ``distance`` great-circle (haversine) of the point. A latitude band and a longitude band
+        (split where it crosses the antimeridian, dropped when it reaches a pole) bound the
+        index range scan; the exact distance is checked on what remains."""
+        latitude, longitude, distance_km = parse_near(value, name)
+        box = bounding_box(latitude, longitude, distance_km)
+        clauses = [f"{index}.latitude BETWEEN {self.bind(box.south)} AND {self.bind(box.north)}"]
+        if box.longitude_bands:
+            bands = [
+                f"{index}.longitude BETWEEN {self.bind(west)} AND {self.bind(east)}"
+                for west, east in box.longitude_bands
+            ]
+            clauses.append(self._any(bands))
+        lat, lon = self.bind(latitude), self.bind(longitude)
+        clauses.append(
+            f"{EARTH_RADIUS_KM} * 2 * asin(LEAST(1.0, sqrt("
+            f"power(sin(radians({index}.latitude - {lat}) / 2), 2)"
+            f" + cos(radians({lat})) * cos(radians({index}.latitude))"
+            f" * power(sin(radians({index}.longitude - {lon}) / 2), 2))))"
+            f" <= {self.bind(distance_km)}"
+        )
+        return "(" + " AND ".join(clauses) + ")"
+
     def _composite(
         self, alias: str, resource_type: str, param: SearchParam, modifier: str, raw: str, name: str
     ) -> str:
@@ -781,7 +813,7 @@ class SearchCompiler:
         if name == "_lastUpdated":
             return SortKey(name, descending, f"{alias}.last_updated", "timestamptz")
         param = self.registry.get(resource_type, name)
-        if param is None or param.column or param.type == "composite":
+        if param is None or param.column or param.type in ("composite", "special"):
             raise BadRequest(
                 f"_sort: '{name[:64]}' is not a sortable parameter of {resource_type}", expression=("_sort",)
             )
@@ -797,11 +829,175 @@ class SearchCompiler:
         }[param.type]
         aggregate = "max" if descending else "min"
         index = self._alias("s")
+        if param.order:
+            # An ordered code system (request-priority: routine < urgent < asap < stat) sorts by
+            # its order; codes outside it, and no value, sort below its lowest.
+            rank = f"array_position(CAST({self.bind(list(param.order))} AS text[]), {index}.code)"
+            expression = (
+                f"COALESCE((SELECT {aggregate}({rank}) FROM search_token {index}"
+                f" WHERE {index}.rid = {alias}.rid AND {index}.param = {self.bind(param.name)}), 0)"
+            )
+            return SortKey(name, descending, expression, "integer")
         expression = (
             f"COALESCE((SELECT {aggregate}({index}.{column}) FROM search_{param.kind} {index}"
             f" WHERE {index}.rid = {alias}.rid AND {index}.param = {self.bind(param.name)}), {missing})"
         )
         return SortKey(name, descending, expression, sql_type)
+
+
+EARTH_RADIUS_KM = 6371.0088
+"""The mean earth radius (IUGG) of the great-circle distance ``near`` measures."""
+DEFAULT_NEAR_KM = 50.0
+"""``near`` without a distance: R4 leaves "near" to the server; 50 km is a service area."""
+NEAR_UNITS_KM = {
+    "km": 1.0,
+    "m": 0.001,
+    "[mi_i]": 1.609344,
+    "[mi_us]": 1.6093472186944373,
+    "mi": 1.609344,
+}
+"""``near`` units: UCUM codes (unitsofmeasure.org) of lengths, km assumed when omitted."""
+_UCUM = "http://unitsofmeasure.org"
+
+
+def parse_near(value: str, name: str) -> tuple[float, float, float]:
+    """``latitude|longitude[|distance[|units]]`` -> (latitude, longitude, distance in km);
+    a 400 naming the parameter when a part is missing, not a number or out of range."""
+    parts = _split_unescaped(value, "|")
+    if len(parts) == 5 and parts[3] in ("", _UCUM):
+        parts = [*parts[:3], parts[4]]  # distance given as value|system|code (a quantity)
+    if not 2 <= len(parts) <= 4:
+        raise BadRequest(
+            f"{name}: use latitude|longitude|distance|units (e.g. 42.25|-83.69|10|km)", expression=(name,)
+        )
+    numbers: list[float] = []
+    for label, text in zip(("latitude", "longitude", "distance"), parts[:3], strict=False):
+        if not text and label == "distance":
+            continue
+        if not _NUMBER.match(text):
+            raise BadRequest(f"{name}: the {label} '{text[:40]}' is not a number", expression=(name,))
+        numbers.append(float(text))
+    latitude, longitude = numbers[0], numbers[1]
+    if not -90 <= latitude <= 90:
+        raise BadRequest(f"{name}: latitude must lie between -90 and 90", expression=(name,))
+    if not -180 <= longitude <= 180:
+        raise BadRequest(f"{name}: longitude must lie between -180 and 180", expression=(name,))
+    units = parts[3] if len(parts) == 4 and parts[3] else "km"
+    if units not in NEAR_UNITS_KM:
+        raise BadRequest(
+            f"{name}: unknown distance unit '{units[:20]}' (use km, m or [mi_i])", expression=(name,)
+        )
+    distance = numbers[2] * NEAR_UNITS_KM[units] if len(numbers) == 3 else DEFAULT_NEAR_KM
+    if not 0 <= distance <= math.pi * EARTH_RADIUS_KM:
+        raise BadRequest(f"{name}: the distance must be between 0 and half the earth", expression=(name,))
+    return latitude, longitude, distance
+
+
+@dataclass(frozen=True)
+class BoundingBox:
+    south: float
+    north: float
+    longitude_bands: tuple[tuple[float, float], ...]
+    """West-east ranges of longitude; empty when every longitude is within reach."""
+
+
+def bounding_box(latitude: float, longitude: float, distance_km: float) -> BoundingBox:
+    """The smallest latitude/longitude box holding every point within ``distance_km`` of the
+    point on a sphere (the bounding coordinates of J. P. Matuschek, "Finding Points Within a
+    Distance of a Latitude/Longitude Using Bounding Coordinates"), widened by a hair for rounding."""
+    angular = distance_km / EARTH_RADIUS_KM
+    margin = 1e-9
+    south = math.degrees(math.radians(latitude) - angular) - margin
+    north = math.degrees(math.radians(latitude) + angular) + margin
+    if south <= -90 or north >= 90:
+        return BoundingBox(max(south, -90.0), min(north, 90.0), ())
+    spread = math.degrees(math.asin(min(1.0, math.sin(angular) / math.cos(math.radians(latitude))))) + margin
+    west, east = longitude - spread, longitude + spread
+    if spread >= 180:
+        return BoundingBox(south, north, ())
+    if west < -180:
+        return BoundingBox(south, north, ((west + 360, 180.0), (-180.0, east)))
+    if east > 180:
+        return BoundingBox(south, north, ((west, 180.0), (-180.0, east - 360)))
+    return BoundingBox(south, north, ((west, east),))
+
+
+WORKLIST_SORTS = {
+    # name: (ascending column, descending column, SQL type) of search_worklist
+    "priority": ("priority", "priority", "integer"),
+    "authored-on": ("authored_low", "authored_high", "timestamptz"),
+    "period": ("period_low", "period_high", "timestamptz"),
+}
+
+
+@dataclass(frozen=True)
+class Worklist:
+    """A Task search for one owner sorted by priority, authored-on and/or period (a worklist).
+
+    Its page is read from the owner's ``search_worklist`` rows (app/fhir/storage.py) in the
+    order of an index and stops when full, whatever the number of the owner's Tasks and for any
+    token: the join carries the owner condition (and the status one, for plain codes), which
+    match exactly what the ``owner`` and ``status`` parameters match, and the WHERE clause
+    everything else (other parameters, the caller's access limits)."""
+
+    owner_type: str | None
+    owner_id: str
+    statuses: tuple[str, ...] | None
+    consumed: frozenset[int]
+    """Positions in the search's parameters that the join carries."""
+
+    def filter(self, bind: Binder) -> str:
+        """The conditions on the worklist rows ``w``."""
+        clauses = [f"w.owner_id = {bind(self.owner_id)}"]
+        if self.owner_type is not None:
+            clauses.append(f"w.owner_type = {bind(self.owner_type)}")
+        if self.statuses is not None:
+            clauses.append(f"w.status = ANY(CAST({bind(list(self.statuses))} AS text[]))")
+        return " AND ".join(clauses)
+
+    @staticmethod
+    def sort_keys(specs: list[str], compiler: SearchCompiler) -> list[SortKey]:
+        keys = []
+        for spec in specs:
+            descending = spec.startswith("-")
+            name = spec.lstrip("-")
+            if name in WORKLIST_SORTS:
+                ascending_column, descending_column, sql_type = WORKLIST_SORTS[name]
+                column = descending_column if descending else ascending_column
+                keys.append(SortKey(name, descending, f"w.{column}", sql_type))
+            else:
+                keys.append(compiler.sort_key("r", "Task", spec))
+        return keys
+
+
+def plan_worklist(
+    resource_types: tuple[str, ...], pairs: list[tuple[str, str]], fhir_base: str
+) -> Worklist | None:
+    """The :class:`Worklist` of a search, or None when it is not one (its sort keys are then
+    computed from the index rows of every match, which are sorted before the page is cut)."""
+    specs = [v for name, raw in pairs if name == "_sort" for v in raw.split(",") if v]
+    if resource_types != ("Task",) or not specs:
+        return None
+    if not all(spec.lstrip("-") in (*WORKLIST_SORTS, "_lastUpdated", "_id") for spec in specs):
+        return None
+    owners = [(n, raw) for n, (name, raw) in enumerate(pairs) if name == "owner"]
+    if not owners or len(split_values(owners[0][1])) != 1:
+        return None
+    position, raw = owners[0]
+    owner_type, owner_id, url = split_reference(unescape(raw), fhir_base)
+    if url is not None and "/" not in url and ":" not in url:
+        owner_id = url  # a bare id
+    if owner_id is None or (owner_type is not None and owner_type not in SERVED_TYPE_SET):
+        return None
+    consumed = {position}
+    statuses = None
+    status = [(n, raw) for n, (name, raw) in enumerate(pairs) if name == "status"]
+    if status:
+        codes = [unescape(v) for v in split_values(status[0][1])]
+        if all(codes) and not any("|" in v for v in split_values(status[0][1])):
+            statuses = tuple(codes)
+            consumed.add(status[0][0])
+    return Worklist(owner_type, owner_id, statuses, frozenset(consumed))
 
 
 def _prefix(value: str) -> tuple[str, str]:
@@ -883,7 +1079,9 @@ def parse_search(
     options: dict[str, str] = {}
     if compartment is not None:
         conditions.append(compiler.compartment("r", resource_types[0], compartment[1]))
-    for name, raw in pairs:
+    worklist = plan_worklist(resource_types, pairs, fhir_base)
+    worklist_filter = worklist.filter(binder) if worklist else ""  # bound first: the count uses it
+    for position, (name, raw) in enumerate(pairs):
         if FORBIDDEN_CHARACTERS.search(raw) or FORBIDDEN_CHARACTERS.search(name):
             raise BadRequest(
                 f"{name[:64]!r}: contains a control character or invalid Unicode", expression=(name[:64],)
@@ -906,6 +1104,9 @@ def parse_search(
             continue
         if base in UNSUPPORTED_PARAMETERS:
             unknown.append(name)
+            continue
+        if worklist is not None and position in worklist.consumed:
+            applied.append((name, raw))  # the worklist join is this condition
             continue
         per_type: list[str] = []
         mark = compiler.bind_mark()
@@ -961,7 +1162,9 @@ def parse_search(
     driven_limits: set[int] = set()
     for letter in letters:
         if len(resource_types) == 1:
-            limits_of_type = access.condition_parts(compiler, "r", resource_types[0], letter)
+            limits_of_type = access.condition_parts(
+                compiler, "r", resource_types[0], letter, row_by_row=worklist is not None
+            )
         else:
             limit = access.row_filter(compiler, "r", letter, resource_types)
             limits_of_type = [] if limit is None else [limit]
@@ -976,7 +1179,10 @@ def parse_search(
     # The WHERE clause's values are bound first: the count and estimate statements send only them
     # (PostgreSQL cannot type a parameter no statement text uses, such as a sort key's).
     where_count = len(binder.values)
-    sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
+    if worklist is not None:
+        sort = worklist.sort_keys(sort_specs, compiler)
+    else:
+        sort = [compiler.sort_key("r", resource_types[0], spec) for spec in sort_specs]
     if len(binder.values) > limits.bind_values:
         raise too_costly(limits, "bind_values", len(binder.values), "values to bind")
     if total == "estimate" and limited:
@@ -985,6 +1191,7 @@ def parse_search(
         total = "accurate"
     return SearchRequest(
         where_count=where_count,
+        worklist_filter=worklist_filter,
         resource_types=resource_types,
         conditions=conditions,
         binder=binder,

@@ -1,7 +1,8 @@
 """The R4 search parameters of the served types, from the generated table.
 
 ``generated/search_params.json`` is produced by tools/generate.py from the official
-R4 SearchParameter definitions (FHIRPath compiled into JSON-key paths) and the R4
+R4 SearchParameter definitions and the implementation guides' ones shipped in tools/ig
+(FHIRPath compiled into JSON-key paths) and the R4
 Patient CompartmentDefinition; this module gives it types.
 """
 
@@ -32,11 +33,16 @@ class SearchParam:
     targets: tuple[str, ...] = ()
     components: tuple[str, ...] = ()
     column: bool = False
+    custom: bool = False
+    """Shipped from an implementation guide (tools/ig), not an R4 parameter."""
+    order: tuple[str, ...] = ()
+    """Codes of an ordered code system, lowest first (request-priority): what ``_sort`` follows."""
 
     @property
     def kind(self) -> str:
-        """Which index table holds the values: number and quantity share one."""
-        return "quantity" if self.type == "number" else self.type
+        """Which index table holds the values: number and quantity share one; the one special
+        parameter indexed (``Location.near``) has positions."""
+        return {"number": "quantity", "special": "position"}.get(self.type, self.type)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ def _param(name: str, raw: dict[str, Any]) -> SearchParam:
         targets=tuple(raw.get("targets", ())),
         components=tuple(raw.get("components", ())),
         column=bool(raw.get("column")),
+        custom=bool(raw.get("custom")),
+        order=tuple(raw.get("order", ())),
     )
 
 

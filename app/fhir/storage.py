@@ -197,6 +197,73 @@ search_uri = sa.Table(
         postgresql_include=["rid"],
     ),
 )
+search_position = sa.Table(
+    "search_position",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("latitude", sa.Float, nullable=False),
+    sa.Column("longitude", sa.Float, nullable=False),
+    # ``near`` (R4 Location.position): a latitude range (the bounding box) is one index range
+    # scan; longitude is checked from the index too, before the exact great-circle distance.
+    sa.Index(
+        "ix_search_position_lookup",
+        "resource_type",
+        "param",
+        "latitude",
+        "longitude",
+        postgresql_include=["rid"],
+    ),
+)
+search_worklist = sa.Table(
+    "search_worklist",
+    SQLModel.metadata,
+    *_index_columns(),
+    sa.Column("owner_type", sa.Text),
+    sa.Column("owner_id", sa.Text, nullable=False),
+    sa.Column("status", sa.Text),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("authored_low", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("authored_high", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("period_low", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("period_high", sa.DateTime(timezone=True), nullable=False),
+    # A Task worklist (owner, sorted by priority and authored-on or by period) is one ordered
+    # index range scan that stops at the page's end, however many Tasks the owner has
+    # (app/fhir/search.py worklist_source). Scanned backwards, the first index serves
+    # ``-priority,authored-on``; forwards, ``priority,-authored-on``.
+    sa.Index(
+        "ix_search_worklist_priority",
+        "owner_id",
+        "owner_type",
+        "priority",
+        sa.text("authored_low DESC"),
+        sa.text("rid DESC"),
+        postgresql_include=["status"],
+    ),
+    sa.Index(
+        "ix_search_worklist_authored",
+        "owner_id",
+        "owner_type",
+        "authored_low",
+        "rid",
+        postgresql_include=["status"],
+    ),
+    sa.Index(
+        "ix_search_worklist_period",
+        "owner_id",
+        "owner_type",
+        "period_low",
+        "rid",
+        postgresql_include=["status"],
+    ),
+    sa.Index(
+        "ix_search_worklist_due",
+        "owner_id",
+        "owner_type",
+        "period_high",
+        "rid",
+        postgresql_include=["status"],
+    ),
+)
 
 # Declared for the migrations' review; created in 0002 (the trigram index only where pg_trgm exists).
 sa.Index("ix_resource_type_rid", ResourceRow.__table__.c.resource_type, ResourceRow.__table__.c.rid)  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.fhir import jsonio
-from app.fhir.errors import BadRequest, InvalidResource, Issue, NotSupported
+from app.fhir.errors import BadRequest, InvalidResource, Issue, NotSupported, PayloadTooLarge
 from app.fhir.models import validate_structure
 from app.fhir.types import SERVED_TYPE_SET
 
@@ -409,3 +409,31 @@ def _check_codings(rule: dict[str, Any], value: Any, path: str, issues: list[Iss
                         expression=(where,),
                     )
                 )
+
+
+def check_attachments(resource_type: str, data: dict[str, Any], limit: int) -> None:
+    """Refuse an inline attachment (``Attachment.data``, base64, R4 datatypes.html#Attachment)
+    whose decoded size exceeds ``limit`` (CARECOORD_ATTACHMENT_MAX_BYTES): 413 naming the
+    element. A document that large belongs at ``Attachment.url``. Contained resources count."""
+    stack: list[tuple[str | None, Any, str]] = [(resource_type, data, resource_type)]
+    while stack:
+        definition, node, path = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if definition == "Attachment" and isinstance(node.get("data"), str):
+            encoded = node["data"]
+            size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"{path}.data: an inline attachment of {size} bytes exceeds the limit of {limit}"
+                    " (CARECOORD_ATTACHMENT_MAX_BYTES); give its location in Attachment.url instead",
+                    expression=(f"{path}.data",),
+                )
+        for name, rule in binding_rules(definition).items():
+            value = node.get(name)
+            if value is None or not ("type" in rule or rule.get("resource")):
+                continue
+            for position, item in enumerate(value if isinstance(value, list) else [value]):
+                child = f"{path}.{name}[{position}]" if isinstance(value, list) else f"{path}.{name}"
+                kind = item.get("resourceType") if rule.get("resource") and isinstance(item, dict) else None
+                stack.append((kind if rule.get("resource") else rule["type"], item, child))
