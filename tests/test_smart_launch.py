@@ -630,11 +630,14 @@ async def test_logins_consents_and_tokens_are_audited_with_the_user_as_agent(
     body = (await _exchange(browser, world, receiver, code, verifier)).json()
     await _refresh(browser, world, body["refresh_token"])
     practitioner = f"Practitioner/{world['pr']}"
-    rows = await smart_app.state.pool.fetch(
-        "SELECT body FROM resource WHERE resource_type = 'AuditEvent' AND body LIKE $1",
-        f'%"{practitioner}"%',
+    # Read back as an auditor would: AuditEvent?agent= on the audit store (app/audit).
+    await smart_app.state.audit.flush()
+    auditor = await bearer(smart_app, "system/AuditEvent.rs", client_id="smart-auditor")
+    found = await browser.get(
+        "/fhir/AuditEvent", params={"agent": practitioner, "_count": "200"}, headers=auditor
     )
-    events = [json.loads(row["body"]) for row in rows]
+    assert found.status_code == 200, found.text[:300]
+    events = [entry["resource"] for entry in found.json().get("entry", [])]
     seen = {
         (sub["code"], event["outcome"])
         for event in events
