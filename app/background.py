@@ -13,6 +13,7 @@ import httpx
 from asyncpg import Pool
 
 from app import db
+from app.casework.goal_status import GoalStatus
 from app.fhir.repository import RepositoryFactory
 from app.hooks import write_hooks
 from app.jobs import Runner
@@ -43,6 +44,7 @@ def job_runner(
     )
     Worker(pool, http, settings, repositories=repositories, runner=runner)
     Delivery(pool, http, settings, repositories).register(runner)
+    GoalStatus(pool, repositories).register(runner)
     return runner
 
 

@@ -3,6 +3,7 @@ rules that run inside each write's transaction, whoever writes (API, workers, CL
 
 from __future__ import annotations
 
+from app.casework.goal_status import GoalStatusHooks
 from app.fhir.repository import WriteHook
 from app.referrals.hooks import DirectoryHooks, ReferralHooks
 from app.settings import Settings
@@ -10,4 +11,4 @@ from app.subscriptions.hooks import SubscriptionHooks
 
 
 def write_hooks(settings: Settings) -> tuple[WriteHook, ...]:
-    return (ReferralHooks(settings), DirectoryHooks(), SubscriptionHooks(settings))
+    return (ReferralHooks(settings), DirectoryHooks(), SubscriptionHooks(settings), GoalStatusHooks(settings))

@@ -18,6 +18,7 @@ from app.auth.server import AuthorizationServer
 from app.auth.tokens import build_token_service
 from app.background import background_tasks
 from app.cancellation import CancelOnDisconnect
+from app.casework.loader import load_questionnaires
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
 from app.fhir.errors import Issue, install_error_handlers, outcome_response
@@ -100,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings=settings, pool=app.state.pool, tokens=app.state.tokens
             )
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
+            # The screening Questionnaires carecoord ships (AHC HRSN), created once (conditional).
+            await load_questionnaires(app.state.pool, app.state.repositories)
             app.state.audit = AuditTrail(
                 app.state.pool, app.state.repositories, enabled=settings.audit_enabled
             )

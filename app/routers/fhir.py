@@ -18,6 +18,9 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from app.casework.extract import EXTRACT
+from app.casework.progress import PROGRESS
+from app.casework.referral_metrics import REFERRAL_METRICS
 from app.deps import RepositoryDep, read_body
 from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
@@ -292,7 +295,16 @@ async def compartment_search(ctx: FhirContext, resource_type: str) -> Response:
 # -- operations (R4 operations.html) ------------------------------------------------------------
 
 OPERATIONS = OperationRegistry(
-    (VALIDATE, META, SUBSCRIPTION_STATUS, SUBSCRIPTION_EVENTS, SUBSCRIPTION_WS_BINDING_TOKEN)
+    (
+        VALIDATE,
+        META,
+        SUBSCRIPTION_STATUS,
+        SUBSCRIPTION_EVENTS,
+        SUBSCRIPTION_WS_BINDING_TOKEN,
+        EXTRACT,
+        PROGRESS,
+        REFERRAL_METRICS,
+    )
 )
 """Every ``$operation`` the server offers; routes, OperationDefinitions, the CapabilityStatement
 and the OpenAPI document all come from it. Register a new operation here."""
