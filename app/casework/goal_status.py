@@ -118,7 +118,8 @@ async def update_goals(repo: FhirRepository, subject: str, codes: list[list[str]
             goal["achievementStatus"] = status_concept(progress.status)
             stored, _ = await repo.update("Goal", found.fhir_id, goal, if_match=version_id)
             sources = [p.reference for t in progress.targets for p in t.points[-2:]]
-            await repo.create("Provenance", _provenance(stored, progress.rule, sources, now))
+            rule = "; ".join([progress.rule, *(t.rule for t in progress.targets)])
+            await repo.create("Provenance", _provenance(stored, rule, sources, now))
             changed.append(found.fhir_id)
         if page.next_keys is None:
             return changed

@@ -97,7 +97,11 @@ def _observation_value(observation: dict[str, Any]) -> tuple[str | None, Any]:
 
 
 def _number(key: str | None, value: Any) -> Decimal | None:
-    if key == "valueQuantity" and isinstance(value, dict) and isinstance(value.get("value"), int | float):
+    if (
+        key == "valueQuantity"
+        and isinstance(value, dict)
+        and isinstance(value.get("value"), int | float | Decimal)
+    ):
         return Decimal(str(value["value"]))
     if key == "valueInteger" and isinstance(value, int) and not isinstance(value, bool):
         return Decimal(value)
@@ -105,7 +109,7 @@ def _number(key: str | None, value: Any) -> Decimal | None:
 
 
 def _quantity(value: Any) -> Decimal | None:
-    if isinstance(value, dict) and isinstance(value.get("value"), int | float):
+    if isinstance(value, dict) and isinstance(value.get("value"), int | float | Decimal):
         return Decimal(str(value["value"]))
     return None
 
@@ -170,7 +174,7 @@ def _due(goal: dict[str, Any], target: dict[str, Any]) -> datetime | None:
     if isinstance(duration, dict) and start is not None:
         days = _DURATION_DAYS.get(str(duration.get("code") or duration.get("unit")))
         amount = duration.get("value")
-        if days is not None and isinstance(amount, int | float):
+        if days is not None and isinstance(amount, int | float | Decimal):
             return start[0] + timedelta(days=float(amount) * days)
     return None
 
