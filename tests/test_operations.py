@@ -289,7 +289,13 @@ async def test_capability_statement_lists_operations_with_resolvable_definitions
     assert rest["operation"] == [{"name": "meta", "definition": f"{FHIR}/OperationDefinition/Resource-meta"}]
     by_type = {r["type"]: r for r in rest["resource"]}
     for resource_type in SERVED_TYPES:
-        extra = {"status", "events", "get-ws-binding-token"} if resource_type == "Subscription" else set()
+        extra = {
+            "Subscription": {"status", "events", "get-ws-binding-token"},
+            "QuestionnaireResponse": {"extract"},
+            "Goal": {"progress"},
+            "CarePlan": {"progress"},
+            "Task": {"referral-metrics"},
+        }.get(resource_type, set())
         assert {o["name"] for o in by_type[resource_type]["operation"]} == {"meta", "validate", *extra}
     assert {i["code"] for i in by_type["OperationDefinition"]["interaction"]} == {"read", "search-type"}
     definitions = [o["definition"] for r in rest["resource"] for o in r.get("operation", [])]
