@@ -109,7 +109,7 @@ async def clean_db(engine: AsyncEngine) -> None:
             text(
                 "TRUNCATE resource, resource_history, search_token, search_string, search_date,"
                 " search_reference, search_quantity, search_uri, job, resource_change, change_cursor,"
-                " subscription RESTART IDENTITY CASCADE"
+                " subscription, referral_version RESTART IDENTITY CASCADE"
             )
         )
         # The dispatcher keeps the subscriptions in memory until this number moves.

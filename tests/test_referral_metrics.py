@@ -4,6 +4,7 @@ here from the version times the server recorded (each version's meta.lastUpdated
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.db import MIGRATIONS_DIR
 from tests.conftest import bearer
 
 TASK_CODE = {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]}
@@ -269,3 +271,24 @@ async def test_a_token_without_task_access_is_refused(app: FastAPI, home_client:
         "/fhir/Task/$referral-metrics?requester=Organization/cm", headers={**home_client.headers, **headers}
     )
     assert response.status_code == 403, response.text
+
+
+async def test_the_migration_backfill_matches_what_the_write_hook_records(
+    app: FastAPI, referrals: Referrals
+) -> None:
+    """Migration 0021 fills referral_version from resource_history for referrals stored before
+    it: the same rows the write hook records for every version (times included)."""
+    spec = importlib.util.spec_from_file_location(
+        "m0021", MIGRATIONS_DIR / "versions" / "0021_referral_versions.py"
+    )
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    query = "SELECT task_id, version_id, status, recorded, due FROM referral_version ORDER BY 1, 2"
+    async with app.state.pool.acquire() as conn, conn.transaction():
+        recorded = [tuple(r) for r in await conn.fetch(query)]
+        await conn.execute("DELETE FROM referral_version")
+        await conn.execute(migration._BACKFILL)
+        backfilled = [tuple(r) for r in await conn.fetch(query)]
+    assert len(recorded) >= 20
+    assert backfilled == recorded

@@ -16,8 +16,9 @@ Per partner, and in total:
 - ``open``: not in a final status; ``overdue``: open with ``restriction.period.end`` passed;
 - ``medianTimeToAccept``/``p90TimeToAccept``, ``medianTimeToComplete``/``p90TimeToComplete``:
   seconds from the first version that left draft to the first accepted (completed) version,
-  from the version history (``resource_history.last_updated`` of each version), never from
-  ``meta.lastUpdated`` of the current version; ``percentile_cont`` at the database;
+  from the version history (each version's ``last_updated``, kept per referral version in
+  ``referral_version``, app/casework/storage.py), never from ``meta.lastUpdated`` of the
+  current version; ``percentile_cont`` at the database;
 - ``closedLoopRate``: completed / sent (the loop is closed when the partner reports the
   service delivered).
 """
@@ -29,24 +30,24 @@ from typing import Any
 
 from fastapi.responses import Response
 
+from app.fhir.access import AccessContext
 from app.fhir.context import FhirContext
 from app.fhir.errors import BadRequest
 from app.fhir.fhirdate import date_range
 from app.fhir.operations import Operation, OperationParameter, OperationParameters
-from app.fhir.repository import fhir_instant
+from app.fhir.repository import FhirRepository, StoredVersion, fhir_instant
 from app.fhir.responses import json_response
-from app.fhir.search import parse_search
+from app.fhir.search import SearchLimits, parse_search
 from app.fhir.search_params import registry
-from app.referrals.state_machine import TASK_CODE_SYSTEM
+from app.referrals.state_machine import is_referral
 
 UCUM = "http://unitsofmeasure.org"
 COUNTS = ("sent", "accepted", "rejected", "completed", "cancelled", "failed", "open", "overdue")
 DURATIONS = ("medianTimeToAccept", "p90TimeToAccept", "medianTimeToComplete", "p90TimeToComplete")
 
 _STATEMENT = """
-WITH referral AS (
-    SELECT r.rid, r.body::json AS body, r.body::json #>> '{{restriction,period,end}}' AS due_text,
-           COALESCE(p.target_type || '/' || p.target_id, p.url) AS partner
+WITH referral AS MATERIALIZED (
+    SELECT r.fhir_id, r.version_id, COALESCE(p.target_type || '/' || p.target_id, p.url) AS partner
     FROM resource r
     LEFT JOIN LATERAL (
         SELECT ref.target_type, ref.target_id, ref.url FROM search_reference ref
@@ -54,37 +55,24 @@ WITH referral AS (
         LIMIT 1
     ) p ON TRUE
     WHERE {where}
-      AND EXISTS (
-        SELECT 1 FROM search_reference f
-        WHERE f.rid = r.rid AND f.resource_type = 'Task' AND f.param = 'focus'
-          AND f.target_type = 'ServiceRequest'
-      )
-), version AS (
-    SELECT h.rid, h.last_updated, h.body::json ->> 'status' AS status
-    FROM resource_history h JOIN referral USING (rid)
-    WHERE h.body IS NOT NULL
-), moment AS (
-    SELECT rid,
-           min(last_updated) FILTER (WHERE status <> 'draft') AS sent_at,
-           min(last_updated) FILTER (
-               WHERE status IN ('accepted', 'in-progress', 'on-hold', 'completed')) AS accepted_at,
-           min(last_updated) FILTER (WHERE status = 'completed') AS completed_at
-    FROM version GROUP BY rid
 ), task AS (
-    SELECT referral.partner, referral.body ->> 'status' AS status,
-           -- The end of restriction.period as an instant (a dateTime's implicit precision: a
-           -- day ends at midnight after it); values without a zone are UTC (app/fhir/fhirdate.py).
-           CASE
-               WHEN due_text LIKE '____-__-__T%' THEN (CASE
-                   WHEN due_text ~ '(Z|[+-][0-9]{{2}}:[0-9]{{2}})$' THEN due_text
-                   ELSE due_text || 'Z' END)::timestamptz
-               WHEN length(due_text) = 10 THEN (due_text || 'T00:00:00Z')::timestamptz + interval '1 day'
-               WHEN length(due_text) = 7 THEN (due_text || '-01T00:00:00Z')::timestamptz + interval '1 month'
-               WHEN length(due_text) = 4 THEN (due_text || '-01-01T00:00Z')::timestamptz + interval '1 year'
-           END AS due,
+    SELECT referral.partner, moment.status, moment.due,
            moment.sent_at, moment.accepted_at, moment.completed_at
-    FROM referral JOIN moment USING (rid)
-    WHERE moment.sent_at IS NOT NULL AND referral.body ->> 'status' <> 'entered-in-error'
+    FROM referral CROSS JOIN LATERAL (
+        -- Each referral's versions (referral_version, by its key): a few rows per referral.
+        SELECT max(v.version_id) AS latest,
+               (array_agg(v.status ORDER BY v.version_id DESC))[1] AS status,
+               (array_agg(v.due ORDER BY v.version_id DESC))[1] AS due,
+               min(v.recorded) FILTER (WHERE v.status <> 'draft') AS sent_at,
+               min(v.recorded) FILTER (
+                   WHERE v.status IN ('accepted', 'in-progress', 'on-hold', 'completed')) AS accepted_at,
+               min(v.recorded) FILTER (WHERE v.status = 'completed') AS completed_at
+        FROM referral_version v
+        WHERE v.task_id = referral.fhir_id
+    ) moment
+    -- The current version is a referral (its row exists), it was sent, and not in error.
+    WHERE moment.latest = referral.version_id
+      AND moment.sent_at IS NOT NULL AND moment.status <> 'entered-in-error'
       {period}
 )
 SELECT GROUPING(partner) AS total, partner,
@@ -155,41 +143,51 @@ def _parts(row: Any) -> list[dict[str, Any]]:
     return parts
 
 
-async def referral_metrics(
-    ctx: FhirContext, resource_type: str | None, fhir_id: str | None, parameters: OperationParameters
-) -> Response:
-    """``Task/$referral-metrics`` (see the module docstring)."""
-    requester = parameters.text("requester")
-    owner = parameters.text("owner")
+def metrics_statement(
+    fhir_base: str,
+    access: AccessContext,
+    limits: SearchLimits,
+    *,
+    requester: str | None,
+    owner: str | None,
+    periods: list[str],
+) -> tuple[str, list[Any], list[dict[str, str]]]:
+    """The statement (and its values) that computes the metrics, and the period asked for."""
     if (requester is None) == (owner is None):
         raise BadRequest(
             "give requester (referrals an organisation sent) or owner (referrals it received)",
             code="required",
             expression=("requester", "owner"),
         )
-    pairs = [
-        ("requester", requester) if requester is not None else ("owner", str(owner)),
-        ("intent", "order"),
-        ("code", f"{TASK_CODE_SYSTEM}|fulfill"),
-    ]
-    repo = ctx.repo
+    # Which Tasks are referrals is in referral_version (one row per version of a referral).
+    pairs = [("requester", requester) if requester is not None else ("owner", str(owner))]
     request = parse_search(
-        ("Task",),
-        pairs,
-        registry=registry(),
-        fhir_base=repo.fhir_base,
-        strict=True,
-        access=repo.access,
-        limits=repo.search_limits,
+        ("Task",), pairs, registry=registry(), fhir_base=fhir_base, strict=True, access=access, limits=limits
     )
     bind = request.binder
     where = " AND ".join(
         [f"r.resource_type = {request.type_placeholder}", "NOT r.deleted", *request.conditions]
     )
-    period_sql, period = _period([v.text() or "" for v in parameters.all("period")], bind)
+    period_sql, period = _period(periods, bind)
     partner_param = bind("owner" if requester is not None else "requester")
     sql = _STATEMENT.format(where=where, partner_param=partner_param, period=period_sql)
-    rows = await repo.connection.fetch(sql, *bind.values)
+    return sql, list(bind.values), period
+
+
+async def referral_metrics(
+    ctx: FhirContext, resource_type: str | None, fhir_id: str | None, parameters: OperationParameters
+) -> Response:
+    """``Task/$referral-metrics`` (see the module docstring)."""
+    repo = ctx.repo
+    sql, values, period = metrics_statement(
+        repo.fhir_base,
+        repo.access,
+        repo.search_limits,
+        requester=parameters.text("requester"),
+        owner=parameters.text("owner"),
+        periods=[v.text() or "" for v in parameters.all("period")],
+    )
+    rows = await repo.connection.fetch(sql, *values)
     out: list[dict[str, Any]] = []
     if period:
         out.append({"name": "period", "valuePeriod": period[0]})
@@ -254,3 +252,51 @@ REFERRAL_METRICS = Operation(
         OperationParameter("total", "out", "", parts=_METRICS),
     ),
 )
+
+
+def _due(end: Any, found: tuple[datetime, datetime] | None) -> datetime | None:
+    """restriction.period.end as an instant: a dateTime as written, a date (or month, year) at
+    the end of its implicit precision (the day ends at midnight after it), as migration 0021."""
+    if found is None:
+        return None
+    return found[0] if "T" in str(end) else found[1]
+
+
+class ReferralVersionHooks:
+    """Record each version of a referral Task in ``referral_version`` (app/casework/storage.py),
+    in the write's transaction, whoever writes it (API, partner mirror, CLI)."""
+
+    types = frozenset({"Task"})
+
+    async def before_write(
+        self,
+        repo: FhirRepository,
+        resource_type: str,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        return None
+
+    async def after_write(
+        self,
+        repo: FhirRepository,
+        version: StoredVersion,
+        previous: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        if data is None or not is_referral(data) or not isinstance(data.get("status"), str):
+            return
+        end = ((data.get("restriction") or {}).get("period") or {}).get("end")
+        found = date_range(end) if isinstance(end, str) else None
+        await repo.connection.execute(
+            "INSERT INTO referral_version (task_id, version_id, status, recorded, due)"
+            " VALUES ($1, $2, $3, $4, $5)"
+            # A version id is never reused, except after the tests empty the resource tables.
+            " ON CONFLICT (task_id, version_id) DO UPDATE SET status = excluded.status,"
+            " recorded = excluded.recorded, due = excluded.due",
+            version.fhir_id,
+            version.version_id,
+            data["status"],
+            version.last_updated,
+            _due(end, found),
+        )
