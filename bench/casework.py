@@ -14,8 +14,8 @@ What it does
 2. Adds the referrals the metrics are about: ``--referrals`` Tasks from Organization/bench-cm
    to Organization/bench-partner, and 40% as many again to four other partners, each with its
    version history (requested; then accepted, rejected or cancelled; in-progress; completed),
-   the versions spaced over hours to days as real referrals are, bodies and index rows as
-   the API writes them (stamp, extract).
+   the versions spaced over hours to days as real referrals are, bodies, index rows and
+   ``referral_version`` rows as the API write path (stamp, extract, the write hook) makes them.
 3. Starts ``carecoord serve`` (authorization off) and measures, sequentially, ``GET
    Task/$referral-metrics?owner=Organization/bench-partner`` (10,000 referrals, one row per
    requester) and ``?requester=Organization/bench-cm`` (14,000, one row per partner), and the
@@ -77,7 +77,11 @@ def referral_rows(
     first_rid: int, first_hid: int, count: int, owner: str, fhir_base: str, start: datetime, seed: str
 ) -> tuple[dict[str, list[tuple[Any, ...]]], int]:
     layout = index_layout()
-    tables: dict[str, list[tuple[Any, ...]]] = {"resource": [], "resource_history": []}
+    tables: dict[str, list[tuple[Any, ...]]] = {
+        "resource": [],
+        "resource_history": [],
+        "referral_version": [],
+    }
     for table in layout:
         tables[f"search_{table}"] = []
     rng = random.Random(seed)
@@ -98,6 +102,7 @@ def referral_rows(
             "owner": {"reference": owner},
             "restriction": {"period": {"end": (versions[0][1] + timedelta(days=30)).isoformat()}},
         }
+        due = versions[0][1] + timedelta(days=30)
         body = ""
         for number, (status, moment) in enumerate(versions, start=1):
             data = {**task, "status": status}
@@ -105,6 +110,7 @@ def referral_rows(
             tables["resource_history"].append(
                 (hid, rid, "Task", fid, number, moment, "POST" if number == 1 else "PUT", body)
             )
+            tables["referral_version"].append((fid, number, status, moment, due))
             hid += 1
         tables["resource"].append((rid, "Task", fid, len(versions), versions[-1][1], False, body))
         index = extract("Task", {**task, "status": versions[-1][0]}, fhir_base)
@@ -129,7 +135,17 @@ async def add_referrals(dsn: str, fhir_base: str, referrals: int, start: datetim
         for chunk in range(0, count, 2000):
             size = min(2000, count - chunk)
             tables, hid = referral_rows(rid, hid, size, owner, fhir_base, start, f"ref{number}c{chunk}")
+            versions = tables.pop("referral_version")
             await _copy_chunk(dsn, tables)
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.copy_records_to_table(
+                    "referral_version",
+                    records=versions,
+                    columns=["task_id", "version_id", "status", "recorded", "due"],
+                )
+            finally:
+                await conn.close()
             rid += size
             total += size
     conn = await asyncpg.connect(dsn)
@@ -151,7 +167,10 @@ async def measure(base_url: str, dsn: str, fhir_base: str, rounds: int) -> list[
     lines = []
     limits = SearchLimits()
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
-        conn = await asyncpg.connect(dsn)
+        # As the server's pool connects (app/db.py): custom plans for the statement's values.
+        conn = await asyncpg.connect(
+            dsn, server_settings={"plan_cache_mode": "force_custom_plan", "timezone": "UTC"}
+        )
         try:
             for label, query in (
                 ("owner=bench-partner (10k referrals)", {"owner": "Organization/bench-partner"}),
