@@ -1,4 +1,5 @@
-"""referral_version: the status of each version of each referral Task ($referral-metrics)
+"""referral_version: the status of each version of each referral Task, and ix_resource_task_version
+($referral-metrics)
 
 Revision ID: 0021
 Revises: 0014
@@ -54,7 +55,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("task_id", "version_id", name=op.f("pk_referral_version")),
     )
     op.execute(_BACKFILL)
+    op.create_index(
+        "ix_resource_task_version",
+        "resource",
+        ["rid"],
+        postgresql_include=["version_id", "fhir_id", "deleted"],
+        postgresql_where=sa.text("resource_type = 'Task'"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_resource_task_version", table_name="resource")
     op.drop_table("referral_version")
