@@ -14,6 +14,7 @@ from asyncpg import Pool
 
 from app import db
 from app.audit import jobs as audit_jobs
+from app.casework.goal_status import GoalStatus
 from app.exports.jobs import ExportJobs
 from app.fhir.repository import RepositoryFactory
 from app.hooks import write_hooks
@@ -50,6 +51,7 @@ def job_runner(
     audit_jobs.register(runner, pool, settings)
     ExportJobs(pool, settings).register(runner)
     Reindexer(pool, settings.fhir_base, batch=settings.reindex_batch).register(runner)
+    GoalStatus(pool, repositories).register(runner)
     return runner
 
 

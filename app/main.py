@@ -21,6 +21,7 @@ from app.auth.tokens import build_token_service
 from app.auth.upstream import UpstreamProvider
 from app.background import background_tasks
 from app.cancellation import CancelOnDisconnect
+from app.casework.loader import load_questionnaires
 from app.exports import router as export_router
 from app.fhir.capability import SOFTWARE_VERSION
 from app.fhir.cursors import load_cursor_codec
@@ -101,6 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             app.state.tokens = await build_token_service(settings, app.state.pool, app.state.http)
             app.state.repositories = RepositoryFactory.from_settings(settings, write_hooks(settings))
+            # The screening Questionnaires carecoord ships (AHC HRSN), created once (conditional).
+            await load_questionnaires(app.state.pool, app.state.repositories)
             app.state.audit = AuditTrail(
                 app.state.pool,
                 app.state.repositories,

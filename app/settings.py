@@ -196,6 +196,11 @@ class Settings(BaseSettings):
     run_worker: bool = Field(
         default=True, description="Run the job runner inside each API process (serve --no-worker: false)"
     )
+    goal_auto_status: bool = Field(
+        default=False,
+        description="Set Goal.achievementStatus to what Goal/$progress suggests whenever an Observation"
+        " of one of its measures is written (a job; each change recorded with a Provenance)",
+    )
     subscription_event_retention: float = Field(
         default=7 * 86400,
         gt=0,

@@ -110,7 +110,8 @@ async def clean_db(engine: AsyncEngine) -> None:
             text(
                 "TRUNCATE resource, resource_history, search_token, search_string, search_date,"
                 " search_reference, search_quantity, search_uri, search_position, search_worklist, job,"
-                " resource_change, change_cursor, subscription, audit_event RESTART IDENTITY CASCADE"
+                " resource_change, change_cursor, subscription, audit_event, referral_version"
+                " RESTART IDENTITY CASCADE"
             )
         )
         # The dispatcher keeps the subscriptions in memory until this number moves.

@@ -298,6 +298,10 @@ async def test_capability_statement_lists_operations_with_resolvable_definitions
             "Subscription": {"status", "events", "get-ws-binding-token"},
             "Patient": {"everything", "export"},  # Bulk Data: Patient/$export
             "Group": {"export"},  # Bulk Data: Group/[id]/$export
+            "QuestionnaireResponse": {"extract"},
+            "Goal": {"progress"},
+            "CarePlan": {"progress"},
+            "Task": {"referral-metrics"},
         }.get(resource_type, set())
         assert {o["name"] for o in by_type[resource_type]["operation"]} == {"meta", "validate", *extra}
     assert {i["code"] for i in by_type["OperationDefinition"]["interaction"]} == {"read", "search-type"}

@@ -124,7 +124,7 @@ QUERY_ONLY = frozenset({"_format", "_pretty"})
 
 @dataclass(frozen=True)
 class OperationParameter:
-    """One ``OperationDefinition.parameter`` (no ``part``s yet: no operation needs them)."""
+    """One ``OperationDefinition.parameter``; an out-parameter made of ``parts`` has no type."""
 
     name: str
     use: Literal["in", "out"]
@@ -138,6 +138,8 @@ class OperationParameter:
     """Canonical of the required binding of a ``code`` parameter."""
     codes: tuple[str, ...] = ()
     """The codes of that binding: any other is refused with a 400."""
+    parts: tuple[OperationParameter, ...] = ()
+    """The parts of a composite out-parameter (``Parameters.parameter.part``)."""
 
     @property
     def kind(self) -> Literal["primitive", "datatype", "resource"]:
@@ -164,6 +166,9 @@ class OperationParameter:
             out["documentation"] = self.documentation
         if self.value_set:
             out["binding"] = {"strength": "required", "valueSet": self.value_set}
+        if self.parts:
+            del out["type"]  # operationdefinition.html: opd-1, a parameter has a type or parts
+            out["part"] = [p.definition() for p in self.parts]
         return out
 
 

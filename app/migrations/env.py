@@ -15,6 +15,7 @@ from sqlmodel import SQLModel
 
 from alembic import context
 from app.auth import storage as auth_storage  # noqa: F401  (registers the auth tables)
+from app.casework import storage as casework_storage  # noqa: F401  (registers referral_version)
 from app.events import storage as event_storage  # noqa: F401  (registers the change feed)
 from app.exports import table as export_table  # noqa: F401  (registers the Bulk Data export tables)
 from app.fhir import storage  # noqa: F401  (registers the resource store and search index)

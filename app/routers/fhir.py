@@ -19,6 +19,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from app.audit.fhir import SEARCH_PARAMETERS as AUDIT_SEARCH_PARAMETERS
+from app.casework.extract import EXTRACT
+from app.casework.progress import PROGRESS
+from app.casework.referral_metrics import REFERRAL_METRICS
 from app.deps import RepositoryDep, read_body
 from app.exports.operations import EXPORT, GROUP_EXPORT, PATIENT_EXPORT
 from app.fhir.bundles import process_bundle
@@ -305,6 +308,9 @@ OPERATIONS = OperationRegistry(
         PATIENT_EXPORT,
         GROUP_EXPORT,
         EVERYTHING,
+        EXTRACT,
+        PROGRESS,
+        REFERRAL_METRICS,
     )
 )
 """Every ``$operation`` the server offers; routes, OperationDefinitions, the CapabilityStatement
