@@ -19,6 +19,7 @@ supported (refused with ``Prefer: handling=strict``), as for every type.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -301,6 +302,12 @@ def access_condition(access: AccessContext, compiler: AuditCompiler, alias: str,
     if access.organization is not None:
         access.require(AUDIT_TYPE, letter)
         return "FALSE"
+    if access.user is not None:
+        # A person's token (issue 11): the events naming one of its Patients. The person limits
+        # of AccessContext are over index rows, which the audit store does not have.
+        permitted = replace(access, user=None).condition(compiler, alias, AUDIT_TYPE, letter)
+        person = f"{alias}.patient && {access.person_patients(compiler)}"
+        return person if permitted is None else f"({permitted}) AND {person}"
     return access.condition(compiler, alias, AUDIT_TYPE, letter)
 
 

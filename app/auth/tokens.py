@@ -136,6 +136,20 @@ def _int_claim(claims: Mapping[str, Any], name: str, *, required: bool) -> int |
     return int(value)
 
 
+_PERSON = re.compile(r"(?:.*/)?(?P<ref>(?:Practitioner|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64})")
+
+
+def _person(value: object) -> str | None:
+    """``Type/id`` of a ``fhirUser`` claim (SMART App Launch: a relative or absolute reference to a
+    Practitioner, Patient or RelatedPerson); None when absent, InvalidToken when malformed."""
+    if value is None:
+        return None
+    match = _PERSON.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise InvalidToken("invalid fhirUser claim")
+    return match["ref"]
+
+
 def _reference_id(value: object, resource_type: str) -> str:
     """A Patient/Organization id from a bare id, ``Type/id`` or an absolute reference."""
     if not isinstance(value, str):
@@ -385,9 +399,15 @@ class TokenService:
         patient = claims.get("patient")
         organization = claims.get("organization", claims.get("fhirOrganization"))
         jti = claims.get("jti")
+        scope = _external_scope(claims)
+        fhir_user = _person(claims.get("fhirUser"))
+        if fhir_user is None and any(s.startswith("user/") for s in scope.split()):
+            # user/ permissions are limited by the person they act for (app/fhir/access.py): one
+            # that names nobody would act as no-one in particular, i.e. see every patient.
+            raise InvalidToken("a token with user/ scopes must name its person (fhirUser)")
         return TokenClaims(
             client_id=client_id,
-            scope=_external_scope(claims),
+            scope=scope,
             issuer=issuer,
             subject=subject if isinstance(subject, str) else client_id,
             expires_at=expires_at,
@@ -399,6 +419,7 @@ class TokenService:
             ),
             token_id=jti if isinstance(jti, str) else None,
             issued_at=issued_at,
+            fhir_user=fhir_user,
             external=True,
         )
 

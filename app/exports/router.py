@@ -50,16 +50,30 @@ class TooManyRequests(FHIRError):
 
 
 async def _owned(request: Request, access: AccessContext, export_id: str) -> store.Export:
-    """The export, when the caller's client started it and it has not expired; else 404."""
+    """The export, when the caller is who started it and it has not expired; else 404.
+
+    "Who" is the whole access context stored at kick-off, not only the client id: two people
+    signed in to one app share its client id, and a trusted external issuer's token may name a
+    client id that is also registered here (Bulk Data IG: only the requester reads the files)."""
     async with request.app.state.pool.acquire() as conn:
         export = await store.get(conn, export_id[:64])
-    if (
-        export is None
-        or export.expires_at <= datetime.now(UTC)
-        or (not access.unrestricted and export.client_id != access.client_id)
-    ):
+    if export is None or export.expires_at <= datetime.now(UTC) or not _same_caller(export, access):
         raise NotFound(f"no export {export_id[:64]}")
     return export
+
+
+def _same_caller(export: store.Export, access: AccessContext) -> bool:
+    if access.unrestricted:
+        return True
+    started = export.access
+    return (
+        not access.external
+        and not started.get("external")
+        and export.client_id == access.client_id
+        and started.get("user") == access.user
+        and started.get("patient") == access.patient
+        and started.get("organization") == access.organization
+    )
 
 
 def _progress(export: store.Export) -> str:

@@ -58,6 +58,10 @@ from app.fhir.search_params import registry
 
 INTERACTION_NAMES = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
+SUBJECT_PARAMS = frozenset({"patient", "subject"})
+"""Patient-compartment parameters that name whom a record resource is about (its subject); the
+others (performer, participant, author...) name who else took part."""
+
 OWNED_TYPES = frozenset({"Subscription"})
 """Types whose resources belong to the client that created them: only that client reads,
 searches, changes or deletes one (a Subscription's channel carries its owner's secrets and its
@@ -244,7 +248,7 @@ class AccessContext:
         elif self.organization is not None:
             clauses.append(self._organization_condition(compiler, alias, letter, row_by_row=row_by_row))
         if self.user_limits(resource_type, letter):
-            clauses.append(self._user_condition(compiler, alias, resource_type))
+            clauses.append(self._user_condition(compiler, alias, resource_type, letter))
         return clauses
 
     # -- a person's limits (issue 11) ---------------------------------------------------------
@@ -268,6 +272,19 @@ class AccessContext:
             )
         return "FALSE"
 
+    def person_patients(self, compiler: ConditionCompiler) -> str:
+        """SQL ``text[]`` of the ids of the Patients whose compartment the person sees (for
+        stores without index rows: the audit store's ``patient`` column, app/audit/fhir.py)."""
+        kind, ident = self.user_reference or ("", "")
+        if kind == "Patient":
+            return f"CAST(ARRAY[{compiler.bind(ident)}] AS text[])"
+        if kind in ("RelatedPerson", "Practitioner"):
+            return (
+                f"CAST((SELECT carecoord_person_patients({compiler.bind(kind)}, {compiler.bind(ident)}))"
+                " AS text[])"
+            )
+        return "CAST(ARRAY[] AS text[])"
+
     @staticmethod
     def _names_practitioner(compiler: ConditionCompiler, alias: str, practitioner: str) -> str:
         """Reference row ``alias`` names the practitioner: itself, or one of its PractitionerRoles
@@ -279,7 +296,9 @@ class AccessContext:
             f" = ANY(CAST((SELECT carecoord_practitioner_roles({compiler.bind(practitioner)})) AS text[]))))"
         )
 
-    def _user_condition(self, compiler: ConditionCompiler, alias: str, resource_type: str) -> str:
+    def _user_condition(
+        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str = "r"
+    ) -> str:
         """Rows ``alias`` of ``resource_type`` (a type of the Patient compartment) the person may
         see, as ``alias.rid IN (<rids>)``: a set of row ids, so that a search can cut its page
         from it like from any index condition (search.py ``rid_set``). Every subquery is
@@ -297,7 +316,14 @@ class AccessContext:
                 f" AND {self._user_patients(compiler, 'up.fhir_id')}"
             )
         params = registry().patient_compartment.get(resource_type, ())
-        if params:
+        if letter in ("u", "d"):
+            # A person changes a record resource only when it is about one of its Patients (its
+            # subject), not because it merely mentions one (a performer, a participant, a linked
+            # Patient): otherwise a practitioner could add itself to the CareTeam of a Patient
+            # outside its caseload that lists one of its Patients as a participant.
+            params = tuple(p for p in params if p in SUBJECT_PARAMS) or params
+        if params and resource_type != "Patient":
+            # A Patient is a person's own by its id (above), not by a link from another Patient.
             parts.append(
                 "SELECT uk.rid FROM search_reference uk"
                 f" WHERE uk.resource_type = {compiler.bind(resource_type)}"
@@ -318,7 +344,9 @@ class AccessContext:
         search_reference) that put their resource inside the person's limits; a row with param
         ``_id`` names a Patient itself. Judges older versions (history, vread) with the same
         SQL as the current rows."""
-        pairs = [(t, p) for t, params in registry().patient_compartment.items() for p in params]
+        pairs = [
+            (t, p) for t, params in registry().patient_compartment.items() if t != "Patient" for p in params
+        ]
         target = f"{alias}.target_id"
         clauses = [
             f"({alias}.resource_type = 'Patient' AND {alias}.param = '_id'"
@@ -344,9 +372,13 @@ class AccessContext:
         if self.client_id is None or self.external:
             return "FALSE"
         client = compiler.bind(self.client_id)
+        # Two people signed in to one app share its client id: a Subscription is its person's.
+        user = (
+            "own.owner_user IS NULL" if self.user is None else f"own.owner_user = {compiler.bind(self.user)}"
+        )
         return (
             f"EXISTS (SELECT 1 FROM subscription own WHERE own.fhir_id = {alias}.fhir_id"
-            f" AND own.owner_client = {client})"
+            f" AND own.owner_client = {client} AND {user})"
         )
 
     def _permission_parts(
