@@ -475,12 +475,13 @@ async def test_retired_keys_are_dropped_after_their_tokens_expire(
     )
     await tokens.keys.maintain()
     assert await pool.fetchval("SELECT count(*) FROM auth_signing_key WHERE kid = 'ancient'") == 0
-    assert await pool.fetchval("SELECT count(*) FROM auth_signing_key WHERE retired_at IS NULL") == 1
+    # One signing key of each kind: ES256 (access tokens) and RS256 (id_tokens).
+    assert await pool.fetchval("SELECT count(*) FROM auth_signing_key WHERE retired_at IS NULL") == 2
 
 
 async def test_processes_starting_together_create_one_key(auth_app: FastAPI, settings: Settings) -> None:
-    """The current key is due for rotation (max age 1 s): processes maintaining at once create
-    one successor between them and leave exactly one signing key."""
+    """The current keys are due for rotation (max age 1 s): processes maintaining at once create
+    one successor of each kind between them and leave exactly one signing key of each kind."""
     pool = auth_app.state.pool
     await asyncio.sleep(1.1)
 
@@ -489,9 +490,13 @@ async def test_processes_starting_together_create_one_key(auth_app: FastAPI, set
             return await maintain_signing_keys(conn, max_age=1, token_ttl=settings.token_ttl)
 
     created = [kid for kid in await asyncio.gather(*(one_process() for _ in range(6))) if kid]
-    assert len(created) == 1
-    assert await pool.fetchval("SELECT count(*) FROM auth_signing_key WHERE retired_at IS NULL") == 1
-    assert await pool.fetchval("SELECT kid FROM auth_signing_key WHERE retired_at IS NULL") == created[0]
+    assert len(created) == 1  # the access-token key's successor
+    current = await pool.fetch(
+        "SELECT kid, CAST(private_jwk AS jsonb) ->> 'kty' AS kty FROM auth_signing_key"
+        " WHERE retired_at IS NULL ORDER BY kty"
+    )
+    assert [row["kty"] for row in current] == ["EC", "RSA"]
+    assert current[0]["kid"] == created[0]
 
 
 async def test_verify_rejects_bad_tokens(auth_app: FastAPI, tokens: TokenService, idp_key: Any) -> None:

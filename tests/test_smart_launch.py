@@ -271,7 +271,10 @@ async def test_practitioner_signs_in_picks_from_caseload_consents_and_uses_the_t
     assert set(body["scope"].split()) == set(APP_SCOPE.split())
     assert body["refresh_token"]
     keys = KeySet.import_key_set((await browser.get("/auth/jwks")).json())
-    id_token = jwt.decode(body["id_token"], keys).claims
+    decoded = jwt.decode(body["id_token"], keys, algorithms=["RS256"])
+    # OpenID Connect Discovery §3 / SMART: id_tokens are RS256, which relying parties must accept.
+    assert decoded.header["alg"] == "RS256"
+    id_token = decoded.claims
     assert id_token["iss"] == BASE_URL and id_token["aud"] == world["client_id"]
     assert id_token["fhirUser"] == f"{FHIR}/Practitioner/{world['pr']}"
     assert id_token["nonce"] == "n-123"

@@ -39,6 +39,7 @@ from app.auth.audit import AuditTrail
 from app.auth.clients import Client, ClientRegistrationError, check_secret, get_client, parse_client_jwks
 from app.auth.grants import narrow_scopes
 from app.auth.jwks import JwksUnavailable, select_key
+from app.auth.keys import ID_TOKEN_ALG
 from app.auth.ratelimit import FailureLimiter, pair_key
 from app.auth.tokens import InvalidToken, TokenService, peek
 from app.auth.user_grants import GrantError, UserGrants
@@ -545,7 +546,7 @@ class AuthorizationServer:
             "response_modes_supported": ["query"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["ES256"],
+            "id_token_signing_alg_values_supported": [ID_TOKEN_ALG],
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
             "scopes_supported": ["openid", "fhirUser", "launch/patient", "offline_access", "online_access"],

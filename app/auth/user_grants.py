@@ -37,7 +37,7 @@ from app.auth.audit import AuditTrail
 from app.auth.auth_events import auth_event
 from app.auth.authorize import code_hash, pkce_challenge, record_auth_event
 from app.auth.clients import Client
-from app.auth.keys import SIGNING_ALG
+from app.auth.keys import ID_TOKEN_ALG
 from app.auth.tokens import TokenService
 from app.auth.users import User, get_user
 from app.settings import Settings
@@ -253,9 +253,10 @@ class UserGrants:
         return body
 
     async def id_token(self, grant: Grant, client: Client, *, with_fhir_user: bool) -> str:
-        """OpenID Connect Core §2 ID Token, signed with the access-token key (ES256, /auth/jwks);
-        SMART's ``fhirUser`` claim is the absolute URL of the user's resource."""
-        signing = await self.tokens.keys.signing_key()
+        """OpenID Connect Core §2 ID Token, signed RS256 (the algorithm OpenID Connect Discovery
+        §3 requires; its key is published in /auth/jwks beside the access-token keys); SMART's
+        ``fhirUser`` claim is the absolute URL of the user's resource."""
+        signing = await self.tokens.keys.signing_key(ID_TOKEN_ALG)
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self.issuer,
@@ -269,8 +270,8 @@ class UserGrants:
             claims["nonce"] = grant.nonce
         if with_fhir_user:
             claims["fhirUser"] = f"{self.fhir_base}/{grant.user.fhir_user}"
-        header = {"alg": SIGNING_ALG, "kid": signing.kid, "typ": "JWT"}
-        return jwt.encode(header, claims, signing.key, algorithms=[SIGNING_ALG])
+        header = {"alg": ID_TOKEN_ALG, "kid": signing.kid, "typ": "JWT"}
+        return jwt.encode(header, claims, signing.key, algorithms=[ID_TOKEN_ALG])
 
     async def _audit(self, action: str, grant: Grant, address: str | None) -> None:
         if self.audit is None:
