@@ -40,8 +40,8 @@ Rules (SMART App Launch 2.x scopes-and-launch-context.html; FHIR R4 security.htm
   on directory types a person writes only its own resource (its Practitioner, say);
   Membership is evaluated in the SQL of every request, so a change of CareTeam takes effect
   on the next one. Writes are judged the same way (the version written must lie inside).
-  A ``user/`` permission on a token without a person grants what the client itself was
-  registered for, as before (the scope matrix of tests/test_authorization.py);
+  A ``user/`` permission on a token without a person grants nothing (``matching``): it is
+  what a user may see, not a ``system/`` permission;
 - a resource the token may use the type of but that lies outside these limits is a 404, so
   that its existence is not revealed.
 """
@@ -131,7 +131,12 @@ class AccessContext:
             found = tuple(
                 p
                 for p in self.permissions
-                if p.covers(resource_type, letter) and (p.context != "patient" or self.patient is not None)
+                if p.covers(resource_type, letter)
+                # A patient/ permission needs the token's patient, a user/ one its person
+                # (SMART scopes-and-launch-context: user/ is what the user may see, so a token
+                # that acts for nobody gets nothing from it; it is not a system/ permission).
+                and (p.context != "patient" or self.patient is not None)
+                and (p.context != "user" or self.user is not None)
             )
             self._cache[key] = found
         return found
