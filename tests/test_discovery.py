@@ -416,6 +416,14 @@ async def test_every_advertised_scope_is_granted_and_works(
         if scope in LAUNCH_SCOPES:
             await _launch_scope_works(discovery_app, http, receiver, scope, patient_id)
             continue
+        if scope.startswith("user/"):
+            # user/ scopes are what a person may see: a practitioner with the patient in its caseload.
+            body = await _launch(
+                discovery_app, http, receiver, f"openid fhirUser {scope}", patient_id=patient_id
+            )
+            assert scope in body["scope"].split()
+            await _use(http, body["access_token"], scope, patient_id)
+            continue
         context = {"patient": patient_id} if scope.startswith("patient/") else {}
         client_id, secret = await _secret_client(discovery_app, scope, **context)
         body = await _token(http, config["token_endpoint"], (client_id, secret), scope)

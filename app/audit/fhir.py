@@ -19,7 +19,6 @@ supported (refused with ``Prefer: handling=strict``), as for every type.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -305,7 +304,7 @@ def access_condition(access: AccessContext, compiler: AuditCompiler, alias: str,
     if access.user is not None:
         # A person's token (issue 11): the events naming one of its Patients. The person limits
         # of AccessContext are over index rows, which the audit store does not have.
-        permitted = replace(access, user=None).condition(compiler, alias, AUDIT_TYPE, letter)
+        permitted = access.condition(compiler, alias, AUDIT_TYPE, letter, person_limits=False)
         person = f"{alias}.patient && {access.person_patients(compiler)}"
         return person if permitted is None else f"({permitted}) AND {person}"
     return access.condition(compiler, alias, AUDIT_TYPE, letter)

@@ -207,13 +207,16 @@ class AccessContext:
         letter: str,
         *,
         row_by_row: bool = False,
+        person_limits: bool = True,
     ) -> str | None:
         """SQL over resource rows ``alias`` of ``resource_type`` that the token may use with
         ``letter``; None when every row is allowed. 403 when no permission covers it.
         ``row_by_row``: the statement judges a few rows as an ordered index yields them (a
         worklist page, app/fhir/search.py Worklist), so an organisation's referral roots are
         looked up per row rather than collected whole first (all of a busy owner's Tasks)."""
-        parts = self.condition_parts(compiler, alias, resource_type, letter, row_by_row=row_by_row)
+        parts = self.condition_parts(
+            compiler, alias, resource_type, letter, row_by_row=row_by_row, person_limits=person_limits
+        )
         return " AND ".join(parts) if parts else None
 
     def condition_parts(
@@ -224,9 +227,12 @@ class AccessContext:
         letter: str,
         *,
         row_by_row: bool = False,
+        person_limits: bool = True,
     ) -> list[str]:
         """``condition`` as the clauses it is the conjunction of (a search can drive its page
-        from those that are sets of row ids, app/fhir/search.py ``rid_set``)."""
+        from those that are sets of row ids, app/fhir/search.py ``rid_set``). Without
+        ``person_limits`` a person's limits are left to the caller (a store without index rows,
+        app/audit/fhir.py, renders its own)."""
         if self.unrestricted:
             return []
         self.require(resource_type, letter)
@@ -252,7 +258,7 @@ class AccessContext:
                 clauses.append(self._owner_condition(compiler, alias))
         elif self.organization is not None:
             clauses.append(self._organization_condition(compiler, alias, letter, row_by_row=row_by_row))
-        if self.user_limits(resource_type, letter):
+        if person_limits and self.user_limits(resource_type, letter):
             clauses.append(self._user_condition(compiler, alias, resource_type, letter))
         return clauses
 
