@@ -26,14 +26,11 @@ from asyncpg import Connection
 
 from app.auth.scopes import restriction_problem
 from app.fhir.access import AccessContext
-from app.fhir.errors import BadRequest, Issue, NotFound
+from app.fhir.errors import BadRequest, NotFound
 from app.fhir.fhirdate import date_range
 from app.fhir.indexing import normalize, split_reference
-from app.fhir.params import parse_count
 from app.fhir.repository import Found, SearchPage, StoredVersion
 from app.fhir.search import (
-    DEFAULT_COUNT,
-    MAX_COUNT,
     RESULT_PARAMETERS,
     Binder,
     SearchLimits,
@@ -43,6 +40,7 @@ from app.fhir.search import (
     _like_prefix,
     _prefix,
     _split_unescaped,
+    result_options,
     split_values,
     too_costly,
     unescape,
@@ -359,30 +357,7 @@ def parse_audit_search(
             continue
         conditions.append(clause)
         applied.append((name, raw))
-    issues = [
-        Issue(
-            "not-supported",
-            f"parameter '{name[:80]}' is not supported on AuditEvent and was ignored",
-            severity="warning",
-            expression=(name[:80],),
-        )
-        for name in unknown
-    ]
-    if unknown and strict:
-        raise BadRequest(
-            "unknown or unsupported search parameters (Prefer: handling=strict)",
-            issues=[Issue("not-supported", i.diagnostics, expression=i.expression) for i in issues],
-        )
-    count = parse_count(options.get("_count"), default=DEFAULT_COUNT, maximum=MAX_COUNT)
-    total = options.get("_total", "none")
-    if total not in ("none", "estimate", "accurate"):
-        raise BadRequest("_total: use none, estimate or accurate", expression=("_total",))
-    summary = options.get("_summary")
-    if count == 0:
-        summary = "count"
-    if summary is not None and summary not in ("true", "false", "text", "data", "count"):
-        raise BadRequest("_summary: use true, false, text, data or count", expression=("_summary",))
-    elements = tuple(e.strip() for e in options.get("_elements", "").split(",") if e.strip())
+    issues, count, total, summary, elements = result_options(options, unknown, strict, " on AuditEvent")
     if len(sort_specs) > 1 or (sort_specs and sort_specs[0].lstrip("-") not in SORTS):
         raise BadRequest("_sort: AuditEvent sorts by date or -date only", expression=("_sort",))
     descending = not sort_specs or sort_specs[0].startswith("-")

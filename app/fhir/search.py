@@ -1126,34 +1126,7 @@ def parse_search(
             continue
         conditions.append(compiler._any(per_type))
         applied.append((name, raw))
-    issues = [
-        Issue(
-            "not-supported",
-            f"parameter '{name[:80]}' is not supported and was ignored",
-            severity="warning",
-            expression=(name[:80],),
-        )
-        for name in unknown
-    ]
-    if unknown and strict:
-        raise BadRequest(
-            "unknown or unsupported search parameters (Prefer: handling=strict)",
-            issues=[Issue("not-supported", i.diagnostics, expression=i.expression) for i in issues],
-        )
-    count = parse_count(options.get("_count"), default=DEFAULT_COUNT, maximum=MAX_COUNT)
-    total = options.get("_total", "none")
-    if total not in ("none", "estimate", "accurate"):
-        raise BadRequest("_total: use none, estimate or accurate", expression=("_total",))
-    summary = options.get("_summary")
-    if count == 0:
-        summary = "count"  # search.html#count: _count=0 is treated as _summary=count
-    if summary is not None and summary not in ("true", "false", "text", "data", "count"):
-        raise BadRequest("_summary: use true, false, text, data or count", expression=("_summary",))
-    elements = (
-        tuple(e.strip() for e in options["_elements"].split(",") if e.strip())
-        if "_elements" in options
-        else ()
-    )
+    issues, count, total, summary, elements = result_options(options, unknown, strict)
     if len(resource_types) != 1 and sort_specs:
         sort_specs = [s for s in sort_specs if s.lstrip("-") in ("_id", "_lastUpdated")]
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
@@ -1209,3 +1182,36 @@ def parse_search(
         driven_limits=frozenset(driven_limits),
         access=access,
     )
+
+
+def result_options(
+    options: dict[str, str], unknown: list[str], strict: bool, where: str = ""
+) -> tuple[list[Issue], int, str, str | None, tuple[str, ...]]:
+    """The warnings for ``unknown`` parameters (a 400 under ``Prefer: handling=strict``,
+    search.html#errors) and the result parameters ``_count``, ``_total``, ``_summary`` and
+    ``_elements`` of one search, checked; ``where`` names the type in the warnings."""
+    issues = [
+        Issue(
+            "not-supported",
+            f"parameter '{name[:80]}' is not supported{where} and was ignored",
+            severity="warning",
+            expression=(name[:80],),
+        )
+        for name in unknown
+    ]
+    if unknown and strict:
+        raise BadRequest(
+            "unknown or unsupported search parameters (Prefer: handling=strict)",
+            issues=[Issue("not-supported", i.diagnostics, expression=i.expression) for i in issues],
+        )
+    count = parse_count(options.get("_count"), default=DEFAULT_COUNT, maximum=MAX_COUNT)
+    total = options.get("_total", "none")
+    if total not in ("none", "estimate", "accurate"):
+        raise BadRequest("_total: use none, estimate or accurate", expression=("_total",))
+    summary = options.get("_summary")
+    if count == 0:
+        summary = "count"  # search.html#count: _count=0 is treated as _summary=count
+    if summary is not None and summary not in ("true", "false", "text", "data", "count"):
+        raise BadRequest("_summary: use true, false, text, data or count", expression=("_summary",))
+    elements = tuple(e.strip() for e in options.get("_elements", "").split(",") if e.strip())
+    return issues, count, total, summary, elements
