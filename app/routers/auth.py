@@ -8,6 +8,7 @@ Thin: the logic is app/auth/server.py and app/auth/authorize.py. OAuth responses
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -284,58 +285,44 @@ async def authorize(request: Request) -> Response:
     return _answer(answer, request, after_post=False)
 
 
-@router.post("/auth/authorize", include_in_schema=False)
-async def authorize_post(request: Request) -> Response:
-    """SMART App Launch: the authorization request may also be a form post."""
+async def _form_step(
+    request: Request, step: Callable[[AuthorizationEndpoint, dict[str, str]], Awaitable[Answer]]
+) -> Response:
+    """One posted step of the authorization pages: the form read (an unreadable one is an error
+    page, never a redirect), then ``step`` of the authorization endpoint on it."""
     try:
         form = await _form(request)
     except OAuthError as exc:
         return _bad_form(exc)
     endpoint: AuthorizationEndpoint = request.app.state.authorize
-    return _answer(await endpoint.start(list(form.items()), _address(request)), request, after_post=True)
+    return _answer(await step(endpoint, form), request, after_post=True)
+
+
+@router.post("/auth/authorize", include_in_schema=False)
+async def authorize_post(request: Request) -> Response:
+    """SMART App Launch: the authorization request may also be a form post."""
+    return await _form_step(request, lambda e, form: e.start(list(form.items()), _address(request)))
 
 
 @router.post("/auth/authorize/login", include_in_schema=False)
 async def authorize_login(request: Request) -> Response:
-    try:
-        form = await _form(request)
-    except OAuthError as exc:
-        return _bad_form(exc)
-    endpoint: AuthorizationEndpoint = request.app.state.authorize
-    answer = await endpoint.login(form, request.cookies, _address(request))
-    return _answer(answer, request, after_post=True)
+    return await _form_step(request, lambda e, form: e.login(form, request.cookies, _address(request)))
 
 
 @router.post("/auth/authorize/patient", include_in_schema=False)
 async def authorize_patient(request: Request) -> Response:
-    try:
-        form = await _form(request)
-    except OAuthError as exc:
-        return _bad_form(exc)
-    endpoint: AuthorizationEndpoint = request.app.state.authorize
-    return _answer(await endpoint.choose_patient(form, request.cookies), request, after_post=True)
+    return await _form_step(request, lambda e, form: e.choose_patient(form, request.cookies))
 
 
 @router.post("/auth/authorize/consent", include_in_schema=False)
 async def authorize_consent(request: Request) -> Response:
-    try:
-        form = await _form(request)
-    except OAuthError as exc:
-        return _bad_form(exc)
-    endpoint: AuthorizationEndpoint = request.app.state.authorize
-    answer = await endpoint.consent(form, request.cookies, _address(request))
-    return _answer(answer, request, after_post=True)
+    return await _form_step(request, lambda e, form: e.consent(form, request.cookies, _address(request)))
 
 
 @router.post("/auth/authorize/upstream", include_in_schema=False)
 async def authorize_upstream(request: Request) -> Response:
     """Sign in at the upstream OpenID Connect provider instead (CARECOORD_OIDC_ISSUER)."""
-    try:
-        form = await _form(request)
-    except OAuthError as exc:
-        return _bad_form(exc)
-    endpoint: AuthorizationEndpoint = request.app.state.authorize
-    return _answer(await endpoint.upstream_start(form, request.cookies), request, after_post=True)
+    return await _form_step(request, lambda e, form: e.upstream_start(form, request.cookies))
 
 
 @router.get(CALLBACK_PATH, include_in_schema=False)
