@@ -204,42 +204,6 @@ _WRITE_VERSION = Statement(
     """
 )
 
-
-def _insert_many_sql() -> str:
-    """One statement that creates many resources of one type (server-written records)."""
-    ctes = []
-    for table, columns in INDEX_TABLES.items():
-        names = ", ".join(name for name, _ in columns)
-        arrays = ", ".join(
-            f"CAST(:{table}_{name} AS {kind}[])"
-            for name, kind in (("fid", "text"), ("param", "text"), *columns)
-        )
-        aliases = ", ".join(["fid", "param", *(name for name, _ in columns)])
-        ctes.append(
-            f"ins_{table} AS (INSERT INTO search_{table} (rid, resource_type, param, {names}) "
-            f"SELECT n.rid, :rtype, u.param, {', '.join(f'u.{name}' for name, _ in columns)} "
-            f"FROM unnest({arrays}) AS u({aliases}) JOIN new_rows n ON n.fhir_id = u.fid)"
-        )
-    index_ctes = ",\n".join(ctes)
-    return f"""
-    WITH new_rows AS (
-        INSERT INTO resource (resource_type, fhir_id, version_id, last_updated, deleted, body)
-        SELECT :rtype, u.fid, 1, u.ts, false, u.body
-        FROM unnest(CAST(:fids AS text[]), CAST(:stamps AS timestamptz[]), CAST(:bodies AS text[]))
-            AS u(fid, ts, body)
-        RETURNING rid, fhir_id, last_updated, body
-    ),
-    history AS (
-        INSERT INTO resource_history (rid, resource_type, fhir_id, version_id, last_updated, method, body)
-        SELECT rid, :rtype, fhir_id, 1, last_updated, 'POST', body FROM new_rows
-    ),
-    {index_ctes}
-    SELECT count(*) FROM new_rows
-    """
-
-
-_INSERT_MANY = Statement(_insert_many_sql())
-
 _CURRENT_COLUMNS = "r.rid, r.version_id, r.last_updated, r.deleted, r.body"
 _CURRENT_WHERE = "r.resource_type = $1 AND r.fhir_id = $2"
 _READ = Statement(
@@ -526,43 +490,6 @@ class FhirRepository:
         for hook in hooks:
             await hook.after_write(self, version, None, data)
         return version
-
-    async def create_records(
-        self,
-        resource_type: str,
-        items: Sequence[dict[str, Any]],
-        index_rows: Sequence[IndexRows] | None = None,
-    ) -> int:
-        """Create many server-written resources of one type in one statement.
-
-        No access checks and no write hooks: these are carecoord's own records, not a
-        client's writes. ``index_rows``, when given, are the items' search-index rows (as
-        ``extract`` would make them). Returns how many were stored.
-        """
-        if not items:
-            return 0
-        now = _now()
-        fids = [new_id() for _ in items]
-        index: dict[str, list[Any]] = {}
-        for number, (fid, data) in enumerate(zip(fids, items, strict=True)):
-            rows = (
-                index_rows[number] if index_rows is not None else extract(resource_type, data, self.fhir_base)
-            )
-            for table, columns in INDEX_TABLES.items():
-                names = ("param", *(name for name, _ in columns))
-                values = rows.columns(table, len(names))
-                index.setdefault(f"{table}_fid", []).extend([fid] * len(values[0]))
-                for name, column in zip(names, values, strict=True):
-                    index.setdefault(f"{table}_{name}", []).extend(column)
-        params = {
-            "rtype": resource_type,
-            "fids": fids,
-            "stamps": [now] * len(items),
-            "bodies": [stamp(data, fid, 1, now, plain=True) for fid, data in zip(fids, items, strict=True)],
-            **index,
-        }
-        stored = await self._conn.fetchval(_INSERT_MANY.sql, *_INSERT_MANY.args(params))
-        return int(stored)
 
     async def read(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """http.html#read: the current version; 404 when unknown, 410 when deleted."""
