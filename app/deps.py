@@ -1,6 +1,7 @@
 """Request dependencies: authentication, the request-owned transaction, the repository.
 
-``RepositoryDep`` opens one database transaction per writing request; it commits when
+``RepositoryDep`` opens one database transaction per writing request, at its first statement
+(app/lease.py: reading, parsing and validating the body hold no connection); it commits when
 the handler returns and rolls back when it raises, before the response is sent, so a
 client never sees a success that was not committed. Reads run without a transaction.
 The repository carries the caller's access context (auth reaches storage), and every
@@ -22,6 +23,7 @@ from app.fhir.access import OPEN_ACCESS, AccessContext
 from app.fhir.errors import FHIRError, PayloadTooLarge, Timeout
 from app.fhir.params import declared_length
 from app.fhir.repository import FhirRepository
+from app.lease import ConnectionLease
 from app.settings import Settings
 
 
@@ -76,8 +78,8 @@ def _audit_event(
 
 
 async def received_body(request: Request) -> bytes | None:
-    """A writing request's whole body, read (within the size limit) before the repository takes
-    a database connection: a client trickling its body must not hold one of the pool's few
+    """A writing request's whole body, read (within the size limit) before the repository can
+    take a database connection: a client trickling its body must not hold one of the pool's few
     connections, and with them the whole API (issue 15). Handlers get it from ``read_body``."""
     if request.method in READ_ONLY_METHODS:
         return None
@@ -88,33 +90,42 @@ async def received_body(request: Request) -> bytes | None:
 async def get_repository(
     request: Request, access: AccessDep, _body: Annotated[bytes | None, Depends(received_body)]
 ) -> AsyncIterator[FhirRepository]:
+    """The request's repository over a :class:`ConnectionLease`: the pool connection (and a
+    writing request's transaction) is taken at the first statement, so parsing and validating
+    the body, and every refusal that needs no data, hold no connection (issue 14). Reads run
+    without a transaction: each statement sees committed data, and skipping BEGIN/COMMIT saves
+    two round trips per read."""
     state = request.app.state
     audit: AuditTrail = state.audit
-    async with state.pool.acquire() as connection:
-        repo = state.repositories.for_client(connection, access)
+    writing = request.method not in READ_ONLY_METHODS
+    lease = ConnectionLease(state.pool, transaction=writing)
+    repo = state.repositories.for_client(lease, access)
+    try:
         try:
-            if request.method in READ_ONLY_METHODS:
-                # Reads need no transaction: each statement sees committed data, and skipping
-                # BEGIN/COMMIT saves two round trips per read.
-                yield repo
-            else:
-                async with connection.transaction():
-                    yield repo
+            yield repo
+            if writing and audit.enabled:
+                event = _audit_event(request, 200, repo.access, repo)
+                if lease.taken:
                     # The write's record commits with it, or neither does.
-                    if audit.enabled:
-                        await audit.write(connection, _audit_event(request, 200, repo.access, repo))
-        except QueryCanceledError as exc:
-            timeout = Timeout(
-                "the database took longer than this server allows for one statement"
-                " (CARECOORD_DB_STATEMENT_TIMEOUT); nothing was changed"
-            )
-            audit.record(_audit_event(request, timeout.status, repo.access, repo))
-            raise timeout from exc
-        except FHIRError as exc:
-            audit.record(_audit_event(request, exc.status, repo.access, repo))
+                    await audit.write(await lease.connection(), event)
+                else:  # nothing stored ($validate): no transaction to share
+                    audit.record(event)
+        except BaseException:
+            await lease.finish(commit=False)
             raise
-        if request.method in READ_ONLY_METHODS:
-            audit.record(_audit_event(request, 200, repo.access, repo))
+        await lease.finish(commit=True)
+    except QueryCanceledError as exc:
+        timeout = Timeout(
+            "the database took longer than this server allows for one statement"
+            " (CARECOORD_DB_STATEMENT_TIMEOUT); nothing was changed"
+        )
+        audit.record(_audit_event(request, timeout.status, repo.access, repo))
+        raise timeout from exc
+    except FHIRError as exc:
+        audit.record(_audit_event(request, exc.status, repo.access, repo))
+        raise
+    if not writing:
+        audit.record(_audit_event(request, 200, repo.access, repo))
 
 
 # scope="function": the transaction ends (commit or rollback) when the handler returns,

@@ -432,3 +432,45 @@ async def test_clients_trickling_their_bodies_do_not_hold_the_databases_connecti
                 writer.close()
             server.should_exit = True
             await serving
+
+
+async def test_bodies_are_parsed_and_validated_before_a_connection_is_taken(
+    one_backend: tuple[FastAPI, httpx.AsyncClient, int], clean_db: None
+) -> None:
+    """Issue 14: a request reads, parses and validates its body before it takes a pool connection
+    or opens a transaction. With the pool's only connection held elsewhere, bad bodies are still
+    answered with 400 (they would wait for the connection if the repository took it up front),
+    and a valid write goes through as soon as the connection is free."""
+    application, client, _ = one_backend
+    await client.get("/fhir/Patient?_count=1")  # the token's client is known: no lookup pending
+    bad_requests = [
+        ("POST", "/fhir/Patient", b'{"resourceType": "Patient", "gender": 7}'),
+        ("POST", "/fhir/Patient", b'{"resourceType": "Observation", "status": "final"}'),
+        ("POST", "/fhir/Patient", b'{"resourceType": "Patient",'),
+        ("PUT", "/fhir/Patient/a", b'{"resourceType": "Patient", "id": "b"}'),
+        ("PATCH", "/fhir/Patient/a", b"[{"),
+        ("POST", "/fhir", b'{"resourceType": "Bundle", "type": "transaction", "entry": 3}'),
+    ]
+    held = await application.state.pool.acquire()
+    try:
+        for method, path, body in bad_requests:
+            response = await asyncio.wait_for(
+                client.request(method, path, content=body, headers=JSON), timeout=30
+            )
+            assert response.status_code == 400, (method, path, response.text[:300])
+            assert response.json()["resourceType"] == "OperationOutcome"
+        valid = asyncio.create_task(
+            client.post("/fhir/Patient", json={"resourceType": "Patient", "gender": "other"}, headers=JSON)
+        )
+    finally:
+        await application.state.pool.release(held)
+    created = await asyncio.wait_for(valid, timeout=30)
+    assert created.status_code == 201, created.text[:300]
+    assert await count_rows_of(application, "Patient") == 1
+
+
+async def count_rows_of(application: FastAPI, resource_type: str) -> int:
+    count: int = await application.state.pool.fetchval(
+        "SELECT count(*) FROM resource WHERE resource_type = $1", resource_type
+    )
+    return count

@@ -80,7 +80,7 @@ class GoalStatusHooks:
         if not subject or "/" not in subject or not codes:
             return
         payload = {"subject": subject, "codes": codes, "observation": f"Observation/{version.fhir_id}"}
-        await queue.enqueue(repo.connection, GOAL_STATUS, payload)
+        await queue.enqueue(await repo.db(), GOAL_STATUS, payload)
 
 
 async def update_goals(repo: FhirRepository, subject: str, codes: list[list[str]]) -> list[str]:

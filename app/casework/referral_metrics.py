@@ -187,7 +187,8 @@ async def referral_metrics(
         owner=parameters.text("owner"),
         periods=[v.text() or "" for v in parameters.all("period")],
     )
-    rows = await repo.connection.fetch(sql, *values)
+    connection = await repo.db()
+    rows = await connection.fetch(sql, *values)
     out: list[dict[str, Any]] = []
     if period:
         out.append({"name": "period", "valuePeriod": period[0]})
@@ -288,7 +289,8 @@ class ReferralVersionHooks:
             return
         end = ((data.get("restriction") or {}).get("period") or {}).get("end")
         found = date_range(end) if isinstance(end, str) else None
-        await repo.connection.execute(
+        connection = await repo.db()
+        await connection.execute(
             "INSERT INTO referral_version (task_id, version_id, status, recorded, due)"
             " VALUES ($1, $2, $3, $4, $5)"
             # A version id is never reused, except after the tests empty the resource tables.

@@ -379,7 +379,8 @@ class EverythingQuery:
 
     async def page(self) -> EverythingPage:
         sql, values = self.statement()
-        rows = await self.repo.connection.fetch(sql, *values)
+        connection = await self.repo.db()
+        rows = await connection.fetch(sql, *values)
         more = len(rows) > self.request.count
         rows = rows[: self.request.count]
         entries = [

@@ -8,7 +8,8 @@ execute statements; they never commit. Each cites the R4 section it implements.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -41,6 +42,7 @@ from app.fhir.search_params import registry
 from app.fhir.sql import Statement
 from app.fhir.types import SERVED_TYPE_SET, SERVED_TYPES
 from app.fhir.validation import check_attachments
+from app.lease import ConnectionLease
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -279,7 +281,7 @@ class RepositoryFactory:
             settings.attachment_max_bytes,
         )
 
-    def for_client(self, connection: Connection, access: AccessContext) -> FhirRepository:
+    def for_client(self, connection: Connection | ConnectionLease, access: AccessContext) -> FhirRepository:
         return self._make(connection, access, system=False)
 
     def for_system(self, connection: Connection, access: AccessContext = OPEN_ACCESS) -> FhirRepository:
@@ -289,7 +291,12 @@ class RepositoryFactory:
         return self._make(connection, OPEN_ACCESS, system=True, bookkeeping=True)
 
     def _make(
-        self, connection: Connection, access: AccessContext, *, system: bool, bookkeeping: bool = False
+        self,
+        connection: Connection | ConnectionLease,
+        access: AccessContext,
+        *,
+        system: bool,
+        bookkeeping: bool = False,
     ) -> FhirRepository:
         return FhirRepository(
             connection,
@@ -310,7 +317,7 @@ class FhirRepository:
 
     def __init__(
         self,
-        connection: Connection,
+        connection: Connection | ConnectionLease,
         access: AccessContext,
         *,
         fhir_base: str,
@@ -322,7 +329,7 @@ class FhirRepository:
         max_resource_bytes: int = 5 * 1024 * 1024,
         max_attachment_bytes: int = 1024 * 1024,
     ) -> None:
-        self._conn = connection
+        self._source = connection
         self.access = access
         self.fhir_base = fhir_base
         self.hooks = hooks
@@ -341,17 +348,38 @@ class FhirRepository:
         """Set by a router when the path does not tell (a Bundle is a batch or a transaction)."""
         self._pending_creates: set[tuple[str, str]] = set()
 
-    @property
-    def connection(self) -> Connection:
-        """The request's connection (write hooks add their rows to the same transaction)."""
-        return self._conn
+    async def db(self) -> Connection:
+        """The connection every statement of this repository runs on; write hooks add their rows
+        to the same transaction. A request's is taken from the pool at its first statement
+        (app/lease.py), after the body was read, parsed and validated."""
+        source = self._source
+        if isinstance(source, ConnectionLease):
+            return await source.connection()
+        return source
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Record]:
+        rows: list[Record] = await (await self.db()).fetch(sql, *args)
+        return rows
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Record | None:
+        row: Record | None = await (await self.db()).fetchrow(sql, *args)
+        return row
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        return await (await self.db()).fetchval(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        status: str = await (await self.db()).execute(sql, *args)
+        return status
 
     def _hooks_for(self, resource_type: str) -> list[WriteHook]:
         return [hook for hook in self.hooks if resource_type in hook.types]
 
-    def savepoint(self) -> Any:
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
         """A nested transaction (SAVEPOINT): batch entries fail alone."""
-        return self._conn.transaction()
+        async with (await self.db()).transaction():
+            yield
 
     async def lock_condition(self, key: str) -> None:
         """Serialize requests with the same condition until this transaction ends.
@@ -361,7 +389,7 @@ class FhirRepository:
         transaction-level advisory lock on the normalized condition makes the second wait
         for the first to commit; its search then sees the first one's resource.
         """
-        await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+        await self._execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
 
     async def read_for_update(self, resource_type: str, fhir_id: str) -> StoredVersion:
         """The current version, row-locked until the transaction ends (read-modify-write: a
@@ -414,7 +442,7 @@ class FhirRepository:
             # NULL (no row, or an IN over NULLs) is not readable.
             f" WHERE r.rid IS NULL OR r.deleted OR NOT COALESCE(({readable}), false) LIMIT 1"
         )
-        refused = await self._conn.fetchval(sql, *compiler.bind.values)
+        refused = await self._fetchval(sql, *compiler.bind.values)
         if refused is not None:
             raise Forbidden(
                 "the resource refers to a resource that the access token may not read or that does not exist",
@@ -430,7 +458,7 @@ class FhirRepository:
         rid_placeholder = compiler.bind(rid)
         condition = self.access.condition(compiler, "r", resource_type, letter)
         sql = f"SELECT {condition or 'TRUE'} FROM resource r WHERE r.rid = {rid_placeholder}"
-        if not await self._conn.fetchval(sql, *compiler.bind.values):
+        if not await self._fetchval(sql, *compiler.bind.values):
             raise Forbidden(
                 f"the access token does not allow this {resource_type}"
                 " (outside its patient compartment, organisation or scope restrictions)"
@@ -443,8 +471,8 @@ class FhirRepository:
         if request.store == "audit_event":
             from app.audit import fhir as audit_fhir  # the audit store's adapter imports this module
 
-            return await audit_fhir.search(self._conn, request, after, backwards)
-        return await SearchExecutor(self._conn, self.fhir_base).search(request, after, backwards)
+            return await audit_fhir.search(await self.db(), request, after, backwards)
+        return await SearchExecutor(await self.db(), self.fhir_base).search(request, after, backwards)
 
     async def create(
         self, resource_type: str, data: dict[str, Any], *, fhir_id: str | None = None
@@ -481,7 +509,7 @@ class FhirRepository:
             "bookkeeping": self.bookkeeping,
             **_index_params(rows),
         }
-        inserted = await self._conn.fetchrow(_INSERT.sql, *_INSERT.args(params))
+        inserted = await self._fetchrow(_INSERT.sql, *_INSERT.args(params))
         if inserted is None:
             raise _IdTaken()
         await self._check_written(inserted["rid"], resource_type, letter)
@@ -508,7 +536,7 @@ class FhirRepository:
         else:
             self.access.require(resource_type, "r")
         params = {"rtype": resource_type, "fid": fhir_id, "vid": version_id}
-        row = await self._conn.fetchrow(_VREAD.sql, *_VREAD.args(params))
+        row = await self._fetchrow(_VREAD.sql, *_VREAD.args(params))
         if row is None:
             if not limited:
                 await self.read_any(resource_type, fhir_id)
@@ -571,7 +599,7 @@ class FhirRepository:
             " ORDER BY 1, 2, 3, 5"
         )
         found: dict[str, list[Any]] = {"profile": [], "tag": [], "security": []}
-        for row in await self._conn.fetch(sql, *bind.values):
+        for row in await self._fetch(sql, *bind.values):
             if row["param"] == "_profile":
                 found["profile"].append(row["uri"])
                 continue
@@ -585,7 +613,7 @@ class FhirRepository:
         if resource_type in IMMUTABLE_TYPES:
             from app.audit import fhir as audit_fhir  # the audit store's adapter imports this module
 
-            version = await audit_fhir.read(self._conn, self.access, self.fhir_base, fhir_id, letter)
+            version = await audit_fhir.read(await self.db(), self.access, self.fhir_base, fhir_id, letter)
             self.touched.append((resource_type, fhir_id, 1))
             return version
         row = await self._current_row(resource_type, fhir_id, letter, lock=lock)
@@ -601,14 +629,14 @@ class FhirRepository:
         cover the interaction, 404 when the row is unknown or outside its limits."""
         self.access.require(resource_type, letter)
         if not self.access.is_limited(resource_type, letter):
-            row = await self._conn.fetchrow(_READ_FOR_UPDATE if lock else _READ.sql, resource_type, fhir_id)
+            row = await self._fetchrow(_READ_FOR_UPDATE if lock else _READ.sql, resource_type, fhir_id)
         else:
             compiler = self._compiler()
             compiler.bind(resource_type)  # $1
             compiler.bind(fhir_id)  # $2
             condition = self.access.condition(compiler, "r", resource_type, letter)
             sql = f"SELECT {_CURRENT_COLUMNS}, {condition} AS visible FROM resource r WHERE {_CURRENT_WHERE}"
-            row = await self._conn.fetchrow(sql + (" FOR UPDATE OF r" if lock else ""), *compiler.bind.values)
+            row = await self._fetchrow(sql + (" FOR UPDATE OF r" if lock else ""), *compiler.bind.values)
             if row is not None and not row["visible"]:
                 row = None
         if row is None:
@@ -661,7 +689,7 @@ class FhirRepository:
         """Lock the current row for a write; None when the id is unused. A row the token may
         not use is a 404 (its existence is not revealed)."""
         self.access.require(resource_type, letter)
-        row = await self._conn.fetchrow(_READ_FOR_UPDATE, resource_type, fhir_id)
+        row = await self._fetchrow(_READ_FOR_UPDATE, resource_type, fhir_id)
         if row is None:
             return None
         if self.access.is_limited(resource_type, letter):
@@ -681,7 +709,7 @@ class FhirRepository:
         hooks = self._hooks_for(resource_type)
         previous: dict[str, Any] | None = None
         if hooks or self.access.limited_writer:
-            previous_body = await self._conn.fetchval("SELECT body FROM resource WHERE rid = $1", rid)
+            previous_body = await self._fetchval("SELECT body FROM resource WHERE rid = $1", rid)
             previous = jsonio.loads(previous_body) if previous_body else None
         for hook in hooks:
             await hook.before_write(self, resource_type, previous, data)
@@ -706,7 +734,7 @@ class FhirRepository:
             "bookkeeping": self.bookkeeping,
             **_index_params(rows),
         }
-        await self._conn.execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))
+        await self._execute(_WRITE_VERSION.sql, *_WRITE_VERSION.args(params))
         self.touched.append((resource_type, fhir_id, version_id))
         version = StoredVersion(resource_type, fhir_id, version_id, now, data is None, body, method)
         for hook in hooks:
@@ -760,7 +788,7 @@ class FhirRepository:
             f"SELECT {_HISTORY_COLUMNS} FROM resource_history h {where}"
             f" ORDER BY h.hid DESC LIMIT {bind(count + 1)}"
         )
-        rows = await self._conn.fetch(sql, *bind.values)
+        rows = await self._fetch(sql, *bind.values)
         versions = [
             StoredVersion(
                 r["resource_type"],
@@ -789,7 +817,7 @@ class FhirRepository:
         ]
         if not judged:
             return versions
-        rows = await self._conn.fetch(
+        rows = await self._fetch(
             "SELECT r.resource_type, r.fhir_id, r.version_id FROM resource r"
             " JOIN unnest(CAST($1 AS text[]), CAST($2 AS text[])) AS t(resource_type, fhir_id)"
             " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id",
@@ -835,7 +863,7 @@ class FhirRepository:
             f" CAST({arrays[2]} AS text[]), CAST({arrays[3]} AS text[]), CAST({arrays[4]} AS text[]))"
             f" AS v(n, resource_type, param, target_type, target_id) WHERE {condition}"
         )
-        return {row["n"] for row in await self._conn.fetch(sql, *compiler.bind.values)}
+        return {row["n"] for row in await self._fetch(sql, *compiler.bind.values)}
 
 
 IMMUTABLE_TYPES = frozenset({"AuditEvent"})

@@ -135,7 +135,7 @@ class ReferralHooks:
     ) -> None:
         if data is None or repo.system or version.resource_type != "Task" or not is_referral(data):
             return
-        conn = repo.connection
+        conn = await repo.db()
         status = data.get("status")
         old_status = previous.get("status") if previous else None
         task_id = version.fhir_id

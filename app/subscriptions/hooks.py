@@ -74,11 +74,12 @@ class SubscriptionHooks:
             )
         if previous is None and not repo.access.unrestricted:
             # One count at a time per client: concurrent creations must not all see room.
-            await repo.connection.execute(
+            connection = await repo.db()
+            await connection.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended($1, 11))",
                 f"subscriptions:{repo.access.client_id}",
             )
-            owned = await repo.connection.fetchval(
+            owned = await connection.fetchval(
                 "SELECT count(*) FROM subscription s JOIN resource r ON r.resource_type = 'Subscription'"
                 " AND r.fhir_id = s.fhir_id AND NOT r.deleted WHERE s.owner_client = $1",
                 repo.access.client_id,
@@ -122,7 +123,7 @@ class SubscriptionHooks:
         previous: dict[str, Any] | None,
         data: dict[str, Any] | None,
     ) -> None:
-        conn = repo.connection
+        conn = await repo.db()
         # Whatever changed, the dispatcher's copy of the subscriptions is out of date.
         await conn.execute("UPDATE subscription_generation SET generation = generation + 1 WHERE id = 1")
         if data is None:

@@ -49,7 +49,8 @@ async def status_bundle(
     if not wanted:
         # The caller's own (a Subscription is its owner's only, app/fhir/access.py OWNED_TYPES).
         access = repo.access
-        rows = await repo.connection.fetch(
+        connection = await repo.db()
+        rows = await connection.fetch(
             "SELECT s.fhir_id FROM subscription s JOIN resource r ON r.resource_type = 'Subscription'"
             " AND r.fhir_id = s.fhir_id AND NOT r.deleted WHERE $1 OR s.owner_client = $2"
             " ORDER BY s.fhir_id LIMIT $3",
@@ -69,7 +70,8 @@ async def status_bundle(
             if explicit:
                 raise
             continue
-        row = await repo.connection.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
+        connection = await repo.db()
+        row = await connection.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
         if row is None or (statuses and row["status"] not in statuses):
             continue
         entries.append(
@@ -99,7 +101,7 @@ async def events_bundle(
 ) -> dict[str, Any]:
     """``$events`` of one subscription the caller may read."""
     await repo.read("Subscription", subscription_id)
-    conn = repo.connection
+    conn = await repo.db()
     row = await conn.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
     if row is None:
         raise NotFound(f"Subscription/{subscription_id} has no events")

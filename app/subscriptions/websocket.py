@@ -201,7 +201,7 @@ async def binding_token(repo: FhirRepository, settings: Settings, subscription_i
     ``CARECOORD_SUBSCRIPTION_WS_TOKEN_LIFETIME`` seconds (5 minutes by default)."""
     check_id(subscription_id)
     await repo.read("Subscription", subscription_id)
-    conn = repo.connection
+    conn = await repo.db()
     row = await conn.fetchrow("SELECT * FROM subscription WHERE fhir_id = $1", subscription_id)
     if row is None:
         raise NotFound(f"Subscription/{subscription_id} is not known")
