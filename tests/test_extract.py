@@ -153,6 +153,34 @@ async def test_a_completed_screening_becomes_observations_and_candidate_conditio
     }
 
 
+async def test_extracting_one_response_again_writes_nothing_new(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """A client retrying $extract (a lost answer, a double click) must not double the client's
+    Observations and Conditions: the second run answers with what the first one wrote. An amended
+    response (a new version) extracts anew."""
+    await load_questionnaires(app.state.pool, app.state.repositories)
+    await _setup(client)
+    qr_id = (await client.post("/fhir/QuestionnaireResponse", json=screening())).json()["id"]
+    first = await client.post(f"/fhir/QuestionnaireResponse/{qr_id}/$extract")
+    assert first.status_code == 200, first.text
+    again = await client.post(f"/fhir/QuestionnaireResponse/{qr_id}/$extract")
+    assert again.status_code == 200, again.text
+    assert {e["response"]["status"] for e in again.json()["entry"]} == {"200 OK"}
+    locations = [e["response"]["location"].split("/_history")[0] for e in first.json()["entry"]]
+    assert [e["response"]["location"].split("/_history")[0] for e in again.json()["entry"]] == locations
+    observations = await _search(client, f"Observation?derived-from=QuestionnaireResponse/{qr_id}&_count=50")
+    assert len(observations) == 11
+    assert len(await _search(client, "Condition?subject=Patient/p1")) == 3
+
+    amended = screening(id=qr_id, status="amended")
+    assert (await client.put(f"/fhir/QuestionnaireResponse/{qr_id}", json=amended)).status_code == 200
+    third = await client.post(f"/fhir/QuestionnaireResponse/{qr_id}/$extract")
+    assert {e["response"]["status"] for e in third.json()["entry"]} == {"201 Created"}
+    observations = await _search(client, f"Observation?derived-from=QuestionnaireResponse/{qr_id}&_count=50")
+    assert len(observations) == 22
+
+
 async def test_a_screening_posted_at_the_type_level_is_stored_with_what_it_extracts(
     client: httpx.AsyncClient,
 ) -> None:

@@ -26,6 +26,7 @@ transaction, so ``derivedFrom`` points at a stored resource.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +53,8 @@ CONDITION_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/condition-category"
 CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 EXTRACTABLE_STATUSES = ("completed", "amended")
+EXTRACT_SYSTEM = "urn:carecoord:extract"
+"""Identifier system of what ``$extract`` writes from a stored response: ``<response id>.<version>.<n>``."""
 PERFORMER_TYPES = ("Practitioner", "PractitionerRole", "Organization", "CareTeam", "Patient", "RelatedPerson")
 
 
@@ -173,13 +176,32 @@ def _reference_type(reference: Any) -> str | None:
 
 
 def extract_bundle(
-    response: dict[str, Any], questionnaire: dict[str, Any], response_reference: str
+    response: dict[str, Any],
+    questionnaire: dict[str, Any],
+    response_reference: str,
+    source_key: str | None = None,
 ) -> dict[str, Any]:
     """The transaction Bundle (without the response itself) that ``response`` extracts to.
 
     Refuses (400) an answer to an item the Questionnaire does not have, or a coded answer that
     is not one of the item's answerOptions: nothing of a response that does not fit its
-    Questionnaire is extracted."""
+    Questionnaire is extracted.
+
+    ``source_key`` (a stored response: ``ID.VERSION``) makes the extraction idempotent: each
+    resource gets an identifier ``EXTRACT_SYSTEM|<source_key>.<n>`` (``n`` its place in the
+    extraction) and is a conditional create on it (http.html#ccreate), so extracting one
+    version of a response again creates nothing new and answers with the resources the first
+    extraction wrote. An amended response (a new version) extracts anew."""
+    numbering = itertools.count()
+
+    def entry_of(resource: dict[str, Any], full_url: str) -> dict[str, Any]:
+        request: dict[str, Any] = {"method": "POST", "url": resource["resourceType"]}
+        if source_key is not None:
+            value = f"{source_key}.{next(numbering)}"
+            resource["identifier"] = [{"system": EXTRACT_SYSTEM, "value": value}]
+            request["ifNoneExist"] = f"identifier={EXTRACT_SYSTEM}|{value}"
+        return {"fullUrl": full_url, "resource": resource, "request": request}
+
     items = _index(questionnaire)
     if not isinstance(response.get("subject"), dict):
         raise BadRequest(
@@ -238,13 +260,7 @@ def extract_bundle(
             observation["performer"] = performers
         observation[value[0]] = value[1]
         observation["derivedFrom"] = [derived]
-        entries.append(
-            {
-                "fullUrl": full_url,
-                "resource": observation,
-                "request": {"method": "POST", "url": "Observation"},
-            }
-        )
+        entries.append(entry_of(observation, full_url))
         for rule in definition.condition_rules:
             answers, code, domain = _rule_parts(rule)
             if code is None or not isinstance(coding, dict):
@@ -258,9 +274,7 @@ def extract_bundle(
                 conditions[key] = condition
             condition["evidence"][0]["detail"].append({"reference": full_url})
     for condition in conditions.values():
-        entries.append(
-            {"fullUrl": _urn(), "resource": condition, "request": {"method": "POST", "url": "Condition"}}
-        )
+        entries.append(entry_of(condition, _urn()))
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
@@ -338,6 +352,7 @@ async def extract(
         assert version.body is not None
         response: dict[str, Any] = jsonio.loads(version.body)
         reference = f"QuestionnaireResponse/{fhir_id}"
+        source_key = f"{fhir_id}.{version.version_id}"
     else:
         if given is None:
             raise BadRequest(
@@ -347,6 +362,7 @@ async def extract(
             )
         response = validate_resource(given, "QuestionnaireResponse")
         reference = _urn()
+        source_key = None  # a new response each time: nothing extracted from it yet
         stored = {k: v for k, v in response.items() if k not in ("id", "meta")}
     if response.get("status") not in EXTRACTABLE_STATUSES:
         raise BusinessRule(
@@ -354,7 +370,7 @@ async def extract(
             expression=("QuestionnaireResponse.status",),
         )
     questionnaire = await _questionnaire(ctx, response.get("questionnaire"))
-    bundle = extract_bundle(response, questionnaire, reference)
+    bundle = extract_bundle(response, questionnaire, reference, source_key)
     if stored is not None:
         entry = {
             "fullUrl": reference,
