@@ -135,7 +135,7 @@ async def test_a_completed_screening_becomes_observations_and_candidate_conditio
     # Homeless (not housed), food insecurity (two answers, one Condition), transportation.
     assert set(by_snomed) == {"32911000", "733423003", "713458007"}
     food_insecurity = by_snomed["733423003"]
-    assert _codes(food_insecurity["code"]) == {(ahc_hrsn.SNOMED, "733423003"), (ahc_hrsn.ICD10CM, "Z59.4")}
+    assert _codes(food_insecurity["code"]) == {(ahc_hrsn.SNOMED, "733423003"), (ahc_hrsn.ICD10CM, "Z59.41")}
     assert food_insecurity["verificationStatus"]["coding"][0]["code"] == "unconfirmed"
     assert food_insecurity["clinicalStatus"]["coding"][0]["code"] == "active"
     condition_categories = set().union(*(_codes(c) for c in food_insecurity["category"]))

@@ -16,12 +16,13 @@ Extraction rules (app/casework/extract.py):
   ``sdoh`` and the SDOHCC domain (SDOHCC-CodeSystemTemporaryCodes);
 - the answers that indicate a need carry carecoord's ``questionnaire-conditionExtract``
   (:data:`CONDITION_EXTRACT`): a candidate Condition (``verificationStatus`` unconfirmed,
-  category ``health-concern`` and ``sdoh``) with the SNOMED CT / ICD-10-CM codes the SDOH
-  Clinical Care IG's examples and maps use: food insecurity 733423003 / Z59.4
-  (SDOHCC-ConditionFoodInsecurityExample, StructureMap HungerVitalSign), homelessness
-  32911000 / Z59.0 (SDOHCC-ConditionHomelessExample, StructureMap PRAPARE); housing
-  instability 1156191002 / Z59.811 and transportation insecurity 713458007 / Z59.82 (the
-  Gravity value sets' codes). The IG expresses the same rules as StructureMaps
+  category ``health-concern`` and ``sdoh``) with SNOMED CT / ICD-10-CM codes of the Gravity
+  Project's diagnosis value sets that the SDOH Clinical Care IG binds SDOHCC-Condition to: food
+  insecurity 733423003 / Z59.41, homelessness 32911000 / Z59.00, housing instability
+  1156191002 / Z59.811 and transportation insecurity 713458007 / Z59.82. (The IG's older
+  examples and maps, SDOHCC-ConditionFoodInsecurityExample and -HomelessExample, code Z59.4 and
+  Z59.0: since ICD-10-CM FY2022 and FY2024 those are categories, not billable codes, and the
+  value sets list their children instead.) The IG expresses the same rules as StructureMaps
   (sdc-questionnaire-targetStructureMap); carecoord declares them as data on the item instead
   of running FHIR Mapping Language.
 
@@ -52,7 +53,8 @@ for a person to confirm. Sub-extensions: ``answer`` (Coding, 1..*), ``code`` (Co
 1..1), ``category`` (Coding, 0..*)."""
 
 URL = "http://carecoord.org/fhir/Questionnaire/ahc-hrsn-screening"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
+"""1.1.0: the food insecurity and homelessness Conditions carry ICD-10-CM Z59.41 and Z59.00."""
 
 _HOUSING = [
     ("LA31993-1", "I have a steady place to live"),
@@ -98,9 +100,9 @@ _DOMAINS = {
 
 FOOD_INSECURITY = (
     (SNOMED, "733423003", "Food insecurity"),
-    (ICD10CM, "Z59.4", "Lack of adequate food"),
+    (ICD10CM, "Z59.41", "Food insecurity"),
 )
-HOMELESSNESS = ((SNOMED, "32911000", "Homeless"), (ICD10CM, "Z59.0", "Homelessness"))
+HOMELESSNESS = ((SNOMED, "32911000", "Homeless"), (ICD10CM, "Z59.00", "Homelessness, unspecified"))
 HOUSING_INSTABILITY = (
     (SNOMED, "1156191002", "Housing instability"),
     (ICD10CM, "Z59.811", "Housing instability, housed, with risk of homelessness"),
