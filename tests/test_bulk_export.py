@@ -268,6 +268,47 @@ async def test_since_exports_changes_and_deletions(export_app: FastAPI, http: ht
     assert gone not in {o["id"] for o in (await lines(http, full["output"]))["Observation"]}
 
 
+async def test_group_and_patient_exports_list_their_members_deletions(
+    export_app: FastAPI, http: httpx.AsyncClient
+) -> None:
+    """A deleted resource has no index rows left: its Patient compartment is judged from its last
+    version, so a Group (or Patient) export with _since lists its members' deletions and no one
+    else's (export.html: ``deleted`` holds what ``output`` would have held)."""
+    data = await seed(http)
+    patients = data["Patient"]
+    group = await create(
+        http,
+        {
+            "resourceType": "Group",
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{patients[1]['id']}"}}],
+        },
+    )
+    first = await manifest(export_app, http, await kickoff(http))
+    since = first["transactionTime"]
+    by_subject = {o["subject"]["reference"]: o["id"] for o in data["Observation"]}
+    member_observation = by_subject[f"Patient/{patients[1]['id']}"]
+    other_observation = by_subject[f"Patient/{patients[2]['id']}"]
+    for gone in (member_observation, other_observation):
+        assert (await http.delete(f"/fhir/Observation/{gone}")).status_code in (200, 204)
+    organization = data["Organization"][0]["id"]
+    assert (await http.delete(f"/fhir/Organization/{organization}")).status_code in (200, 204)
+
+    def urls(bundles: dict[str, list[dict[str, Any]]]) -> list[str]:
+        return sorted(e["request"]["url"] for b in bundles.get("Bundle", []) for e in b["entry"])
+
+    in_group = await manifest(
+        export_app, http, await kickoff(http, f"Group/{group['id']}/$export", params={"_since": since})
+    )
+    assert urls(await lines(http, in_group["deleted"])) == [f"Observation/{member_observation}"]
+    patient_level = await kickoff(http, "Patient/$export", params={"_since": since})
+    all_patients = await manifest(export_app, http, patient_level)
+    assert urls(await lines(http, all_patients["deleted"])) == sorted(
+        [f"Observation/{member_observation}", f"Observation/{other_observation}"]
+    )
+
+
 async def test_only_the_client_that_started_an_export_sees_it(
     export_app: FastAPI, http: httpx.AsyncClient
 ) -> None:

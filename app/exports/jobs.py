@@ -30,7 +30,7 @@ from asyncpg import Pool
 
 from app.auth.scopes import parse_scopes, scope_text
 from app.exports import metrics, store
-from app.exports.query import BatchQuery, batch_query
+from app.exports.query import BatchQuery, batch_query, was_in_compartment
 from app.fhir.access import AccessContext
 from app.fhir.search import SearchLimits
 from app.fhir.search_service import subset
@@ -229,9 +229,16 @@ class ExportJobs:
                 metrics.RESOURCES_EXPORTED.inc(count)
                 return False
             rows = await conn.fetch(query.sql, *values)
-            if rows:
+            listed = rows
+            if query.judged_compartment:
+                listed = [
+                    row
+                    for row in rows
+                    if was_in_compartment(resource_type, row["last_body"], query.patients, settings.fhir_base)
+                ]
+            if listed:
                 if kind == "deleted":
-                    lines = [_deleted_line(resource_type, row["fhir_id"]) for row in rows]
+                    lines = [_deleted_line(resource_type, row["fhir_id"]) for row in listed]
                 else:
                     lines = (
                         [subset(row["body"], resource_type, summary=None, elements=elements) for row in rows]
@@ -247,13 +254,13 @@ class ExportJobs:
                     resource_type=resource_type,
                     part=part,
                     chunk=chunk,
-                    count=len(rows),
+                    count=len(listed),
                     body="\n".join(lines),
                 )
             last = rows[-1]["rid"] if rows else None
             self._advance(progress, position, len(rows), last, limit, part, chunk, in_part)
-            await store.checkpoint(conn, export_id, progress, len(rows))
-        metrics.RESOURCES_EXPORTED.inc(len(rows))
+            await store.checkpoint(conn, export_id, progress, len(listed))
+        metrics.RESOURCES_EXPORTED.inc(len(listed))
         return False
 
     def _advance(

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from app.fhir import jsonio
 from app.fhir.access import AccessContext
+from app.fhir.errors import FHIRError
+from app.fhir.indexing import extract
 from app.fhir.search import SearchLimits, parse_search
 from app.fhir.search_params import registry
 
@@ -34,10 +37,16 @@ _PLACEHOLDER = re.compile(r"\$(\d+)")
 @dataclass(frozen=True)
 class BatchQuery:
     """A batch statement with its values; the last four placeholders are the snapshot, its
-    ``xmin``, the ``rid`` to continue after and the batch size (see :meth:`values`)."""
+    ``xmin``, the ``rid`` to continue after and the batch size (see :meth:`values`).
+
+    ``judged_compartment``: a ``deleted`` batch of a compartment export selects, as
+    ``last_body``, each deleted resource's last version, whose Patient compartment membership
+    the caller judges (:func:`was_in_compartment`): a deleted resource has no index rows left."""
 
     sql: str
     fixed: tuple[Any, ...]
+    judged_compartment: bool = False
+    patients: tuple[str, ...] | None = None
 
     def values(self, snapshot: str, xmin: int, after: int, limit: int) -> list[Any]:
         return [*self.fixed, snapshot, xmin, after, limit]
@@ -105,7 +114,8 @@ def batch_query(
         values.append(value)
         return f"${len(values)}"
 
-    if compartment:
+    judged = compartment and kind == "deleted" and resource_type != "Patient"
+    if compartment and not judged:
         conditions.append(_compartment(resource_type, patients, bind))
     since_value = bind(since) if since is not None else None
     n = len(values)
@@ -124,8 +134,16 @@ def batch_query(
         exists += f" AND r.last_updated > {since_value}"
         then_exists += f" AND h.last_updated > {since_value}"
     conditions.append(f"CASE WHEN {old} THEN {exists} ELSE h.method IS NOT NULL AND {then_exists} END")
+    # A deletion's last version (the one before it), for the compartment it was in.
+    last_body = (
+        ", (SELECT l.body FROM resource_history l WHERE l.resource_type = r.resource_type"
+        " AND l.fhir_id = r.fhir_id AND l.method <> 'DELETE' ORDER BY l.version_id DESC LIMIT 1)"
+        " AS last_body"
+        if judged
+        else ""
+    )
     sql = (
-        f"SELECT r.rid, r.fhir_id, CASE WHEN {old} THEN r.body ELSE h.body END AS body"  # noqa: S608  (compiled conditions; values are bound)
+        f"SELECT r.rid, r.fhir_id, CASE WHEN {old} THEN r.body ELSE h.body END AS body{last_body}"  # noqa: S608  (compiled conditions; values are bound)
         " FROM resource r LEFT JOIN LATERAL ("
         " SELECT h.method, h.body, h.last_updated FROM resource_history h"
         f" WHERE NOT ({old}) AND h.resource_type = r.resource_type AND h.fhir_id = r.fhir_id"
@@ -135,7 +153,32 @@ def batch_query(
         f" WHERE {' AND '.join(conditions)} AND r.rid > {after}"
         f" ORDER BY r.rid LIMIT {limit}"
     )
-    return BatchQuery(sql, tuple(values))
+    return BatchQuery(
+        sql,
+        tuple(values),
+        judged_compartment=judged,
+        patients=None if patients is None else tuple(patients),
+    )
+
+
+def was_in_compartment(
+    resource_type: str, last_body: str | None, patients: tuple[str, ...] | None, fhir_base: str
+) -> bool:
+    """Whether a deleted resource's last version was in the Patient compartment of ``patients``
+    (None: of any patient), judged from that version's references by the indexer that wrote
+    its index rows (R4 CompartmentDefinition/patient parameters): the ``deleted`` file of a
+    Patient or Group export lists what its ``output`` would have held (export.html, ``deleted``)."""
+    if last_body is None:
+        return False
+    params = registry().patient_compartment.get(resource_type, ())
+    try:
+        rows = extract(resource_type, jsonio.loads(last_body), fhir_base)
+    except (FHIRError, ValueError):  # stored before a rule it breaks existed: not judged
+        return False
+    return any(
+        param in params and target_type == "Patient" and (patients is None or target_id in patients)
+        for param, target_type, target_id, *_ in rows.reference
+    )
 
 
 def _compartment(resource_type: str, patients: Sequence[str] | None, bind: Any) -> str:
