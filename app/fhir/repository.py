@@ -211,7 +211,9 @@ _CURRENT_WHERE = "r.resource_type = $1 AND r.fhir_id = $2"
 _READ = Statement(
     f"SELECT {_CURRENT_COLUMNS} FROM resource r WHERE r.resource_type = :rtype AND r.fhir_id = :fid"
 )
-_READ_FOR_UPDATE = f"{_READ.sql} FOR UPDATE OF r"
+_READ_VISIBLE = f"SELECT {_CURRENT_COLUMNS}, TRUE AS visible FROM resource r WHERE {_CURRENT_WHERE}"
+"""The current row of a token whose access needs no condition (``_judged_row``)."""
+_READ_FOR_UPDATE_VISIBLE = f"{_READ_VISIBLE} FOR UPDATE OF r"
 
 _VREAD = Statement(
     """
@@ -347,6 +349,12 @@ class FhirRepository:
         self.interaction: str | None = None
         """Set by a router when the path does not tell (a Bundle is a batch or a transaction)."""
         self._pending_creates: set[tuple[str, str]] = set()
+        self._locked: dict[tuple[str, str, str], Record] = {}
+        """Rows this transaction locked and judged for a letter (``_current_row`` with ``lock``):
+        a PATCH's read-for-update is the row its update writes, so the update reads it again
+        neither to lock nor to judge it (issue 14: a PATCH took 8 statements)."""
+        self._previous: dict[int, str | None] = {}
+        """The body of each row ``_lock`` locked, by rid, for the ``_write`` that follows."""
 
     async def db(self) -> Connection:
         """The connection every statement of this repository runs on; write hooks add their rows
@@ -378,8 +386,14 @@ class FhirRepository:
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         """A nested transaction (SAVEPOINT): batch entries fail alone."""
-        async with (await self.db()).transaction():
-            yield
+        try:
+            async with (await self.db()).transaction():
+                yield
+        except BaseException:
+            # Rolling back to the savepoint releases the row locks taken inside it.
+            self._locked.clear()
+            self._previous.clear()
+            raise
 
     async def lock_condition(self, key: str) -> None:
         """Serialize requests with the same condition until this transaction ends.
@@ -396,9 +410,17 @@ class FhirRepository:
         PATCH shows and changes it, so it needs both ``r`` and ``u``)."""
         _check_mutable(resource_type)
         self.access.require(resource_type, "r")
-        if self.access.is_limited(resource_type, "r"):
-            await self._current_row(resource_type, fhir_id, "r")
-        return _live(await self._current(resource_type, fhir_id, "u", lock=True))
+        self.access.require(resource_type, "u")
+        row = await self._judged_row(resource_type, fhir_id, ("r", "u"), lock=True)
+        if row is None or not row["visible"]:
+            raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        self._locked[(resource_type, fhir_id, "u")] = row
+        self.touched.append((resource_type, fhir_id, row["version_id"]))
+        return _live(
+            StoredVersion(
+                resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
+            )
+        )
 
     def _compiler(self) -> SearchCompiler:
         return SearchCompiler(registry(), self.fhir_base, Binder(), self.access)
@@ -628,19 +650,31 @@ class FhirRepository:
         """The current row if the token may use it with ``letter``: 403 when its scopes do not
         cover the interaction, 404 when the row is unknown or outside its limits."""
         self.access.require(resource_type, letter)
-        if not self.access.is_limited(resource_type, letter):
-            row = await self._fetchrow(_READ_FOR_UPDATE if lock else _READ.sql, resource_type, fhir_id)
-        else:
-            compiler = self._compiler()
-            compiler.bind(resource_type)  # $1
-            compiler.bind(fhir_id)  # $2
-            condition = self.access.condition(compiler, "r", resource_type, letter)
-            sql = f"SELECT {_CURRENT_COLUMNS}, {condition} AS visible FROM resource r WHERE {_CURRENT_WHERE}"
-            row = await self._fetchrow(sql + (" FOR UPDATE OF r" if lock else ""), *compiler.bind.values)
-            if row is not None and not row["visible"]:
-                row = None
-        if row is None:
+        row = await self._judged_row(resource_type, fhir_id, (letter,), lock=lock)
+        if row is None or not row["visible"]:
             raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        if lock:
+            self._locked[(resource_type, fhir_id, letter)] = row
+        return row
+
+    async def _judged_row(
+        self, resource_type: str, fhir_id: str, letters: tuple[str, ...], *, lock: bool
+    ) -> Record | None:
+        """The current row (None when the id is unused) and, as ``visible``, whether the token
+        may use it with every one of ``letters``: one statement, the access conditions in it."""
+        limited = [letter for letter in letters if self.access.is_limited(resource_type, letter)]
+        if not limited:
+            sql = _READ_FOR_UPDATE_VISIBLE if lock else _READ_VISIBLE
+            return await self._fetchrow(sql, resource_type, fhir_id)
+        compiler = self._compiler()
+        compiler.bind(resource_type)  # $1
+        compiler.bind(fhir_id)  # $2
+        conditions = [f"({self.access.condition(compiler, 'r', resource_type, code)})" for code in limited]
+        sql = (
+            f"SELECT {_CURRENT_COLUMNS}, {' AND '.join(conditions)} AS visible FROM resource r"
+            f" WHERE {_CURRENT_WHERE}"
+        )
+        row = await self._fetchrow(sql + (" FOR UPDATE OF r" if lock else ""), *compiler.bind.values)
         return row
 
     async def update(
@@ -689,11 +723,14 @@ class FhirRepository:
         """Lock the current row for a write; None when the id is unused. A row the token may
         not use is a 404 (its existence is not revealed)."""
         self.access.require(resource_type, letter)
-        row = await self._fetchrow(_READ_FOR_UPDATE, resource_type, fhir_id)
+        row = self._locked.pop((resource_type, fhir_id, letter), None)  # locked and judged already
         if row is None:
-            return None
-        if self.access.is_limited(resource_type, letter):
-            await self._current_row(resource_type, fhir_id, letter)
+            row = await self._judged_row(resource_type, fhir_id, (letter,), lock=True)
+            if row is None:
+                return None
+            if not row["visible"]:
+                raise NotFound(f"{resource_type}/{fhir_id} is not known")
+        self._previous[row["rid"]] = row["body"]
         return row["rid"], row["version_id"], row["deleted"]
 
     async def _write(
@@ -708,8 +745,12 @@ class FhirRepository:
     ) -> StoredVersion:
         hooks = self._hooks_for(resource_type)
         previous: dict[str, Any] | None = None
+        locked = rid in self._previous
+        locked_body = self._previous.pop(rid, None)
         if hooks or self.access.limited_writer:
-            previous_body = await self._fetchval("SELECT body FROM resource WHERE rid = $1", rid)
+            if not locked:
+                locked_body = await self._fetchval("SELECT body FROM resource WHERE rid = $1", rid)
+            previous_body = locked_body
             previous = jsonio.loads(previous_body) if previous_body else None
         for hook in hooks:
             await hook.before_write(self, resource_type, previous, data)
