@@ -25,6 +25,10 @@ For each size (the small one, then ``--resources`` total resources) it:
    how many Tasks they own):
 
    - ``near``: ``Location?near=LAT|LON|25|km``
+   - ``near-same-matches``: the same with the radius that holds as many Locations at this size as
+     25 km does in the large database (250 km among the small size's 1,000 Locations): ``near``
+     returns ~28x more Locations at 1M than at 10k, this one the same number at both sizes, so
+     its 1M/10k ratio is the cost of the database's size alone
    - ``near-chain``: ``HealthcareService?service-category=C&location.near=LAT|LON|25|km``
      ``&_include=HealthcareService:location``
    - ``worklist-priority``: ``Task?owner=O&status=requested,accepted&_sort=-priority,authored-on``
@@ -279,14 +283,18 @@ def _limited(owner: int) -> AccessContext:
     )
 
 
-def queries(data: DataSet, rng: random.Random) -> dict[str, list[Query]]:
+def queries(data: DataSet, rng: random.Random, reference_locations: int) -> dict[str, list[Query]]:
     owners = list(range(ORGANIZATIONS))
 
     def owner() -> int:
         return rng.choices(owners, data.owner_weights)[0]
 
-    def point() -> str:
-        return f"{rng.uniform(SOUTH, NORTH):.5f}|{rng.uniform(WEST, EAST):.5f}|{NEAR_KM}|km"
+    def point(km: float = NEAR_KM) -> str:
+        return f"{rng.uniform(SOUTH, NORTH):.5f}|{rng.uniform(WEST, EAST):.5f}|{km:g}|km"
+
+    # The radius whose circle holds, at this size's density, as many Locations as NEAR_KM does
+    # in the large database: the two sizes then do the same work per query.
+    same_matches_km = NEAR_KM * math.sqrt(reference_locations / data.locations)
 
     found: dict[str, list[Query]] = {}
     for _ in range(PARAM_SETS):
@@ -296,6 +304,7 @@ def queries(data: DataSet, rng: random.Random) -> dict[str, list[Query]]:
         category = f"{CATEGORY_SYSTEM}|c{rng.randrange(CATEGORIES)}"
         for query in (
             Query("near", "Location", [("near", point())], OPEN_ACCESS),
+            Query("near-same-matches", "Location", [("near", point(same_matches_km))], OPEN_ACCESS),
             Query(
                 "near-chain",
                 "HealthcareService",
@@ -363,9 +372,11 @@ class Figures:
     results: float
 
 
-async def measure(dsn: str, data: DataSet, seed: int) -> tuple[dict[str, Figures], list[str]]:
+async def measure(
+    dsn: str, data: DataSet, seed: int, reference_locations: int
+) -> tuple[dict[str, Figures], list[str]]:
     rng = random.Random(seed)
-    all_queries = queries(data, rng)
+    all_queries = queries(data, rng, reference_locations)
     figures: dict[str, Figures] = {}
     explain: list[str] = []
     # The server's own pool, with its session settings (plan_cache_mode, jit, timeouts).
@@ -442,7 +453,7 @@ def _plan_indexes(node: dict[str, Any]) -> set[str]:
 # --------------------------------------------------------------------------- main
 
 
-def run_size(size: int, locations: int, keep: bool) -> tuple[dict[str, Figures], list[str]]:
+def run_size(size: int, locations: int, keep: bool, reference: int) -> tuple[dict[str, Figures], list[str]]:
     name = f"carecoord_directory_{size}"
     print(f"\n=== {size} resources: database {name}", flush=True)
     with bench_database(name, f"carecoord-directory-{size}.log", admin=admin_url(), keep=keep) as bench:
@@ -455,7 +466,7 @@ def run_size(size: int, locations: int, keep: bool) -> tuple[dict[str, Figures],
             f" {data.services} HealthcareServices, {data.tasks} Tasks (busiest owner {busiest})",
             flush=True,
         )
-        figures, explain = runner_run(measure(bench.dsn, data, seed=size))
+        figures, explain = runner_run(measure(bench.dsn, data, seed=size, reference_locations=reference))
         for line in explain:
             print(line, flush=True)
         return figures, explain
@@ -469,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-db", action="store_true")
     options = parser.parse_args(argv)
     started = time.perf_counter()
-    small, _ = run_size(options.small, options.small // 10, options.keep_db)
-    large, _ = run_size(options.resources, options.locations, options.keep_db)
+    small, _ = run_size(options.small, options.small // 10, options.keep_db, options.locations)
+    large, _ = run_size(options.resources, options.locations, options.keep_db, options.locations)
     print(
         f"\nconcurrency 1, {REQUESTS} requests per query and size; engine = parse_search +"
         " SearchExecutor.search (no HTTP); raw = the same statements replayed with asyncpg"
