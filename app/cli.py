@@ -143,7 +143,6 @@ class _ServeStatus:
     """How the supervisor of ``serve --workers N`` ended (see :func:`_run_workers`)."""
 
     signal: int | None = None
-    startup_failed = False
 
 
 def _run_workers(config: Any, metrics_dir: Path) -> int:
@@ -188,6 +187,9 @@ def _run_workers(config: Any, metrics_dir: Path) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # serve decides the metrics mode (app/metrics.py): none inherited from the environment, and
+    # plain in this process (prometheus_client reads the variable once, when it is imported).
+    os.environ.pop(MULTIPROCESS_DIR_ENV, None)
     import uvicorn
 
     from app.subscriptions.websocket import WS_MAX_MESSAGE_BYTES
@@ -211,15 +213,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "ws_max_size": WS_MAX_MESSAGE_BYTES,
     }
     if args.workers == 1:
-        # One process, plain in-memory metrics (app/metrics.py), whatever the environment says.
-        os.environ.pop(MULTIPROCESS_DIR_ENV, None)
         from app.main import create_app
 
         uvicorn.run(create_app(settings), **options)
         return 0
     # Worker processes build their own app from the environment: hand them the resolved database,
-    # the metrics directory (read when they import prometheus_client: this process has not) and
-    # the pid they must not outlive.
+    # the metrics directory (prometheus_client reads it when a worker imports it) and the pid
+    # they must not outlive.
     os.environ["CARECOORD_DATABASE_URL"] = settings.database_url or ""
     os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
     metrics_dir = _fresh_metrics_dir()
