@@ -58,9 +58,11 @@ PRUNE_EVERY = 60.0
 """Seconds between the prunings of one process (each attempt statement may do one)."""
 
 _ATTEMPT = "SELECT wait, stamp FROM carecoord_auth_attempt($1::text[], $2, $3, $4)"
+# The rows are locked in key order, as carecoord_auth_attempt() locks them: the two cannot deadlock.
 _FORGIVE = (
-    "UPDATE auth_request_failure SET stamps = array_remove(stamps, $2::timestamptz)"
-    " WHERE key = ANY($1::text[])"
+    "UPDATE auth_request_failure f SET stamps = array_remove(f.stamps, $2::timestamptz)"
+    " FROM (SELECT key FROM auth_request_failure WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE) locked"
+    " WHERE f.key = locked.key"
 )
 
 
