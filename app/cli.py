@@ -74,10 +74,124 @@ def read_input_file(path: str, what: str) -> str:
         raise CommandError(f"cannot read the {what} {path}: {reason}") from None
 
 
+METRICS_DIR_PREFIX = "carecoord-metrics-"
+"""``serve --workers N`` keeps prometheus_client's multiprocess files in a fresh directory
+``<tmp>/carecoord-metrics-<serve's pid>-<random>`` (app/metrics.py), removed when it stops."""
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""app/metrics.py's (not imported here: importing prometheus_client before this is set decides
+its mode in this process)."""
+
+SUPERVISOR_PID_ENV = "CARECOORD_SERVE_SUPERVISOR"
+"""Set by ``serve --workers N`` for its worker processes: the pid they must not outlive."""
+
+
+def default_workers() -> int:
+    """``serve --workers`` default: one process per CPU (the API is CPU-bound per process)."""
+    return os.cpu_count() or 1
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def _fresh_metrics_dir() -> Path:
+    """A new private (0700) directory for the worker processes' metric files. Directories that
+    earlier ``serve`` processes of this user left behind (killed before they could remove them)
+    go first: their files would otherwise stay in the temporary directory for good."""
+    import shutil
+    import tempfile
+
+    for stale in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        owner = stale.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
+        try:
+            mine = stale.is_dir() and stale.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and owner.isdigit() and not _process_alive(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
+
+
+def worker_app() -> Any:
+    """The app factory of each ``serve --workers N`` process (uvicorn calls it there).
+
+    A worker must not outlive ``serve``: stopped cleanly, serve stops its workers itself, but if
+    it is killed (SIGKILL, the OOM killer) nobody would, and they would go on serving on the
+    port. On Linux the kernel sends each worker SIGTERM (a graceful stop) when serve dies."""
+    from app.main import create_app
+
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if supervisor and sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != int(supervisor):  # serve died before the line above
+            raise SystemExit("carecoord serve is gone")
+    return create_app()
+
+
+class _ServeStatus:
+    """How the supervisor of ``serve --workers N`` ended (see :func:`_run_workers`)."""
+
+    signal: int | None = None
+
+
+def _run_workers(config: Any, metrics_dir: Path) -> int:
+    """uvicorn's multiprocess supervisor, run here rather than by ``uvicorn.run`` for three
+    things it does not do: a worker that died or was retired has its live gauges dropped from
+    the metrics (prometheus_client's ``mark_process_dead``; uvicorn restarts a dead worker); a
+    worker that fails to start makes ``serve`` exit with uvicorn's startup-failure status (as
+    one process does) rather than 0; and SIGTERM / SIGINT end it with 128 + the signal, as they
+    end ``serve --workers 1`` (uvicorn re-raises them there)."""
+    from prometheus_client import multiprocess
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    status = _ServeStatus()
+
+    class Supervisor(Multiprocess):
+        def __init__(self, config: Any, sockets: list[Any]) -> None:
+            super().__init__(config, sockets)
+            self.known: set[int] = set()
+
+        def handle_int(self) -> None:
+            status.signal = signal.SIGINT
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            status.signal = signal.SIGTERM
+            super().handle_term()
+
+        def keep_subprocess_alive(self) -> None:
+            super().keep_subprocess_alive()
+            # Runs after the signals are handled (restarts, fewer workers) and the dead replaced.
+            running = {process.pid for process in self.processes if process.pid is not None}
+            for pid in self.known - running:
+                multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+            self.known = running
+
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        return STARTUP_FAILURE
+    return 128 + status.signal if status.signal is not None else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    # serve decides the metrics mode (app/metrics.py): none inherited from the environment, and
+    # plain in this process (prometheus_client reads the variable once, when it is imported).
+    os.environ.pop(MULTIPROCESS_DIR_ENV, None)
     import uvicorn
 
-    from app.main import create_app
     from app.subscriptions.websocket import WS_MAX_MESSAGE_BYTES
 
     settings = _settings_with_database(get_settings(), args)
@@ -85,41 +199,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The app factory of each uvicorn process reads this from the environment.
         os.environ["CARECOORD_RUN_WORKER"] = "false"
         settings = settings.model_copy(update={"run_worker": False})
-    if args.workers > 1:
-        # Worker processes build their own app from the environment: hand them the resolved database.
-        os.environ["CARECOORD_DATABASE_URL"] = settings.database_url or ""
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_level=settings.log_level,
-            # uvicorn applies this in its own process and in each worker it starts: every line,
-            # its own included, in CARECOORD_LOG_FORMAT (app/logs.py). Its access log stays off
-            # (it would log query strings); RequestIdMiddleware logs each request instead.
-            log_config=uvicorn_log_config(settings.log_format, settings.log_level),
-            access_log=False,
-            proxy_headers=True,
-            # Clients send only 'bind-with-token: <token>' on the subscription websocket.
-            ws_max_size=WS_MAX_MESSAGE_BYTES,
-        )
-    else:
-        uvicorn.run(
-            create_app(settings),
-            host=args.host,
-            port=args.port,
-            log_level=settings.log_level,
-            # uvicorn applies this in its own process and in each worker it starts: every line,
-            # its own included, in CARECOORD_LOG_FORMAT (app/logs.py). Its access log stays off
-            # (it would log query strings); RequestIdMiddleware logs each request instead.
-            log_config=uvicorn_log_config(settings.log_format, settings.log_level),
-            access_log=False,
-            proxy_headers=True,
-            # Clients send only 'bind-with-token: <token>' on the subscription websocket.
-            ws_max_size=WS_MAX_MESSAGE_BYTES,
-        )
-    return 0
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": settings.log_level,
+        # uvicorn applies this in its own process and in each worker it starts: every line,
+        # its own included, in CARECOORD_LOG_FORMAT (app/logs.py). Its access log stays off
+        # (it would log query strings); RequestIdMiddleware logs each request instead.
+        "log_config": uvicorn_log_config(settings.log_format, settings.log_level),
+        "access_log": False,
+        "proxy_headers": True,
+        # Clients send only 'bind-with-token: <token>' on the subscription websocket.
+        "ws_max_size": WS_MAX_MESSAGE_BYTES,
+    }
+    if args.workers == 1:
+        from app.main import create_app
+
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    # Worker processes build their own app from the environment: hand them the resolved database,
+    # the metrics directory (prometheus_client reads it when a worker imports it) and the pid
+    # they must not outlive.
+    os.environ["CARECOORD_DATABASE_URL"] = settings.database_url or ""
+    os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
+    metrics_dir = _fresh_metrics_dir()
+    os.environ[MULTIPROCESS_DIR_ENV] = str(metrics_dir)
+    try:
+        config = uvicorn.Config("app.cli:worker_app", factory=True, workers=args.workers, **options)
+        return _run_workers(config, metrics_dir)
+    finally:
+        import shutil
+
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -476,7 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=default_workers(),
+        help="API processes, by default one per CPU; with more than one, uvicorn's supervisor runs"
+        " them (/metrics sums them all; the failed-request limits are shared through PostgreSQL);"
+        " 1 serves in this process (default: %(default)s here)",
+    )
     serve.add_argument(
         "--no-worker", action="store_true", help="do not run referral delivery in the API processes"
     )
@@ -614,6 +732,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in SERVICE_COMMANDS:
             _add_init_option(command)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _add_init_option(parser: argparse.ArgumentParser) -> None:

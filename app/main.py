@@ -29,6 +29,7 @@ from app.fhir.errors import Issue, install_error_handlers, outcome_response
 from app.fhir.repository import RepositoryFactory
 from app.hooks import write_hooks
 from app.logs import RequestIdMiddleware, configure_logging
+from app.metrics import RequestMetricsMiddleware
 from app.openapi import install_openapi
 from app.outbound import outbound_client
 from app.routers import auth, fhir, health, metadata
@@ -157,6 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(CancelOnDisconnect)
+    # Outside the 500s of UnexpectedErrorMiddleware: every answered status is counted.
+    app.add_middleware(RequestMetricsMiddleware)
     # Added last, so outermost: the request id is set before anything logs and is returned on
     # every response, the 500s of UnexpectedErrorMiddleware included.
     app.add_middleware(RequestIdMiddleware)

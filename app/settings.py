@@ -120,7 +120,11 @@ class Settings(BaseSettings):
         ),
     )
     auth_failure_limit: int = Field(
-        default=10, ge=1, description="Failed /auth requests per client or address before 429"
+        default=10,
+        ge=1,
+        description="Failed /auth/token, /auth/revoke and /auth/introspect requests per address, and"
+        " per client at an address, within auth_failure_window before 429 (counted in the database:"
+        " all processes)",
     )
     auth_failure_window: int = Field(default=60, ge=1, description="Window of auth_failure_limit, seconds")
     login_failure_limit: int = Field(

@@ -120,7 +120,7 @@ def fetch_token(base_url: str, client_id: str, secret: str) -> str:
 def start(server: Server) -> None:
     with server.log_path.open("wb") as log:
         server.process = subprocess.Popen(
-            carecoord_command("serve", "--host", "127.0.0.1", "--port", str(server.port)),
+            carecoord_command("serve", "--host", "127.0.0.1", "--port", str(server.port), "--workers", "1"),
             env=server.env,
             cwd=REPO_ROOT,
             stdout=log,

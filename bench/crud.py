@@ -706,7 +706,9 @@ class BenchDatabase:
         """Start ``carecoord serve`` (output to the log file) and wait for ``/healthz`` (or ``/readyz``)."""
         with self.log_path.open("wb") as log:
             self.server = subprocess.Popen(
-                carecoord_command("serve", "--host", "127.0.0.1", "--port", str(self.port)),
+                carecoord_command(
+                    "serve", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"
+                ),
                 env=self.env,
                 cwd=REPO_ROOT,
                 stdout=log,

@@ -120,7 +120,9 @@ def main() -> int:
     print(f"seeded {args.resources} Patients in {time.monotonic() - started:.1f}s", flush=True)
     logs = {name: open(f"/tmp/bench-export-{name}.log", "wb") for name in ("server", "worker")}  # noqa: SIM115
     server = subprocess.Popen(
-        carecoord_command("serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker"),
+        carecoord_command(
+            "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker", "--workers", "1"
+        ),
         env=env,
         stdout=logs["server"],
         stderr=subprocess.STDOUT,

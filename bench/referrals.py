@@ -104,7 +104,9 @@ class Node:
         self.cli("migrate")
         with self.log.open("wb") as log:
             self.server = subprocess.Popen(
-                carecoord_command("serve", "--host", "127.0.0.1", "--port", str(self.port), *extra),
+                carecoord_command(
+                    "serve", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *extra
+                ),
                 env=self.env,
                 cwd=REPO_ROOT,
                 stdout=log,

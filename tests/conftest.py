@@ -92,6 +92,10 @@ def settings(database_url: str) -> Settings:
         # The partner, JWKS and misbehaving servers of the tests listen on loopback, which the
         # production default refuses (app/outbound.py); tests of that default build their own.
         outbound_allowlist=LOOPBACK_ALLOWLIST,
+        # The failed /auth request counts live in the database, shared by every app of the session,
+        # and many tests fail on purpose from the same test address: the tests of those limits
+        # build their own app with a small limit (and forget_auth_failures first).
+        auth_failure_limit=10_000,
     )
 
 
@@ -124,6 +128,12 @@ async def app(settings: Settings, engine: AsyncEngine) -> AsyncIterator[FastAPI]
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application
+
+
+async def forget_auth_failures(app: FastAPI) -> None:
+    """Start a test of the failed-request limits (app/auth/ratelimit.py) from no failures: the
+    counts are in the database, and other tests' failures from the same address would count."""
+    await app.state.pool.execute("DELETE FROM auth_request_failure")
 
 
 FULL_ACCESS = "system/*.cruds"

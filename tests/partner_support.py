@@ -157,7 +157,10 @@ class PartnerServer:
         port = int(self.root.rsplit(":", 1)[1])
         log = (self.workdir / "server.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                *(sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)),
+                *("--workers", "1"),
+            ],
             cwd=REPO_ROOT,
             env=self.env(),
             stdout=log,

@@ -40,11 +40,21 @@ def running_server(
     database_url: str, tmp_path: Path, *serve_args: str, env: dict[str, str] | None = None
 ) -> Iterator[RunningServer]:
     """``carecoord serve --no-worker`` on ``database_url`` (already migrated), ready when yielded;
-    stdout and stderr go to ``server.log`` in ``tmp_path``. Stopped with SIGINT at the end."""
+    stdout and stderr go to ``server.log`` in ``tmp_path``. Stopped with SIGINT at the end.
+    One process unless ``serve_args`` say ``--workers`` (serve's default is one per CPU)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARECOORD_DATABASE_URL")}
-    environment.update({"DATABASE_URL": database_url, "CARECOORD_BASE_URL": base, **(env or {})})
+    # The failed /auth request counts are in the database, which the in-process tests share (and
+    # fail on purpose in, from 127.0.0.1): the server's limit is the tests' (conftest), unless given.
+    environment.update(
+        {
+            "DATABASE_URL": database_url,
+            "CARECOORD_BASE_URL": base,
+            "CARECOORD_AUTH_FAILURE_LIMIT": "10000",
+            **(env or {}),
+        }
+    )
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -58,6 +68,7 @@ def running_server(
                 "--port",
                 str(port),
                 "--no-worker",
+                *([] if "--workers" in serve_args else ["--workers", "1"]),
                 *serve_args,
             ],
             env=environment,

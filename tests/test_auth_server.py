@@ -44,7 +44,7 @@ from tests.auth_support import (
     public_jwks,
     sign_assertion,
 )
-from tests.conftest import register_test_client
+from tests.conftest import forget_auth_failures, register_test_client
 
 BASE = "http://cc.test"
 FHIR_BASE = f"{BASE}/fhir"
@@ -663,6 +663,7 @@ async def test_introspection(http: httpx.AsyncClient, auth_app: FastAPI, tokens:
 async def test_failed_requests_are_rate_limited(settings: Settings) -> None:
     limited = create_app(settings.model_copy(update={"auth_failure_limit": 3, "auth_failure_window": 60}))
     async with limited.router.lifespan_context(limited):
+        await forget_auth_failures(limited)
         client_id, secret = await _secret_client(limited)
 
         def at(address: str) -> httpx.AsyncClient:

@@ -316,7 +316,8 @@ def test_cli_help_shows_defaults_and_init() -> None:
     serve = _carecoord(env, "serve", "--help")
     assert serve.returncode == 0
     text = " ".join(serve.stdout.split())
-    assert "(default: 127.0.0.1)" in text and "(default: 8000)" in text and "(default: 1)" in text
+    assert "(default: 127.0.0.1)" in text and "(default: 8000)" in text
+    assert "one per CPU; with more than one" in text and f"(default: {os.cpu_count()} here)" in text
     assert "CARECOORD_DATA_DIR" in text and "--init" not in text
     openapi = _carecoord(env, "openapi", "--help")
     assert "(default: openapi/openapi.json)" in " ".join(openapi.stdout.split())

@@ -28,6 +28,7 @@ from app.auth.scopes import restriction_problem
 from app.auth.tokens import CLIENT_CHECK_INTERVAL, InvalidToken, TokenService, build_token_service
 from app.main import create_app
 from app.settings import Settings
+from tests.conftest import forget_auth_failures
 
 BASE = "http://cc.test"
 ATTACKER = ("203.0.113.7", 1234)
@@ -387,6 +388,7 @@ async def test_introspection_details_only_for_the_tokens_client_or_an_introspect
 async def test_failures_from_one_address_do_not_lock_out_the_client_elsewhere(settings: Settings) -> None:
     limited = create_app(settings.model_copy(update={"auth_failure_limit": 3, "auth_failure_window": 60}))
     async with limited.router.lifespan_context(limited):
+        await forget_auth_failures(limited)
         victim_id, victim_secret = await _client(limited, "system/*.rs")
         other_id, other_secret = await _client(limited, "system/*.rs")
 
@@ -427,6 +429,7 @@ async def test_a_correct_client_asking_for_the_wrong_scope_is_no_guess(settings:
     failed guesses: they never lock out the address (a proxy shared by every client, say)."""
     limited = create_app(settings.model_copy(update={"auth_failure_limit": 3, "auth_failure_window": 60}))
     async with limited.router.lifespan_context(limited):
+        await forget_auth_failures(limited)
         client_id, secret = await _client(limited, "system/Patient.rs")
         other_id, other_secret = await _client(limited, "system/*.rs")
         transport = httpx.ASGITransport(app=limited, client=VICTIM)

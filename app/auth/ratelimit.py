@@ -1,4 +1,5 @@
-"""Failed-authentication limits for /auth/token and /auth/introspect (RFC 6819 §4.3.2, §5.1.4.2.3).
+"""Failed-authentication limits for /auth/token, /auth/revoke and /auth/introspect (RFC 6819
+§4.3.2, §5.1.4.2.3), counted in PostgreSQL: every server process sees the same counts.
 
 What is limited: failed requests (an attempt counts until it succeeds) per key, two keys per
 request (server.py ``_limited``):
@@ -18,18 +19,51 @@ address included (issue 12). So an attacker's failures block the attacker's addr
 price is that guesses spread over many addresses are limited per address, which still makes
 guessing a 256-bit secret (or forging a private_key_jwt assertion) hopeless.
 
-The counts are in memory, per process: with N processes an attacker gets up to N x ``limit``
-attempts per window and address; a restart forgets them.
+**Shared by every process** (``auth_request_failure``, migration 0022): with N ``serve
+--workers`` processes, or N servers behind a load balancer, an address still gets ``limit``
+attempts per window in total, not N x ``limit``; a restart forgets nothing.
+
+**Count, then check the credentials, then forgive.** An attempt is counted before the
+credentials are checked and taken back (:meth:`FailureLimiter.forgive`) when they turn out to
+be right, so that concurrent guesses cannot all pass the check before the first failure is
+counted. The check and the count are one step: ``carecoord_auth_attempt()`` takes a
+transaction-level advisory lock per key (in key order: no deadlocks), then reads the keys'
+counts and, unless one is at the limit, counts the attempt against every key; a second attempt
+on a key waits for the first to commit. So exactly ``limit`` attempts pass per window, however
+many processes and connections the guesses are spread over.
+
+**Cost on the token path.** One statement per attempt (the function: the keys' rows by primary
+key, then an upsert of each) and, for requests that succeed, one more (:meth:`forgive`). Why a
+row per key with an array of stamps rather than a row per failure (``auth_login_failure``'s
+shape): the count is read from at most two rows by primary key, each holding at most ``limit``
+stamps (the upsert keeps the most recent ones, like a bounded queue), and a forgiven attempt is
+one array element removed, not a row deleted and an index entry left to vacuum.
+
+**Bounded growth.** Each row holds at most ``limit`` stamps; rows whose failures have all left
+the window are deleted by the attempt statement itself about once every :data:`PRUNE_EVERY`
+seconds per process (``prune``: a scan of the ``last_at`` index). Under a spray from many
+addresses the table holds about one row per address seen in the last window plus that interval.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
 
-MAX_TRACKED = 100_000
-"""Most keys (addresses, client/address pairs) remembered at once (memory bound under a spray)."""
+import asyncpg
+
+PRUNE_EVERY = 60.0
+"""Seconds between the prunings of one process (each attempt statement may do one)."""
+
+_ATTEMPT = "SELECT wait, stamp FROM carecoord_auth_attempt($1::text[], $2, $3, $4)"
+# The rows are locked in key order, as carecoord_auth_attempt() locks them: the two cannot deadlock.
+_FORGIVE = (
+    "UPDATE auth_request_failure f SET stamps = array_remove(f.stamps, $2::timestamptz)"
+    " FROM (SELECT key FROM auth_request_failure WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE) locked"
+    " WHERE f.key = locked.key"
+)
 
 
 def pair_key(client_id: str, address: str | None) -> str:
@@ -37,64 +71,44 @@ def pair_key(client_id: str, address: str | None) -> str:
     return f"client:{client_id}@{address or '-'}"
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One request's attempt: refused (``retry_after`` seconds), or counted at ``stamp``."""
+
+    keys: tuple[str, ...]
+    stamp: datetime | None = None
+    retry_after: int | None = None
+
+
 class FailureLimiter:
-    def __init__(self, *, limit: int, window: float) -> None:
+    """``limit`` failed requests per key within ``window`` seconds, in PostgreSQL (see above)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, limit: int, window: float) -> None:
+        self.pool = pool
         self.limit = limit
         self.window = window
-        self._failures: dict[str, deque[float]] = {}
+        self._next_prune = 0.0
 
-    def retry_after(self, *keys: str | None) -> int | None:
-        """Seconds until a request for these keys may be tried again, or None when not limited."""
-        now = time.monotonic()
-        wait: float | None = None
-        for key in keys:
-            if key is None:
-                continue
-            failures = self._recent(key, now)
-            if failures is not None and len(failures) >= self.limit:
-                remaining = failures[-self.limit] + self.window - now
-                wait = remaining if wait is None else max(wait, remaining)
-        return None if wait is None else max(1, math.ceil(wait))
+    async def attempt(self, *keys: str | None) -> Attempt:
+        """Check the keys' limits and, unless one is reached, count an attempt against each.
 
-    def record_failure(self, *keys: str | None) -> float:
-        """Count a failure (or an attempt, see :meth:`forgive`) for each key; returns its stamp."""
-        now = time.monotonic()
-        for key in keys:
-            if key is None:
-                continue
-            failures = self._recent(key, now)
-            if failures is None:
-                if len(self._failures) >= MAX_TRACKED:
-                    self._prune(now)
-                failures = self._failures[key] = deque(maxlen=self.limit)
-            failures.append(now)
-        return now
-
-    def forgive(self, stamp: float, *keys: str | None) -> None:
-        """Take back an attempt counted up front that turned out to succeed.
-
-        Attempts are counted before the credentials are checked, so that many concurrent
-        guesses cannot all pass the limit check before the first failure is recorded.
+        A refused attempt (``retry_after`` set: seconds until the key's oldest counted failure
+        leaves the window) counts against nothing, so refusals do not extend a lockout.
         """
-        for key in keys:
-            failures = self._failures.get(key) if key is not None else None
-            if failures is not None and stamp in failures:
-                failures.remove(stamp)
+        present = tuple(key for key in keys if key is not None)
+        if not present:
+            return Attempt(present)
+        prune = time.monotonic() >= self._next_prune
+        if prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY
+        row = await self.pool.fetchrow(_ATTEMPT, list(present), self.limit, float(self.window), prune)
+        assert row is not None  # the function returns one row
+        if row["wait"] is not None:
+            return Attempt(present, retry_after=max(1, math.ceil(row["wait"])))
+        stamp: datetime = row["stamp"]
+        return Attempt(present, stamp=stamp)
 
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        failures = self._failures.get(key)
-        if failures is None:
-            return None
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
-        if not failures:
-            del self._failures[key]
-            return None
-        return failures
-
-    def _prune(self, now: float) -> None:
-        for key in [key for key, failures in self._failures.items() if failures[-1] <= now - self.window]:
-            del self._failures[key]
-        if len(self._failures) >= MAX_TRACKED:  # all recent: forget the oldest tenth
-            for key in list(self._failures)[: MAX_TRACKED // 10]:
-                del self._failures[key]
+    async def forgive(self, attempt: Attempt) -> None:
+        """Take back an attempt counted up front that turned out to succeed."""
+        if attempt.stamp is not None:
+            await self.pool.execute(_FORGIVE, list(attempt.keys), attempt.stamp)

@@ -194,7 +194,9 @@ class AuthorizationServer:
         self.authorize_url = f"{settings.base_url}/auth/authorize"
         self.revocation_url = f"{settings.base_url}/auth/revoke"
         self.user_grants = UserGrants(settings=settings, pool=pool, tokens=tokens, audit=audit)
-        self.limiter = FailureLimiter(limit=settings.auth_failure_limit, window=settings.auth_failure_window)
+        self.limiter = FailureLimiter(
+            pool, limit=settings.auth_failure_limit, window=settings.auth_failure_window
+        )
         self._next_jti_cleanup = 0.0
 
     # --- endpoints -------------------------------------------------------------------------
@@ -216,23 +218,25 @@ class AuthorizationServer:
         self, request: OAuthRequest, handler: Callable[[OAuthRequest], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any]:
         # ratelimit.py: per address, and per (claimed client, address); never per client alone,
-        # so that failures from one address cannot lock a client out at its own.
+        # so that failures from one address cannot lock a client out at its own. One statement
+        # checks the limits and counts the attempt (every process shares the counts); a second
+        # one forgives it when the request succeeds.
         address = f"address:{request.address}" if request.address else None
-        retry_after = self.limiter.retry_after(address)
-        if retry_after is not None:
-            raise RateLimited(retry_after)
         try:
             request.parse()
         except OAuthError:
-            self.limiter.record_failure(address)
+            # Parsing needs no database: the malformed request is counted (or, from an address
+            # at its limit, refused with 429 like any other request from there) afterwards.
+            malformed = await self.limiter.attempt(address)
+            if malformed.retry_after is not None:
+                raise RateLimited(malformed.retry_after) from None
             raise
         claimed = request.claimed_client_id()
         client_key = pair_key(claimed, request.address) if claimed else None
-        retry_after = self.limiter.retry_after(address, client_key)
-        if retry_after is not None:
-            raise RateLimited(retry_after)
         # Counted as a failure until it succeeds: concurrent guesses cannot all slip under the limit.
-        attempt = self.limiter.record_failure(address, client_key)
+        attempt = await self.limiter.attempt(address, client_key)
+        if attempt.retry_after is not None:
+            raise RateLimited(attempt.retry_after)
         try:
             result: dict[str, Any] = await handler(request)
         except OAuthError as exc:
@@ -241,9 +245,9 @@ class AuthorizationServer:
             if request.authenticated:
                 # Its credentials were right (it asked for a scope it does not have, say): not a
                 # guess, so not a failure that could lock its address out.
-                self.limiter.forgive(attempt, address, client_key)
+                await self.limiter.forgive(attempt)
             raise
-        self.limiter.forgive(attempt, address, client_key)
+        await self.limiter.forgive(attempt)
         return result
 
     async def _token(self, request: OAuthRequest) -> dict[str, Any]:

@@ -116,6 +116,21 @@ class AuthLoginFailureRow(SQLModel, table=True):
     )
 
 
+class AuthRequestFailureRow(SQLModel, table=True):
+    """The recent failed /auth/token, /auth/revoke and /auth/introspect requests of one key
+    (``address:A``, ``client:C@A``): at most the limit's worth of stamps, and the newest
+    (migration 0022; app/auth/ratelimit.py)."""
+
+    __tablename__ = "auth_request_failure"
+    __table_args__ = (sa.Index("ix_auth_request_failure_last_at", "last_at"),)
+
+    key: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    stamps: list[datetime] = Field(
+        sa_column=sa.Column(postgresql.ARRAY(sa.DateTime(timezone=True)), nullable=False)
+    )
+    last_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+
+
 class AuthFlowRow(SQLModel, table=True):
     """An authorization request between its pages (login, patient, consent)."""
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of Bulk Data exports (issue 12): at scrape time, from the database (the
 exports run in any process), the exports per state and the resources written so far by the
 running ones; counted in the process that did the work, resources exported and exports
-completed. They share the registry /metrics exposes (app/referrals/metrics.py)."""
+completed. They share the registry /metrics exposes (app/referrals/metrics.py); the gauges,
+read at scrape time, are ``mostrecent`` for the reason given there."""
 
 from __future__ import annotations
 
@@ -14,15 +15,22 @@ STATES = ("queued", "running", "completed", "failed")
 
 RESOURCES_EXPORTED = Counter(
     "carecoord_export_resources_written",
-    "Resources written to export files by this process",
+    "Resources written to export files",
     registry=REGISTRY,
 )
-EXPORTS_COMPLETED = Counter("carecoord_export_completed", "Exports this process completed", registry=REGISTRY)
-EXPORTS = Gauge("carecoord_exports", "Bulk Data exports kept, per state", ["state"], registry=REGISTRY)
+EXPORTS_COMPLETED = Counter("carecoord_export_completed", "Exports completed", registry=REGISTRY)
+EXPORTS = Gauge(
+    "carecoord_exports",
+    "Bulk Data exports kept, per state",
+    ["state"],
+    registry=REGISTRY,
+    multiprocess_mode="mostrecent",
+)
 RUNNING_PROGRESS = Gauge(
     "carecoord_export_running_resources",
     "Resources written so far by the exports that are running",
     registry=REGISTRY,
+    multiprocess_mode="mostrecent",
 )
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of subscription notifications (issue 10): notifications sent and failed,
 events delivered, the delivery latency (from the write's commit to the endpoint's answer), and
 at scrape time the subscriptions waiting to retry and the age of the oldest undelivered event.
-They share the registry /metrics exposes (app/referrals/metrics.py)."""
+They share the registry /metrics exposes (app/referrals/metrics.py); the gauges, read at scrape
+time, are ``mostrecent`` for the reason given there."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ RETRY_QUEUE = Gauge(
     "carecoord_subscription_retry_queue",
     "Active subscriptions whose last delivery failed (waiting to retry)",
     registry=REGISTRY,
+    multiprocess_mode="mostrecent",
 )
 OLDEST_UNDELIVERED = Gauge(
     "carecoord_subscription_oldest_undelivered_seconds",
     "Age of the oldest event not yet delivered to an active subscription",
     registry=REGISTRY,
+    multiprocess_mode="mostrecent",
 )
 
 _GAUGES = """
