@@ -10,7 +10,7 @@ default the number of cores), ``--operations create,read,...`` (a subset), ``--k
 
 ``--profile`` measures something else: for each operation, a ``--workers 1`` server (audit on)
 under load at ``--profile-concurrency`` (default 16) for ``--profile-seconds`` (default 15)
-while py-spy samples it (``py-spy record --format raw --nonblocking``; py-spy is not a
+while py-spy samples it (``py-spy record --format raw``, 200 Hz; py-spy is not a
 dependency of carecoord: ``.venv/bin/pip install py-spy``). It prints req/s and the server's CPU
 per request, the functions with the most samples of their own (self time) and the carecoord
 functions with the most samples under them (inclusive), and keeps the collapsed stacks in
@@ -731,6 +731,16 @@ def py_spy() -> str:
     return found
 
 
+def _short(frame: str) -> str:
+    """``function (path)`` with the path from the package (``app/...``, ``asyncpg/...``) on."""
+    name, _, path = frame.partition(" (")
+    for marker in ("/site-packages/", f"{REPO_ROOT}/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{name} ({path}" if path else name
+
+
 def summarize(path: Path) -> list[str]:
     """Self and inclusive sample shares from py-spy's collapsed stacks ("frame;frame;... count")."""
     own: Counter[str] = Counter()
@@ -741,11 +751,11 @@ def summarize(path: Path) -> list[str]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = stack.split(";")
+        frames = [_short(frame) for frame in stack.split(";")]
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
-            if "(app/" in frame or "(app\\" in frame:
+            if "(app/" in frame:
                 under[frame] += count
     if not total:
         return ["(no samples)"]
@@ -768,7 +778,7 @@ async def profile_operation(
         output.parent.mkdir(parents=True, exist_ok=True)
         spy = await asyncio.create_subprocess_exec(
             py_spy(), "record", "--pid", str(server.process.pid), "--format", "raw", "--nolineno",
-            "--nonblocking", "--rate", "200", "--duration", f"{args.profile_seconds:g}",
+            "--full-filenames", "--rate", "200", "--duration", f"{args.profile_seconds:g}",
             "--output", str(output),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
