@@ -62,10 +62,11 @@ def _audit_event(
 ) -> dict[str, Any]:
     """The AuditEvent of this request: what ``repo`` touched, or (refused before any storage
     work) just the interaction and the query."""
-    fhir_path = request.url.path.removeprefix("/fhir")
+    path, query_string = _path_and_query(request)
+    fhir_path = path.removeprefix("/fhir")
     interaction = (repo.interaction if repo else None) or interaction_of(request.method, fhir_path)
     searching = interaction.startswith("search") or interaction.startswith("history-")
-    query = f"{fhir_path.lstrip('/')}?{request.url.query}" if searching else None
+    query = f"{fhir_path.lstrip('/')}?{query_string}" if searching else None
     return build_event(
         interaction=interaction,
         status=status,
@@ -75,6 +76,18 @@ def _audit_event(
         address=request.client.host if request.client else None,
         fhir_base=request.app.state.settings.fhir_base,
     )
+
+
+def _path_and_query(request: Request) -> tuple[str, str]:
+    """``request.url.path`` and ``request.url.query``, from the scope: Starlette assembles the
+    whole URL and parses it again for them (~8 us on every audited request, issue 14). Its
+    escapes are applied here; a tab or line break (which URL parsing drops) or a ``#`` in the
+    query (where parsing cuts the fragment) take Starlette's way."""
+    path: str = request.scope["path"]
+    query: str = request.scope.get("query_string", b"").decode()
+    if any(c in path or c in query for c in "\t\r\n") or "#" in query:
+        return request.url.path, request.url.query
+    return path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C"), query
 
 
 async def received_body(request: Request) -> bytes | None:
