@@ -647,7 +647,7 @@ def report(results: Results, plan: Plan) -> tuple[list[str], list[str]]:
                 goal = GOAL_RATIO[concurrency]
                 verdict = "met" if ratio >= goal else "NOT MET"
                 checks.append(
-                    f"{LABELS[name]} c={concurrency} --workers {workers}: API/raw {ratio:.2f} >= {goal}: "
+                    f"{LABELS[name]} c={concurrency} --workers {workers}: API/raw {ratio:.3f} >= {goal}: "
                     f"{verdict}"
                 )
     out.append("")
@@ -657,7 +657,7 @@ def report(results: Results, plan: Plan) -> tuple[list[str], list[str]]:
     if read:
         tail_ratio = med(read, "p99_ms") / med(read, "p50_ms")
         verdict = "met" if tail_ratio <= GOAL_READ_TAIL else "NOT MET"
-        checks.append(f"read c=1 --workers 1: p99/p50 {tail_ratio:.1f}x <= {GOAL_READ_TAIL:.0f}x: {verdict}")
+        checks.append(f"read c=1 --workers 1: p99/p50 {tail_ratio:.2f}x <= {GOAL_READ_TAIL:.0f}x: {verdict}")
     for concurrency in CONCURRENCY:
         on, off = results.api.get(("read", concurrency, 1)), results.audit_off.get(concurrency)
         if on and off:
@@ -668,7 +668,7 @@ def report(results: Results, plan: Plan) -> tuple[list[str], list[str]]:
                 f"audit on keeps {share:.0%}"
             )
             verdict = "met" if share >= GOAL_AUDIT else "NOT MET"
-            checks.append(f"audit on/off read c={concurrency}: {share:.2f} >= {GOAL_AUDIT}: {verdict}")
+            checks.append(f"audit on/off read c={concurrency}: {share:.3f} >= {GOAL_AUDIT}: {verdict}")
     return out, checks
 
 
