@@ -472,7 +472,7 @@ class RawSide:
         # They depend only on the client's payload (no id, no timestamp), so they are built once here
         # and the timed operation spends its CPU on the database round trips alone.
         index: dict[str, Any] = index_params(extract("Patient", self.payload, fhir_base))
-        self.fixed_params = {"rtype": "Patient", "method": "POST", "org": None, **index}
+        self.fixed_params = {"rtype": "Patient", "method": "POST", "org": None, "bookkeeping": False, **index}
         self.insert = repository_statement("_INSERT", {*self.fixed_params, "fid", "ts", "body"})
         self.index_rows = sum(len(values) for name, values in index.items() if name.endswith("_param"))
         if not self.index_rows:

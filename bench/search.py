@@ -922,7 +922,7 @@ async def capture(
     if executor_class is None:
         raise BenchOutOfDate("app.fhir.repository.SearchExecutor is gone; update bench/search.py")
     result = Captured(pairs)
-    executor = executor_class(RecordingConnection(conn, result.statements))
+    executor = executor_class(RecordingConnection(conn, result.statements), fhir_base)
     request = parse(spec, pairs, fhir_base)
     if request.issues:
         raise RuntimeError(f"{spec.name}: the engine ignored parameters: {request.issues}")

@@ -285,7 +285,9 @@ class RawSide:
         self.stamp = repository_function("stamp")
         self.index_params = repository_function("_index_params")
         sample = self.index_params(extract("Patient", {"resourceType": "Patient"}, fhir_base))
-        statement = repository_statement("_INSERT", {"rtype", "fid", "ts", "body", "method", "org", *sample})
+        statement = repository_statement(
+            "_INSERT", {"rtype", "fid", "ts", "body", "method", "org", "bookkeeping", *sample}
+        )
         self.insert_sql = statement.sql
         self.insert_args = statement.args
 
@@ -302,6 +304,7 @@ class RawSide:
             "body": self.stamp(data, fhir_id, 1, moment),
             "method": "POST",
             "org": None,
+            "bookkeeping": False,  # a client's write, not carecoord's own record (change feed)
             **index,
         }
         return self.insert_args(params)

@@ -43,7 +43,7 @@ from app.fhir.errors import (
 from app.fhir.params import parse_etag, parse_version_id
 from app.fhir.repository import FhirRepository, StoredVersion, fhir_instant, new_id
 from app.fhir.responses import Prefer
-from app.fhir.search_service import run_search
+from app.fhir.search_service import search_bundle
 from app.fhir.validation import check_id, check_resource_type, parse_body, validate_resource
 
 METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -505,11 +505,11 @@ class _Runner:
                 return {"response": {"status": "304 Not Modified", "etag": f'W/"{version.version_id}"'}}
             assert version.body is not None
             self._spend(1, len(version.body))
-            return {"resource": jsonio.loads(version.body), "response": _response_meta(version, "200 OK")}
+            return {"resource": jsonio.stored(version.body), "response": _response_meta(version, "200 OK")}
         if self.resources_left <= 0:
             self._spend(1, 0)
         pairs = parse_qsl(entry.query, keep_blank_values=True)
-        body = await run_search(
+        found = await search_bundle(
             repo,
             resource_types=(entry.resource_type,),
             pairs=pairs,
@@ -517,10 +517,8 @@ class _Runner:
             strict=self.prefer.handling == "strict",
             path=entry.resource_type,
         )
-        result = jsonio.loads(body)
-        found = result.get("entry") or []
-        self._spend(sum(1 for e in found if (e.get("search") or {}).get("mode") != "outcome"), len(body))
-        return {"resource": result, "response": {"status": "200 OK"}}
+        self._spend(found.resources, len(found.text))
+        return {"resource": jsonio.stored(found.text), "response": {"status": "200 OK"}}
 
     def _write_response(self, version: StoredVersion, status: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -529,7 +527,7 @@ class _Runner:
             # an entry answers with its location and version only.
             if len(version.body) <= self.bytes_left:
                 self.bytes_left -= len(version.body)
-                out["resource"] = jsonio.loads(version.body)
+                out["resource"] = jsonio.stored(version.body)
         elif self.prefer.return_ == "OperationOutcome":
             out["response"] = {
                 "outcome": operation_outcome(

@@ -140,7 +140,8 @@ def json_response(
     status: int = 200,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body = content if isinstance(content, str) else jsonio.dumps(content).decode("utf-8")
+    # Bytes throughout: a large Bundle is not decoded and encoded again on its way out.
+    body = content.encode("utf-8") if isinstance(content, str) else jsonio.dumps(content)
     return Response(render(body, fmt), status_code=status, media_type=fmt.content_type, headers=headers)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -28,6 +28,14 @@ SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValu
 ALWAYS_KEPT = frozenset({"resourceType", "id", "meta"})
 
 
+@dataclass(frozen=True)
+class SearchBundle:
+    """A rendered ``searchset`` Bundle and how many resources it carries (matches and includes)."""
+
+    text: str
+    resources: int
+
+
 async def run_search(
     repo: FhirRepository,
     *,
@@ -38,6 +46,31 @@ async def run_search(
     path: str,
     compartment: tuple[str, str] | None = None,
 ) -> str:
+    """A search interaction's ``searchset`` Bundle (JSON text)."""
+    found = await search_bundle(
+        repo,
+        resource_types=resource_types,
+        pairs=pairs,
+        cursors=cursors,
+        strict=strict,
+        path=path,
+        compartment=compartment,
+    )
+    return found.text
+
+
+async def search_bundle(
+    repo: FhirRepository,
+    *,
+    resource_types: tuple[str, ...],
+    pairs: list[tuple[str, str]],
+    cursors: CursorCodec,
+    strict: bool,
+    path: str,
+    compartment: tuple[str, str] | None = None,
+) -> SearchBundle:
+    """:func:`run_search`, with the count of resources a Bundle's search entry adds to the
+    response's budget (app/fhir/bundles.py), so that the text is not parsed again to count them."""
     if resource_types == (AUDIT_TYPE,):  # the audit store (app/audit), not the clinical tables
         request = parse_audit_search(
             pairs,
@@ -104,9 +137,10 @@ async def run_search(
         outcome = json.dumps(operation_outcome(request.issues), separators=(",", ":"))
         entries.append('{"resource":' + outcome + ',"search":{"mode":"outcome"}}')
     rendered = json.dumps(head, separators=(",", ":"))
+    resources = len(page.matches) + len(page.included)
     if not entries:
-        return rendered  # FHIR JSON has no empty arrays (json.html)
-    return rendered[:-1] + ',"entry":[' + ",".join(entries) + "]}"
+        return SearchBundle(rendered, resources)  # FHIR JSON has no empty arrays (json.html)
+    return SearchBundle(rendered[:-1] + ',"entry":[' + ",".join(entries) + "]}", resources)
 
 
 def bundle_entry(base: str, found: Found, mode: str, request: SearchRequest | None) -> str:

@@ -10,7 +10,7 @@ app/fhir/responses.py.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode
@@ -22,7 +22,7 @@ from app.audit.fhir import SEARCH_PARAMETERS as AUDIT_SEARCH_PARAMETERS
 from app.casework.extract import EXTRACT
 from app.casework.progress import PROGRESS
 from app.casework.referral_metrics import REFERRAL_METRICS
-from app.deps import RepositoryDep, read_body
+from app.deps import read_body, repository_scope
 from app.exports.operations import EXPORT, GROUP_EXPORT, PATIENT_EXPORT
 from app.fhir.bundles import process_bundle
 from app.fhir.conditional import conditional_create, conditional_delete, conditional_update, patch
@@ -75,11 +75,14 @@ INTERACTIONS: dict[str, list[str]] = {}
 SYSTEM_INTERACTIONS: list[str] = ["transaction", "batch", "history-system", "search-system"]
 
 
-async def fhir_context(request: Request, repo: RepositoryDep) -> FhirContext:
+async def fhir_context(request: Request) -> AsyncIterator[FhirContext]:
+    """The request's context around its repository (app/deps.py ``get_repository``): one
+    dependency for FastAPI to resolve instead of four, tens of microseconds less per request
+    (issue 14)."""
     state = request.app.state
-    return FhirContext(
-        request, repo, state.settings, state.cursors, await negotiate(request), await parse_prefer(request)
-    )
+    async with repository_scope(request) as repo:
+        fmt, prefer = await negotiate(request), await parse_prefer(request)
+        yield FhirContext(request, repo, state.settings, state.cursors, fmt, prefer)
 
 
 ContextDep = Annotated[FhirContext, Depends(fhir_context, scope="function")]
