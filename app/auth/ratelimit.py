@@ -19,7 +19,7 @@ address included (issue 12). So an attacker's failures block the attacker's addr
 price is that guesses spread over many addresses are limited per address, which still makes
 guessing a 256-bit secret (or forging a private_key_jwt assertion) hopeless.
 
-**Shared by every process** (``auth_request_failure``, migration 0022): with N ``serve
+**Shared by every process** (``auth_request_failure``, migration 0023): with N ``serve
 --workers`` processes, or N servers behind a load balancer, an address still gets ``limit``
 attempts per window in total, not N x ``limit``; a restart forgets nothing.
 

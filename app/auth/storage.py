@@ -119,7 +119,7 @@ class AuthLoginFailureRow(SQLModel, table=True):
 class AuthRequestFailureRow(SQLModel, table=True):
     """The recent failed /auth/token, /auth/revoke and /auth/introspect requests of one key
     (``address:A``, ``client:C@A``): at most the limit's worth of stamps, and the newest
-    (migration 0022; app/auth/ratelimit.py)."""
+    (migration 0023; app/auth/ratelimit.py)."""
 
     __tablename__ = "auth_request_failure"
     __table_args__ = (sa.Index("ix_auth_request_failure_last_at", "last_at"),)

@@ -6,8 +6,8 @@ One row per key (``address:A``, ``client:C@A``) with the stamps of its recent fa
 the limit's worth) and the newest stamp (``last_at``, which pruning reads). See
 app/auth/ratelimit.py for the semantics and why the check and the count are one function.
 
-Revision ID: 0022
-Revises: 0021
+Revision ID: 0023
+Revises: 0022
 Create Date: 2026-12-03
 """
 
@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0022"
-down_revision = "0021"
+revision = "0023"
+down_revision = "0022"
 branch_labels = None
 depends_on = None
 
