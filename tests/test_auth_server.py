@@ -707,6 +707,26 @@ async def test_failed_requests_are_rate_limited(settings: Settings) -> None:
                 ok = await busy.post("/auth/token", data=_token_form(), auth=(fourth_id, fourth_secret))
                 assert ok.status_code == 200, ok.text
 
+        # A client that proved its secret from an address is not counted up front there: more
+        # concurrent requests than the limit all succeed (a resource server introspecting for
+        # every request it serves, workers behind one NAT)...
+        async with at("10.6.6.6") as busy:
+            first = await busy.post("/auth/token", data=_token_form(), auth=(fourth_id, fourth_secret))
+            assert first.status_code == 200, first.text
+            right = (fourth_id, fourth_secret)
+            burst = await asyncio.gather(
+                *(busy.post("/auth/token", data=_token_form(), auth=right) for _ in range(8))
+            )
+            assert [r.status_code for r in burst] == [200] * 8
+            # ...and its first failure there drops the proof: guesses are counted up front again.
+            wrong = await busy.post("/auth/token", data=_token_form(), auth=(fourth_id, "guess"))
+            _assert_oauth_error(wrong, 401, "invalid_client")
+            guesses = await asyncio.gather(
+                *(busy.post("/auth/token", data=_token_form(), auth=(fourth_id, f"g{n}")) for n in range(8))
+            )
+        statuses = sorted(response.status_code for response in guesses)
+        assert statuses.count(401) <= 2 and statuses.count(429) >= 6, statuses
+
 
 @pytest.mark.parametrize(
     "path", ["/fhir/.well-known/smart-configuration", "/.well-known/smart-configuration"]

@@ -39,6 +39,14 @@ shape): the count is read from at most two rows by primary key, each holding at 
 stamps (the upsert keeps the most recent ones, like a bounded queue), and a forgiven attempt is
 one array element removed, not a row deleted and an index entry left to vacuum.
 
+**Proven clients are not counted up front.** A (client, address) pair whose credentials
+succeeded within the window (:meth:`FailureLimiter.proven`, remembered per process) is checked
+first and counted only when it fails: otherwise more concurrent requests than ``limit`` from a
+busy client with the right secret (a resource server introspecting every request, workers
+behind one NAT) would be refused as guesses. Its first failure drops the proof, so the pair is
+counted up front again; claiming a proven client's id from its address gains a guesser at most
+one burst of concurrent attempts (against a 256-bit secret or a signed assertion: nothing).
+
 **Bounded growth.** Each row holds at most ``limit`` stamps; rows whose failures have all left
 the window are deleted by the attempt statement itself about once every :data:`PRUNE_EVERY`
 seconds per process (``prune``: a scan of the ``last_at`` index). Under a spray from many
@@ -53,6 +61,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+
+MAX_PROVEN = 10_000
+"""Most proven (client, address) pairs one process remembers."""
 
 PRUNE_EVERY = 60.0
 """Seconds between the prunings of one process (each attempt statement may do one)."""
@@ -88,6 +99,34 @@ class FailureLimiter:
         self.limit = limit
         self.window = window
         self._next_prune = 0.0
+        self._proven: dict[str, float] = {}
+        """Pair keys whose credentials succeeded, with when the proof lapses (monotonic)."""
+
+    def proven(self, pair: str | None) -> bool:
+        """Whether ``pair`` succeeded within the window (in this process)."""
+        if pair is None:
+            return False
+        until = self._proven.get(pair)
+        if until is None or until < time.monotonic():
+            self._proven.pop(pair, None)
+            return False
+        return True
+
+    def prove(self, pair: str | None) -> None:
+        """Remember that ``pair``'s credentials succeeded (bounded: lapsed proofs are dropped,
+        and past MAX_PROVEN pairs the oldest go)."""
+        if pair is None:
+            return
+        now = time.monotonic()
+        if len(self._proven) >= MAX_PROVEN:
+            self._proven = {k: v for k, v in self._proven.items() if v >= now}
+            while len(self._proven) >= MAX_PROVEN:
+                self._proven.pop(next(iter(self._proven)))
+        self._proven[pair] = now + self.window
+
+    def disprove(self, pair: str | None) -> None:
+        if pair is not None:
+            self._proven.pop(pair, None)
 
     async def attempt(self, *keys: str | None) -> Attempt:
         """Check the keys' limits and, unless one is reached, count an attempt against each.

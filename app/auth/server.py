@@ -233,6 +233,8 @@ class AuthorizationServer:
             raise
         claimed = request.claimed_client_id()
         client_key = pair_key(claimed, request.address) if claimed else None
+        if self.limiter.proven(client_key):
+            return await self._proven_request(request, handler, address, client_key, claimed)
         # Counted as a failure until it succeeds: concurrent guesses cannot all slip under the limit.
         attempt = await self.limiter.attempt(address, client_key)
         if attempt.retry_after is not None:
@@ -246,9 +248,34 @@ class AuthorizationServer:
                 # Its credentials were right (it asked for a scope it does not have, say): not a
                 # guess, so not a failure that could lock its address out.
                 await self.limiter.forgive(attempt)
+                self.limiter.prove(client_key)
             raise
         await self.limiter.forgive(attempt)
+        if request.authenticated:
+            self.limiter.prove(client_key)
         return result
+
+    async def _proven_request(
+        self,
+        request: OAuthRequest,
+        handler: Callable[[OAuthRequest], Awaitable[dict[str, Any]]],
+        address: str | None,
+        client_key: str | None,
+        claimed: str | None,
+    ) -> dict[str, Any]:
+        """A pair that proved its credentials within the window: handled first, counted only if
+        it fails (ratelimit.py, "Proven clients are not counted up front")."""
+        try:
+            return await handler(request)
+        except OAuthError as exc:
+            logger.info("auth request refused: %s (client %.80r)", exc.error, claimed)
+            if request.authenticated:
+                raise
+            self.limiter.disprove(client_key)
+            failure = await self.limiter.attempt(address, client_key)
+            if failure.retry_after is not None:
+                raise RateLimited(failure.retry_after) from None
+            raise
 
     async def _token(self, request: OAuthRequest) -> dict[str, Any]:
         form = request.form
