@@ -178,7 +178,8 @@ def render(node: Node, *, per_row: bool = False, older: Older | None = None) -> 
 def rid_set(node: Node, type_placeholder: str) -> str | None:
     """The condition as ``SELECT rid ...`` of the live rows of the searched type it matches, or
     None when it needs other columns of the resource row (negations, ``_has``, ``_id``, a
-    partner's or a patient permission's alternatives). ``type_placeholder`` binds the type."""
+    partner's limits). ``type_placeholder`` binds the type. Conjunctions and disjunctions of
+    such sets are sets too (a patient permission's compartment and restrictions)."""
     if isinstance(node, Index):
         return node.rows
     if isinstance(node, RowsIn):
@@ -190,6 +191,15 @@ def rid_set(node: Node, type_placeholder: str) -> str | None:
             f"SELECT lu.rid FROM resource lu WHERE lu.resource_type = {type_placeholder}"
             f" AND NOT lu.deleted AND {_instants(node, 'lu.last_updated')}"
         )
+    if isinstance(node, And | Or):
+        # A patient permission's compartment (any of its parameters) and restrictions (all).
+        sets = [rid_set(part, type_placeholder) for part in node.parts]
+        if not all(sets):
+            return None
+        first, *others = [s for s in sets if s]
+        if isinstance(node, Or) or not others:
+            return " UNION ALL ".join([first, *others])
+        return f"SELECT a.rid FROM ({first}) a WHERE " + " AND ".join(f"a.rid IN ({s})" for s in others)
     return None
 
 
