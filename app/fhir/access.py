@@ -406,6 +406,7 @@ class AccessContext:
         Task's earlier owner's notes); what a referral grants, the ServiceRequest an asked Task
         is about included, is granted with its history (the grant concerns the resource)."""
         org = compiler.bind(self.organization)
+        # Parts that cannot match the type are left out (the planner need not rule them out).
         own = Sql(f"{alias}.writer_org = {org}", older=resource_type not in dict(REFERRAL_ROOTS))
         if letter == "c":
             return own  # a new row carries its writer's organisation
@@ -444,18 +445,18 @@ class AccessContext:
             f" WHERE p.param = '{GRANT_PARAM}' AND (p.rid IN ({asked_tasks}) OR p.rid IN ({focused})"
             f" OR p.rid IN ({asked_requests}))"
         )
-        return Or(
-            (
-                own,
-                Sql(f"({alias}.resource_type = 'Organization' AND {alias}.fhir_id = {org_id})"),
-                # Its referral roots: named by the row's own references.
-                RowsIn(alias, (tasks,), per_row=True),
-                RowsIn(alias, (performing,), per_row=True),
-                # What its referrals grant: other rows' state.
-                RowsIn(alias, (Select(focused),)),
-                Sql(f"({alias}.resource_type, {alias}.fhir_id) IN ({granted})"),
-            )
-        )
+        parts: list[Node] = [own]
+        if resource_type == "Organization":
+            parts.append(Sql(f"{alias}.fhir_id = {org_id}"))
+        # Its referral roots: named by the row's own references.
+        if resource_type == "Task":
+            parts.append(RowsIn(alias, (tasks,), per_row=True))
+        if resource_type == "ServiceRequest":
+            parts.append(RowsIn(alias, (performing,), per_row=True))
+            # What its referrals grant: other rows' state.
+            parts.append(RowsIn(alias, (Select(focused),)))
+        parts.append(Sql(f"({alias}.resource_type, {alias}.fhir_id) IN ({granted})"))
+        return Or(tuple(parts))
 
     def row_filter(
         self, compiler: ConditionCompiler, alias: str, letter: str, resource_types: tuple[str, ...]
