@@ -480,6 +480,84 @@ async def test_a_reassigned_tasks_earlier_versions_stay_with_their_organisation(
     assert (await client.get("/fhir/Task/task-p2/_history/2", headers=partner_a)).status_code == 404
 
 
+async def test_a_focused_service_requests_earlier_versions_are_read_as_its_current_one(
+    client: httpx.AsyncClient, world: None, partner_a: dict[str, str], app: FastAPI
+) -> None:
+    """Issue 14: vread and history judge an older version with the same condition tree as read
+    and search. A partner reads a ServiceRequest because a Task it was asked to do focuses it
+    (not because it performs it): that grant concerns the ServiceRequest, so its earlier
+    versions are the partner's too (a second Python implementation refused them)."""
+    request = {
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "performer": [{"reference": "Organization/cm"}],  # not partnerA
+    }
+    await put(client, "ServiceRequest", "sr-focused", request)
+    await put(client, "ServiceRequest", "sr-focused", {**request, "status": "active"})
+    task = {
+        "status": "requested",
+        "intent": "order",
+        "code": FULFILL,
+        "focus": {"reference": "ServiceRequest/sr-focused"},
+        "for": {"reference": "Patient/p1"},
+        "requester": {"reference": "Organization/cm"},
+        "owner": {"reference": "Organization/partnerA"},
+    }
+    await put(client, "Task", "task-focused", task)
+    assert (await client.get("/fhir/ServiceRequest/sr-focused", headers=partner_a)).status_code == 200
+    found = await client.get("/fhir/ServiceRequest", params={"_id": "sr-focused"}, headers=partner_a)
+    assert match_ids(found.json()) == ["sr-focused"]
+    earlier = await client.get("/fhir/ServiceRequest/sr-focused/_history/1", headers=partner_a)
+    assert earlier.status_code == 200, earlier.text
+    assert earlier.json()["status"] == "draft"
+    history = (await client.get("/fhir/ServiceRequest/sr-focused/_history", headers=partner_a)).json()
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["2", "1"]
+    type_history = (await client.get("/fhir/ServiceRequest/_history", headers=partner_a)).json()
+    versions = {
+        (e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in type_history["entry"]
+    }
+    assert {("sr-focused", "1"), ("sr-focused", "2")} <= versions
+    # Another partner reads none of it; and once the Task is cancelled, neither does partnerA.
+    partner_b = await bearer(app, "system/*.rs", organization="Organization/partnerB", client_id="partner-b")
+    for path in ("sr-focused", "sr-focused/_history/1", "sr-focused/_history"):
+        response = await client.get(f"/fhir/ServiceRequest/{path}", headers=partner_b)
+        assert response.status_code == 404, path
+    await put(client, "Task", "task-focused", {**task, "status": "cancelled"})
+    for path in ("sr-focused", "sr-focused/_history/1", "sr-focused/_history"):
+        response = await client.get(f"/fhir/ServiceRequest/{path}", headers=partner_a)
+        assert response.status_code == 404, path
+
+
+async def test_a_restriction_judges_each_older_version(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A scope restriction is part of the condition tree that judges older versions too: an
+    earlier version is shown where it matched the restriction itself (issue 14)."""
+
+    def observation(category: str) -> dict[str, Any]:
+        return {
+            "status": "final",
+            "code": {"text": "bp"},
+            "subject": {"reference": "Patient/p1"},
+            "category": [{"coding": [{"system": "urn:cat", "code": category}]}],
+        }
+
+    await put(client, "Patient", "p1", {"gender": "female"})
+    for category in ("vital", "lab", "vital"):
+        await put(client, "Observation", "changing", observation(category))
+    for number, (scope, context) in enumerate(
+        (
+            ("system/Observation.rs?category=urn:cat|vital", {}),
+            ("patient/Observation.rs?category=urn:cat|vital", {"patient": "p1"}),
+        )
+    ):
+        headers = await bearer(app, scope, client_id=f"vitals-{number}", **context)
+        history = (await client.get("/fhir/Observation/changing/_history", headers=headers)).json()
+        assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["3", "1"], scope
+        for version, status in (("1", 200), ("2", 404), ("3", 200)):
+            response = await client.get(f"/fhir/Observation/changing/_history/{version}", headers=headers)
+            assert response.status_code == status, (scope, version)
+
+
 async def test_naming_a_resource_never_makes_it_readable(
     client: httpx.AsyncClient, world: None, partner_a: dict[str, str]
 ) -> None:

@@ -399,6 +399,26 @@ def test_a_persons_search_keeps_the_index_driven_page(user: str) -> None:
         assert request.drivable and request.driven_limits, resource_type
 
 
+@pytest.mark.parametrize(
+    "scope, patient",
+    [("patient/*.rs", "p1"), ("system/Observation.rs?category=urn:cat|vital", None)],
+)
+def test_a_patient_or_restricted_search_keeps_the_index_driven_page(scope: str, patient: str | None) -> None:
+    """A patient permission's compartment and a scope restriction are sets of rids too (issue 14):
+    the page is cut from the index rows as for a system token."""
+    access = AccessContext(patient=patient, permissions=parse_scopes(scope), unrestricted=False)
+    for pairs in ([("code", "http://loinc.org|1234-5")], []):
+        request = parse_search(
+            ("Observation",),
+            pairs,
+            registry=registry(),
+            fhir_base=BASE_URL + "/fhir",
+            strict=False,
+            access=access,
+        )
+        assert request.drivable and request.driven_limits, pairs
+
+
 # -- subscriptions -----------------------------------------------------------------------------
 
 misbehaving_server = misbehaving_server_fixture

@@ -26,6 +26,7 @@ from asyncpg import Connection
 
 from app.auth.scopes import restriction_problem
 from app.fhir.access import AccessContext
+from app.fhir.conditions import FALSE, Node, Sql, render
 from app.fhir.errors import BadRequest, NotFound
 from app.fhir.fhirdate import date_range
 from app.fhir.indexing import normalize, split_reference
@@ -90,6 +91,10 @@ class AuditCompiler:
     """Search parameters of AuditEvent as SQL over ``audit_event`` rows; the access rules'
     compiler (app/fhir/access.py ``ConditionCompiler``) for the same rows."""
 
+    patient_column: str | None = "patient"
+    """The Patients an event is about (a person's limits are over them: the audit store has no
+    index rows)."""
+
     def __init__(self, fhir_base: str, binder: Binder) -> None:
         self.fhir_base = fhir_base
         self.bind = binder
@@ -105,14 +110,15 @@ class AuditCompiler:
     def in_patient_compartment(self, resource_type: str) -> bool:
         return True
 
-    def compartment(self, alias: str, resource_type: str, patient_id: str) -> str:
+    def compartment(self, alias: str, resource_type: str, patient_id: str) -> Sql:
         """R4 CompartmentDefinition/patient: AuditEvent by ``patient`` (an entity or agent)."""
-        return f"{self.bind(patient_id)} = ANY({alias}.patient)"
+        return Sql(f"{self.bind(patient_id)} = ANY({alias}.patient)")
 
-    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> str | None:
+    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> Sql | None:
         if restriction_problem(resource_type, [(name, raw)]) is not None:
             return None
-        return self.condition(alias, resource_type, name, raw)
+        clause = self.condition(alias, resource_type, name, raw)
+        return None if clause is None else Sql(clause)
 
     # -- parameters ------------------------------------------------------------------------------
 
@@ -291,20 +297,15 @@ def _any(parts: Any) -> str:
     return items[0] if len(items) == 1 else "(" + " OR ".join(items) + ")"
 
 
-def access_condition(access: AccessContext, compiler: AuditCompiler, alias: str, letter: str) -> str | None:
+def access_condition(access: AccessContext, compiler: AuditCompiler, alias: str, letter: str) -> Node | None:
     """The rows of ``audit_event`` the token may use with ``letter`` (``r``, ``s``); 403 when no
-    AuditEvent permission covers it (module docstring)."""
+    AuditEvent permission covers it (module docstring). A person's token (issue 11) sees the
+    events naming one of its Patients (AuditCompiler ``patient_column``)."""
     if access.unrestricted:
         return None
     if access.organization is not None:
         access.require(AUDIT_TYPE, letter)
-        return "FALSE"
-    if access.user is not None:
-        # A person's token (issue 11): the events naming one of its Patients. The person limits
-        # of AccessContext are over index rows, which the audit store does not have.
-        permitted = access.condition(compiler, alias, AUDIT_TYPE, letter, person_limits=False)
-        person = f"{alias}.patient && {access.person_patients(compiler)}"
-        return person if permitted is None else f"({permitted}) AND {person}"
+        return FALSE
     return access.condition(compiler, alias, AUDIT_TYPE, letter)
 
 
@@ -330,7 +331,7 @@ def parse_audit_search(
     )
     binder = Binder()
     compiler = AuditCompiler(fhir_base, binder)
-    conditions: list[str] = []
+    conditions: list[Node] = []
     applied: list[tuple[str, str]] = []
     unknown: list[str] = []
     options: dict[str, str] = {}
@@ -355,7 +356,7 @@ def parse_audit_search(
         if clause is None:
             unknown.append(name)
             continue
-        conditions.append(clause)
+        conditions.append(Sql(clause))
         applied.append((name, raw))
     issues, count, total, summary, elements = result_options(options, unknown, strict, " on AuditEvent")
     if len(sort_specs) > 1 or (sort_specs and sort_specs[0].lstrip("-") not in SORTS):
@@ -389,7 +390,7 @@ async def search(
 ) -> SearchPage:
     """One keyset page over (recorded, id) in the request's direction, and the total when asked."""
     values = list(request.binder.values)
-    where = " AND ".join(request.conditions) or "TRUE"
+    where = " AND ".join(request.where()) or "TRUE"
     total = None
     if request.total == "accurate" or request.summary == "count":
         total = int(await conn.fetchval(f"SELECT count(*) FROM audit_event a WHERE {where}", *values))
@@ -441,8 +442,9 @@ async def read(
     compiler = AuditCompiler(fhir_base, binder)
     binder(fhir_id)
     condition = access_condition(access, compiler, "a", letter)
+    limit = "TRUE" if condition is None else render(condition)
     row = await conn.fetchrow(
-        f"SELECT a.recorded, a.body FROM audit_event a WHERE a.id = $1 AND {condition or 'TRUE'} LIMIT 1",
+        f"SELECT a.recorded, a.body FROM audit_event a WHERE a.id = $1 AND {limit} LIMIT 1",
         *binder.values,
     )
     if row is None:

@@ -166,7 +166,7 @@ def metrics_statement(
     )
     bind = request.binder
     where = " AND ".join(
-        [f"r.resource_type = {request.type_placeholder}", "NOT r.deleted", *request.conditions]
+        [f"r.resource_type = {request.type_placeholder}", "NOT r.deleted", *request.where()]
     )
     period_sql, period = _period(periods, bind)
     partner_param = bind("owner" if requester is not None else "requester")

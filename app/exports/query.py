@@ -80,7 +80,7 @@ def _compiled(
     values = request.binder.values[: request.where_count]
     # The type's placeholder is among the WHERE values: use it (PostgreSQL cannot type a
     # parameter no statement text uses).
-    conditions = [f"r.resource_type = {request.type_placeholder}", *request.conditions]
+    conditions = [f"r.resource_type = {request.type_placeholder}", *request.where()]
     return " AND ".join(f"({c})" for c in conditions), list(values)
 
 

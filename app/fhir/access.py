@@ -1,10 +1,13 @@
 """The caller's access context, carried from the request into storage (issue 4).
 
 A request's bearer token becomes an :class:`AccessContext`: its SMART permissions, its
-patient context and the partner organisation of its client. Storage asks it for SQL
-conditions (``condition``) and adds them to the statements of read, vread, history, search,
-includes, chains, ``_has`` and every write, so a page, a total or an include can never
-contain what the token may not see; nothing is filtered after the fact.
+patient context and the partner organisation of its client. Storage asks it for conditions
+(``condition``: a tree of app/fhir/conditions.py, rendered to SQL there) and adds them to the
+statements of read, vread, history, search, includes, chains, ``_has`` and every write, so a
+page, a total or an include can never contain what the token may not see; nothing is filtered
+after the fact. The same tree judges older versions (vread, history): of their own content
+where it looks at a row's references and values, of the current row where it looks at its id
+or at other resources (a referral's grants).
 
 Rules (SMART App Launch 2.x scopes-and-launch-context.html; FHIR R4 security.html):
 
@@ -52,6 +55,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.auth.scopes import Permission
+from app.fhir.conditions import (
+    FALSE,
+    Identity,
+    Index,
+    Node,
+    Or,
+    RowsIn,
+    Select,
+    Sql,
+    all_of,
+    any_of,
+)
 from app.fhir.errors import FHIRError, Forbidden
 from app.fhir.indexing import GRANT_PARAM
 from app.fhir.search_params import registry
@@ -78,15 +93,16 @@ REFERRAL_ROOTS = (
 
 
 class ConditionCompiler(Protocol):
-    """What access needs from the search compiler (app/fhir/search.py SearchCompiler)."""
+    """What access needs from the search compiler of a store (app/fhir/search.py SearchCompiler,
+    app/audit/fhir.py AuditCompiler)."""
+
+    patient_column: str | None
+    """A store whose rows list the Patients they are about in a ``text[]`` column of their own
+    (the audit store) rather than in index rows: a person's limits are over that column."""
 
     def bind(self, value: object) -> str: ...
 
-    def compartment(self, alias: str, resource_type: str, patient_id: str) -> str: ...
-
-    def condition(
-        self, alias: str, resource_type: str, name: str, raw: str, depth: int = 0
-    ) -> str | None: ...
+    def compartment(self, alias: str, resource_type: str, patient_id: str) -> Node: ...
 
     def in_patient_compartment(self, resource_type: str) -> bool: ...
 
@@ -94,7 +110,7 @@ class ConditionCompiler(Protocol):
 
     def bind_rollback(self, mark: int) -> None: ...
 
-    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> str | None: ...
+    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> Node | None: ...
 
 
 @dataclass(frozen=True)
@@ -200,45 +216,26 @@ class AccessContext:
         return not any(_is_open(resource_type, p) for p in self.matching(resource_type, letter))
 
     def condition(
-        self,
-        compiler: ConditionCompiler,
-        alias: str,
-        resource_type: str,
-        letter: str,
-        *,
-        row_by_row: bool = False,
-        person_limits: bool = True,
-    ) -> str | None:
-        """SQL over resource rows ``alias`` of ``resource_type`` that the token may use with
-        ``letter``; None when every row is allowed. 403 when no permission covers it.
-        ``row_by_row``: the statement judges a few rows as an ordered index yields them (a
-        worklist page, app/fhir/search.py Worklist), so an organisation's referral roots are
-        looked up per row rather than collected whole first (all of a busy owner's Tasks)."""
-        parts = self.condition_parts(
-            compiler, alias, resource_type, letter, row_by_row=row_by_row, person_limits=person_limits
-        )
-        return " AND ".join(parts) if parts else None
+        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str
+    ) -> Node | None:
+        """The rows ``alias`` of ``resource_type`` that the token may use with ``letter``, as a
+        condition tree (app/fhir/conditions.py); None when every row is allowed. 403 when no
+        permission covers it. The same tree judges current rows and, rendered for older
+        versions (conditions.py ``Older``), the older versions of a resource (history, vread)."""
+        parts = self.condition_parts(compiler, alias, resource_type, letter)
+        return all_of(parts) if parts else None
 
     def condition_parts(
-        self,
-        compiler: ConditionCompiler,
-        alias: str,
-        resource_type: str,
-        letter: str,
-        *,
-        row_by_row: bool = False,
-        person_limits: bool = True,
-    ) -> list[str]:
-        """``condition`` as the clauses it is the conjunction of (a search can drive its page
-        from those that are sets of row ids, app/fhir/search.py ``rid_set``). Without
-        ``person_limits`` a person's limits are left to the caller (a store without index rows,
-        app/audit/fhir.py, renders its own)."""
+        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str
+    ) -> list[Node]:
+        """``condition`` as the parts it is the conjunction of (a search can drive its page from
+        those that are sets of row ids, conditions.py ``rid_set``)."""
         if self.unrestricted:
             return []
         self.require(resource_type, letter)
         permissions = self.matching(resource_type, letter)
         open_permission = any(_is_open(resource_type, p) for p in permissions)
-        alternatives: list[str] = []
+        alternatives: list[Node] = []
         if not open_permission:
             mark = compiler.bind_mark()
             for permission in permissions:
@@ -249,17 +246,22 @@ class AccessContext:
                     alternatives = []
                     break
                 if parts is not None:  # None: a restriction this type cannot express
-                    alternatives.append("(" + " AND ".join(parts) + ")")
+                    alternatives.append(all_of(parts))
             if not alternatives and not open_permission:
-                return ["FALSE"]
-        clauses = [] if open_permission else ["(" + " OR ".join(alternatives) + ")"]
+                return [FALSE]
+        clauses: list[Node] = [] if open_permission else [any_of(alternatives)]
         if resource_type in OWNED_TYPES:
             if letter != "c":  # a new one is its writer's (the write hook records the owner)
                 clauses.append(self._owner_condition(compiler, alias))
         elif self.organization is not None:
-            clauses.append(self._organization_condition(compiler, alias, letter, row_by_row=row_by_row))
-        if person_limits and self.user_limits(resource_type, letter):
-            clauses.append(self._user_condition(compiler, alias, resource_type, letter))
+            clauses.append(self._organization_condition(compiler, alias, resource_type, letter))
+        if self.user_limits(resource_type, letter):
+            if compiler.patient_column is not None:
+                # A store without index rows names its rows' Patients itself (the audit store).
+                patients = self.person_patients(compiler)
+                clauses.append(Sql(f"{alias}.{compiler.patient_column} && {patients}"))
+            else:
+                clauses.append(self._user_condition(compiler, alias, resource_type, letter))
         return clauses
 
     # -- a person's limits (issue 11) ---------------------------------------------------------
@@ -309,23 +311,21 @@ class AccessContext:
 
     def _user_condition(
         self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str = "r"
-    ) -> str:
+    ) -> Node:
         """Rows ``alias`` of ``resource_type`` (a type of the Patient compartment) the person may
         see, as ``alias.rid IN (<rids>)``: a set of row ids, so that a search can cut its page
-        from it like from any index condition (search.py ``rid_set``). Every subquery is
-        uncorrelated and yields live rows of the type only. On a directory type (a write): the
-        person's own resource only."""
+        from it like from any index condition (conditions.py ``rid_set``). Every subquery is
+        uncorrelated and yields live rows of the type only; an older version is judged by its
+        own references (a Patient: by its id). On a directory type (a write): the person's own
+        resource only."""
         kind, ident = self.user_reference or ("", "")
         if resource_type != "Patient" and resource_type not in registry().patient_compartment:
             if resource_type != kind:
-                return "FALSE"
-            return f"{alias}.fhir_id = {compiler.bind(ident)}"
-        parts = []
+                return FALSE
+            return Sql(f"{alias}.fhir_id = {compiler.bind(ident)}")
+        sources: list[Identity | Index | Select] = []
         if resource_type == "Patient":
-            parts.append(
-                "SELECT up.rid FROM resource up WHERE up.resource_type = 'Patient' AND NOT up.deleted"
-                f" AND {self._user_patients(compiler, 'up.fhir_id')}"
-            )
+            sources.append(Identity("up", "'Patient'", self._user_patients(compiler, "up.fhir_id")))
         params = registry().patient_compartment.get(resource_type, ())
         if letter in ("u", "d"):
             # A person changes a record resource only when it is about one of its Patients (its
@@ -335,67 +335,39 @@ class AccessContext:
             params = tuple(p for p in params if p in SUBJECT_PARAMS) or params
         if params and resource_type != "Patient":
             # A Patient is a person's own by its id (above), not by a link from another Patient.
-            parts.append(
-                "SELECT uk.rid FROM search_reference uk"
-                f" WHERE uk.resource_type = {compiler.bind(resource_type)}"
+            where = (
+                f"uk.resource_type = {compiler.bind(resource_type)}"
                 f" AND uk.param = ANY({compiler.bind(list(params))}) AND uk.target_type = 'Patient'"
                 f" AND {self._user_patients(compiler, 'uk.target_id')}"
             )
+            sources.append(Index(alias, "search_reference", "uk", where))
         if kind == "Practitioner" and resource_type in OWN_WORK:
-            parts.append(
-                "SELECT uw.rid FROM search_reference uw"
-                f" WHERE uw.resource_type = {compiler.bind(resource_type)}"
+            where = (
+                f"uw.resource_type = {compiler.bind(resource_type)}"
                 f" AND uw.param = ANY({compiler.bind(list(OWN_WORK[resource_type]))})"
                 f" AND {self._names_practitioner(compiler, 'uw', ident)}"
             )
-        return f"{alias}.rid IN ({' UNION ALL '.join(parts)})"
+            sources.append(Index(alias, "search_reference", "uw", where))
+        return RowsIn(alias, tuple(sources)) if sources else FALSE
 
-    def user_reference_condition(self, compiler: ConditionCompiler, alias: str) -> str:
-        """Reference rows ``alias`` (columns resource_type, param, target_type, target_id, as in
-        search_reference) that put their resource inside the person's limits; a row with param
-        ``_id`` names a Patient itself. Judges older versions (history, vread) with the same
-        SQL as the current rows."""
-        pairs = [
-            (t, p) for t, params in registry().patient_compartment.items() if t != "Patient" for p in params
-        ]
-        target = f"{alias}.target_id"
-        clauses = [
-            f"({alias}.resource_type = 'Patient' AND {alias}.param = '_id'"
-            f" AND {self._user_patients(compiler, target)})",
-            f"(({alias}.resource_type, {alias}.param) IN (SELECT * FROM unnest("
-            f"CAST({compiler.bind([t for t, _ in pairs])} AS text[]),"
-            f" CAST({compiler.bind([p for _, p in pairs])} AS text[])))"
-            f" AND {alias}.target_type = 'Patient' AND {self._user_patients(compiler, target)})",
-        ]
-        kind, ident = self.user_reference or ("", "")
-        if kind == "Practitioner":
-            own = [(t, p) for t, params in OWN_WORK.items() for p in params]
-            clauses.append(
-                f"(({alias}.resource_type, {alias}.param) IN (SELECT * FROM unnest("
-                f"CAST({compiler.bind([t for t, _ in own])} AS text[]),"
-                f" CAST({compiler.bind([p for _, p in own])} AS text[])))"
-                f" AND {self._names_practitioner(compiler, alias, ident)})"
-            )
-        return "(" + " OR ".join(clauses) + ")"
-
-    def _owner_condition(self, compiler: ConditionCompiler, alias: str) -> str:
+    def _owner_condition(self, compiler: ConditionCompiler, alias: str) -> Node:
         """Rows of an OWNED_TYPES type that this token's client created (app/subscriptions)."""
         if self.client_id is None or self.external:
-            return "FALSE"
+            return FALSE
         client = compiler.bind(self.client_id)
         # Two people signed in to one app share its client id: a Subscription is its person's.
         user = (
             "own.owner_user IS NULL" if self.user is None else f"own.owner_user = {compiler.bind(self.user)}"
         )
-        return (
+        return Sql(
             f"EXISTS (SELECT 1 FROM subscription own WHERE own.fhir_id = {alias}.fhir_id"
             f" AND own.owner_client = {client} AND {user})"
         )
 
     def _permission_parts(
         self, compiler: ConditionCompiler, alias: str, resource_type: str, permission: Permission
-    ) -> list[str] | None:
-        parts: list[str] = []
+    ) -> list[Node] | None:
+        parts: list[Node] = []
         mark = compiler.bind_mark()
         if (
             permission.context == "patient"
@@ -417,8 +389,8 @@ class AccessContext:
         return parts
 
     def _organization_condition(
-        self, compiler: ConditionCompiler, alias: str, letter: str, *, row_by_row: bool = False
-    ) -> str:
+        self, compiler: ConditionCompiler, alias: str, resource_type: str, letter: str
+    ) -> Node:
         """Rows a partner organisation's client may use with ``letter`` (module docstring).
 
         What grants read access is what others asked of the organisation: a Task it owns and
@@ -427,20 +399,26 @@ class AccessContext:
         someone else wrote (while it is not revoked or entered in error). Its own Tasks and
         ServiceRequests are visible to it but grant nothing: otherwise a partner could keep a patient's record
         open for itself, after the referral was cancelled or handed to someone else, by
-        writing a ServiceRequest of its own that points at it (issue 15)."""
+        writing a ServiceRequest of its own that points at it (issue 15).
+
+        Older versions (history, vread): a Task's or ServiceRequest's are the organisation's
+        where they name it themselves (not because it wrote the current one: a reassigned
+        Task's earlier owner's notes); what a referral grants, the ServiceRequest an asked Task
+        is about included, is granted with its history (the grant concerns the resource)."""
         org = compiler.bind(self.organization)
-        own = f"{alias}.writer_org = {org}"
+        # Parts that cannot match the type are left out (the planner need not rule them out).
+        own = Sql(f"{alias}.writer_org = {org}", older=resource_type not in dict(REFERRAL_ROOTS))
         if letter == "c":
             return own  # a new row carries its writer's organisation
         org_id = compiler.bind(self.organization_id)  # bound only when used: asyncpg types every one
         named = "o.target_type = 'Organization' AND o.target_id = " + org_id
         # Its Tasks: the organisation is their owner or requester.
         task_rows = f"{named} AND o.resource_type = 'Task' AND o.param IN ('owner', 'requester')"
-        tasks = f"SELECT o.rid FROM search_reference o WHERE {task_rows}"
+        tasks = Index(alias, "search_reference", "o", task_rows)
         if letter in ("u", "d"):
-            return f"({own} OR ({alias}.resource_type = 'Task' AND {alias}.rid IN ({tasks})))"
+            return Or((own, all_of([Sql(f"{alias}.resource_type = 'Task'"), RowsIn(alias, (tasks,))])))
         performing_rows = f"{named} AND o.resource_type = 'ServiceRequest' AND o.param = 'performer'"
-        performing = f"SELECT o.rid FROM search_reference o WHERE {performing_rows}"
+        performing = Index(alias, "search_reference", "o", performing_rows)
         # A Task ended before the work (cancelled, rejected, entered in error) grants nothing more.
         asked_tasks = (
             f"SELECT o.rid FROM search_reference o WHERE {named} AND o.resource_type = 'Task'"
@@ -458,7 +436,7 @@ class AccessContext:
             f" AND f.rid IN ({asked_tasks})"
         )
         asked_requests = (
-            f"SELECT ps.rid FROM resource ps WHERE ps.rid IN ({performing})"
+            f"SELECT ps.rid FROM resource ps WHERE ps.rid IN ({performing.rows})"
             f" AND ps.writer_org IS DISTINCT FROM {org} AND NOT EXISTS (SELECT 1 FROM search_token z"
             " WHERE z.rid = ps.rid AND z.param = 'status' AND z.code IN ('revoked', 'entered-in-error'))"
         )
@@ -467,56 +445,22 @@ class AccessContext:
             f" WHERE p.param = '{GRANT_PARAM}' AND (p.rid IN ({asked_tasks}) OR p.rid IN ({focused})"
             f" OR p.rid IN ({asked_requests}))"
         )
-        roots = f"{alias}.rid IN ({tasks}) OR {alias}.rid IN ({performing})"
-        if row_by_row:
-            roots = " OR ".join(
-                f"EXISTS (SELECT 1 FROM search_reference o WHERE o.rid = {alias}.rid AND {rows})"
-                for rows in (task_rows, performing_rows)
-            )
-        return (
-            f"({own}"
-            f" OR ({alias}.resource_type = 'Organization' AND {alias}.fhir_id = {org_id})"
-            f" OR {roots} OR {alias}.rid IN ({focused})"
-            f" OR ({alias}.resource_type, {alias}.fhir_id) IN ({granted}))"
-        )
-
-    def version_allowed(
-        self,
-        resource_type: str,
-        fhir_id: str,
-        references: list[tuple[str, str | None, str | None]],
-        letter: str,
-    ) -> bool:
-        """Whether one stored older version (history, vread) lies within the token's patient
-        compartment and referral limits, judged from that version's own references
-        ``(param, target type, target id)``. The SQL conditions judge the current version;
-        an older version may have belonged to someone else. A version that only scope
-        restrictions could admit is not shown (they are not evaluated on old versions)."""
-        if self.unrestricted:
-            return True
-        permissions = self.matching(resource_type, letter)
-        if not any(_is_open(resource_type, p) for p in permissions):
-            # Only patient permissions cover it: the version must be in the patient's compartment.
-            compartment = registry().patient_compartment.get(resource_type, ())
-            in_compartment = (resource_type == "Patient" and fhir_id == self.patient) or any(
-                param in compartment and target_type == "Patient" and target_id == self.patient
-                for param, target_type, target_id in references
-            )
-            if not in_compartment:
-                return False
-        if self.organization is not None and resource_type in dict(REFERRAL_ROOTS):
-            # A referral's older versions are the organisation's only where they name it (not
-            # because it wrote the current one: a reassigned Task's earlier owner's notes).
-            roots = dict(REFERRAL_ROOTS)[resource_type]
-            return any(
-                param in roots and (target_type, target_id) == ("Organization", self.organization_id)
-                for param, target_type, target_id in references
-            )
-        return True
+        parts: list[Node] = [own]
+        if resource_type == "Organization":
+            parts.append(Sql(f"{alias}.fhir_id = {org_id}"))
+        # Its referral roots: named by the row's own references.
+        if resource_type == "Task":
+            parts.append(RowsIn(alias, (tasks,), per_row=True))
+        if resource_type == "ServiceRequest":
+            parts.append(RowsIn(alias, (performing,), per_row=True))
+            # What its referrals grant: other rows' state.
+            parts.append(RowsIn(alias, (Select(focused),)))
+        parts.append(Sql(f"({alias}.resource_type, {alias}.fhir_id) IN ({granted})"))
+        return Or(tuple(parts))
 
     def row_filter(
         self, compiler: ConditionCompiler, alias: str, letter: str, resource_types: tuple[str, ...]
-    ) -> str | None:
+    ) -> Node | None:
         """Rows of any of ``resource_types`` the token may use with ``letter`` (types it may
         not use at all are left out rather than refused: includes, system history)."""
         if self.unrestricted:
@@ -526,13 +470,14 @@ class AccessContext:
         if len(allowed) == len(resource_types) and not limited:
             return None
         open_types = [t for t in allowed if t not in limited]
-        alternatives = []
+        alternatives: list[Node] = []
         if open_types:
-            alternatives.append(f"{alias}.resource_type = ANY({compiler.bind(open_types)})")
+            alternatives.append(Sql(f"{alias}.resource_type = ANY({compiler.bind(open_types)})"))
         for resource_type in limited:
-            condition = self.condition(compiler, alias, resource_type, letter)
-            alternatives.append(f"({alias}.resource_type = {compiler.bind(resource_type)} AND {condition})")
-        return "(" + " OR ".join(alternatives) + ")" if alternatives else "FALSE"
+            parts = self.condition_parts(compiler, alias, resource_type, letter)
+            of_type = Sql(f"{alias}.resource_type = {compiler.bind(resource_type)}")
+            alternatives.append(all_of([of_type, *parts]))
+        return any_of(alternatives)
 
 
 def _is_open(resource_type: str, permission: Permission) -> bool:

@@ -48,6 +48,7 @@ from urllib.parse import urlencode
 
 from fastapi.responses import Response
 
+from app.fhir.conditions import render
 from app.fhir.context import FhirContext
 from app.fhir.errors import BadRequest, Forbidden
 from app.fhir.fhirdate import date_range
@@ -260,8 +261,8 @@ class EverythingQuery:
         if care:
             clauses.append(care)
         access = self.repo.access.row_filter(self.compiler, alias, "r", self.request.record_types)
-        if access:
-            clauses.append(access)
+        if access is not None:
+            clauses.append(render(access))
         return " AND ".join(clauses)
 
     def _result_filters(self, alias: str) -> list[str]:
@@ -275,7 +276,7 @@ class EverythingQuery:
 
     def _included_access(self, alias: str) -> str:
         access = self.repo.access.row_filter(self.compiler, alias, "r", outside_types())
-        return f" AND {access}" if access else ""
+        return f" AND {render(access)}" if access is not None else ""
 
     # -- statements --------------------------------------------------------------------------
 
@@ -291,7 +292,8 @@ class EverythingQuery:
             " ON c.resource_type = k.resource_type AND c.param = k.param"
             f" WHERE k.target_id = {patient} AND k.target_type = 'Patient'"
         )
-        access = self.repo.access.row_filter(self.compiler, "r", "r", request.record_types)
+        limit = self.repo.access.row_filter(self.compiler, "r", "r", request.record_types)
+        access = None if limit is None else render(limit)
         patient_row = "SELECT p.rid, p.resource_type FROM resource p WHERE p.resource_type = 'Patient'"
         if access is None and request.since is None:
             # Index rows exist only for live resources (a deletion drops them), so without access

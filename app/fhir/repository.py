@@ -19,6 +19,7 @@ from asyncpg import Connection, Record
 
 from app.fhir import jsonio
 from app.fhir.access import OPEN_ACCESS, AccessContext
+from app.fhir.conditions import TRUE, Older, render
 from app.fhir.errors import (
     BadRequest,
     FHIRError,
@@ -456,7 +457,7 @@ class FhirRepository:
         compiler = self._compiler()
         types = compiler.bind([t for t, _ in ordered])
         ids = compiler.bind([i for _, i in ordered])
-        readable = self.access.row_filter(compiler, "r", "r", SERVED_TYPES) or "TRUE"
+        readable = render(self.access.row_filter(compiler, "r", "r", SERVED_TYPES) or TRUE)
         sql = (
             f"SELECT t.resource_type FROM unnest(CAST({types} AS text[]), CAST({ids} AS text[]))"
             " AS t(resource_type, fhir_id)"
@@ -478,8 +479,8 @@ class FhirRepository:
             return
         compiler = self._compiler()
         rid_placeholder = compiler.bind(rid)
-        condition = self.access.condition(compiler, "r", resource_type, letter)
-        sql = f"SELECT {condition or 'TRUE'} FROM resource r WHERE r.rid = {rid_placeholder}"
+        condition = self.access.condition(compiler, "r", resource_type, letter) or TRUE
+        sql = f"SELECT {render(condition)} FROM resource r WHERE r.rid = {rid_placeholder}"
         if not await self._fetchval(sql, *compiler.bind.values):
             raise Forbidden(
                 f"the access token does not allow this {resource_type}"
@@ -553,8 +554,9 @@ class FhirRepository:
                 raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id}")
             return version
         limited = self.access.is_limited(resource_type, "r")
+        seen = None
         if limited:
-            await self.read_any(resource_type, fhir_id)  # 404 unless the token may see it
+            seen = await self.read_any(resource_type, fhir_id)  # 404 unless the token may see it
         else:
             self.access.require(resource_type, "r")
         params = {"rtype": resource_type, "fid": fhir_id, "vid": version_id}
@@ -572,7 +574,9 @@ class FhirRepository:
             row["body"],
             row["method"],
         )
-        if limited and not await self._allowed_versions([version], "r"):
+        if seen is not None and not await self._allowed_versions(
+            [version], "r", judged_current=seen.version_id
+        ):
             raise NotFound(f"{resource_type}/{fhir_id} has no version {version_id} this token may read")
         self.touched.append((resource_type, fhir_id, version_id))
         if version.deleted:
@@ -610,7 +614,7 @@ class FhirRepository:
             limit = self.access.row_filter(compiler, "r", "s", types)
         # Fixed clauses; values travel as bind parameters.
         where = f"i.resource_type = ANY({bind(list(types))}) AND NOT r.deleted" + (
-            f" AND {limit}" if limit else ""
+            f" AND {render(limit)}" if limit is not None else ""
         )
         sql = (
             "SELECT i.param, i.system, i.code, min(i.display) AS display, NULL AS uri"
@@ -669,9 +673,11 @@ class FhirRepository:
         compiler = self._compiler()
         compiler.bind(resource_type)  # $1
         compiler.bind(fhir_id)  # $2
-        conditions = [f"({self.access.condition(compiler, 'r', resource_type, code)})" for code in limited]
+        conditions = [
+            render(self.access.condition(compiler, "r", resource_type, code) or TRUE) for code in limited
+        ]
         sql = (
-            f"SELECT {_CURRENT_COLUMNS}, {' AND '.join(conditions)} AS visible FROM resource r"
+            f"SELECT {_CURRENT_COLUMNS}, ({') AND ('.join(conditions)}) AS visible FROM resource r"
             f" WHERE {_CURRENT_WHERE}"
         )
         row = await self._fetchrow(sql + (" FOR UPDATE OF r" if lock else ""), *compiler.bind.values)
@@ -803,18 +809,19 @@ class FhirRepository:
         compiler = self._compiler()
         bind = compiler.bind
         clauses = []
+        judged_current = None
         if resource_type is not None and fhir_id is not None:
-            await self.read_any(resource_type, fhir_id)  # r: instance history is a read
+            judged_current = (await self.read_any(resource_type, fhir_id)).version_id  # r: a read
         elif resource_type is not None:
             limit = self.access.condition(compiler, "r", resource_type, "s")
             if limit is not None:
-                clauses.append(f"EXISTS (SELECT 1 FROM resource r WHERE r.rid = h.rid AND {limit})")
+                clauses.append(f"EXISTS (SELECT 1 FROM resource r WHERE r.rid = h.rid AND {render(limit)})")
         else:
             if not any(self.access.allows(t, "s") for t in SERVED_TYPES):
                 raise Forbidden("the access token does not allow system history")
             limit = self.access.row_filter(compiler, "r", "s", SERVED_TYPES)
             if limit is not None:
-                clauses.append(f"EXISTS (SELECT 1 FROM resource r WHERE r.rid = h.rid AND {limit})")
+                clauses.append(f"EXISTS (SELECT 1 FROM resource r WHERE r.rid = h.rid AND {render(limit)})")
         if resource_type is not None:
             clauses.append(f"h.resource_type = {bind(resource_type)}")
         if fhir_id is not None:
@@ -844,67 +851,87 @@ class FhirRepository:
         ]
         next_cursor = rows[count - 1]["hid"] if count and len(rows) > count else None
         letter = "r" if fhir_id is not None else "s"
-        kept = await self._allowed_versions(versions, letter)
+        kept = await self._allowed_versions(versions, letter, judged_current=judged_current)
         # A page may come out shorter than _count; the cursor still moves past what was judged.
         return HistoryPage(kept, next_cursor)
 
-    async def _allowed_versions(self, versions: list[StoredVersion], letter: str) -> list[StoredVersion]:
+    async def _allowed_versions(
+        self, versions: list[StoredVersion], letter: str, *, judged_current: int | None = None
+    ) -> list[StoredVersion]:
         """The stored versions that lie within the token's limits. A current version passed the
-        SQL conditions already (history pages and vread start from a visible current row); an
-        older one is judged by its own references (AccessContext.version_allowed); a deletion
-        (no body) shows nothing."""
-        judged = [
-            v for v in versions if v.body is not None and self.access.is_limited(v.resource_type, letter)
-        ]
+        SQL conditions already (history pages and vread start from a visible current row):
+        ``judged_current`` is the version an instance's earlier statement judged (``read_any``),
+        so that a version written since, current by now, is judged like any other (a type or
+        system history page judges its current rows in the statement that lists them); an
+        older one is judged by the same condition tree (AccessContext.condition), rendered for
+        older versions (app/fhir/conditions.py ``Older``): what the tree says of the row's own
+        content is asked of that version's index rows, what it says of its identity and of
+        other rows (a Task focusing it, a referral's grants) of the current row. A deletion (no
+        body) shows nothing; a version that no longer indexes (stored before a rule it breaks
+        existed) is not shown."""
+        judged = {
+            n: v
+            for n, v in enumerate(versions)
+            if v.body is not None and self.access.is_limited(v.resource_type, letter)
+        }
         if not judged:
             return versions
-        rows = await self._fetch(
-            "SELECT r.resource_type, r.fhir_id, r.version_id FROM resource r"
-            " JOIN unnest(CAST($1 AS text[]), CAST($2 AS text[])) AS t(resource_type, fhir_id)"
-            " ON r.resource_type = t.resource_type AND r.fhir_id = t.fhir_id",
-            [v.resource_type for v in judged],
-            [v.fhir_id for v in judged],
-        )
-        current = {(row["resource_type"], row["fhir_id"]): row["version_id"] for row in rows}
-        refused = set()
-        person_judged: dict[int, tuple[StoredVersion, list[tuple[str, str | None, str | None]]]] = {}
-        for version in judged:
-            if current.get((version.resource_type, version.fhir_id)) == version.version_id:
-                continue
+        extracted: dict[int, IndexRows | None] = {}
+        for n, version in judged.items():
             try:
-                rows_of = extract(version.resource_type, jsonio.loads(version.body or "{}"), self.fhir_base)
-            except FHIRError:  # stored before a rule it breaks existed: not judged, not shown
-                refused.add(id(version))
-                continue
-            references = [(r[0], r[1], r[2]) for r in rows_of.reference]
-            if not self.access.version_allowed(version.resource_type, version.fhir_id, references, letter):
-                refused.add(id(version))
-            elif self.access.user_limits(version.resource_type, letter):
-                person_judged[len(person_judged)] = (version, references)
-        if person_judged:
-            inside = await self._inside_person_limits(person_judged)
-            refused.update(id(v) for n, (v, _) in person_judged.items() if n not in inside)
-        return [v for v in versions if id(v) not in refused]
-
-    async def _inside_person_limits(
-        self, judged: dict[int, tuple[StoredVersion, list[tuple[str, str | None, str | None]]]]
-    ) -> set[int]:
-        """The numbers of the older versions whose own references put them inside the person's
-        limits, judged in SQL by the same conditions as the current rows
-        (AccessContext.user_reference_condition; a Patient version names itself as ``_id``)."""
-        rows: list[tuple[int, str, str, str | None, str | None]] = []
-        for number, (version, references) in judged.items():
-            itself = ("_id", version.resource_type, version.fhir_id)
-            rows.extend((number, version.resource_type, *reference) for reference in [itself, *references])
+                body = jsonio.loads(version.body or "{}")
+                extracted[n] = extract(version.resource_type, body, self.fhir_base)
+            except FHIRError:
+                extracted[n] = None
         compiler = self._compiler()
-        arrays = [compiler.bind([row[column] for row in rows]) for column in range(5)]
-        condition = self.access.user_reference_condition(compiler, "v")
-        sql = (
-            f"SELECT DISTINCT v.n FROM unnest(CAST({arrays[0]} AS int[]), CAST({arrays[1]} AS text[]),"
-            f" CAST({arrays[2]} AS text[]), CAST({arrays[3]} AS text[]), CAST({arrays[4]} AS text[]))"
-            f" AS v(n, resource_type, param, target_type, target_id) WHERE {condition}"
+        bind = compiler.bind
+        older = Older()
+        alternatives = []
+        for resource_type in sorted({v.resource_type for v in judged.values()}):
+            condition = self.access.condition(compiler, "r", resource_type, letter)
+            rendered = "TRUE" if condition is None else render(condition, older=older)
+            alternatives.append(f"(v.resource_type = {bind(resource_type)} AND {rendered})")
+        numbers = list(judged)
+        relations = []
+        for kind in sorted(older.tables):
+            columns = INDEX_TABLES[kind]
+            owners: list[int] = []
+            types: list[str] = []
+            values: list[list[Any]] = [[] for _ in range(len(columns) + 1)]
+            for n in numbers:
+                rows = extracted[n]
+                if rows is None:
+                    continue
+                arrays = rows.columns(kind, len(columns) + 1)
+                owners.extend([n] * len(arrays[0]))
+                types.extend([judged[n].resource_type] * len(arrays[0]))
+                for target, array in zip(values, arrays, strict=True):
+                    target.extend(array)
+            kinds = ("text", *(sql_type for _, sql_type in columns))  # param, then the value columns
+            typed = [("int", owners), ("text", types), *zip(kinds, values, strict=True)]
+            unnest = ", ".join(f"CAST({bind(array)} AS {sql_type}[])" for sql_type, array in typed)
+            names = ", ".join(name for name, _ in columns)
+            relations.append(
+                f"older_{kind}(n, resource_type, param, {names}) AS (SELECT * FROM unnest({unnest}))"
+            )
+        versions_of = (
+            f"unnest(CAST({bind(numbers)} AS int[]), CAST({bind([judged[n].resource_type for n in numbers])}"
+            f" AS text[]), CAST({bind([judged[n].fhir_id for n in numbers])} AS text[]),"
+            f" CAST({bind([judged[n].version_id for n in numbers])} AS int[]),"
+            f" CAST({bind([judged[n].last_updated for n in numbers])} AS timestamptz[]),"
+            f" CAST({bind([extracted[n] is not None for n in numbers])} AS boolean[]),"
+            f" CAST({bind([judged_current for _ in numbers])} AS int[]))"
+            " AS v(n, resource_type, fhir_id, version_id, last_updated, indexed, judged_current)"
         )
-        return {row["n"] for row in await self._fetch(sql, *compiler.bind.values)}
+        sql = (
+            ("WITH " + ", ".join(relations) + " " if relations else "")
+            + f"SELECT v.n FROM {versions_of}"
+            " JOIN resource r ON r.resource_type = v.resource_type AND r.fhir_id = v.fhir_id"
+            f" WHERE COALESCE(v.judged_current, r.version_id) = v.version_id"
+            f" OR (v.indexed AND ({' OR '.join(alternatives)}))"
+        )
+        allowed = {row["n"] for row in await self._fetch(sql, *bind.values)}
+        return [v for n, v in enumerate(versions) if n not in judged or n in allowed]
 
 
 IMMUTABLE_TYPES = frozenset({"AuditEvent"})
@@ -988,8 +1015,7 @@ class SearchExecutor:
         else:
             clauses = [f"r.resource_type = ANY({placeholder})"]
         clauses.append("NOT r.deleted")
-        skipped = request.driven_limits if driven else frozenset()
-        clauses.extend(c for n, c in enumerate(request.conditions) if n not in skipped)
+        clauses.extend(request.where(request.driven_limits if driven else frozenset()))
         return " AND ".join(clauses)
 
     async def search(
@@ -1192,7 +1218,7 @@ def _readable(
     access = request.access
     types = (resource_type,) if resource_type else SERVED_TYPES
     condition = access.row_filter(compiler, alias, "r", types)
-    return [condition] if condition else []
+    return [render(condition)] if condition is not None else []
 
 
 def _reference_filters(directive: Include, compiler: SearchCompiler) -> list[str]:

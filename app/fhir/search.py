@@ -24,6 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 from app.auth.scopes import restriction_problem
 from app.fhir.access import OPEN_ACCESS, AccessContext
+from app.fhir.conditions import (
+    FALSE,
+    TRUE,
+    And,
+    Index,
+    Instant,
+    LastUpdated,
+    Node,
+    Not,
+    Sql,
+    any_of,
+    render,
+    rid_set,
+)
 from app.fhir.errors import BadRequest, Issue
 from app.fhir.fhirdate import HIGHEST, LOWEST, date_range
 from app.fhir.indexing import normalize, split_reference
@@ -177,7 +191,8 @@ class SearchRequest:
     """A parsed search: WHERE conditions, sort, paging and result options."""
 
     resource_types: tuple[str, ...]
-    conditions: list[str]
+    conditions: list[Node]
+    """Conditions over the rows searched, all of which hold (app/fhir/conditions.py)."""
     binder: Binder
     applied: list[tuple[str, str]]  # the parameters actually used, for link.self
     sort: list[SortKey]
@@ -190,8 +205,6 @@ class SearchRequest:
     issues: list[Issue] = field(default_factory=list)
     type_placeholder: str = ""
     """The bind placeholder of the (single) resource type searched."""
-    rid_sets: list[str | None] = field(default_factory=list)
-    """Per condition, the same condition as a set of matching rids, when it is one (see rid_set)."""
     access: AccessContext = OPEN_ACCESS
     """The caller's limits; included resources are filtered by them too."""
     where_count: int = 0
@@ -204,6 +217,18 @@ class SearchRequest:
     index by the driver (repository.py ``_driver``) is within them already."""
     worklist_filter: str = ""
     """Conditions on ``search_worklist w`` rows whose index order drives the page (:class:`Worklist`)."""
+
+    @property
+    def rid_sets(self) -> list[str | None]:
+        """Per condition, the same condition as a set of matching rids, when it is one
+        (conditions.py ``rid_set``)."""
+        return [rid_set(condition, self.type_placeholder) for condition in self.conditions]
+
+    def where(self, skipped: frozenset[int] = frozenset()) -> list[str]:
+        """The conditions as SQL, but for the positions ``skipped``; a worklist's page judges
+        its rows one by one as its index yields them (conditions.py ``RowsIn.per_row``)."""
+        per_row = bool(self.worklist_filter)
+        return [render(c, per_row=per_row) for n, c in enumerate(self.conditions) if n not in skipped]
 
     @property
     def drivable(self) -> bool:
@@ -257,57 +282,15 @@ def unescape(value: str) -> str:
     return re.sub(r"\\([\\,|$])", r"\1", value)
 
 
-_EXISTS_HEAD = re.compile(r"^EXISTS \(SELECT 1 FROM (search_[a-z]+) ([a-z]+\d+) WHERE \2\.rid = r\.rid AND ")
-_OUTER_ALIAS = re.compile(r"(?<![\w.])r\.")
-_RID_IN = "r.rid IN ("
-
-
-def rid_set(condition: str, type_placeholder: str) -> str | None:
-    """A top-level condition as ``SELECT rid ...`` of the rows it matches, or None.
-
-    Positive index conditions (``EXISTS (SELECT 1 FROM search_x i WHERE i.rid = r.rid AND
-    ...)``), ``_lastUpdated`` and ``r.rid IN (<uncorrelated rids of live rows of the type>)``
-    (a person's limits, app/fhir/access.py) qualify; negations, ``_has``, compartments and
-    anything else that needs other columns of the resource row do not. The text keeps the
-    condition's bind placeholders, so both forms can appear in one statement.
-    """
-    if condition.startswith(_RID_IN) and _closes_at_end(condition, len(_RID_IN) - 1):
-        inner = condition[len(_RID_IN) : -1]
-        return None if _OUTER_ALIAS.search(inner) else inner
-    if condition.startswith(("(r.last_updated", "r.last_updated", "NOT (r.last_updated")):
-        inner = _OUTER_ALIAS.sub("lu.", condition)
-        if _OUTER_ALIAS.search(inner):
-            return None
-        return (
-            f"SELECT lu.rid FROM resource lu WHERE lu.resource_type = {type_placeholder}"
-            f" AND NOT lu.deleted AND {inner}"
-        )
-    match = _EXISTS_HEAD.match(condition)
-    if not match or not _closes_at_end(condition, len("EXISTS ")):
-        return None
-    rest = condition[match.end() : -1]
-    if _OUTER_ALIAS.search(rest):
-        return None
-    table, index = match.groups()
-    return f"SELECT {index}.rid FROM {table} {index} WHERE {rest}"
-
-
-def _closes_at_end(text: str, opening: int) -> bool:
-    depth = 0
-    for position in range(opening, len(text)):
-        depth += text[position] == "("
-        depth -= text[position] == ")"
-        if depth == 0:
-            return position == len(text) - 1
-    return False
-
-
 def _like_prefix(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class SearchCompiler:
-    """Compiles search parameters of one or more types into SQL conditions."""
+    """Compiles search parameters of one or more types into condition trees (conditions.py)."""
+
+    patient_column: str | None = None
+    """Resource rows name their Patients in index rows (access.py ``ConditionCompiler``)."""
 
     def __init__(
         self,
@@ -325,7 +308,7 @@ class SearchCompiler:
         """Chained and ``_has`` subqueries see only what the caller may search (issue 4)."""
         self._aliases = 0
 
-    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> str | None:
+    def restriction(self, alias: str, resource_type: str, name: str, raw: str) -> Node | None:
         """A scope's ``?param=value`` restriction as SQL; None when it is not a plain search
         parameter of the type (app/auth/scopes.py ``restriction_problem``: no chain, no ``_has``),
         so that it only ever looks at the row itself: compiled with open access, a chain or
@@ -348,7 +331,7 @@ class SearchCompiler:
     def _visible(self, alias: str, resource_type: str) -> str:
         """`` AND <access condition>`` for rows of another type reached by a chain or _has."""
         condition = self.access.condition(self, alias, resource_type, "s")
-        return f" AND {condition}" if condition else ""
+        return f" AND {render(condition)}" if condition is not None else ""
 
     def _alias(self, prefix: str) -> str:
         self._aliases += 1
@@ -356,8 +339,8 @@ class SearchCompiler:
 
     # -- entry point -----------------------------------------------------------------------
 
-    def condition(self, alias: str, resource_type: str, name: str, raw: str, depth: int = 0) -> str | None:
-        """SQL for one ``name=raw`` on rows ``alias`` of ``resource_type``; None if unknown."""
+    def condition(self, alias: str, resource_type: str, name: str, raw: str, depth: int = 0) -> Node | None:
+        """The condition of one ``name=raw`` on rows ``alias`` of ``resource_type``; None if unknown."""
         if depth > self.limits.chain_depth:
             raise too_costly(self.limits, "chain_depth", depth, "levels of chaining and _has", name)
         if name.startswith("_has:"):
@@ -380,7 +363,7 @@ class SearchCompiler:
         if param.name == "_lastUpdated":
             if modifier:
                 raise BadRequest(f"{name}: modifier ':{modifier}' is not supported", expression=(name,))
-            return self._any(self._instant(f"{alias}.last_updated", v, name) for v in split_values(raw))
+            return LastUpdated(alias, tuple(self._instant(v, name) for v in split_values(raw)))
         if param.type == "composite":
             return self._composite(alias, resource_type, param, modifier, raw, name)
         if param.kind == "position":
@@ -397,43 +380,43 @@ class SearchCompiler:
         items = list(parts)
         return items[0] if len(items) == 1 else "(" + " OR ".join(items) + ")"
 
-    def _exists(self, alias: str, resource_type: str, param: SearchParam, predicate: str, index: str) -> str:
-        table = f"search_{param.kind}"
-        return (
-            f"EXISTS (SELECT 1 FROM {table} {index} WHERE {index}.rid = {alias}.rid"
-            f" AND {index}.resource_type = {self.bind(resource_type)}"
-            f" AND {index}.param = {self.bind(param.name)}"
-            f" AND {predicate})"
+    def _exists(
+        self, alias: str, resource_type: str, param: SearchParam, predicate: str, index: str
+    ) -> Index:
+        where = (
+            f"{index}.resource_type = {self.bind(resource_type)}"
+            f" AND {index}.param = {self.bind(param.name)} AND {predicate}"
         )
+        return Index(alias, f"search_{param.kind}", index, where)
 
-    def _id(self, alias: str, name: str, modifier: str, raw: str) -> str:
+    def _id(self, alias: str, name: str, modifier: str, raw: str) -> Node:
         values = [unescape(v) for v in split_values(raw) if v]
         if modifier == "missing":
-            return "TRUE" if raw == "false" else "FALSE"
+            return TRUE if raw == "false" else FALSE
         if modifier not in ("", "not"):
             raise BadRequest(f"{name}: modifier ':{modifier}' is not supported on _id", expression=(name,))
         if not values:
             raise BadRequest(f"{name}: a value is required", expression=(name,))
-        clause = f"{alias}.fhir_id = ANY({self.bind(values)})"
-        return f"NOT {clause}" if modifier == "not" else clause
+        clause = Sql(f"{alias}.fhir_id = ANY({self.bind(values)})")
+        return Not(clause) if modifier == "not" else clause
 
-    def _missing(self, alias: str, resource_type: str, param: SearchParam, raw: str, name: str) -> str:
+    def _missing(self, alias: str, resource_type: str, param: SearchParam, raw: str, name: str) -> Node:
         if raw not in ("true", "false"):
             raise BadRequest(f"{name}: :missing takes true or false", expression=(name,))
         if param.type == "composite" or param.column:
             raise BadRequest(f"{name}: :missing is not supported on this parameter", expression=(name,))
         exists = self._exists(alias, resource_type, param, "TRUE", self._alias("m"))
-        return f"NOT {exists}" if raw == "true" else exists
+        return Not(exists) if raw == "true" else exists
 
     def _indexed(
         self, alias: str, resource_type: str, param: SearchParam, modifier: str, raw: str, name: str
-    ) -> str:
+    ) -> Node:
         index = self._alias("i")
         values = split_values(raw)
         if param.type == "token":
             if modifier == "not":
                 predicate = self._any(self._token(index, v, "", name) for v in values)
-                return "NOT " + self._exists(alias, resource_type, param, predicate, index)
+                return Not(self._exists(alias, resource_type, param, predicate, index))
             predicate = self._any(self._token(index, v, modifier, name) for v in values)
         elif param.type == "string":
             predicate = self._any(self._string(index, v, modifier, name) for v in values)
@@ -509,16 +492,8 @@ class SearchCompiler:
                 expression=(name,),
             )
         if prefix == "ap":
-            # the search range widened by 10% of its distance from now (search.html#prefix)
-            now = datetime.now(UTC)
-            gap = max(abs(now - span[0]), abs(now - span[1]), timedelta(days=10)) / 10
-            if HIGHEST - span[1] < gap or span[0] - LOWEST < gap:
-                raise BadRequest(
-                    f"{name}: the approximate range of '{value[:40]}' leaves the supported dates"
-                    " (0001-01-01 to 9999-12-31)",
-                    expression=(name,),
-                )
-            return f"({low} < {self.bind(span[1] + gap)} AND {high} > {self.bind(span[0] - gap)})"
+            below, above = self._approximately(span, value, name)
+            return f"({low} < {below} AND {high} > {above})"
         # Bind only what the prefix uses: asyncpg cannot type an unused parameter.
         if prefix in ("eq", "ne", "ge", "le"):
             start, end = self.bind(span[0]), self.bind(span[1])
@@ -538,8 +513,22 @@ class SearchCompiler:
             return f"{low} >= {self.bind(span[1])}"
         return f"{high} <= {self.bind(span[0])}"  # eb
 
-    def _instant(self, column: str, value: str, name: str) -> str:
-        """A date prefix against a single instant (``meta.lastUpdated``), on the bare column.
+    def _approximately(self, span: tuple[datetime, datetime], value: str, name: str) -> tuple[str, str]:
+        """``ap``: the search range widened by 10% of its distance from now (search.html#prefix),
+        as the bound placeholders of its end and its start."""
+        now = datetime.now(UTC)
+        gap = max(abs(now - span[0]), abs(now - span[1]), timedelta(days=10)) / 10
+        if HIGHEST - span[1] < gap or span[0] - LOWEST < gap:
+            raise BadRequest(
+                f"{name}: the approximate range of '{value[:40]}' leaves the supported dates"
+                " (0001-01-01 to 9999-12-31)",
+                expression=(name,),
+            )
+        return self.bind(span[1] + gap), self.bind(span[0] - gap)
+
+    def _instant(self, value: str, name: str) -> Instant:
+        """A date prefix against a single instant (``meta.lastUpdated``), compared with the bare
+        column (conditions.py ``LastUpdated``).
 
         The same semantics as :meth:`_date` with the instant as its own range, written so
         that the (type, last_updated) index applies.
@@ -552,18 +541,18 @@ class SearchCompiler:
                 expression=(name,),
             )
         if prefix == "ap":
-            return self._date(column, column, value, name)
+            below, above = self._approximately(span, value, name)
+            return Instant((("<", below), (">", above)))
         start, end = span
         if prefix in ("gt", "sa"):
-            return f"{column} >= {self.bind(end)}"
+            return Instant(((">=", self.bind(end)),))
         if prefix in ("lt", "eb"):
-            return f"{column} < {self.bind(start)}"
+            return Instant((("<", self.bind(start)),))
         if prefix == "ge":
-            return f"{column} >= {self.bind(start)}"
+            return Instant(((">=", self.bind(start)),))
         if prefix == "le":
-            return f"{column} < {self.bind(end)}"
-        contained = f"({column} >= {self.bind(start)} AND {column} < {self.bind(end)})"
-        return f"NOT {contained}" if prefix == "ne" else contained
+            return Instant((("<", self.bind(end)),))
+        return Instant(((">=", self.bind(start)), ("<", self.bind(end))), negated=prefix == "ne")
 
     def _quantity(self, index: str, value: str, name: str, with_units: bool) -> str:
         prefix, text = _prefix(value)
@@ -682,7 +671,7 @@ class SearchCompiler:
 
     def _composite(
         self, alias: str, resource_type: str, param: SearchParam, modifier: str, raw: str, name: str
-    ) -> str:
+    ) -> Node:
         """Composite parameters: every component must match (search.html#composite).
 
         Components are matched per resource, not per repeating element: for the
@@ -690,21 +679,21 @@ class SearchCompiler:
         different components.
         """
         self._no_modifier(modifier, name)
-        clauses = []
+        clauses: list[Node] = []
         for value in split_values(raw):
             parts = _split_escaped(value, "$")
             if len(parts) != len(param.components):
                 raise BadRequest(
                     f"{name}: expected {len(param.components)} values separated by $", expression=(name,)
                 )
-            component_clauses = []
+            component_clauses: list[Node] = []
             for component, part in zip(param.components, parts, strict=True):
                 component_param = self.registry.get(resource_type, component)
                 if component_param is None:
                     raise BadRequest(f"{name}: component {component} is not supported", expression=(name,))
                 component_clauses.append(self._indexed(alias, resource_type, component_param, "", part, name))
-            clauses.append("(" + " AND ".join(component_clauses) + ")")
-        return self._any(clauses)
+            clauses.append(And(tuple(component_clauses)))
+        return any_of(clauses)
 
     # -- chaining --------------------------------------------------------------------------
 
@@ -718,7 +707,7 @@ class SearchCompiler:
         raw: str,
         name: str,
         depth: int,
-    ) -> str:
+    ) -> Index:
         """``subject:Patient.name=smith`` (search.html#chaining)."""
         if type_modifier and type_modifier not in SERVED_TYPE_SET:
             raise BadRequest(
@@ -748,11 +737,11 @@ class SearchCompiler:
                 f"({index}.target_type = {self.bind(target)}"
                 f" AND {index}.target_id IN (SELECT {target_alias}.fhir_id"
                 f" FROM resource {target_alias} WHERE {target_alias}.resource_type = {self.bind(target)}"
-                f" AND NOT {target_alias}.deleted AND {inner}{visible}))"
+                f" AND NOT {target_alias}.deleted AND {render(inner)}{visible}))"
             )
         return self._exists(alias, resource_type, param, self._any(alternatives), index)
 
-    def _has(self, alias: str, resource_type: str, name: str, raw: str, depth: int) -> str:
+    def _has(self, alias: str, resource_type: str, name: str, raw: str, depth: int) -> Sql:
         """``_has:Task:patient:owner=Organization/x`` (search.html#has)."""
         parts = name.split(":", 3)
         if len(parts) != 4 or not all(parts[1:]):
@@ -773,24 +762,24 @@ class SearchCompiler:
         inner = self.condition(source_alias, source_type, rest, raw, depth + 1)
         if inner is None:
             raise BadRequest(f"{name}: unknown parameter '{rest}' of {source_type}", expression=(name,))
-        inner += self._visible(source_alias, source_type)
-        return (
+        where = render(inner) + self._visible(source_alias, source_type)
+        return Sql(
             f"EXISTS (SELECT 1 FROM search_reference {link} JOIN resource {source_alias}"
             f" ON {source_alias}.rid = {link}.rid"
             f" WHERE {link}.target_id = {alias}.fhir_id AND {link}.target_type = {self.bind(resource_type)}"
             f" AND {link}.param = {self.bind(reference_name)}"
             f" AND {link}.resource_type = {self.bind(source_type)}"
-            f" AND NOT {source_alias}.deleted AND {inner})"
+            f" AND NOT {source_alias}.deleted AND {where})"
         )
 
     # -- compartments ----------------------------------------------------------------------
 
-    def compartment(self, alias: str, resource_type: str, patient_id: str) -> str:
+    def compartment(self, alias: str, resource_type: str, patient_id: str) -> Node:
         """Membership of the Patient compartment (R4 CompartmentDefinition/patient)."""
         params = self.registry.patient_compartment.get(resource_type, ())
-        clauses = []
+        clauses: list[Node] = []
         if resource_type == "Patient":
-            clauses.append(f"{alias}.fhir_id = {self.bind(patient_id)}")
+            clauses.append(Sql(f"{alias}.fhir_id = {self.bind(patient_id)}"))
         for name in params:
             param = self.registry.get(resource_type, name)
             if param is None:
@@ -801,7 +790,7 @@ class SearchCompiler:
                 f" AND {index}.target_id = {self.bind(patient_id)})"
             )
             clauses.append(self._exists(alias, resource_type, param, predicate, index))
-        return self._any(clauses) if clauses else "FALSE"
+        return any_of(clauses)
 
     # -- sorting ---------------------------------------------------------------------------
 
@@ -1071,7 +1060,7 @@ def parse_search(
     )
     binder = Binder()
     compiler = SearchCompiler(registry, fhir_base, binder, access, limits)
-    conditions: list[str] = []
+    conditions: list[Node] = []
     applied: list[tuple[str, str]] = []
     unknown: list[str] = []
     include_values: list[tuple[str, str]] = []
@@ -1108,7 +1097,7 @@ def parse_search(
         if worklist is not None and position in worklist.consumed:
             applied.append((name, raw))  # the worklist join is this condition
             continue
-        per_type: list[str] = []
+        per_type: list[Node] = []
         mark = compiler.bind_mark()
         for resource_type in resource_types:
             clause = compiler.condition("r", resource_type, name, raw)
@@ -1119,25 +1108,22 @@ def parse_search(
             per_type.append(
                 clause
                 if len(resource_types) == 1
-                else f"(r.resource_type = {binder(resource_type)} AND {clause})"
+                else And((Sql(f"r.resource_type = {binder(resource_type)}"), clause))
             )
         if not per_type:
             unknown.append(name)
             continue
-        conditions.append(compiler._any(per_type))
+        conditions.append(any_of(per_type))
         applied.append((name, raw))
     issues, count, total, summary, elements = result_options(options, unknown, strict)
     if len(resource_types) != 1 and sort_specs:
         sort_specs = [s for s in sort_specs if s.lstrip("-") in ("_id", "_lastUpdated")]
     type_placeholder = binder(resource_types[0] if len(resource_types) == 1 else list(resource_types))
-    rid_sets = [rid_set(condition, type_placeholder) for condition in conditions]
     limited = False
     driven_limits: set[int] = set()
     for letter in letters:
         if len(resource_types) == 1:
-            limits_of_type = access.condition_parts(
-                compiler, "r", resource_types[0], letter, row_by_row=worklist is not None
-            )
+            limits_of_type = access.condition_parts(compiler, "r", resource_types[0], letter)
         else:
             limit = access.row_filter(compiler, "r", letter, resource_types)
             limits_of_type = [] if limit is None else [limit]
@@ -1145,8 +1131,7 @@ def parse_search(
             limited = True
             # A set of rids (a person's limits) drives the page like an index condition; any
             # other limit keeps the page from being cut from the index.
-            rid_sets.append(rid_set(limit, type_placeholder))
-            if rid_sets[-1] is not None:
+            if rid_set(limit, type_placeholder) is not None:
                 driven_limits.add(len(conditions))
             conditions.append(limit)
     # The WHERE clause's values are bound first: the count and estimate statements send only them
@@ -1178,7 +1163,6 @@ def parse_search(
         cursor=options.get("_cursor"),
         issues=issues,
         type_placeholder=type_placeholder,
-        rid_sets=rid_sets,
         driven_limits=frozenset(driven_limits),
         access=access,
     )
