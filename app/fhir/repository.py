@@ -350,10 +350,10 @@ class FhirRepository:
         self.interaction: str | None = None
         """Set by a router when the path does not tell (a Bundle is a batch or a transaction)."""
         self._pending_creates: set[tuple[str, str]] = set()
-        self._locked: dict[tuple[str, str, str], Record] = {}
-        """Rows this transaction locked and judged for a letter (``_current_row`` with ``lock``):
-        a PATCH's read-for-update is the row its update writes, so the update reads it again
-        neither to lock nor to judge it (issue 14: a PATCH took 8 statements)."""
+        self._locked: dict[tuple[str, str], tuple[tuple[str, ...], Record]] = {}
+        """Rows this transaction locked, with the letters they were judged for (``_current_row``
+        with ``lock``): a PATCH's read-for-update is the row its update writes, so the update
+        reads it again neither to lock nor to judge it (issue 14: a PATCH took 8 statements)."""
         self._previous: dict[int, str | None] = {}
         """The body of each row ``_lock`` locked, by rid, for the ``_write`` that follows."""
 
@@ -410,18 +410,7 @@ class FhirRepository:
         """The current version, row-locked until the transaction ends (read-modify-write: a
         PATCH shows and changes it, so it needs both ``r`` and ``u``)."""
         _check_mutable(resource_type)
-        self.access.require(resource_type, "r")
-        self.access.require(resource_type, "u")
-        row = await self._judged_row(resource_type, fhir_id, ("r", "u"), lock=True)
-        if row is None or not row["visible"]:
-            raise NotFound(f"{resource_type}/{fhir_id} is not known")
-        self._locked[(resource_type, fhir_id, "u")] = row
-        self.touched.append((resource_type, fhir_id, row["version_id"]))
-        return _live(
-            StoredVersion(
-                resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
-            )
-        )
+        return _live(await self._current(resource_type, fhir_id, "r", "u", lock=True))
 
     def _compiler(self) -> SearchCompiler:
         return SearchCompiler(registry(), self.fhir_base, Binder(), self.access)
@@ -634,31 +623,34 @@ class FhirRepository:
         return {key: value for key, value in found.items() if value}
 
     async def _current(
-        self, resource_type: str, fhir_id: str, letter: str, *, lock: bool = False
+        self, resource_type: str, fhir_id: str, *letters: str, lock: bool = False
     ) -> StoredVersion:
+        """The current version if the token may use it with every one of ``letters``."""
         if resource_type in IMMUTABLE_TYPES:
             from app.audit import fhir as audit_fhir  # the audit store's adapter imports this module
 
-            version = await audit_fhir.read(await self.db(), self.access, self.fhir_base, fhir_id, letter)
+            version = await audit_fhir.read(await self.db(), self.access, self.fhir_base, fhir_id, letters[0])
             self.touched.append((resource_type, fhir_id, 1))
             return version
-        row = await self._current_row(resource_type, fhir_id, letter, lock=lock)
+        row = await self._current_row(resource_type, fhir_id, *letters, lock=lock)
         self.touched.append((resource_type, fhir_id, row["version_id"]))
         return StoredVersion(
             resource_type, fhir_id, row["version_id"], row["last_updated"], row["deleted"], row["body"]
         )
 
     async def _current_row(
-        self, resource_type: str, fhir_id: str, letter: str, *, lock: bool = False
+        self, resource_type: str, fhir_id: str, *letters: str, lock: bool = False
     ) -> Record:
-        """The current row if the token may use it with ``letter``: 403 when its scopes do not
-        cover the interaction, 404 when the row is unknown or outside its limits."""
-        self.access.require(resource_type, letter)
-        row = await self._judged_row(resource_type, fhir_id, (letter,), lock=lock)
+        """The current row if the token may use it with every one of ``letters``: 403 when its
+        scopes do not cover one, 404 when the row is unknown or outside its limits. A locked
+        row is remembered for the write that follows (``_lock``)."""
+        for letter in letters:
+            self.access.require(resource_type, letter)
+        row = await self._judged_row(resource_type, fhir_id, letters, lock=lock)
         if row is None or not row["visible"]:
             raise NotFound(f"{resource_type}/{fhir_id} is not known")
         if lock:
-            self._locked[(resource_type, fhir_id, letter)] = row
+            self._locked[(resource_type, fhir_id)] = (letters, row)
         return row
 
     async def _judged_row(
@@ -729,8 +721,8 @@ class FhirRepository:
         """Lock the current row for a write; None when the id is unused. A row the token may
         not use is a 404 (its existence is not revealed)."""
         self.access.require(resource_type, letter)
-        row = self._locked.pop((resource_type, fhir_id, letter), None)  # locked and judged already
-        if row is None:
+        judged_for, row = self._locked.pop((resource_type, fhir_id), ((), None))
+        if letter not in judged_for:  # not locked and judged for this letter already
             row = await self._judged_row(resource_type, fhir_id, (letter,), lock=True)
             if row is None:
                 return None
