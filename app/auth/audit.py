@@ -278,18 +278,26 @@ class AuditTrail:
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
             try:
-                await self.flush()
+                await self.flush(everything=False)
             except Exception as exc:  # keep the events and retry: an audit record is never dropped
                 metrics.FLUSH_FAILURES.inc()
                 logger.error("audit flush failed: %s", type(exc).__name__)
                 await asyncio.sleep(RETRY_DELAY)
 
-    async def flush(self) -> None:
-        """Write every buffered event (COPY, ``MAX_COPY`` per statement); on failure the unwritten
-        ones stay buffered, in order."""
+    async def flush(self, *, everything: bool = True) -> None:
+        """Write the buffered events (COPY, ``MAX_COPY`` per statement); on failure the unwritten
+        ones stay buffered, in order.
+
+        ``everything=False`` (the background writer) writes only what was buffered when the flush
+        began: events recorded while a COPY runs wait for the next interval. Chasing them made a
+        steady stream of requests a stream of one-row COPYs, one per read at one connection,
+        which cost the database and this process more than the reads did (issue 14)."""
         async with self._flush_lock:
-            while self._buffer:
-                batch = [self._buffer.popleft() for _ in range(min(MAX_COPY, len(self._buffer)))]
+            remaining = len(self._buffer)
+            while self._buffer and (everything or remaining > 0):
+                size = min(MAX_COPY, len(self._buffer)) if everything else min(MAX_COPY, remaining)
+                remaining -= size
+                batch = [self._buffer.popleft() for _ in range(size)]
                 self._in_flight = len(batch)
                 try:
                     async with self._pool.acquire() as connection:
