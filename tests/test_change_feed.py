@@ -150,3 +150,33 @@ async def test_a_consumer_that_rolls_back_gets_the_same_changes_again(
             await transaction.rollback()
         await asyncio.sleep(0.02)
     assert _clinical(await _drain_through(app, feed, 1)) == _clinical(first)
+
+
+async def test_an_idle_consumer_writes_nothing_and_still_sees_the_next_change(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """The subscription dispatcher looks at the feed twenty times a second when it is idle: a
+    look that finds nothing commits no write (its cursor row keeps its row version), and the
+    next write is still found, however many empty windows the idle looks passed."""
+    feed = ChangeFeed("test-idle-consumer")
+    await _drain(app, feed)
+    async with app.state.pool.acquire() as conn:
+        before = await conn.fetchrow(
+            "SELECT xmin::text AS row_version, lower, upper, after_seq FROM change_cursor"
+            " WHERE consumer = $1",
+            feed.consumer,
+        )
+        for _ in range(5):
+            # Other transactions take ids meanwhile (here: one each), so each look could open
+            # a new, empty window.
+            await conn.execute("SELECT pg_current_xact_id()")
+            assert await _drain(app, feed) == []
+        after = await conn.fetchrow(
+            "SELECT xmin::text AS row_version, lower, upper, after_seq FROM change_cursor"
+            " WHERE consumer = $1",
+            feed.consumer,
+        )
+    assert after == before
+    created = await client.post(f"{FHIR}/Patient", json=_patient("After the idle looks"))
+    seen = await _drain_through(app, feed, 1)
+    assert ("Patient", created.json()["id"], 1, "create") in _clinical(seen)

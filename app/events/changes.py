@@ -21,7 +21,7 @@ carecoord's own).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from asyncpg import Connection
@@ -59,6 +59,12 @@ class Position:
     lower: int
     upper: int
     after_seq: int
+    stored: tuple[int, int, int] | None = field(default=None, compare=False)
+    """The position the consumer's cursor row held when ``claim`` read it."""
+
+    @property
+    def moved(self) -> bool:
+        return (self.lower, self.upper, self.after_seq) != self.stored
 
 
 class ChangeFeed:
@@ -93,20 +99,30 @@ class ChangeFeed:
                 self.consumer,
                 start,
             )
-            position = Position(start, start, 0)
+            stored = (start, start, 0)
         else:
-            position = Position(row["lower"], row["upper"], row["after_seq"])
+            stored = (row["lower"], row["upper"], row["after_seq"])
+        position = Position(*stored, stored=stored)
         while True:
             rows = await conn.fetch(_READ, position.lower, position.upper, position.after_seq, limit)
             if rows:
                 changes = [Change(**dict(r)) for r in rows]
-                return changes, Position(position.lower, position.upper, changes[-1].seq)
+                return changes, Position(position.lower, position.upper, changes[-1].seq, stored)
             if xmin <= position.upper:
-                return [], position  # the open window is done and no newer one can open yet
-            position = Position(position.upper, xmin, 0)
+                # Nothing new. The cursor keeps its stored position even if empty windows were
+                # passed: they stay empty (every transaction below ``xmin`` has ended), so the
+                # next claim passes them again at the cost of an index probe, and an idle
+                # consumer writes nothing; storing them made each look a commit whose own
+                # transaction id opened the next empty window (issue 14).
+                return [], Position(*stored, stored=stored)
+            position = Position(position.upper, xmin, 0, stored)
 
     async def advance(self, conn: Connection, position: Position) -> None:
-        """Record ``position`` (in the transaction that consumed the changes before it)."""
+        """Record ``position`` (in the transaction that consumed the changes before it). A
+        position the cursor already holds is not written again: an idle consumer looks at the
+        feed many times a second, and each look would otherwise be a committed write (issue 14)."""
+        if not position.moved:
+            return
         await conn.execute(
             "UPDATE change_cursor SET lower = $2, upper = $3, after_seq = $4, updated_at = now()"
             " WHERE consumer = $1",
