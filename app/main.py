@@ -193,6 +193,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )
+    # First: the everyday FHIR interactions, for paths no other route serves (app/routers/fhir.py).
+    app.include_router(fhir.hot_router)
     app.include_router(health.router)
     app.include_router(metadata.router)
     # Before the FHIR routes: their /fhir/{type}/{id} would take /fhir/.well-known/smart-configuration.
