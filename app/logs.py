@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
 import traceback
-import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import TracebackType
@@ -176,6 +176,12 @@ def configure_logging(log_format: LogFormat | str = "json", level: str = "info")
     installed on the root logger (pytest's log capture, say) are left in place.
     """
     _install_record_factory()
+    # What no format here shows is not collected for each record (the logging HOWTO,
+    # "Optimization"): the caller's file and line (a walk up the stack), the thread and the
+    # multiprocessing names. Every request logs a line, so this is per-request CPU (issue 14).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for installed in [each for each in root.handlers if isinstance(each, _Handler)]:
         root.removeHandler(installed)
@@ -248,7 +254,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        request_id = _client_request_id(scope) or os.urandom(16).hex()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status: int | None = None

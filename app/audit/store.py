@@ -19,7 +19,6 @@ import base64
 import binascii
 import logging
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -29,6 +28,7 @@ from asyncpg import Connection
 
 from app.fhir import jsonio
 from app.fhir.indexing import split_reference
+from app.fhir.repository import new_id
 
 logger = logging.getLogger("carecoord.audit")
 
@@ -104,7 +104,7 @@ def event_row(event: dict[str, Any], fhir_base: str, fhir_id: str | None = None)
     """The table row of an AuditEvent as app/auth/audit.py ``build_event`` (or any caller) made it:
     the typed columns, and the body with its server-assigned id and meta (as every stored
     resource has them). ``recorded`` is the partition key; an event without one is recorded now."""
-    fhir_id = fhir_id or str(uuid.uuid4())
+    fhir_id = fhir_id or new_id()
     recorded = _parse_instant(event.get("recorded"))
     if recorded is None:
         recorded = datetime.now(UTC)

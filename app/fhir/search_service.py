@@ -8,19 +8,18 @@ asks the repository for one page and renders the ``searchset`` Bundle with
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 
 from app.audit.fhir import AUDIT_TYPE, parse_audit_search
 from app.fhir import jsonio
 from app.fhir.cursors import CursorCodec
 from app.fhir.errors import BadRequest, operation_outcome
 from app.fhir.models import REQUIRED_ELEMENTS, SUMMARY_ELEMENTS
-from app.fhir.repository import FhirRepository, Found, StoredVersion, cursor_value, fhir_instant
+from app.fhir.repository import FhirRepository, Found, StoredVersion, cursor_value, fhir_instant, new_id
 from app.fhir.search import SearchRequest, parse_search
 from app.fhir.search_params import registry
 
@@ -102,21 +101,15 @@ async def search_bundle(
     page = await repo.search(request, after, backwards)
     url = f"{repo.fhir_base}/{path}" if path else repo.fhir_base
 
-    def link(keys: tuple[Any, ...] | None, *, back: bool = False) -> str:
-        params = [p for p in request.applied if p[0] != "_count"] + [("_count", str(request.count))]
-        if keys is not None:
-            token = cursors.encode(
-                {"f": request.fingerprint, "k": [cursor_value(k) for k in keys], "b": back}
-            )
-            params.append(("_cursor", token))
-        return f"{url}?{urlencode(params)}"
+    first = f"{url}?{query_string([p for p in request.applied if p[0] != '_count'])}&_count={request.count}"
+
+    def link(keys: tuple[Any, ...], *, back: bool = False) -> str:
+        token = cursors.encode({"f": request.fingerprint, "k": [cursor_value(k) for k in keys], "b": back})
+        return f"{first}&{query_string([('_cursor', token)])}"
 
     links = [
-        {
-            "relation": "self",
-            "url": link(None) if not request.cursor else f"{link(None)}&_cursor={request.cursor}",
-        },
-        {"relation": "first", "url": link(None)},
+        {"relation": "self", "url": first if not request.cursor else f"{first}&_cursor={request.cursor}"},
+        {"relation": "first", "url": first},
     ]
     if page.previous_keys is not None:
         links.append({"relation": "previous", "url": link(page.previous_keys, back=True)})
@@ -124,7 +117,7 @@ async def search_bundle(
         links.append({"relation": "next", "url": link(page.next_keys)})
     head: dict[str, Any] = {
         "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
+        "id": new_id(),
         "meta": {"lastUpdated": fhir_instant(datetime.now(UTC))},
         "type": "searchset",
     }
@@ -141,6 +134,22 @@ async def search_bundle(
     if not entries:
         return SearchBundle(rendered, resources)  # FHIR JSON has no empty arrays (json.html)
     return SearchBundle(rendered[:-1] + ',"entry":[' + ",".join(entries) + "]}", resources)
+
+
+_ALWAYS_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+"""What ``quote_plus`` leaves as it is (RFC 3986 unreserved)."""
+_QUOTED = {c: "+" if chr(c) == " " else f"%{c:02X}" for c in range(128) if chr(c) not in _ALWAYS_SAFE}
+
+
+def query_string(params: list[tuple[str, str]]) -> str:
+    """``urllib.parse.urlencode(params)``, the same text, with ASCII text quoted by one
+    ``str.translate`` instead of a Python call per byte: a searchset's links were an eighth of
+    a search's CPU (issue 14)."""
+    return "&".join(f"{_quote_plus(name)}={_quote_plus(value)}" for name, value in params)
+
+
+def _quote_plus(text: str) -> str:
+    return text.translate(_QUOTED) if text.isascii() else quote_plus(text)
 
 
 def bundle_entry(base: str, found: Found, mode: str, request: SearchRequest | None) -> str:
